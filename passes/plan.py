@@ -1,0 +1,67 @@
+"""plan: bind every integer op to the first backend that can implement it (L4 -> L5).
+
+Pattern: each ``qfx::int_linear`` / ``qfx::weight_only_linear`` / ``qfx::quantize`` node.
+Backends are asked in :func:`qfx.backends.backends_for` order; every refusal and its reason is
+kept in ``node.meta["qfx_plan"]`` for the report, so nothing changes backend silently.
+
+Invariant: only the trailing ``backend`` argument changes; all backends implement the same
+op semantics (qfx.ops), so the graph's numbers change only within the stated rounding bound.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from qfx.backends import LinearWork, backends_for
+from qfx.ops import registered_backends
+
+__all__ = ["plan", "PlanChoice"]
+
+_LINEAR_OPS = {torch.ops.qfx.int_linear.default, torch.ops.qfx.weight_only_linear.default}
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    backend: str
+    reason: str
+    refused: tuple[tuple[str, str], ...] = ()
+
+
+def _work(node) -> LinearWork:
+    info = node.meta["qfx"]
+    spec = info.spec
+    gelu = node.target == torch.ops.qfx.int_linear.default and bool(node.args[8])
+    return LinearWork(info.name, info.out_features, info.in_features, spec.weight_bits, spec.act_bits, spec.symmetric, spec.group_size, gelu)
+
+
+def _with_backend(node, backend: str) -> None:
+    node.args = (*node.args[:-1], backend)
+
+
+def plan(gm: GraphModule, target) -> GraphModule:
+    """Choose a backend per integer op for ``target`` and record why."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEAR_OPS:
+            continue
+        refused = []
+        for backend in backends_for(target):
+            ok, why = backend.can_implement(_work(node), target)
+            if ok:
+                _with_backend(node, backend.name)
+                node.meta["qfx_plan"] = PlanChoice(backend.name, why, tuple(refused))
+                break
+            refused.append((backend.name, why))
+        else:  # the reference backend implements everything; reaching here is a bug
+            raise RuntimeError(f"no backend can implement {node.meta['qfx'].name}: {refused}")
+    # Quantize ops go with the backend of their consumers when it has a quantize kernel.
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.qfx.quantize.default:
+            users = [u for g in node.users for u in g.users]
+            chosen = {u.args[-1] for u in users if u.target in _LINEAR_OPS}
+            if len(chosen) == 1 and (op_backend := chosen.pop()) in registered_backends("quantize"):
+                _with_backend(node, op_backend)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

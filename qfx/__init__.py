@@ -1,0 +1,34 @@
+"""qfx: a compiler over torch.fx graphs for W4A4 / W8A8 transformer encoders.
+
+Example::
+
+    >>> import qfx
+    >>> qat = qfx.prepare_qat(model, example_kwargs=batch, config=qfx.QuantConfig(4, 4))
+    >>> ...train qat with knowledge distillation...
+    >>> compiled = qfx.compile(qat, mode="int4", target="cpu")
+    >>> print(compiled.report())
+"""
+from qfx import numerics, ops  # noqa: F401  (ops registers the torch.library ops)
+from qfx import backends  # noqa: F401  (registers the reference implementations)
+from qfx.api import PostTrainingQuantizationWarning, compile, is_qat_model, prepare_qat
+from qfx.capture import QfxCaptureError, capture
+from qfx.config import QuantConfig
+from qfx.runtime import CompiledModel
+from qfx.targets import TARGETS, detect_target, get_target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "capture",
+    "prepare_qat",
+    "compile",
+    "QuantConfig",
+    "CompiledModel",
+    "is_qat_model",
+    "PostTrainingQuantizationWarning",
+    "QfxCaptureError",
+    "TARGETS",
+    "get_target",
+    "detect_target",
+    "numerics",
+]

@@ -1,0 +1,214 @@
+"""Capture an encoder as a torch.fx GraphModule (level L1: aten graph) with torch.export.
+
+transformers >= 5 has no fx tracer and ``torch.fx.symbolic_trace`` fails on HF BERT, so qfx
+uses ``torch.export.export(..., strict=False)`` and unlifts the result (``ep.module()``): a
+GraphModule whose parameters keep the model's qualified names, called with the model's own
+arguments and returning its own output structure (HF ``ModelOutput`` classes are pytrees).
+"""
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["capture", "CaptureInfo", "capture_info", "QfxCaptureError"]
+
+_INTEGER_INPUTS = {torch.int64, torch.int32, torch.long}
+
+
+class QfxCaptureError(RuntimeError):
+    """torch.export could not capture the model; the message names the op and the fix."""
+
+
+@dataclass
+class CaptureInfo:
+    """What capture learned about the model, kept in ``gm.meta["qfx_capture"]``."""
+
+    model_class: str
+    source: nn.Module  # the captured module (its weights live on in the GraphModule)
+    input_names: tuple[str, ...]
+    max_seq_len: int | None
+    dynamic: bool
+    device: torch.device
+    dtype: torch.dtype
+    example_kwargs: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def capture_info(gm: torch.fx.GraphModule) -> CaptureInfo:
+    info = getattr(gm, "meta", {}).get("qfx_capture")
+    if info is None:
+        raise ValueError("this GraphModule was not made by qfx.capture (no qfx_capture metadata)")
+    return info
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(n, int) and n > 0:
+        # RoBERTa reserves padding_idx + 1 positions before the first token.
+        if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            n -= getattr(cfg, "pad_token_id", 1) + 1
+        return n
+    return None
+
+
+#: optional encoder inputs filled with their HF defaults when the caller leaves them out, so
+#: the captured graph takes every input the model takes (name -> default from input_ids)
+_DEFAULT_INPUTS = {
+    "attention_mask": torch.ones_like,
+    "token_type_ids": torch.zeros_like,
+}
+
+
+def _bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """All inputs as keyword arguments (export's dynamic_shapes are keyed by name)."""
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"inputs do not match {type(model).__name__}.forward: {e}") from None
+    return {k: v for k, v in bound.arguments.items() if v is not None}
+
+
+def _with_defaults(params, kwargs: dict[str, Any]) -> dict[str, Any]:
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return kwargs
+    filled = dict(kwargs)
+    for name, default in _DEFAULT_INPUTS.items():
+        if name in params and name not in filled:
+            filled[name] = default(ids)
+    return filled
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """Grow batch/seq dims of size 1 to 2: export specializes size-1 dims to constants."""
+    for d in range(min(t.dim(), 2)):
+        if t.shape[d] == 1:
+            t = torch.cat([t, t], dim=d)
+    return t
+
+
+def _example_and_shapes(kwargs: dict[str, Any], dynamic: bool, max_seq: int | None):
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    seq = torch.export.Dim("seq", min=1, max=max_seq or (1 << 20))
+    examples, shapes = {}, {}
+    for name, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            if v.numel() == 0:
+                raise ValueError(f"example input {name!r} is empty (shape {tuple(v.shape)}); pass a real batch")
+            v = _widen(v) if dynamic else v
+            spec = {0: batch, 1: seq} if v.dim() >= 2 else {0: batch}
+            shapes[name] = spec if dynamic else None
+        else:
+            shapes[name] = None
+        examples[name] = v
+    return examples, shapes
+
+
+def capture(
+    model: nn.Module,
+    example_args: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic: bool = True,
+) -> torch.fx.GraphModule:
+    """Capture ``model`` as an aten-level fx GraphModule with dynamic batch and sequence.
+
+    Args:
+        model: an ``nn.Module`` (e.g. a HF BertModel); captured in eval mode.
+        example_args / example_kwargs: one valid call, e.g. a tokenizer's output.
+        dynamic: make dim 0 (batch) and dim 1 (sequence) of every input dynamic.
+
+    Returns:
+        GraphModule with ``gm.meta["qfx_capture"]``; ``gm(**inputs)`` returns what
+        ``model(**inputs)`` returns.
+
+    Example::
+
+        >>> gm = qfx.capture(bert, example_kwargs=dict(tokenizer(["hi"], return_tensors="pt")))
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.fx.GraphModule) and "qfx_capture" in getattr(model, "meta", {}):
+        raise ValueError("model is already a qfx-captured GraphModule; capture the original nn.Module")
+    kwargs = _bind_inputs(model, tuple(example_args), dict(example_kwargs or {}))
+    kwargs = _with_defaults(inspect.signature(model.forward).parameters, kwargs)
+    if not kwargs:
+        raise ValueError("capture needs example inputs: pass example_args or example_kwargs (e.g. input_ids)")
+    max_seq = _max_positions(model)
+    examples, shapes = _example_and_shapes(kwargs, dynamic, max_seq)
+    seq_lens = [v.shape[1] for v in examples.values() if isinstance(v, torch.Tensor) and v.dim() >= 2]
+    if max_seq is not None and any(s > max_seq for s in seq_lens):
+        raise ValueError(f"example sequence length {max(seq_lens)} exceeds the model's maximum {max_seq}")
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, (), examples, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # torch.export raises many types; we re-raise one with advice
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QfxCaptureError(
+            f"qfx.capture: torch.export could not capture {type(model).__name__}: {first}\n"
+            "What to do: pass example inputs exactly as the model's forward takes them; use "
+            "attn_implementation='sdpa' or 'eager'; move data-dependent Python control flow out "
+            "of forward; or capture the submodule that holds the encoder (e.g. model.get_encoder())."
+        ) from e
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    # ep.module() forbids train()/eval(); qfx graphs handle dropout themselves (the QAT
+    # pipeline turns it into nn.Dropout modules), so restore nn.Module's own methods.
+    gm.train = types.MethodType(nn.Module.train, gm)
+    gm.eval = types.MethodType(nn.Module.eval, gm)
+    some = next(iter(model.parameters()), None)
+    gm.meta["qfx_capture"] = CaptureInfo(
+        model_class=type(model).__name__,
+        source=model,
+        input_names=tuple(examples),
+        max_seq_len=max_seq,
+        dynamic=dynamic,
+        device=some.device if some is not None else torch.device("cpu"),
+        dtype=some.dtype if some is not None else torch.float32,
+        example_kwargs=kwargs,
+    )
+    return gm
+
+
+def normalize_inputs(info: CaptureInfo, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The caller's inputs as the keyword arguments the graph was captured with.
+
+    Positional arguments are bound by the source model's signature; optional inputs the
+    caller left out get their HF defaults (mask of ones, token types of zeros); inputs the
+    graph does not take are an error naming them. Then :func:`check_inputs` runs.
+    """
+    params = inspect.signature(info.source.forward).parameters
+    kwargs = _with_defaults(params, _bind_inputs(info.source, args, kwargs))
+    extra = sorted(set(kwargs) - set(info.input_names))
+    if extra:
+        raise ValueError(
+            f"inputs {extra} were not part of the example the model was captured with "
+            f"({list(info.input_names)}); pass them in example_kwargs when capturing"
+        )
+    missing = sorted(set(info.input_names) - set(kwargs))
+    if missing:
+        raise ValueError(f"missing inputs {missing}: the model was captured with {list(info.input_names)}")
+    check_inputs(info, kwargs)
+    return {name: kwargs[name] for name in info.input_names}
+
+
+def check_inputs(info: CaptureInfo, kwargs: dict) -> None:
+    """Reject inputs the captured graph cannot serve, naming the parameter."""
+    for name, v in kwargs.items():
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            continue
+        if v.shape[0] == 0:
+            raise ValueError(f"{name} has an empty batch (shape {tuple(v.shape)}); pass at least one sequence")
+        if v.dim() >= 2 and v.shape[1] == 0:
+            raise ValueError(f"{name} has an empty sequence (shape {tuple(v.shape)})")
+        if info.max_seq_len is not None and v.dim() >= 2 and v.dtype in _INTEGER_INPUTS and v.shape[1] > info.max_seq_len:
+            raise ValueError(
+                f"{name} has sequence length {v.shape[1]}, longer than the model supports "
+                f"({info.max_seq_len}); truncate the input (tokenizer(..., truncation=True, max_length={info.max_seq_len}))"
+            )

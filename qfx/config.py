@@ -1,0 +1,117 @@
+"""User-facing quantization configuration, validated on construction."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+__all__ = ["QuantConfig", "ROLES", "MODES", "config_for_mode"]
+
+#: Parts of a transformer layer whose linears qfx quantizes, in layer order.
+ROLES = ("qkv", "attn_out", "ffn_in", "ffn_out")
+#: Linears outside the encoder layers (embedding projections, pooler, classifier heads).
+OTHER_ROLE = "other"
+
+MODES = ("int4", "int8", "fp16")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How weights and activations of each quantized linear are quantized.
+
+    Args:
+        weight_bits: 4 or 8. Weights are quantized symmetrically.
+        act_bits: 4 or 8 (token-wise dynamic), or 16 (activations stay float: weight-only).
+        symmetric: activation scheme; ``False`` is asymmetric min/max per token.
+        weight_group: ``"row"`` (one scale per output channel) or an int group size that
+            divides every quantized linear's input dimension K.
+        act_granularity: only ``"token"`` (dynamic min/max per token), as in the paper.
+        act_clip: ``None`` or ``(lo, hi)``: activations are clamped before quantization.
+        roles: which layer parts are quantized (subset of ``ROLES``); the others stay float
+            and the compile report says so.
+        quantize_other: also quantize linears outside the encoder layers (pooler, heads).
+
+    Example::
+
+        >>> QuantConfig(weight_bits=4, act_bits=4, symmetric=False)
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    symmetric: bool = True
+    weight_group: str | int = "row"
+    act_granularity: str = "token"
+    act_clip: tuple[float, float] | None = None
+    roles: tuple[str, ...] = field(default=ROLES)
+    quantize_other: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in (4, 8):
+            raise ValueError(
+                f"QuantConfig(weight_bits={self.weight_bits!r}): weights are quantized to 4 or 8 "
+                "bits; to keep a part in float, leave its role out of `roles` instead"
+            )
+        if self.act_bits not in (4, 8, 16):
+            raise ValueError(
+                f"QuantConfig(act_bits={self.act_bits!r}): use 4 or 8 (integer activations) "
+                "or 16 (float activations, weight-only quantization)"
+            )
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"QuantConfig(symmetric={self.symmetric!r}) must be True or False")
+        wg = self.weight_group
+        if isinstance(wg, bool) or not (wg == "row" or (isinstance(wg, int) and wg > 0)):
+            raise ValueError(
+                f"QuantConfig(weight_group={wg!r}): use 'row' or a positive int group size "
+                "such as 64 or 128"
+            )
+        if isinstance(wg, int) and wg % 2 and self.weight_bits == 4:
+            raise ValueError(
+                f"QuantConfig(weight_group={wg}): 4-bit weights pack two per byte, so the "
+                "group size must be even"
+            )
+        if self.act_granularity != "token":
+            raise ValueError(
+                f"QuantConfig(act_granularity={self.act_granularity!r}): only 'token' "
+                "(dynamic min/max per token) is supported"
+            )
+        if self.act_clip is not None:
+            lo, hi = self.act_clip
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(
+                    f"QuantConfig(act_clip={self.act_clip!r}) must be None or finite (lo, hi) "
+                    "with lo < hi"
+                )
+        bad = [r for r in self.roles if r not in ROLES]
+        if bad:
+            raise ValueError(f"QuantConfig(roles=...) has unknown roles {bad}; choose from {ROLES}")
+        object.__setattr__(self, "roles", tuple(self.roles))
+
+    @property
+    def group_size(self) -> int | None:
+        """The weight group size along K, or None for whole rows."""
+        return None if self.weight_group == "row" else int(self.weight_group)
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.act_bits < 16
+
+    @property
+    def tag(self) -> str:
+        """Short name such as ``W4A4-asym`` used in reports and plots."""
+        a = f"A{self.act_bits}" if self.quantizes_activations else "A16"
+        s = "" if not self.quantizes_activations else ("-sym" if self.symmetric else "-asym")
+        g = "" if self.weight_group == "row" else f"-g{self.weight_group}"
+        return f"W{self.weight_bits}{a}{s}{g}"
+
+    def with_(self, **changes) -> "QuantConfig":
+        return replace(self, **changes)
+
+
+def config_for_mode(mode: str) -> QuantConfig | None:
+    """The default config of a compile mode; None for ``fp16`` (no quantization)."""
+    if mode == "int4":
+        return QuantConfig(weight_bits=4, act_bits=4)
+    if mode == "int8":
+        return QuantConfig(weight_bits=8, act_bits=8)
+    if mode == "fp16":
+        return None
+    raise ValueError(f"mode={mode!r} is not one of {MODES}")

@@ -1,0 +1,83 @@
+"""The qfx pipelines, declared once: which passes run, in which order, at which level.
+
+::
+
+    L1 aten graph --annotate--> L2 --insert_fake_quant--> L3 QAT graph
+       --remove_dropout, lower_to_integer--> L4 integer graph (reference ops, any device)
+       --fuse_bias_gelu, plan--> L5 target graph (ops bound to backends)
+
+Each pass is ``GraphModule -> GraphModule`` (qfx.passes); here each is wrapped to take the
+one :class:`PassContext`. :func:`run_passes` lints after every pass and, when one fails,
+names it and the passes that ran before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.fx import GraphModule
+
+from qfx.config import QuantConfig
+from qfx.passes.annotate import annotate
+from qfx.passes.dropout import dropout_to_modules, remove_dropout
+from qfx.passes.fake_quant import insert_fake_quant
+from qfx.passes.fuse_gelu import fuse_bias_gelu
+from qfx.passes.lower_integer import lower_to_integer
+from qfx.passes.plan import plan
+from qfx.targets import Target
+
+__all__ = ["PassContext", "QAT_PASSES", "COMPILE_PASSES", "run_passes", "QfxPassError"]
+
+
+@dataclass
+class PassContext:
+    config: QuantConfig | None
+    skip: tuple[str, ...] = ()
+    target: Target | None = None
+    master_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+Pass = tuple[str, Callable[[GraphModule, PassContext], GraphModule]]
+
+_ANNOTATE: Pass = ("annotate", lambda gm, c: annotate(gm, c.config, c.skip))
+_FAKE_QUANT: Pass = ("insert_fake_quant", lambda gm, c: insert_fake_quant(gm))
+
+#: capture -> QAT graph (L3), trainable
+QAT_PASSES: tuple[Pass, ...] = (
+    _ANNOTATE,
+    _FAKE_QUANT,
+    ("dropout_to_modules", lambda gm, c: dropout_to_modules(gm)),
+)
+
+#: capture -> target graph (L5), for inference
+COMPILE_PASSES: tuple[Pass, ...] = (
+    _ANNOTATE,
+    _FAKE_QUANT,
+    ("remove_dropout", lambda gm, c: remove_dropout(gm)),
+    ("lower_to_integer", lambda gm, c: lower_to_integer(gm, c.master_weights)),
+    ("fuse_bias_gelu", lambda gm, c: fuse_bias_gelu(gm)),
+    ("plan", lambda gm, c: plan(gm, c.target)),
+)
+
+
+class QfxPassError(RuntimeError):
+    """A pass failed; the message names it and the passes before it."""
+
+
+def run_passes(gm: GraphModule, passes: tuple[Pass, ...], ctx: PassContext, stop_after: str | None = None) -> GraphModule:
+    """Run ``passes`` in order (up to and including ``stop_after``)."""
+    done: list[str] = []
+    for name, fn in passes:
+        try:
+            gm = fn(gm, ctx)
+            gm.graph.lint()
+        except ValueError:
+            raise  # bad input: the pass's own message names the parameter
+        except Exception as e:
+            raise QfxPassError(f"pass {name!r} failed after {done or 'no passes'}: {type(e).__name__}: {e}") from e
+        done.append(name)
+        if name == stop_after:
+            break
+    gm.meta["qfx_passes"] = tuple(gm.meta.get("qfx_passes", ())) + tuple(done)
+    return gm

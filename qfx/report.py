@@ -1,0 +1,85 @@
+"""The compile report: every linear with its role, precision and backend; every float part
+with the reason it stays float; where the plan came from."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.fx import GraphModule
+
+from qfx.passes.annotate import LinearInfo, linear_nodes
+
+__all__ = ["CompileReport", "LinearRow", "build_report"]
+
+_INT_OPS = {torch.ops.qfx.int_linear.default, torch.ops.qfx.weight_only_linear.default}
+
+
+@dataclass(frozen=True)
+class LinearRow:
+    name: str
+    layer: int | None
+    role: str
+    shape: str  # "N x K"
+    precision: str  # e.g. "W4A4 sym", or the float dtype
+    backend: str
+    note: str = ""
+
+
+@dataclass
+class CompileReport:
+    mode: str
+    target: str
+    execution: str
+    origin: str  # "QAT" or "post-training quantization"
+    run_dtype: str
+    linears: list[LinearRow] = field(default_factory=list)
+    float_parts: list[tuple[str, str]] = field(default_factory=list)
+    plan_origin: str = "rule: first backend in priority order that can implement the op"
+
+    @property
+    def quantized(self) -> list[LinearRow]:
+        return [r for r in self.linears if r.backend != "float"]
+
+    def render(self, width: int = 140) -> str:
+        buf = io.StringIO()
+        con = Console(file=buf, width=width, force_terminal=False, color_system=None)
+        con.print(f"qfx compile report: mode={self.mode} target={self.target} ({self.execution})")
+        con.print(f"weights from: {self.origin}; float parts run in {self.run_dtype}; plan: {self.plan_origin}")
+        t = Table("linear", "layer", "role", "N x K", "precision", "backend", "note")
+        for r in self.linears:
+            t.add_row(r.name, "-" if r.layer is None else str(r.layer), r.role, r.shape, r.precision, r.backend, r.note)
+        con.print(t)
+        if self.float_parts:
+            f = Table("left in float", "reason")
+            for name, why in self.float_parts:
+                f.add_row(name, why)
+            con.print(f)
+        return buf.getvalue()
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: torch.dtype) -> CompileReport:
+    rep = CompileReport(mode, target.name, target.int4_execution, origin, str(run_dtype).removeprefix("torch."))
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and (n.target in _INT_OPS or n in set(linear_nodes(gm)))]
+    for node in nodes:
+        info: LinearInfo = node.meta["qfx"]
+        shape = f"{info.out_features} x {info.in_features}"
+        if node.target in _INT_OPS:
+            choice = node.meta.get("qfx_plan")
+            backend = node.args[-1]
+            notes = []
+            if "gelu" in node.meta.get("qfx_fused", ()):
+                notes.append("bias+GELU fused")
+            if choice is not None and choice.refused:
+                notes.append("; ".join(f"not {b}: {why}" for b, why in choice.refused))
+            rep.linears.append(LinearRow(info.name, info.layer, info.role, shape, info.spec.precision, backend, "; ".join(notes)))
+        else:
+            rep.linears.append(LinearRow(info.name, info.layer, info.role, shape, rep.run_dtype, "float", info.float_reason))
+            rep.float_parts.append((info.name, info.float_reason))
+    rep.float_parts.append(("embeddings, LayerNorm, softmax/attention, residual adds", f"not quantized by qfx (run in {rep.run_dtype})"))
+    return rep
