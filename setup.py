@@ -54,6 +54,16 @@ def _find_cmake() -> str:
                            "QFX_SKIP_NATIVE=1 to install without the CUTLASS library") from None
 
 
+def _cached_generator() -> str | None:
+    cache = BUILD_DIR / "CMakeCache.txt"
+    if not cache.exists():
+        return None
+    for line in cache.read_text().splitlines():
+        if line.startswith("CMAKE_GENERATOR:INTERNAL="):
+            return line.split("=", 1)[1]
+    return None
+
+
 def build_native() -> None:
     """Configure and build the native library into backends/cutlass/ (skips without nvcc)."""
     if os.environ.get("QFX_SKIP_NATIVE") == "1":
@@ -72,8 +82,13 @@ def build_native() -> None:
     configure = [cmake, "-S", str(ROOT), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DPython3_EXECUTABLE={sys.executable}",
                  f"-DQFX_CUDA_ARCHS={archs}", f"-DQFX_OUTPUT_DIR={LIB_DIR}"]
-    if shutil.which("ninja") and not (BUILD_DIR / "CMakeCache.txt").exists():
-        configure += ["-G", "Ninja"]
+    ninja = shutil.which("ninja")
+    generator = "Ninja" if ninja else "Unix Makefiles"
+    if _cached_generator() not in (None, generator):  # cmake cannot switch generators in place
+        shutil.rmtree(BUILD_DIR)
+    configure += ["-G", generator]
+    if ninja:  # pip's isolated build env lives in a new temp dir each time: re-point the cache
+        configure.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
     start = time.time()
     print(f"qfx: building the native CUTLASS library for {archs} with {jobs} jobs ...",
           flush=True)

@@ -22,7 +22,7 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.config import OTHER_ROLE, QuantConfig
+from qfx.config import OTHER_ROLE, QuantConfig, precision_tag
 
 __all__ = ["annotate", "LinearInfo", "QuantSpec", "LINEAR_OPS", "linear_nodes"]
 
@@ -59,10 +59,7 @@ class QuantSpec:
 
     @property
     def precision(self) -> str:
-        a = f"A{self.act_bits}" if self.quantizes_activations else "A16"
-        g = "" if self.group_size is None else f" g{self.group_size}"
-        s = "" if not self.quantizes_activations else (" sym" if self.symmetric else " asym")
-        return f"W{self.weight_bits}{a}{s}{g}"
+        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size)
 
 
 @dataclass(frozen=True)
@@ -171,6 +168,13 @@ def annotate(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] 
             "there is nothing for qfx to quantize"
         )
     roles = _find_roles(gm)
+    has_attention = any(n.op == "call_function" and n.target in ATTENTION_OPS for n in gm.graph.nodes)
+    if config is not None and not has_attention and not config.quantize_other:
+        raise ValueError(
+            "annotate found no attention op (aten.scaled_dot_product_attention), so no linear has a "
+            "transformer role and nothing would be quantized; load the model with "
+            "attn_implementation='sdpa', or pass QuantConfig(quantize_other=True) to quantize every linear"
+        )
     infos: list[tuple[Node, LinearInfo]] = []
     for node in linears:
         weight = _param_name(gm, node.args[1])

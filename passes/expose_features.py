@@ -106,11 +106,16 @@ def _attention_nodes(gm: GraphModule) -> list[Node]:
 
 
 def _ffn_out_by_layer(gm: GraphModule) -> dict[int, Node]:
+    """The first ffn_out linear of each layer in graph order.
+
+    The first, because annotate also calls a classifier head's Linear -> ReLU -> Linear
+    (DistilBERT's pre_classifier / classifier) ffn_in / ffn_out of the last layer.
+    """
     out: dict[int, Node] = {}
     for node in linear_nodes(gm):
         info: LinearInfo | None = node.meta.get("qfx")
         if info is not None and info.role == "ffn_out" and info.layer is not None:
-            out[info.layer] = node
+            out.setdefault(info.layer, node)
     return out
 
 

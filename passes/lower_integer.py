@@ -4,7 +4,7 @@ Pattern (on use-def edges; the modules are recognised by their class)::
 
     linear(ActFakeQuant(x), WeightFakeQuant(W), b)
       ->  q, s, c = qfx::quantize(x, ...)            (one per distinct ActFakeQuant)
-          y = qfx::int_linear(q, s, c, W_codes, bits, s_w, ws, b, gelu=False, ...)
+          y = qfx::int_linear(q, s, c, W_codes, w_bits, s_w, ws, b, gelu=False, out_dtype, a_bits)
     linear(x, WeightFakeQuant(W), b)                 (weight-only, act_bits=16)
       ->  y = qfx::weight_only_linear(x, W_codes, bits, s_w, b)
 
@@ -103,7 +103,7 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
                 parts = [graph.call_function(operator.getitem, (qnode, i)) for i in range(3)]
                 new = graph.call_function(
                     torch.ops.qfx.int_linear.default,
-                    (*parts, w_nodes[0], spec.weight_bits, w_nodes[1], w_nodes[2], bias, False, out_dtype, REFERENCE),
+                    (*parts, w_nodes[0], spec.weight_bits, w_nodes[1], w_nodes[2], bias, False, out_dtype, spec.act_bits, REFERENCE),
                 )
         new.meta = dict(node.meta)
         new.name = info.name.replace(".", "_")

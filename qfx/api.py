@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from qfx.capture import CaptureInfo, capture, capture_info, normalize_inputs
+from qfx.capture import capture, capture_info
 from qfx.config import MODES, QuantConfig, config_for_mode
 from qfx.pipeline import COMPILE_PASSES, QAT_PASSES, PassContext, run_passes
 from qfx.report import build_report
@@ -33,13 +33,6 @@ def _check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ValueError(f"parameter {name!r} contains NaN or Inf; qfx cannot quantize it (fix or reload the weights)")
-
-
-def _input_check_hook(info: CaptureInfo):
-    def hook(module, args, kwargs):
-        return (), normalize_inputs(info, args, kwargs)
-
-    return hook
 
 
 def prepare_qat(
@@ -72,8 +65,6 @@ def prepare_qat(
     gm = capture(source, example_args, example_kwargs)
     gm = run_passes(gm, QAT_PASSES, PassContext(config=config, skip=tuple(skip)))
     gm.meta.update(qfx_stage=_QAT_STAGE, qfx_config=config, qfx_skip=tuple(skip))
-    # prepend: export's own input-spec check must see the normalized inputs
-    gm.register_forward_pre_hook(_input_check_hook(gm.meta["qfx_capture"]), with_kwargs=True, prepend=True)
     gm.train(model.training)
     return gm
 

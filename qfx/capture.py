@@ -7,7 +7,9 @@ arguments and returning its own output structure (HF ``ModelOutput`` classes are
 """
 from __future__ import annotations
 
+import copy
 import inspect
+import traceback
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +111,34 @@ def _example_and_shapes(kwargs: dict[str, Any], dynamic: bool, max_seq: int | No
     return examples, shapes
 
 
+def _exception_chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _failing_module(model: nn.Module, e: BaseException) -> str | None:
+    """Qualified name of the innermost submodule of ``model`` whose forward was running."""
+    names = {id(m): (n or type(model).__name__) for n, m in model.named_modules()}
+    found = None
+    for exc in _exception_chain(e):
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            owner = frame.f_locals.get("self")
+            if id(owner) in names:
+                found = names[id(owner)]
+    return found
+
+
+def _user_line(e: BaseException) -> str:
+    """The user-code line torch.export blames, when it names one."""
+    for exc in _exception_chain(e):
+        lines = str(exc).splitlines()
+        for i, line in enumerate(lines):
+            if "following call raised this error" in line and i + 1 < len(lines):
+                return f"\n  at {lines[i + 1].strip()}"
+    return ""
+
+
 def capture(
     model: nn.Module,
     example_args: tuple = (),
@@ -149,8 +179,10 @@ def capture(
         ep = torch.export.export(model, (), examples, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; we re-raise one with advice
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = _failing_module(model, e)
         raise QfxCaptureError(
-            f"qfx.capture: torch.export could not capture {type(model).__name__}: {first}\n"
+            f"qfx.capture: torch.export could not capture {type(model).__name__}"
+            f"{f' (in module {where})' if where else ''}: {first}{_user_line(e)}\n"
             "What to do: pass example inputs exactly as the model's forward takes them; use "
             "attn_implementation='sdpa' or 'eager'; move data-dependent Python control flow out "
             "of forward; or capture the submodule that holds the encoder (e.g. model.get_encoder())."
@@ -158,6 +190,7 @@ def capture(
     finally:
         model.train(was_training)
     gm = ep.module()
+    _install_input_normalizer(gm)
     # ep.module() forbids train()/eval(); qfx graphs handle dropout themselves (the QAT
     # pipeline turns it into nn.Dropout modules), so restore nn.Module's own methods.
     gm.train = types.MethodType(nn.Module.train, gm)
@@ -196,6 +229,25 @@ def normalize_inputs(info: CaptureInfo, args: tuple, kwargs: dict) -> dict[str, 
         raise ValueError(f"missing inputs {missing}: the model was captured with {list(info.input_names)}")
     check_inputs(info, kwargs)
     return {name: kwargs[name] for name in info.input_names}
+
+
+def _normalize_hook(module: torch.fx.GraphModule, args: tuple, kwargs: dict):
+    """Forward pre-hook of every qfx graph: callers may pass what the source model takes."""
+    return (), normalize_inputs(module.meta["qfx_capture"], args, kwargs)
+
+
+def _install_input_normalizer(gm: torch.fx.GraphModule) -> None:
+    """Register :func:`_normalize_hook` (first, before export's own input-spec check), and keep
+    it on deep copies: GraphModule.__deepcopy__ rebuilds the module and drops hooks."""
+    gm.register_forward_pre_hook(_normalize_hook, with_kwargs=True, prepend=True)
+
+    def __deepcopy__(self, memo):
+        res = torch.fx.GraphModule.__deepcopy__(self, memo)
+        res.meta = copy.deepcopy(self.meta, memo)
+        _install_input_normalizer(res)
+        return res
+
+    type(gm).__deepcopy__ = __deepcopy__  # the class is private to this instance (fx makes one per module)
 
 
 def check_inputs(info: CaptureInfo, kwargs: dict) -> None:

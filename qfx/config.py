@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-__all__ = ["QuantConfig", "ROLES", "MODES", "config_for_mode"]
+__all__ = ["QuantConfig", "ROLES", "MODES", "config_for_mode", "precision_tag"]
 
 #: Parts of a transformer layer whose linears qfx quantizes, in layer order.
 ROLES = ("qkv", "attn_out", "ffn_in", "ffn_out")
@@ -97,13 +97,20 @@ class QuantConfig:
     @property
     def tag(self) -> str:
         """Short name such as ``W4A4-asym`` used in reports and plots."""
-        a = f"A{self.act_bits}" if self.quantizes_activations else "A16"
-        s = "" if not self.quantizes_activations else ("-sym" if self.symmetric else "-asym")
-        g = "" if self.weight_group == "row" else f"-g{self.weight_group}"
-        return f"W{self.weight_bits}{a}{s}{g}"
+        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size, sep="-")
 
     def with_(self, **changes) -> "QuantConfig":
         return replace(self, **changes)
+
+
+def precision_tag(weight_bits: int, act_bits: int, symmetric: bool, group_size: int | None, sep: str = " ") -> str:
+    """``W4A4-asym-g64`` (sep="-") or ``W4A4 asym g64``: the one spelling of a precision."""
+    parts = [f"W{weight_bits}A{act_bits}"]
+    if act_bits < 16:
+        parts.append("sym" if symmetric else "asym")
+    if group_size is not None:
+        parts.append(f"g{group_size}")
+    return sep.join(parts)
 
 
 def config_for_mode(mode: str) -> QuantConfig | None:

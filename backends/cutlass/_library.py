@@ -1,0 +1,107 @@
+"""Loads libqfx_cutlass.so with ctypes and mirrors its C ABI (csrc/qfx_abi.h).
+
+Nothing here launches work by itself; ``__init__.py`` validates inputs and calls
+:func:`call`. The library is found next to this file (where ``pip install -e .`` builds it) or
+at ``$QFX_CUTLASS_LIB``.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import os
+from pathlib import Path
+
+__all__ = ["Library", "load", "QfxGemmArgs", "STATUS", "DTYPE_CODES", "ABI_VERSION"]
+
+ABI_VERSION = 2  # csrc/qfx_abi.h QFX_ABI_VERSION
+LIB_NAME = "libqfx_cutlass.so"
+MANIFEST_NAME = "qfx_cutlass_manifest.json"
+
+STATUS = {
+    0: "ok",
+    1: "CUTLASS can_implement() refused the problem",
+    2: "kernel parameter setup failed",
+    3: "the kernel launch returned a CUDA error",
+    4: "the workspace given is smaller than the kernel needs",
+    5: "bad argument",
+}
+DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
+
+
+class QfxGemmArgs(ctypes.Structure):
+    _fields_ = [
+        ("a", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("a_scale", ctypes.c_void_p),
+        ("a_offset", ctypes.c_void_p),
+        ("w_scale", ctypes.c_void_p),
+        ("w_offset_sum", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("m", ctypes.c_int),
+        ("n", ctypes.c_int),
+        ("k", ctypes.c_int),
+        ("gelu", ctypes.c_int),
+        ("out_dtype", ctypes.c_int),
+        ("sm_count", ctypes.c_int),
+        ("splits", ctypes.c_int),
+        ("workspace", ctypes.c_void_p),
+        ("workspace_bytes", ctypes.c_size_t),
+        ("stream", ctypes.c_void_p),
+    ]
+
+
+class Library:
+    """The loaded library: its manifest (built configs, archs) and typed entry points."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.cdll = ctypes.CDLL(str(path))
+        self.cdll.qfx_abi_version.restype = ctypes.c_int
+        abi = self.cdll.qfx_abi_version()
+        if abi != ABI_VERSION:
+            raise RuntimeError(f"{path} has ABI {abi}, Python expects {ABI_VERSION}: rebuild "
+                               "the native library (pip install -e .)")
+        manifest = path.parent / MANIFEST_NAME
+        self.manifest = json.loads(manifest.read_text()) if manifest.exists() else {}
+        self.archs: list[str] = self.manifest.get("archs", [])
+        self.configs: set[str] = set(self.manifest.get("configs", []))
+        self._fns: dict[str, ctypes._CFuncPtr] = {}
+
+    def has(self, symbol: str) -> bool:
+        return hasattr(self.cdll, symbol)
+
+    def fn(self, symbol: str, restype=ctypes.c_int):
+        f = self._fns.get(symbol)
+        if f is None:
+            f = getattr(self.cdll, symbol)
+            f.restype = restype
+            self._fns[symbol] = f
+        return f
+
+
+def _candidates() -> list[Path]:
+    env = os.environ.get("QFX_CUTLASS_LIB")
+    if env:
+        return [Path(env)]
+    return [Path(__file__).resolve().parent / LIB_NAME]
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> tuple[Library | None, str]:
+    """(library, "") or (None, why it is unavailable). Cached: loaded once per process."""
+    for path in _candidates():
+        if path.exists():
+            try:
+                return Library(path), ""
+            except (OSError, RuntimeError) as e:
+                return None, f"could not load {path}: {e}"
+    return None, (f"{LIB_NAME} not built (looked in {[str(p) for p in _candidates()]}); "
+                  "run `pip install -e .` on a machine with nvcc, or set QFX_CUTLASS_LIB")
+
+
+def check(status: int, what: str) -> None:
+    """Raise RuntimeError naming the entry point when the C call failed."""
+    if status != 0:
+        raise RuntimeError(f"qfx cutlass: {what} failed: {STATUS.get(status, status)}")

