@@ -58,7 +58,7 @@ def main() -> None:
     target = qfx.get_target(args.target) if args.target else qfx.detect_target()
     path = args.model_dir or minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()  # the fp32 reference, whatever the file holds
     batch = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
     print(f"model: all-MiniLM-L6-v2 from {path}\ntarget: {target.name} ({target.int4_execution})")
 

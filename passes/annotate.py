@@ -5,7 +5,7 @@ Pattern (matched on use-def edges and op objects, never on node or module names)
     linear_q/k/v -> (view|transpose|...)* -> scaled_dot_product_attention   role qkv  (part q|k|v)
     scaled_dot_product_attention -> (view|transpose|...)* -> linear          role attn_out
     linear -> (view|...)* -> gelu|relu|silu                                   role ffn_in
-    gelu|relu|silu -> (view|dropout|...)* -> linear                           role ffn_out
+    gelu|relu|silu -> (view|dropout|...)* -> linear -> ... -> add (residual)  role ffn_out
     any other linear (pooler, classifier, projections)                        role other
 
 The layer index of an attention linear is the index of its attention op in graph order; an
@@ -143,11 +143,15 @@ def _find_roles(gm: GraphModule) -> dict[Node, tuple[int | None, str, str]]:
 
     for act in (n for n in gm.graph.nodes if n.op == "call_function" and n.target in ACTIVATION_OPS):
         src = _producer(act.args[0])
-        if src.target in LINEAR_OPS and src not in roles:
-            roles[src] = (layer_of(src), "ffn_in", "ffn_in")
-        for u in _consumers(act):
-            if u.target in LINEAR_OPS and u not in roles and _producer(u.args[0]) is act:
-                roles[u] = (layer_of(u), "ffn_out", "ffn_out")
+        outs = [u for u in _consumers(act) if u.target in LINEAR_OPS and u not in roles and _producer(u.args[0]) is act]
+        # An FFN ends in the residual add; a head (DistilBERT's pre_classifier -> ReLU ->
+        # classifier) has the same linear-act-linear shape but no residual.
+        outs = [u for u in outs if any(c.target == aten.add.Tensor for c in _consumers(u))]
+        if not outs or src.target not in LINEAR_OPS or src in roles:
+            continue
+        roles[src] = (layer_of(src), "ffn_in", "ffn_in")
+        for u in outs:
+            roles[u] = (layer_of(u), "ffn_out", "ffn_out")
     return roles
 
 

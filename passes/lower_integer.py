@@ -97,7 +97,7 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
                             torch.ops.qfx.quantize.default,
                             (x_node.args[0], act_mod.bits, act_mod.symmetric, clip[0], clip[1], REFERENCE),
                         )
-                    qnode.name = str(x_node.target).replace(".", "_").replace("act_fq", "quantize")
+                    qnode._rename(str(x_node.target).replace(".", "_").replace("act_fq", "quantize"))
                     quantized[x_node] = qnode
                 qnode = quantized[x_node]
                 parts = [graph.call_function(operator.getitem, (qnode, i)) for i in range(3)]
@@ -106,7 +106,7 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
                     (*parts, w_nodes[0], spec.weight_bits, w_nodes[1], w_nodes[2], bias, False, out_dtype, spec.act_bits, REFERENCE),
                 )
         new.meta = dict(node.meta)
-        new.name = info.name.replace(".", "_")
+        new._rename(info.name.replace(".", "_"))  # the graph's namespace keeps names unique
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     # The fake-quant modules and the float weights they read are now dead.

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["capture", "CaptureInfo", "capture_info", "QfxCaptureError"]
 
@@ -176,7 +177,11 @@ def capture(
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(model, (), examples, dynamic_shapes=shapes, strict=False)
+        # Trace SDPA through its math kernel: the fused CUDA kernels' alignment checks would
+        # specialise the dynamic sequence length ("Constraints violated (seq)", torch 2.11).
+        # The captured aten op still picks its kernel at run time.
+        with sdpa_kernel([SDPBackend.MATH]):
+            ep = torch.export.export(model, (), examples, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; we re-raise one with advice
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = _failing_module(model, e)

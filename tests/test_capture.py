@@ -80,7 +80,7 @@ def test_real_minilm_captures(minilm_path):
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_path)
-    model = AutoModel.from_pretrained(minilm_path).eval()
+    model = AutoModel.from_pretrained(minilm_path, dtype=torch.float32).eval()
     batch = dict(tok(["qfx compiles encoders", "to integers"], padding=True, return_tensors="pt"))
     gm = qfx.capture(model, example_kwargs=batch)
     other = dict(tok(["a different batch of three", "b", "c c c"], padding=True, return_tensors="pt"))

@@ -71,7 +71,7 @@ def test_gpu_real_minilm_int4(minilm_path):
 
     tok = AutoTokenizer.from_pretrained(minilm_path)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2, dtype=torch.float32).eval()
     batch = dict(tok(["qfx compiles encoders", "to integer tensor cores"], padding=True, return_tensors="pt"))
     qat = qfx.prepare_qat(model, example_kwargs=batch, config=qfx.QuantConfig(4, 4)).eval()
     compiled = qfx.compile(qat, mode="int4", target=qfx.detect_target().name)
