@@ -142,8 +142,7 @@ def _train_cfg(args, budget: Budget, phase: str, epochs: float, lr: float, n_tra
 def _compiled_accuracy(model, mode: str, target: str, test, example) -> tuple[float, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
-        with qat.capture_context(example["input_ids"].device):
-            cm = qfx.compile(model, mode=mode, target=target, example_kwargs=example)
+        cm = qfx.compile(model, mode=mode, target=target, example_kwargs=example)
     backends = sorted({row.backend for row in getattr(cm.report(), "linears", []) if getattr(row, "backend", None)})
     return qat.evaluate(cm, test, 128), ",".join(backends) or "?"
 
@@ -171,8 +170,7 @@ def _phase_ptq(args, teacher, enc, target, example, results) -> None:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
-            with qat.capture_context(device):
-                fq = qfx.prepare_qat(teacher, example_kwargs=example, config=cfg).eval()
+            fq = qfx.prepare_qat(teacher, example_kwargs=example, config=cfg).eval()
         acc_c, backend = _compiled_accuracy(teacher, mode, target, enc["test"], example)
         _record(results, f"PTQ {cfg.tag}", test_acc=qat.evaluate(fq, enc["test"]), compiled_acc=acc_c, backend=backend, steps=0, wall_s=time.perf_counter() - t0)
 

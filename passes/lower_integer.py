@@ -54,7 +54,8 @@ def _container(gm: GraphModule, path: str) -> nn.Module:
 def _store_weight(gm: GraphModule, info: LinearInfo, w: torch.Tensor, bits: int, group: int | None) -> tuple[str, str, str]:
     if not torch.isfinite(w).all():
         raise ValueError(f"weight {info.weight} (linear {info.name}) contains NaN or Inf; fix the model before compiling")
-    q_w, s_w = numerics.quantize_weight(w.detach().float(), bits, group)
+    # Codes are made on the CPU, the oracle, whatever device the graph runs on.
+    q_w, s_w = numerics.quantize_weight(w.detach().float().cpu(), bits, group)
     ws = numerics.weight_offset_sum(q_w, s_w)
     codes = numerics.pack_int4(q_w) if bits == 4 else q_w
     holder = _container(gm, info.name)

@@ -157,6 +157,10 @@ def capture(
         GraphModule with ``gm.meta["qfx_capture"]``; ``gm(**inputs)`` returns what
         ``model(**inputs)`` returns.
 
+    The graph is specialised to the device and dtype the model had when captured (export
+    bakes device and dtype constants of the mask arithmetic into it); ``qfx.compile``
+    therefore re-captures the float model on the target's device.
+
     Example::
 
         >>> gm = qfx.capture(bert, example_kwargs=dict(tokenizer(["hi"], return_tensors="pt")))

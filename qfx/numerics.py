@@ -23,7 +23,9 @@ Asymmetric (activations when ``symmetric=False``; ``z = min(x)``)::
 
 * ``round`` is round-half-to-even (``torch.round``; ``rintf`` in CUDA), applied to the IEEE
   fp32 quotient ``x / S`` (a true division, not a multiplication by ``1/S``: the two differ
-  in the last bit and so can pick different codes).
+  in the last bit and so can pick different codes). The same holds for the divisions that
+  make ``S``; torch's CUDA kernels divide by a Python scalar through its reciprocal, so this
+  module always divides by a tensor.
 * All parameter arithmetic is fp32, whatever the input dtype.
 * ``eps = 1e-8`` keeps ``S > 0`` for an all-zero row / token (then every code is 0 and
   ``x_hat == 0`` exactly for symmetric, ``x_hat == z == 0`` for asymmetric).
@@ -109,6 +111,12 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], k // g, g)
 
 
+def _true_div(num: torch.Tensor, den: float) -> torch.Tensor:
+    """``num / den`` as an IEEE division on every device: torch's CUDA kernels divide by a
+    Python scalar as a multiplication by its reciprocal, which differs in the last bit."""
+    return num / torch.full_like(num, den)
+
+
 def choose_qparams(
     x: torch.Tensor,
     bits: int,
@@ -123,11 +131,11 @@ def choose_qparams(
     xg = _grouped(x.detach().float(), group_size)
     if symmetric:
         absmax = xg.abs().amax(dim=-1)
-        scale = absmax.clamp_min(EPS) / float((1 << (bits - 1)) - 1)
+        scale = _true_div(absmax.clamp_min(EPS), float((1 << (bits - 1)) - 1))
         return QParams(scale=scale, offset=None)
     lo = xg.amin(dim=-1)
     hi = xg.amax(dim=-1)
-    scale = (hi - lo).clamp_min(EPS) / float((1 << bits) - 1)
+    scale = _true_div((hi - lo).clamp_min(EPS), float((1 << bits) - 1))
     offset = lo + float(1 << (bits - 1)) * scale
     return QParams(scale=scale, offset=offset)
 

@@ -53,7 +53,6 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "make_student",
-    "capture_context",
     "make_teacher",
     "distill",
     "finetune",
@@ -252,29 +251,13 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def capture_context(device: torch.device | str):
-    """Context for capturing (``qfx.capture`` / ``prepare_qat`` / ``compile``) on ``device``.
-
-    Workaround: on CUDA (torch 2.11) torch.export of HF's SDPA attention fails with
-    "Constraints violated (seq)" (the fused kernels' alignment checks specialise the dynamic
-    sequence length). Choosing the math kernel while tracing avoids it; the captured
-    ``aten.scaled_dot_product_attention`` op still picks its kernel at run time.
-    """
-    if torch.device(device).type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
-
-
 def make_teacher(teacher: nn.Module, example_kwargs: dict[str, Any]) -> torch.fx.GraphModule:
     """A frozen fp32 copy of ``teacher`` as a graph with feature taps (on the teacher's device).
 
     A copy, because the captured graph shares the module's parameters and freezing them
     would freeze ``teacher`` (and every student later copied from it).
     """
-    with capture_context(_device_of(teacher)):
-        gm = expose_features(capture(copy.deepcopy(teacher).eval(), example_kwargs=_fit(example_kwargs, input_names(teacher))))
+    gm = expose_features(capture(copy.deepcopy(teacher).eval(), example_kwargs=_fit(example_kwargs, input_names(teacher))))
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm.eval()
@@ -288,8 +271,7 @@ def make_student(
     The graph is captured where the model lives because export records the device of the
     tensors it creates (attention-mask arithmetic), so it is built on the training device.
     """
-    with capture_context(_device_of(teacher)):
-        gm = expose_features(prepare_qat(teacher, example_kwargs=_fit(example_kwargs, input_names(teacher)), config=config, skip=skip))
+    gm = expose_features(prepare_qat(teacher, example_kwargs=_fit(example_kwargs, input_names(teacher)), config=config, skip=skip))
     for p in gm.parameters():  # every float weight trains, whatever the teacher's flags were
         p.requires_grad_(p.is_floating_point())
     return gm

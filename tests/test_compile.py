@@ -140,16 +140,9 @@ def test_lowered_graph_exports_and_compiles(qat_and_compiled):
 
 
 @pytest.mark.slow
-def test_real_minilm_w4a4_compiles_and_matches_its_qat_twin(minilm_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2, dtype=torch.float32).eval()
-    batch = dict(tok(["qfx compiles encoders", "to integer tensor cores"], padding=True, return_tensors="pt"))
-    qat = qfx.prepare_qat(model, example_kwargs=batch, config=qfx.QuantConfig(4, 4)).eval()
+def test_real_minilm_w4a4_compiles_and_matches_its_qat_twin(minilm_w4a4):
+    qat, other = minilm_w4a4
     compiled = qfx.compile(qat, mode="int4", target="cpu")
-    other = dict(tok(["a fresh, witty film", "dull and far too long", "fine"], padding=True, return_tensors="pt"))
     checks = compare_linears(qat, compiled, **other)
     assert len(checks) == 36 and all(c.ok for c in checks)
     assert torch.allclose(compiled(**other).logits, qat(**other).logits, atol=1e-3)

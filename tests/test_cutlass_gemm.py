@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from qfx import numerics
 
 qc = pytest.importorskip("qfx.backends.cutlass")
-from qfx.backends.cutlass import BadInput  # noqa: E402
+from qfx.backends.cutlass import BadInput, _library  # noqa: E402
 from qfx.backends.cutlass.configs import CONFIGS  # noqa: E402
 
 pytestmark = [
@@ -262,3 +262,30 @@ def test_sm80_int4_linear_through_ptx_jit(config):
     with pytest.raises(BadInput, match="INT4 x INT4"):
         qc.int_linear(q_a.cuda(), s_a.cuda(), c_a.cuda(), numerics.pack_int4(q_w).cuda(), 4,
                       s_w.cuda(), ws.cuda(), None, False, torch.float16, a_bits=8, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits, symmetric, clip", [(4, True, None), (4, False, None), (8, True, None),
+                                                   (8, False, None), (4, False, (-2.0, 3.0))])
+def test_quantize_kernel_is_bit_identical_to_numerics(dtype, bits, symmetric, clip):
+    if not qc.available()[0] or not _library.load()[0].has("qfx_quantize_rows"):
+        pytest.skip("native library without the quantize kernel")
+    gen = torch.Generator().manual_seed(bits * 10 + symmetric)
+    for rows, k in [(1, 64), (37, 768), (300, 3072), (5, 1000)]:
+        x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 8 + 0.5).to(dtype)
+        x[0, :] = 0  # an all-zero token: the eps path
+        lo, hi = clip if clip else (None, None)
+        q, s, c = qc.quantize(x.cuda(), bits, symmetric, lo, hi)
+        rq, rs, rc = numerics.quantize_activation(x, bits, symmetric, clip)
+        assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(c.cpu(), rc)
+
+
+@pytest.mark.gpu
+def test_quantize_op_routes_to_the_kernel_and_matches_reference():
+    if not qc.available()[0] or not _library.load()[0].has("qfx_quantize_rows"):
+        pytest.skip("native library without the quantize kernel")
+    x = torch.randn(2, 50, 384, device="cuda", dtype=torch.float16).transpose(0, 1)  # non-contiguous
+    got = torch.ops.qfx.quantize(x, 4, False, None, None, "cutlass")
+    ref = torch.ops.qfx.quantize(x, 4, False, None, None, "reference")
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))

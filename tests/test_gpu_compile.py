@@ -66,15 +66,8 @@ def test_gpu_compiled_model_replays_under_a_cuda_graph():
 
 
 @pytest.mark.slow
-def test_gpu_real_minilm_int4(minilm_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2, dtype=torch.float32).eval()
-    batch = dict(tok(["qfx compiles encoders", "to integer tensor cores"], padding=True, return_tensors="pt"))
-    qat = qfx.prepare_qat(model, example_kwargs=batch, config=qfx.QuantConfig(4, 4)).eval()
+def test_gpu_real_minilm_int4(minilm_w4a4):
+    qat, other = minilm_w4a4
     compiled = qfx.compile(qat, mode="int4", target=qfx.detect_target().name)
-    other = dict(tok(["a fresh, witty film", "dull and far too long", "fine"], padding=True, return_tensors="pt"))
     checks = compare_linears(qat, compiled, **other)
     assert len(checks) == 36 and all(c.ok for c in checks), [c for c in checks if not c.ok]

@@ -359,6 +359,39 @@ def int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gel
     return out.reshape(*lead, n)
 
 
+_QUANTIZE_ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+
+
+def quantize(x, bits, symmetric, clip_lo=None, clip_hi=None):
+    """Token-wise quantization of ``x [..., K]`` in one kernel, bit-identical to
+    :func:`qfx.numerics.quantize_activation`: (int8 codes, scale [...], offset [...])."""
+    if bits not in (4, 8):
+        raise BadInput(f"bits={bits}: the cutlass quantize kernel takes 4 or 8")
+    if isinstance(x, torch.Tensor):
+        x = x.contiguous()  # an activation view (e.g. after a transpose) is copied, not refused
+    check_tensor(x, "x", _OUT_DTYPES)
+    if (clip_lo is None) != (clip_hi is None):
+        raise BadInput("clip_lo and clip_hi go together: pass both or neither")
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(lead, dtype=torch.float32, device=x.device)
+    offset = torch.empty(lead, dtype=torch.float32, device=x.device)
+    rows = q.numel() // k if k else 0
+    if rows == 0:
+        return q, scale, offset
+    fn = _lib().fn("qfx_quantize_rows")
+    fn.argtypes = _QUANTIZE_ARGTYPES
+    has_clip = clip_lo is not None
+    status = fn(x.data_ptr(), _library.DTYPE_CODES[str(x.dtype).removeprefix("torch.")], rows, k, bits,
+                int(bool(symmetric)), int(has_clip), float(clip_lo if has_clip else 0.0),
+                float(clip_hi if has_clip else 0.0), q.data_ptr(), scale.data_ptr(), offset.data_ptr(),
+                torch.cuda.current_stream(x.device).cuda_stream)
+    _library.check(status, "quantize")
+    return q, scale, offset
+
+
 def register() -> None:
     """Plug :func:`int_matmul` and :func:`int_linear` into ``qfx.ops`` as backend "cutlass".
 
@@ -369,6 +402,9 @@ def register() -> None:
 
     ops.register_impl("int_matmul", "cutlass", lambda a, b: int_matmul(a, b))
     ops.register_impl("int_linear", "cutlass", int_linear)
+    lib, _ = _library.load()
+    if lib is not None and lib.has("qfx_quantize_rows"):
+        ops.register_impl("quantize", "cutlass", quantize)
 
 
 register()
