@@ -122,6 +122,7 @@ def compile(
     example_kwargs: dict[str, Any] | None = None,
     config: QuantConfig | None = None,
     skip: tuple[str, ...] = (),
+    float_dtype: torch.dtype | None = None,
 ) -> CompiledModel:
     """Compile a float or QAT-prepared encoder to integer ops for ``target``.
 
@@ -134,6 +135,10 @@ def compile(
         example_args / example_kwargs: one valid call (defaults to the QAT model's example).
         config: a :class:`QuantConfig` for float models (overrides the mode's default).
         skip: linears to keep in float (names like ``"layer3.ffn_in"``, roles, ``"layer3"``).
+        float_dtype: dtype of everything that is not an integer GEMM (embeddings, LayerNorm,
+            attention, residual adds, linear outputs). Default: float16 on GPU targets and in
+            ``mode="fp16"``, float32 on the CPU. ``torch.float32`` on a GPU keeps the compiled
+            model numerically closest to an fp32-trained QAT twin, at some speed.
 
     Example::
 
@@ -152,7 +157,12 @@ def compile(
     source = _float_source(model)
     _check_finite(source)
     device = torch.device("cuda") if tgt.device == "cuda" else torch.device("cpu")
-    run_dtype = torch.float16 if (tgt.device == "cuda" or mode == "fp16") else torch.float32
+    if float_dtype is None:
+        run_dtype = torch.float16 if (tgt.device == "cuda" or mode == "fp16") else torch.float32
+    elif float_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        run_dtype = float_dtype
+    else:
+        raise ValueError(f"float_dtype={float_dtype!r}: use torch.float16, torch.bfloat16 or torch.float32")
     master = {k: v.detach().float().clone() for k, v in source.named_parameters()}
     runner = copy.deepcopy(source).to(device=device, dtype=run_dtype).eval()
     moved_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in example_args)

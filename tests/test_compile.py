@@ -146,3 +146,20 @@ def test_real_minilm_w4a4_compiles_and_matches_its_qat_twin(minilm_w4a4):
     checks = compare_linears(qat, compiled, **other)
     assert len(checks) == 36 and all(c.ok for c in checks)
     assert torch.allclose(compiled(**other).logits, qat(**other).logits, atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_backend_says_why_it_is_unavailable():
+    ok, why = qfx.backends.CutlassBackend().available()
+    assert not ok and len(why) > 10  # e.g. "no CUDA device visible" or "libqfx_cutlass.so not built ..."
+
+
+def test_float_dtype_sets_the_precision_of_the_float_parts(qat_and_compiled):
+    _, qat, _ = qat_and_compiled
+    compiled = qfx.compile(qat, mode="int4", target="cpu", float_dtype=torch.bfloat16)
+    assert compiled.report().run_dtype == "bfloat16"
+    x = inputs(2, 9)
+    out = compiled(**x).logits
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), qat(**x).logits, atol=0.1)
+    with pytest.raises(ValueError, match="float_dtype"):
+        qfx.compile(qat, mode="int4", target="cpu", float_dtype=torch.int8)
