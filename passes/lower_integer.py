@@ -26,6 +26,7 @@ from torch.fx import GraphModule, Node
 
 from qfx import numerics
 from qfx.fake_quant import ActFakeQuant, WeightFakeQuant
+from qfx.passes._attrs import drop_unused_attrs, submodule_at
 from qfx.passes.annotate import LinearInfo, linear_nodes
 
 __all__ = ["lower_to_integer"]
@@ -41,16 +42,6 @@ def _module(gm: GraphModule, node: Node, cls) -> nn.Module | None:
     return None
 
 
-def _container(gm: GraphModule, path: str) -> nn.Module:
-    """The submodule at ``path``, created empty where missing."""
-    mod = gm
-    for part in path.split("."):
-        if not hasattr(mod, part):
-            mod.add_module(part, nn.Module())
-        mod = getattr(mod, part)
-    return mod
-
-
 def _store_weight(gm: GraphModule, info: LinearInfo, w: torch.Tensor, bits: int, group: int | None) -> tuple[str, str, str]:
     if not torch.isfinite(w).all():
         raise ValueError(f"weight {info.weight} (linear {info.name}) contains NaN or Inf; fix the model before compiling")
@@ -58,7 +49,7 @@ def _store_weight(gm: GraphModule, info: LinearInfo, w: torch.Tensor, bits: int,
     q_w, s_w = numerics.quantize_weight(w.detach().float().cpu(), bits, group)
     ws = numerics.weight_offset_sum(q_w, s_w)
     codes = numerics.pack_int4(q_w) if bits == 4 else q_w
-    holder = _container(gm, info.name)
+    holder = submodule_at(gm, info.name)
     device = w.device
     for attr, value in (("w_codes", codes), ("w_scale", s_w.float()), ("w_offset_sum", ws)):
         holder.register_buffer(attr, value.to(device).contiguous())
@@ -116,16 +107,8 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
             graph.erase_node(node)
     graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    _drop_unused_parameters(gm)
+    drop_unused_attrs(gm)
     graph.lint()
     gm.recompile()
     return gm
 
-
-def _drop_unused_parameters(gm: GraphModule) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters()):
-        if name not in used:
-            owner, _, leaf = name.rpartition(".")
-            mod = gm.get_submodule(owner) if owner else gm
-            delattr(mod, leaf)

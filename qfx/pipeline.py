@@ -4,7 +4,7 @@
 
     L1 aten graph --annotate--> L2 --insert_fake_quant--> L3 QAT graph
        --remove_dropout, lower_to_integer--> L4 integer graph (reference ops, any device)
-       --fuse_bias_gelu, plan--> L5 target graph (ops bound to backends)
+       --fuse_bias_gelu, fuse_qkv, plan--> L5 target graph (ops bound to backends)
 
 Each pass is ``GraphModule -> GraphModule`` (qfx.passes); here each is wrapped to take the
 one :class:`PassContext`. :func:`run_passes` lints after every pass and, when one fails,
@@ -23,6 +23,7 @@ from qfx.passes.annotate import annotate
 from qfx.passes.dropout import dropout_to_modules, remove_dropout
 from qfx.passes.fake_quant import insert_fake_quant
 from qfx.passes.fuse_gelu import fuse_bias_gelu
+from qfx.passes.fuse_qkv import fuse_qkv
 from qfx.passes.lower_integer import lower_to_integer
 from qfx.passes.plan import plan
 from qfx.targets import Target
@@ -57,6 +58,7 @@ COMPILE_PASSES: tuple[Pass, ...] = (
     ("remove_dropout", lambda gm, c: remove_dropout(gm)),
     ("lower_to_integer", lambda gm, c: lower_to_integer(gm, c.master_weights)),
     ("fuse_bias_gelu", lambda gm, c: fuse_bias_gelu(gm)),
+    ("fuse_qkv", lambda gm, c: fuse_qkv(gm)),
     ("plan", lambda gm, c: plan(gm, c.target)),
 )
 

@@ -68,17 +68,22 @@ def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: 
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and (n.target in _INT_OPS or n in set(linear_nodes(gm)))]
     for node in nodes:
         info: LinearInfo = node.meta["qfx"]
-        shape = f"{info.out_features} x {info.in_features}"
         if node.target in _INT_OPS:
             choice = node.meta.get("qfx_plan")
             backend = node.args[-1]
             notes = []
             if "gelu" in node.meta.get("qfx_fused", ()):
                 notes.append("bias+GELU fused")
+            parts = node.meta.get("qfx_parts", (info,))
+            if len(parts) > 1:
+                notes.append(f"one GEMM {info.name} ({info.out_features} x {info.in_features})")
             if choice is not None and choice.refused:
                 notes.append("; ".join(f"not {b}: {why}" for b, why in choice.refused))
-            rep.linears.append(LinearRow(info.name, info.layer, info.role, shape, info.spec.precision, backend, "; ".join(notes)))
+            for part in parts:
+                shape = f"{part.out_features} x {part.in_features}"
+                rep.linears.append(LinearRow(part.name, part.layer, part.role, shape, part.spec.precision, backend, "; ".join(notes)))
         else:
+            shape = f"{info.out_features} x {info.in_features}"
             rep.linears.append(LinearRow(info.name, info.layer, info.role, shape, rep.run_dtype, "float", info.float_reason))
             rep.float_parts.append((info.name, info.float_reason))
     rep.float_parts.append(("embeddings, LayerNorm, softmax/attention, residual adds", f"not quantized by qfx (run in {rep.run_dtype})"))

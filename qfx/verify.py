@@ -79,11 +79,18 @@ class _Recorder(Interpreter):
         return out
 
 
-def _int_node(compiled: CompiledModel, name: str):
+def _int_node(compiled: CompiledModel, name: str) -> tuple:
+    """The integer op computing linear ``name`` and the columns of its output that are it
+    (a slice of the wider GEMM when fuse_qkv merged it with its neighbours)."""
     for node in compiled.graph_module.graph.nodes:
         info = node.meta.get("qfx")
-        if info is not None and info.name == name and node.target not in LINEAR_OPS:
-            return node
+        if info is None or node.target in LINEAR_OPS:
+            continue
+        start = 0
+        for part in node.meta.get("qfx_parts", (info,)):
+            if part.name == name:
+                return node, slice(start, start + part.out_features)
+            start += part.out_features
     raise KeyError(name)
 
 
@@ -97,10 +104,13 @@ def compare_linears(qat: GraphModule, compiled: CompiledModel, *args: Any, **kwa
     gm = compiled.graph_module
     checks = []
     for name, (x_raw, x_hat, w_hat, bias, y_fq) in rec.records.items():
-        node = _int_node(compiled, name)
+        node, cols = _int_node(compiled, name)
         dev = compiled.device
-        buf = lambda attr: gm.get_buffer(f"{name}.{attr}")  # noqa: E731
-        b = None if bias is None else bias.to(dev)
+        owner = node.args[3].target.rpartition(".")[0]  # the module holding this op's weight codes
+        buf = lambda attr: gm.get_buffer(f"{owner}.{attr}")  # noqa: E731
+        fused = len(node.meta.get("qfx_parts", ())) > 1
+        # a fused op reads its concatenated bias buffer; its output columns ``cols`` are this linear
+        b = buf("bias").to(dev) if fused and bias is not None else (None if bias is None else bias.to(dev))
         if node.target == torch.ops.qfx.int_linear.default:
             qnode = node.args[0].args[0]
             _, bits, sym, lo, hi, qbackend = qnode.args
@@ -117,7 +127,7 @@ def compare_linears(qat: GraphModule, compiled: CompiledModel, *args: Any, **kwa
             x_in = x_raw.to(device=dev, dtype=out_dtype)
             y = torch.ops.qfx.weight_only_linear(x_in, buf("w_codes"), node.args[2], buf("w_scale"), None if b is None else b.to(out_dtype), node.args[-1])
             dot_dtype = out_dtype
-        err = (y.double().cpu() - y_fq.double()).abs()
+        err = (y[..., cols].double().cpu() - y_fq.double()).abs()
         bound = dot_error_bound(x_hat, w_hat, bias, y_fq, out_dtype, dot_dtype)
         checks.append(LinearCheck(name, float(err.max()), float((err / bound).max())))
     return checks

@@ -223,3 +223,31 @@ def test_eager_attention_is_reported_not_silently_left_float():
         qfx.prepare_qat(model, example_kwargs=inputs(2, 8))
     qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=qfx.QuantConfig(8, 8, quantize_other=True))
     assert len(_modules(qat, WeightFakeQuant)) == 8  # 6 layer linears + pooler + classifier
+
+
+@pytest.mark.parametrize("cfg", [qfx.QuantConfig(4, 4), qfx.QuantConfig(8, 8, symmetric=False), qfx.QuantConfig(4, 8, weight_group=16)])
+def test_fuse_qkv_is_bit_exact_and_makes_one_gemm_per_attention(cfg):
+    from qfx.passes import fuse_qkv
+
+    _, _, gm = _lowered(cfg)
+    x = inputs(3, 11, seed=4)
+    with torch.no_grad():
+        before = first_tensor(gm(**x))
+        fuse_qkv(gm)
+        after = first_tensor(gm(**x))
+    assert torch.equal(before, after)
+    t = _targets(gm)
+    assert t[qops.int_linear.default] == 8 and t[aten.split_with_sizes.default] == 2  # 2 layers x (qkv, out, in, out)
+    fused = [n for n in gm.graph.nodes if "qfx_parts" in n.meta]
+    assert [n.meta["qfx"].name for n in fused] == ["layer0.qkv", "layer1.qkv"]
+    assert gm.get_buffer("layer0.qkv.w_scale").shape[0] == 3 * 32
+    assert not any(name.startswith("layer0.q.") for name, _ in gm.named_buffers())  # per-part copies dropped
+
+
+def test_report_keeps_one_row_per_linear_after_fusion():
+    model = make("bert_cls", layers=1)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=qfx.QuantConfig(4, 4))
+    rep = qfx.compile(qat, mode="int4").report()
+    rows = {r.name: r for r in rep.quantized}
+    assert {"layer0.q", "layer0.k", "layer0.v"} <= set(rows) and len(rows) == 6
+    assert "one GEMM layer0.qkv (96 x 32)" in rows["layer0.k"].note and rows["layer0.k"].shape == "32 x 32"

@@ -1,0 +1,97 @@
+"""fuse_qkv: integer linears that read one quantized input become one GEMM (L4 -> L5).
+
+Pattern (q, k and v of every attention block; any group of linears sharing an input)::
+
+    q, s, c = qfx::quantize(x)
+    y_i = qfx::int_linear(q, s, c, W_i, ...same bits, dtype, backend, no GELU...)   i = 1..n
+    ->  y = qfx::int_linear(q, s, c, cat(W_i), cat(s_w_i), cat(ws_i), cat(b_i), ...)
+        y_1, ..., y_n = split(y, [N_1, ..., N_n], dim=-1)
+
+One launch of the wider GEMM (N = 3h for BERT's QKV) instead of n narrow ones.
+
+Invariant: bit-identical outputs. Every output element has the same int32 accumulator (rows of
+the concatenated weight are the original rows) and the same elementwise fp32 epilogue with the
+same per-row scale, offset sum and bias. The fused node keeps the original linears'
+``LinearInfo`` in ``node.meta["qfx_parts"]`` so the report and lockstep checks still see them.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qfx.passes._attrs import drop_unused_attrs, submodule_at
+
+__all__ = ["fuse_qkv"]
+
+_INT_LINEAR = torch.ops.qfx.int_linear.default
+_QUANTIZE = torch.ops.qfx.quantize.default
+# int_linear arguments: 0-2 quantized activation, 3 codes, 4 w_bits, 5 w_scale, 6 w_offset_sum,
+# 7 bias, 8 gelu, 9 out_dtype, 10 a_bits, 11 backend
+_CODES, _W_BITS, _W_SCALE, _W_OFFSET_SUM, _BIAS, _GELU = 3, 4, 5, 6, 7, 8
+_SAME = (4, 8, 9, 10, 11)  # must agree across the fused linears
+
+
+def _tensor(gm: GraphModule, node: Node) -> torch.Tensor:
+    return gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else gm.get_buffer(node.target)
+
+
+def _groups(gm: GraphModule) -> list[list[Node]]:
+    """Same-input, same-kind integer linears, each group in graph order (q, k, v)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups = []
+    for qnode in (n for n in gm.graph.nodes if n.op == "call_function" and n.target == _QUANTIZE):
+        readers = {u for g in qnode.users for u in g.users if u.target == _INT_LINEAR}
+        readers = sorted(readers, key=order.__getitem__)
+        by_key: dict[tuple, list[Node]] = {}
+        for lin in readers:
+            scale_cols = _tensor(gm, lin.args[_W_SCALE]).shape[-1]
+            key = (tuple(lin.args[i] for i in _SAME), scale_cols, lin.args[_BIAS] is None)
+            by_key.setdefault(key, []).append(lin)
+        groups += [g for g in by_key.values() if len(g) > 1 and not g[0].args[_GELU]]
+    return groups
+
+
+def _fused_name(parts: list) -> str:
+    layer = parts[0].layer
+    if all(p.role == "qkv" for p in parts) and layer is not None:
+        return f"layer{layer}.qkv"
+    return "+".join(p.name for p in parts)
+
+
+def fuse_qkv(gm: GraphModule) -> GraphModule:
+    """Fuse every group of same-input integer linears into one; return ``gm``."""
+    graph = gm.graph
+    for group in _groups(gm):
+        parts = [n.meta["qfx"] for n in group]
+        name = _fused_name(parts)
+        holder = submodule_at(gm, name)
+        widths = [p.out_features for p in parts]
+        for arg, attr in ((_CODES, "w_codes"), (_W_SCALE, "w_scale"), (_W_OFFSET_SUM, "w_offset_sum"), (_BIAS, "bias")):
+            if group[0].args[arg] is None:
+                continue
+            holder.register_buffer(attr, torch.cat([_tensor(gm, n.args[arg]).detach() for n in group], dim=0))
+        first = group[0]
+        with graph.inserting_before(first):
+            args = list(first.args)
+            for arg, attr in ((_CODES, "w_codes"), (_W_SCALE, "w_scale"), (_W_OFFSET_SUM, "w_offset_sum"), (_BIAS, "bias")):
+                if args[arg] is not None:
+                    args[arg] = graph.get_attr(f"{name}.{attr}")
+            fused = graph.call_function(_INT_LINEAR, tuple(args))
+            split = graph.call_function(torch.ops.aten.split_with_sizes.default, (fused, widths, -1))
+            outs = [graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
+        fused._rename(name.replace(".", "_").replace("+", "_"))
+        fused.meta["qfx"] = replace(parts[0], name=name, part="+".join(p.part for p in parts), weight="", out_features=sum(widths))
+        fused.meta["qfx_parts"] = tuple(parts)
+        for old, new in zip(group, outs):
+            new.meta["val"] = old.meta.get("val")
+            old.replace_all_uses_with(new)
+            graph.erase_node(old)
+    graph.eliminate_dead_code()
+    drop_unused_attrs(gm, frozenset({"w_codes", "w_scale", "w_offset_sum", "bias"}))
+    graph.lint()
+    gm.recompile()
+    return gm
+
