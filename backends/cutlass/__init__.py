@@ -222,9 +222,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int8,
                       device=packed.device)
     lib = _lib()
-    f = lib.fn("qfx_unpack_int4")
-    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int,
-                  ctypes.c_void_p]
+    f = lib.fn("qfx_unpack_int4", argtypes=[ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong,
+                                            ctypes.c_int, ctypes.c_void_p])
     _library.check(f(packed.data_ptr(), out.data_ptr(), packed.numel(), _sm_count(packed.device),
                      torch.cuda.current_stream(packed.device).cuda_stream), "unpack_int4")
     return out
@@ -381,8 +380,7 @@ def quantize(x, bits, symmetric, clip_lo=None, clip_hi=None):
     rows = q.numel() // k if k else 0
     if rows == 0:
         return q, scale, offset
-    fn = _lib().fn("qfx_quantize_rows")
-    fn.argtypes = _QUANTIZE_ARGTYPES
+    fn = _lib().fn("qfx_quantize_rows", argtypes=_QUANTIZE_ARGTYPES)
     has_clip = clip_lo is not None
     status = fn(x.data_ptr(), _library.DTYPE_CODES[str(x.dtype).removeprefix("torch.")], rows, k, bits,
                 int(bool(symmetric)), int(has_clip), float(clip_lo if has_clip else 0.0),

@@ -72,11 +72,14 @@ class Library:
     def has(self, symbol: str) -> bool:
         return hasattr(self.cdll, symbol)
 
-    def fn(self, symbol: str, restype=ctypes.c_int):
+    def fn(self, symbol: str, restype=ctypes.c_int, argtypes: list | None = None):
+        """The typed entry point ``symbol``; its signature is set once, on first use."""
         f = self._fns.get(symbol)
         if f is None:
             f = getattr(self.cdll, symbol)
             f.restype = restype
+            if argtypes is not None:
+                f.argtypes = argtypes
             self._fns[symbol] = f
         return f
 
