@@ -8,8 +8,10 @@ Pipeline (each phase checkpoints under ``<out>/ckpt/<phase>``; re-running resume
 3. QAT + KD students (Logit + Att* + Rep): W8A8, W4A4 symmetric, W4A4 asymmetric;
 4. composability: W4A4 + 2:4 sparsity (static l1 mask from the teacher, P=>Q) and W4A4 with
    ``--keep-layers`` of the 6 layers (distilled from the full teacher);
-5. every model is scored on test as fake-quant (the QAT graph) and as the compiled integer
-   model (``qfx.compile``: GPU target when CUDA is present, else the exact CPU reference);
+5. every model is scored on test as fake-quant (the QAT graph, its "twin") and as the compiled
+   integer model (``qfx.compile``: GPU target when CUDA is present, else the CPU reference),
+   with the float parts in fp32 like the twin (``compiled_acc``) and, on a GPU, also in fp16,
+   the fast deployment setting (``compiled_fp16_acc``);
 6. ``dev_curve.png`` (dev accuracy vs steps, like the paper's Figure B.1), ``results.json``
    and ``results.md`` in ``--out``.
 
@@ -77,7 +79,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-layers", type=int, default=4, help="layers kept by the layer-reduction student")
     p.add_argument("--teacher-epochs", type=float, default=None)
     p.add_argument("--student-epochs", type=float, default=None)
-    p.add_argument("--no-cpu-reference", action="store_true", help="on a GPU, skip also scoring each QAT student compiled for the exact CPU reference")
+    p.add_argument("--cpu-reference", action="store_true", help="on a GPU, also score each QAT student compiled for the CPU reference")
     p.add_argument("--student-lr", type=float, default=None)
     p.add_argument("--only", default=None, help="comma list of phases to run (teacher always runs)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -139,12 +141,18 @@ def _train_cfg(args, budget: Budget, phase: str, epochs: float, lr: float, n_tra
     )
 
 
-def _compiled_accuracy(model, mode: str, target: str, test, example) -> tuple[float, str]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
-        cm = qfx.compile(model, mode=mode, target=target, example_kwargs=example)
-    backends = sorted({row.backend for row in getattr(cm.report(), "linears", []) if getattr(row, "backend", None)})
-    return qat.evaluate(cm, test, 128), ",".join(backends) or "?"
+def _compiled_accuracy(model, mode: str, target: str, test, example) -> dict:
+    """Test accuracy of ``model`` compiled for ``target``: float parts in fp32 (as in the
+    fake-quant twin) and, on a GPU, also in fp16 (the fast setting)."""
+    out = {}
+    dtypes = {"compiled_acc": torch.float32} | ({"compiled_fp16_acc": torch.float16} if target != "cpu" else {})
+    for key, dtype in dtypes.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+            cm = qfx.compile(model, mode=mode, target=target, example_kwargs=example, float_dtype=dtype)
+        out[key] = qat.evaluate(cm, test, 128)
+        out.setdefault("backend", ",".join(sorted({r.backend for r in cm.report().linears if r.backend})) or "?")
+    return out
 
 
 def _record(results: dict, name: str, **fields) -> None:
@@ -171,8 +179,8 @@ def _phase_ptq(args, teacher, enc, target, example, results) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
             fq = qfx.prepare_qat(teacher, example_kwargs=example, config=cfg).eval()
-        acc_c, backend = _compiled_accuracy(teacher, mode, target, enc["test"], example)
-        _record(results, f"PTQ {cfg.tag}", test_acc=qat.evaluate(fq, enc["test"]), compiled_acc=acc_c, backend=backend, steps=0, wall_s=time.perf_counter() - t0)
+        compiled = _compiled_accuracy(teacher, mode, target, enc["test"], example)
+        _record(results, f"PTQ {cfg.tag}", test_acc=qat.evaluate(fq, enc["test"]), **compiled, steps=0, wall_s=time.perf_counter() - t0)
 
 
 def _student(args, budget, name, teacher, t_graph, enc, target, example, results, config, *, prune=False, keep=None) -> None:
@@ -189,14 +197,13 @@ def _student(args, budget, name, teacher, t_graph, enc, target, example, results
     res = qat.distill(t_graph, student, enc["train"], enc["dev"], cfg, qat.KDWeights(), layer_map=keep, post_step=post_step)
     student.eval()
     fq_acc = qat.evaluate(student, enc["test"])
-    c_acc, backend = _compiled_accuracy(student, f"int{config.weight_bits}", target, enc["test"], example)
-    extra = {}
-    if target != "cpu" and not args.no_cpu_reference:  # the exact fp32 oracle beside the GPU run (fp16 float parts)
+    extra = _compiled_accuracy(student, f"int{config.weight_bits}", target, enc["test"], example)
+    if target != "cpu" and args.cpu_reference:  # the CPU reference beside the GPU run
         cpu_example = {k: v.cpu() for k, v in example.items()}
-        extra["compiled_cpu_ref_acc"], _ = _compiled_accuracy(student, f"int{config.weight_bits}", "cpu", enc["test"], cpu_example)
+        extra["compiled_cpu_ref_acc"] = _compiled_accuracy(student, f"int{config.weight_bits}", "cpu", enc["test"], cpu_example)["compiled_acc"]
     extra |= {"sparsity": compose.sparsity(student, list(masks))} if prune else {}
     extra |= {"layers": len(keep)} if keep else {}
-    _record(results, name, test_acc=fq_acc, compiled_acc=c_acc, backend=backend, best_dev=res.best_dev, best_step=res.best_step,
+    _record(results, name, test_acc=fq_acc, best_dev=res.best_dev, best_step=res.best_step,
             steps=cfg.steps, wall_s=time.perf_counter() - t0, history=res.history, **extra)
 
 
@@ -229,13 +236,16 @@ def _pct(v: float | None, signed: bool = False) -> str:
 def _table(results: dict) -> str:
     teacher = results["models"]["teacher fp32"]["test_acc"]
     target = results["target"]
-    lines = [f"| model | test acc fake-quant (%) | compiled int, {target} (%) | compiled int, CPU reference (%) | gap to teacher (pt) | compiled - fake (pt) | steps | wall (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    gpu = target != "cpu"
+    head = ["model", "fake-quant (%)", f"compiled {target}, fp32 float parts (%)", *([f"compiled {target}, fp16 float parts (%)"] if gpu else []),
+            "gap to teacher (pt)", "compiled - fake (pt)", *(["fp16 compiled - fake (pt)"] if gpu else []), "steps", "wall (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results["models"].items():
-        acc, c = r["test_acc"], r.get("compiled_acc")
-        twin = None if c is None else c - acc
-        lines.append(f"| {name} | {_pct(acc)} | {_pct(c)} | {_pct(r.get('compiled_cpu_ref_acc'))} | {_pct(acc - teacher, True)} | "
-                     f"{_pct(twin, True)} | {r['steps']} | {r['wall_s']:.0f} |")
+        acc, c, c16 = r["test_acc"], r.get("compiled_acc"), r.get("compiled_fp16_acc")
+        row = [name, _pct(acc), _pct(c), *([_pct(c16)] if gpu else []), _pct(acc - teacher, True) if name != "teacher fp32" else "",
+               "" if c is None else _pct(c - acc, True), *(["" if c16 is None else _pct(c16 - acc, True)] if gpu else []),
+               str(r["steps"]), f"{r['wall_s']:.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

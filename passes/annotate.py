@@ -23,11 +23,13 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx.config import OTHER_ROLE, QuantConfig, precision_tag
+from qfx.fake_quant import integer_linear
 
 __all__ = ["annotate", "LinearInfo", "QuantSpec", "LINEAR_OPS", "linear_nodes"]
 
 aten = torch.ops.aten
-LINEAR_OPS = {aten.linear.default}
+#: a float linear (L1, L2) and the quantized linear of the QAT graph (L3), same leading args (x, W, b)
+LINEAR_OPS = {aten.linear.default, integer_linear}
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 ACTIVATION_OPS = {aten.gelu.default, aten.relu.default, aten.silu.default}
 #: ops that move or reshape data without mixing tokens or channels

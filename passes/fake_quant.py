@@ -2,20 +2,26 @@
 
 Pattern: every ``aten.linear(x, W, b)`` whose ``node.meta["qfx"].spec`` is set. Rewrite::
 
-    linear(x, W, b)  ->  linear(<name>.act_fq(x), <name>.weight_fq(W), b)
+    linear(x, W, b)  ->  integer_linear(<name>.act_fq(x), <name>.weight_fq(W), b, x, W, act, weight)
+    linear(x, W, b)  ->  linear(x, <name>.weight_fq(W), b)          (weight-only: act_bits=16)
+
+:func:`qfx.fake_quant.integer_linear` computes its forward as the integer path does (codes,
+exact accumulation, the fp32 epilogue of qfx.numerics) and its backward as
+``linear(x_hat, w_hat, b)``; ``act``/``weight`` are the fake-quant modules' settings.
 
 ``<name>.act_fq`` is shared by linears that read the same tensor with the same spec (q, k
 and v read one input: they get one ``layer{i}.qkv.act_fq``), as the integer graph quantizes
 that tensor once. Weight-only specs (act_bits=16) get no act_fq.
 
-Invariant: only call_module nodes are added; with the fake-quant modules replaced by the
-identity the graph computes exactly what it computed before. Metadata stays on the linears.
+Invariant: the linear node keeps its name, metadata and users, and its first three args stay
+(input, weight, bias), now read through the fake-quant modules. Its output equals
+``linear(x_hat, w_hat, b)`` up to fp32 rounding (the forward is exact where float is not).
 """
 from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
-from qfx.fake_quant import ActFakeQuant, WeightFakeQuant
+from qfx.fake_quant import ActFakeQuant, WeightFakeQuant, integer_linear
 from qfx.passes.annotate import LinearInfo, linear_nodes
 
 __all__ = ["insert_fake_quant", "fake_quant_module_name"]
@@ -46,13 +52,17 @@ def insert_fake_quant(gm: GraphModule) -> GraphModule:
         spec = info.spec
         x, w = node.args[0], node.args[1]
         w_fq = _call_module(gm, fake_quant_module_name(info, "weight_fq"), WeightFakeQuant(spec.weight_bits, spec.group_size), w)
-        new_x = x
-        if spec.quantizes_activations:
-            key = (x, (spec.act_bits, spec.symmetric, spec.act_clip))
-            if key not in act_fq:
-                act_fq[key] = _call_module(gm, fake_quant_module_name(info, "act_fq"), ActFakeQuant(spec.act_bits, spec.symmetric, spec.act_clip), x)
-            new_x = act_fq[key]
-        node.args = (new_x, w_fq, *node.args[2:])
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if not spec.quantizes_activations:
+            node.args = (x, w_fq, bias)
+            node.kwargs = {}
+            continue
+        act = (spec.act_bits, spec.symmetric, spec.act_clip)
+        if (x, act) not in act_fq:
+            act_fq[(x, act)] = _call_module(gm, fake_quant_module_name(info, "act_fq"), ActFakeQuant(*act), x)
+        node.target = integer_linear
+        node.args = (act_fq[(x, act)], w_fq, bias, x, w, act, (spec.weight_bits, spec.group_size))
+        node.kwargs = {}
     gm.graph.lint()
     gm.recompile()
     return gm

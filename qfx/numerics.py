@@ -49,8 +49,11 @@ Integer linear algebra (:func:`int_linear_reference`): with activation codes ``q
     y[m, n] = S_a[m] * sum_g s_w[n, g] * acc_g[m, n]  +  c_a[m] * ws[n]  +  bias[n]
     ws[n]   = sum_g s_w[n, g] * sum_{k in g} q_w[n, k]               (precomputed once)
 
-which equals ``x_hat @ w_hat.T + bias`` in exact arithmetic. backends/cutlass/EPILOGUES.md
-derives the same terms for the fused GPU epilogue.
+which equals ``x_hat @ w_hat.T + bias`` in exact arithmetic. In fp32 the order is fixed:
+``((acc * S_a) * s_w + c_a * ws) + bias``, each operation rounded once (no fma), then GELU as
+``y * 0.5 * (1 + erf(y * sqrt(1/2)))``. The QAT graph's linears compute exactly this
+(:func:`qfx.fake_quant.integer_linear`), and so do the GPU kernels
+(backends/cutlass/EPILOGUES.md): on one device the twin and the compiled model agree bit for bit.
 """
 from __future__ import annotations
 

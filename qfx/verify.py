@@ -2,16 +2,19 @@
 
 For every quantized linear of a QAT graph (L3), record the tensors it sees on a real input
 (raw activation ``x``, fake-quant activation ``x_hat``, fake-quant weight ``w_hat``, bias,
-output ``y_fq = x_hat @ w_hat.T + b``). Feed the same raw ``x`` to the compiled model's
-integer op (with its stored weight codes and its backend) and compare with the bound
+output ``y_fq``). Feed the same raw ``x`` to the compiled model's integer op (with its stored
+weight codes and its backend) and compare with the bound
 
     |y_int - y_fq| <= (K + 8) * 2^-24 * (|x_hat| @ |w_hat|.T + |b|)  +  2^-(p+1) * |y_fq|
 
-where the first term bounds fp32 rounding of a K-term dot product and of the dequantization
-(the integer accumulator itself is exact), and ``p`` is the output dtype's mantissa width
-(the final rounding; 0 for fp32 outputs). Comparing per linear, on the same input, keeps
-the check exact in spirit: end-to-end, a rounding difference can move a later activation
-across a quantization step, which no rounding bound covers.
+``y_fq`` is computed by the integer path itself (:func:`qfx.fake_quant.integer_linear`), so on
+the device the twin ran on, with fp32 outputs, the error is 0 (``max_abs_error == 0``, tested
+on the CPU and on the GPU). The bound is what holds across devices and output dtypes: the
+first term bounds fp32 rounding of a K-term dot product and of the dequantization (the integer
+accumulator itself is exact), and ``p`` is the output dtype's mantissa width (the final
+rounding; 0 for fp32 outputs). Comparing per linear, on the same input, keeps the check exact
+in spirit: end to end, a rounding difference can move a later activation across a
+quantization step, which no rounding bound covers.
 """
 from __future__ import annotations
 

@@ -148,6 +148,23 @@ def test_int_linear_within_bound(symmetric, w_bits, a_bits, gelu, out_dtype):
     assert (err <= _bound(ref, terms, out_dtype)).all(), f"max err {err.max():.3g}"
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("config", [None, *(_built("sm90a") if torch.cuda.is_available() and _on_hopper() else [])])
+def test_int_linear_bit_identical_to_the_reference_on_the_gpu(config, symmetric, gelu, out_dtype):
+    """The epilogue runs numerics.int_linear_reference's fp32 ops in its order, one rounding each
+    (no fma), and torch's GELU expression: the same GPU gives the same bits, GELU included."""
+    gen = torch.Generator().manual_seed(5 + int(symmetric) + 2 * int(gelu))
+    m, n, k = 257, 512, 768
+    q_a, s_a, c_a, q_w, s_w, ws, bias = _linear_case(m, n, k, 8, 8, symmetric, True, gen)
+    args = [t.cuda() for t in (q_a, s_a, c_a, q_w, s_w, ws, bias)]
+    ref = numerics.int_linear_reference(*args, gelu, out_dtype)  # torch ops on the same GPU
+    got = qc.int_linear(args[0], args[1], None if symmetric else args[2], args[3], 8, args[4], args[5], args[6], gelu, out_dtype, config=config)
+    diff = (got.float() - ref.float()).abs()
+    assert torch.equal(got, ref), f"{int((got != ref).sum())} of {got.numel()} differ, max {diff.max():.3g}"
+
+
 @pytest.mark.parametrize("config", _built("sm90a") or ["<none built>"])
 def test_every_sm90_config_dequant(config):
     if config == "<none built>" or not _on_hopper():

@@ -2,6 +2,8 @@
 say which backend runs each linear, and replay under a CUDA graph."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from models import inputs, make
@@ -29,6 +31,20 @@ def test_gpu_compile_matches_fake_quant_per_linear(cfg):
         a, b = qat(**x).logits, compiled(**x).logits.float().cpu()
     assert torch.allclose(a, b, atol=3e-2, rtol=3e-2)  # fp16 activations end to end
     print(compiled.report().render(width=160))
+
+
+@pytest.mark.parametrize("cfg", [qfx.QuantConfig(4, 4), qfx.QuantConfig(4, 4, symmetric=False), qfx.QuantConfig(8, 8)])
+def test_gpu_compiled_fp32_is_bit_identical_to_its_twin(cfg):
+    """With fp32 float parts the compiled model computes exactly what its fake-quant twin
+    computes on the same GPU: same codes, exact accumulators, the same epilogue ops."""
+    target = qfx.detect_target()
+    model = make("bert_cls", layers=2, hidden=64, heads=2)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=cfg).eval()
+    compiled = qfx.compile(qat, mode=f"int{cfg.weight_bits}", target=target.name, float_dtype=torch.float32)
+    x = _cuda(inputs(3, 37, seed=5))
+    with torch.no_grad():
+        twin, got = qat.cuda()(**x).logits, compiled(**x).logits
+    assert torch.equal(got, twin), f"max diff {(got - twin).abs().max():.3g}"
 
 
 def test_gpu_report_names_the_backend_and_its_reasons():
@@ -71,3 +87,8 @@ def test_gpu_real_minilm_int4(minilm_w4a4):
     compiled = qfx.compile(qat, mode="int4", target=qfx.detect_target().name)
     checks = compare_linears(qat, compiled, **other)
     assert len(checks) == 36 and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    exact = qfx.compile(qat, mode="int4", target=qfx.detect_target().name, float_dtype=torch.float32)
+    x = _cuda(other)
+    with torch.no_grad():
+        twin, got = copy.deepcopy(qat).cuda()(**x).logits, exact(**x).logits
+    assert torch.equal(got, twin), f"max diff {(got - twin).abs().max():.3g}"

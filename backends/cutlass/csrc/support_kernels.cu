@@ -7,12 +7,12 @@
 #include <cuda_runtime.h>
 
 #include "qfx_abi.h"
+#include "qfx_epilogue.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kVec = 4;  // N % 8 == 0 is required by the GEMMs, so 4-wide rows never straddle
-constexpr float kInvSqrt2 = 0.70710678118654752440f;
 
 template <class T> __device__ T to_out(float x);
 template <> __device__ __half to_out<__half>(float x) { return __float2half_rn(x); }
@@ -36,10 +36,12 @@ __global__ void dequant_kernel(QfxGemmArgs p) {
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       const int n = n0 + i;
-      float y = static_cast<float>(accs[i]) * sa * p.w_scale[n];
-      y = fmaf(oa, p.w_offset_sum ? p.w_offset_sum[n] : 0.f, y);
-      y += p.bias ? p.bias[n] : 0.f;
-      if (p.gelu) y = 0.5f * y * (1.f + erff(y * kInvSqrt2));
+      // qfx.numerics.int_linear_reference's order, each op rounded on its own (no fma):
+      // bit-identical to the reference on the same GPU (see qfx_epilogue.cuh).
+      float y = __fmul_rn(__fmul_rn(static_cast<float>(accs[i]), sa), p.w_scale[n]);
+      y = __fadd_rn(y, __fmul_rn(oa, p.w_offset_sum ? p.w_offset_sum[n] : 0.f));
+      y = __fadd_rn(y, p.bias ? p.bias[n] : 0.f);
+      if (p.gelu) y = qfx_gelu(y);
       out[e + i] = to_out<Out>(y);
     }
   }
