@@ -63,8 +63,11 @@ class Budget:
     student_lr: float
 
 
-FULL = Budget(None, None, 128, 32, 64, 3, 3, 50, 1e-4, 1e-4)
+FULL = Budget(None, None, 128, 32, 64, 3, 6, 50, 1e-4, 1e-4)
 SMOKE = Budget(128, 64, 32, 8, 8, 1, 0.5, 8, 2e-4, 1e-4)
+
+
+PHASES = ("ptq", "w8a8", "w4a4", "asym", "sparse", "sparse_asym", "layers")
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -81,7 +84,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--student-epochs", type=float, default=None)
     p.add_argument("--cpu-reference", action="store_true", help="on a GPU, also score each QAT student compiled for the CPU reference")
     p.add_argument("--student-lr", type=float, default=None)
-    p.add_argument("--only", default=None, help="comma list of phases to run (teacher always runs)")
+    p.add_argument("--only", default=None, help=f"comma list of phases to run (teacher always runs): {','.join(PHASES)}")
+    p.add_argument("--tag", default="", help="appended to every student's name (e.g. ' 9ep'), to tell runs apart in summarize_runs.py")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     return p.parse_args(argv)
 
@@ -272,7 +276,9 @@ def main(argv=None) -> dict:
     enc = _data(args, budget, tok)
     target = _target(device)
     example = enc["train"].batch([0, 1], device)[0]
-    only = set(args.only.split(",")) if args.only else {"ptq", "w8a8", "w4a4", "asym", "sparse", "layers"}
+    only = set(args.only.split(",")) if args.only else set(PHASES)
+    if only - set(PHASES):
+        raise ValueError(f"--only {args.only!r}: unknown phases {sorted(only - set(PHASES))}; choose from {','.join(PHASES)}")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                      "target": target, "seed": args.seed, "split_seed": args.split_seed, "smoke": args.smoke,
                      "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -286,12 +292,13 @@ def main(argv=None) -> dict:
         ("w4a4", "QAT+KD W4A4-sym", qfx.QuantConfig(4, 4), {}),
         ("asym", "QAT+KD W4A4-asym", qfx.QuantConfig(4, 4, symmetric=False), {}),
         ("sparse", "QAT+KD W4A4-sym + 2:4", qfx.QuantConfig(4, 4), {"prune": True}),
+        ("sparse_asym", "QAT+KD W4A4-asym + 2:4", qfx.QuantConfig(4, 4, symmetric=False), {"prune": True}),
         ("layers", f"QAT+KD W4A4-sym {args.keep_layers}/6 layers", qfx.QuantConfig(4, 4),
          {"keep": compose.default_keep(teacher.config.num_hidden_layers, args.keep_layers)}),
     ]
     for key, name, config, kw in students:
         if key in only:
-            _student(args, budget, name, teacher, t_graph, enc, target, example, results, config, **kw)
+            _student(args, budget, name + args.tag, teacher, t_graph, enc, target, example, results, config, **kw)
     results["wall_s"] = time.perf_counter() - t_start
     if qat._world()[0] == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -36,18 +36,24 @@ def minilm_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def minilm_w4a4(minilm_path):
+def minilm_model(minilm_path):
+    """The real MiniLM with a fresh (seeded) 2-way head, fp32 whatever the files hold."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_w4a4(minilm_path, minilm_model):
     """(QAT W4A4 twin of the real MiniLM with a fresh 2-way head, a test batch of other texts)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import qfx
 
     tok = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    # fp32 whatever the files hold: the twin is the fp32 fake-quant model
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2, dtype=torch.float32).eval()
     batch = dict(tok(["qfx compiles encoders", "to integer tensor cores"], padding=True, return_tensors="pt"))
-    qat = qfx.prepare_qat(model, example_kwargs=batch, config=qfx.QuantConfig(4, 4)).eval()
+    qat = qfx.prepare_qat(minilm_model, example_kwargs=batch, config=qfx.QuantConfig(4, 4)).eval()
     other = dict(tok(["a fresh, witty film", "dull and far too long", "fine"], padding=True, return_tensors="pt"))
     return qat, other
 

@@ -38,12 +38,12 @@ def test_gpu_compiled_fp32_is_bit_identical_to_its_twin(cfg):
     """With fp32 float parts the compiled model computes exactly what its fake-quant twin
     computes on the same GPU: same codes, exact accumulators, the same epilogue ops."""
     target = qfx.detect_target()
-    model = make("bert_cls", layers=2, hidden=64, heads=2)
-    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=cfg).eval()
+    model = make("bert_cls", layers=2, hidden=64, heads=2).cuda()  # the twin is captured on the GPU it runs on
+    qat = qfx.prepare_qat(model, example_kwargs=_cuda(inputs(2, 8)), config=cfg).eval()
     compiled = qfx.compile(qat, mode=f"int{cfg.weight_bits}", target=target.name, float_dtype=torch.float32)
     x = _cuda(inputs(3, 37, seed=5))
     with torch.no_grad():
-        twin, got = qat.cuda()(**x).logits, compiled(**x).logits
+        twin, got = qat(**x).logits, compiled(**x).logits
     assert torch.equal(got, twin), f"max diff {(got - twin).abs().max():.3g}"
 
 
@@ -82,13 +82,15 @@ def test_gpu_compiled_model_replays_under_a_cuda_graph():
 
 
 @pytest.mark.slow
-def test_gpu_real_minilm_int4(minilm_w4a4):
+def test_gpu_real_minilm_int4(minilm_w4a4, minilm_model):
     qat, other = minilm_w4a4
     compiled = qfx.compile(qat, mode="int4", target=qfx.detect_target().name)
     checks = compare_linears(qat, compiled, **other)
     assert len(checks) == 36 and all(c.ok for c in checks), [c for c in checks if not c.ok]
-    exact = qfx.compile(qat, mode="int4", target=qfx.detect_target().name, float_dtype=torch.float32)
+    # the twin of the same model captured on the GPU, and its fp32 compilation: the same bits
     x = _cuda(other)
+    qat_gpu = qfx.prepare_qat(copy.deepcopy(minilm_model).cuda(), example_kwargs=x, config=qfx.QuantConfig(4, 4)).eval()
+    exact = qfx.compile(qat_gpu, mode="int4", target=qfx.detect_target().name, float_dtype=torch.float32)
     with torch.no_grad():
-        twin, got = copy.deepcopy(qat).cuda()(**x).logits, exact(**x).logits
+        twin, got = qat_gpu(**x).logits, exact(**x).logits
     assert torch.equal(got, twin), f"max diff {(got - twin).abs().max():.3g}"
