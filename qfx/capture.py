@@ -240,9 +240,28 @@ def normalize_inputs(info: CaptureInfo, args: tuple, kwargs: dict) -> dict[str, 
     return {name: kwargs[name] for name in info.input_names}
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_device(info: CaptureInfo, kwargs: dict) -> None:
+    """A captured graph runs on the device it was captured on: export bakes that device into
+    it (mask arithmetic, ``arange``, device asserts), so ``.to(other)`` cannot move it."""
+    for name, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and not _same_device(v.device, info.device):
+            raise ValueError(
+                f"{name} is on {v.device}, but this graph was captured on {info.device} and runs only there "
+                f"(torch.export bakes the device into the graph); pass inputs on {info.device}, or capture on "
+                f"{v.device}: move the model and the example inputs there before qfx.prepare_qat"
+            )
+
+
 def _normalize_hook(module: torch.fx.GraphModule, args: tuple, kwargs: dict):
     """Forward pre-hook of every qfx graph: callers may pass what the source model takes."""
-    return (), normalize_inputs(module.meta["qfx_capture"], args, kwargs)
+    info = module.meta["qfx_capture"]
+    kwargs = normalize_inputs(info, args, kwargs)
+    check_device(info, kwargs)
+    return (), kwargs
 
 
 def _install_input_normalizer(gm: torch.fx.GraphModule) -> None:

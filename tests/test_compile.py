@@ -123,6 +123,13 @@ def test_bad_inputs_name_the_parameter(qat_and_compiled):
             model(**inputs(1, 65))
 
 
+def test_inputs_on_another_device_than_the_capture_are_a_clear_error(qat_and_compiled):
+    _, qat, _ = qat_and_compiled  # captured on the CPU
+    x = {k: v.to("meta") for k, v in inputs(2, 8).items()}
+    with pytest.raises(ValueError, match="input_ids is on meta, but this graph was captured on cpu.*before qfx.prepare_qat"):
+        qat(**x)
+
+
 def test_nan_weights_are_rejected():
     model = make("bert", layers=1)
     with torch.no_grad():
