@@ -46,7 +46,11 @@ def prepare_qat(
 
     The result trains with any torch optimizer (straight-through gradients reach the float
     weights), returns what ``model`` returns, and prints readable module names such as
-    ``layer3.ffn_in.weight_fq``. ``model`` itself is left untouched.
+    ``layer3.ffn_in.weight_fq``. ``model`` itself is left untouched. Its quantized linears
+    compute the integer path itself (:func:`qfx.fake_quant.integer_linear`), so
+    ``qfx.compile`` of it reproduces its outputs bit for bit on the same device when the float
+    parts keep its dtype. It runs on the device it was captured on: move ``model`` and the
+    example inputs there first.
 
     Example::
 
