@@ -2,6 +2,8 @@
 
 * :class:`WeightFakeQuant`, :class:`ActFakeQuant`: quantize-dequantize with a straight-through
   gradient, computed by :func:`qfx.numerics.fake_quantize` and nothing else.
+* :func:`activation_codes`: the codes of one activation tensor, computed once per tensor and
+  read by its :class:`ActFakeQuant` and by every :func:`integer_linear` on it (q, k and v).
 * :func:`integer_linear`: the linear that reads them. Its forward is the integer linear of L4
   itself (codes, exact int32 accumulation, the fp32 epilogue of
   :func:`qfx.numerics.int_linear_reference`); its backward is that of
@@ -17,7 +19,7 @@ from torch import nn
 
 from qfx import numerics
 
-__all__ = ["WeightFakeQuant", "ActFakeQuant", "integer_linear"]
+__all__ = ["WeightFakeQuant", "ActFakeQuant", "activation_codes", "integer_linear"]
 
 
 class WeightFakeQuant(nn.Module):
@@ -41,30 +43,45 @@ class ActFakeQuant(nn.Module):
         super().__init__()
         self.bits, self.symmetric, self.clip = bits, symmetric, clip
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return numerics.fake_quantize(x, self.bits, self.symmetric, None, self.clip)
+    def forward(self, x: torch.Tensor, codes: tuple | None = None) -> torch.Tensor:
+        """``x_hat`` with the straight-through gradient; from ``codes`` (the output of
+        :func:`activation_codes` on ``x``) when the graph has them, so ``x`` is quantized once."""
+        if codes is None:
+            return numerics.fake_quantize(x, self.bits, self.symmetric, None, self.clip)
+        q, scale, offset = codes
+        qp = numerics.QParams(scale.unsqueeze(-1), None if self.symmetric else offset.unsqueeze(-1))
+        xc = x if self.clip is None else x.clamp(self.clip[0], self.clip[1])
+        x_hat = numerics.dequantize(q, qp).to(x.dtype)
+        return xc + (x_hat - xc).detach()
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, token-wise, clip={self.clip}"
 
 
+def activation_codes(x: torch.Tensor, act: tuple[int, bool, tuple[float, float] | None]) -> tuple:
+    """Token-wise codes, scales and offsets of ``x`` (no gradient): what ``qfx::quantize``
+    computes in the integer graph. ``act = (bits, symmetric, clip)``."""
+    bits, symmetric, clip = act
+    return numerics.quantize_activation(x.detach(), bits, symmetric, clip)
+
+
 class _IntegerLinear(torch.autograd.Function):
-    """Forward: the L4 integer linear on the codes of ``x`` and ``w``. Backward: the gradient of
-    ``linear(x_hat, w_hat, bias)``, which reaches ``x`` and ``w`` through the fake-quant
-    modules' straight-through estimators."""
+    """Forward: the L4 integer linear on activation ``codes`` and the codes of ``w``. Backward:
+    the gradient of ``linear(x_hat, w_hat, bias)``, which reaches ``x`` and ``w`` through the
+    fake-quant modules' straight-through estimators."""
 
     @staticmethod
-    def forward(ctx, x_hat, w_hat, bias, x, w, act, weight):
-        a_bits, a_symmetric, clip = act
+    def forward(ctx, x_hat, w_hat, bias, codes, w, weight):
+        q_a, s_a, c_a = codes
         w_bits, w_group = weight
-        k = x.shape[-1]
-        q_a, s_a, c_a = numerics.quantize_activation(x.reshape(-1, k), a_bits, a_symmetric, clip)
         q_w, s_w = numerics.quantize_weight(w.detach(), w_bits, w_group)
         ws = numerics.weight_offset_sum(q_w, s_w)
-        y = numerics.int_linear_reference(q_a, s_a, c_a, q_w, s_w, ws, None if bias is None else bias.detach(), False, torch.float32)
+        k = q_a.shape[-1]
+        y = numerics.int_linear_reference(q_a.reshape(-1, k), s_a.reshape(-1), c_a.reshape(-1), q_w, s_w, ws,
+                                          None if bias is None else bias.detach(), False, torch.float32)
         ctx.save_for_backward(x_hat, w_hat)
         ctx.has_bias = bias is not None
-        return y.to(x_hat.dtype).reshape(*x.shape[:-1], w.shape[0])
+        return y.to(x_hat.dtype).reshape(*q_a.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
@@ -73,23 +90,22 @@ class _IntegerLinear(torch.autograd.Function):
         gx = (g @ w_hat.to(g.dtype)).reshape(x_hat.shape) if ctx.needs_input_grad[0] else None
         gw = (g.T @ x_hat.reshape(-1, x_hat.shape[-1]).to(g.dtype)).to(w_hat.dtype) if ctx.needs_input_grad[1] else None
         gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None
 
 
 def integer_linear(
     x_hat: torch.Tensor,
     w_hat: torch.Tensor,
     bias: torch.Tensor | None,
-    x: torch.Tensor,
+    codes: tuple,
     w: torch.Tensor,
-    act: tuple[int, bool, tuple[float, float] | None],
     weight: tuple[int, int | None],
 ) -> torch.Tensor:
     """``linear(x_hat, w_hat, bias)`` computed as the integer path computes it.
 
-    ``x_hat = ActFakeQuant(x)`` and ``w_hat = WeightFakeQuant(w)`` carry the gradients;
-    ``act = (bits, symmetric, clip)`` and ``weight = (bits, group_size)`` are those modules'
-    settings, from which the codes of ``x`` and ``w`` are recomputed (deterministically, by the
-    same :mod:`qfx.numerics` functions, so they are the codes behind ``x_hat`` and ``w_hat``).
+    ``x_hat = ActFakeQuant(x, codes)`` and ``w_hat = WeightFakeQuant(w)`` carry the gradients;
+    ``codes = activation_codes(x, act)`` are the activation codes behind ``x_hat``, and the
+    weight codes are made from ``w`` with ``weight = (bits, group_size)``, the settings of
+    ``WeightFakeQuant`` (same :mod:`qfx.numerics` functions, so they are the codes behind ``w_hat``).
     """
-    return _IntegerLinear.apply(x_hat, w_hat, bias, x, w, act, weight)
+    return _IntegerLinear.apply(x_hat, w_hat, bias, codes, w, weight)

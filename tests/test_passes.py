@@ -12,7 +12,7 @@ from models import FAMILIES, first_tensor, inputs, make
 
 import qfx
 from qfx import numerics
-from qfx.fake_quant import ActFakeQuant, WeightFakeQuant, integer_linear
+from qfx.fake_quant import ActFakeQuant, WeightFakeQuant, activation_codes, integer_linear
 from qfx.passes import annotate, dropout_to_modules, fuse_bias_gelu, insert_fake_quant, lower_to_integer, plan, remove_dropout
 from qfx.passes.annotate import linear_nodes
 from qfx.targets import get_target
@@ -83,6 +83,7 @@ def test_fake_quant_counts_and_names():
     insert_fake_quant(annotate(gm, qfx.QuantConfig(4, 4)))
     w, a = _modules(gm, WeightFakeQuant), _modules(gm, ActFakeQuant)
     assert len(w) == 12 and len(a) == 8  # 6 linears per layer; q/k/v share one act_fq
+    assert sum(n.target is activation_codes for n in gm.graph.nodes) == 8  # and one set of codes
     assert "layer1.ffn_in.weight_fq" in w and "layer0.qkv.act_fq" in a
     assert "layer1.ffn_in.weight_fq" in gm.code.replace("_", ".") or "self.layer1.ffn_in.weight_fq" in gm.code
 
@@ -98,7 +99,9 @@ def test_fake_quant_linear_is_the_integer_linear_with_ste_gradients():
     w = torch.randn(48, 32, requires_grad=True)
     b = torch.randn(48, requires_grad=True)
     act, wfq = ActFakeQuant(4, False, None), WeightFakeQuant(4, None)
-    y = integer_linear(act(x), wfq(w), b, x, w, (4, False, None), (4, None))
+    codes = activation_codes(x, (4, False, None))
+    assert torch.equal(act(x, codes), act(x))  # x_hat from the shared codes is fake_quantize's
+    y = integer_linear(act(x, codes), wfq(w), b, codes, w, (4, None))
     q, s, c = numerics.quantize_activation(x.detach().reshape(-1, 32), 4, False)
     q_w, s_w = numerics.quantize_weight(w.detach(), 4)
     ref = numerics.int_linear_reference(q, s, c, q_w, s_w, numerics.weight_offset_sum(q_w, s_w), b.detach())
@@ -158,6 +161,7 @@ def test_lower_counts_and_buffers():
     _, _, gm = _lowered(qfx.QuantConfig(4, 4))
     t = _targets(gm)
     assert t[qops.int_linear.default] == 12 and t[qops.quantize.default] == 8
+    assert activation_codes not in t and integer_linear not in t  # L3's ops are all gone
     assert aten.linear.default not in t or t[aten.linear.default] == 1  # only the pooler stays float
     codes = gm.get_buffer("layer0.ffn_in.w_codes")
     assert codes.dtype == torch.uint8 and codes.shape == (128, 16)  # packed [N, K/2]
