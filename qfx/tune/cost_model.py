@@ -1,0 +1,416 @@
+"""A roofline cost model of qfx's kernels for targets that are not present.
+
+Each kernel's time is a fixed cost plus a smooth maximum of its compute time and its memory
+time (an ``alpha``-norm: ``alpha = 1`` adds them, ``alpha -> inf`` is the pure roofline max)::
+
+    t = fixed_us + (T_c^alpha + T_m^alpha)^(1/alpha)
+    T_c = waves * (2 * tm * tn * K / (eff_c * peak / SMs) + tile_overhead)      (GEMMs)
+    T_m = bytes / (eff_m * bandwidth)
+
+A GEMM (M x N x K) is cut into ``tm x tn`` output tiles, one per SM per wave, ``waves =
+ceil(tiles / SMs)``: wave quantisation is why a small M wastes most of a big GPU. The model
+takes the fastest tile of :data:`TILES`; it does not choose among the backend's configs (the
+per-tile cost is proportional to the tile's area, so the smallest tile always wins the wave
+count) and names the kernel only by family and operand (``"cutlass sm80 s4"``).
+``tile_overhead`` (pipeline fill, epilogue, tile switch) is fitted in units of one
+128x128x128 INT8 MMA step of the H100's SM, per 128x128 of output, so it scales with each
+GPU's per-SM MMA rate.
+Bytes: A (M x K) and W (N x K) at the operand width (fp16 2, int8 1, int4 0.5 bytes) plus the
+output (fp16 2 bytes; int32 4 bytes for the sm80 family, whose epilogue is a separate kernel
+today — backends/cutlass/__init__.py).
+
+The peaks, bandwidth and SM count come from :mod:`qfx.targets` (vendor data sheets); only the
+efficiency factors in :data:`FIT` are fitted, on the H100 measurements of the repository
+(``qfx/tune/data/h100_gemm.json``, transcribed from benchmarks/RESULTS.md and
+benchmarks/gemm_h100_rn_epilogue.json), by :func:`fit_gemm` (log-error least squares,
+Nelder-Mead, all 48 BERT-base/large shapes, M = 128..65536):
+
+* int (qfx int8 wgmma + fused dequant): eff_c 1.00, eff_m 1.00, alpha 1.19, fixed 4.9 us,
+  tile overhead 1.72 MMA steps: max error 16.6 % at M >= 2048, 24 % below (M = 128-512).
+* fp16 (cuBLAS ``torch.mm``): eff_c 0.81, eff_m 0.97, alpha 1.67, fixed 3.7 us: max error
+  9.4 % at M >= 2048, 23 % below.
+
+What it gets wrong below M = 2048: at M = 128-512 a GEMM is a handful of tiles on 132 SMs and
+its time is latency (prologue, TMA descriptor fetch, the epilogue's dependent loads), which one
+fixed cost summarises only roughly: FFN-out (K = 3072/4096) at M = 128 is predicted 20-24 %
+too fast (the measured kernel runs the long K loop on 8-16 CTAs), attention-out at M = 128
+up to 14 % too slow. The int model's alpha near 1 says the fused-epilogue int8 kernel barely
+overlaps its output stores with the mainloop; eff_c = 1.0 sits at its bound, the losses being
+carried by the per-tile overhead.
+
+For other GPUs the same factors are applied to their own peaks and bandwidth: an assumption
+(same kernel quality on each architecture) that :func:`figure1_speedups` checks against the
+paper's A6000 measurements (Figure 1).
+
+Example::
+
+    >>> from qfx.targets import get_target
+    >>> est = gemm_time(get_target("sm_86"), 12288, 1024, 4096, "int4")
+    >>> round(est.us), est.kernel
+    (...)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from typing import Iterable
+
+from qfx.targets import TARGETS, Target, get_target
+
+__all__ = [
+    "KernelFit", "FIT", "TILES", "GemmEstimate", "gemm_time", "quantize_time", "epilogue_time",
+    "elementwise_time", "attention_time", "part_time", "fused_quantize_time", "PartEstimate", "ModelShape", "MODEL_SHAPES",
+    "model_latency", "load_h100_measurements", "fit_gemm", "gemm_errors", "figure1_speedups",
+    "PAPER_FIGURE1", "BYTES_PER_ELEMENT",
+]
+
+#: bytes per element of each GEMM operand precision
+BYTES_PER_ELEMENT = {"fp16": 2.0, "int8": 1.0, "int4": 0.5}
+
+#: output tiles (tm, tn) the model chooses from: the sm90 table's shapes (backends/cutlass/configs.py)
+TILES: tuple[tuple[int, int], ...] = ((64, 32), (64, 64), (128, 128), (128, 256), (256, 128))
+
+#: H100 INT8 work of one 128x128x128 MMA step per SM, in ops (unit of ``tile_overhead_steps``)
+_STEP_OPS = 2 * 128 * 128 * 128
+
+
+@dataclass(frozen=True)
+class KernelFit:
+    """Efficiency factors of one kernel kind, fitted on the H100 (see the module docstring).
+
+    Attributes:
+        eff_compute: fraction of the dense tensor-core peak the mainloop reaches.
+        eff_memory: fraction of the DRAM bandwidth streaming reaches.
+        alpha: overlap of compute and memory time (1: none, large: perfect).
+        fixed_us: per-kernel fixed cost (launch inside a CUDA graph, prologue, tail).
+        tile_overhead_steps: per-output-tile cost in 128x128x128 MMA steps of the GPU's SM.
+    """
+
+    eff_compute: float
+    eff_memory: float
+    alpha: float
+    fixed_us: float
+    tile_overhead_steps: float = 0.0
+
+
+#: "int" and "fp16": fitted by :func:`fit_gemm` on qfx/tune/data/h100_gemm.json (all M).
+#: "memory" (LayerNorm, adds, copies, unfused epilogue) and "attention": assumed, not fitted
+#: (80 % of DRAM bandwidth, 2 us per kernel; SDPA at 25 % of the fp16 peak); the qfx fp16
+#: whole-model rows of benchmarks/e2e_h100_fuse_qkv.json check them (-21 % .. +2 %).
+#: "quantize": fitted (grid search on log error) to the six qfx int8 whole-model rows of the
+#: same file with everything else fixed: the quantize kernel reaches ~20 % of DRAM bandwidth
+#: and costs 8 us fixed, which also absorbs the integer graph's other per-part work (the
+#: q/k/v split, int4 weight expansion); residuals -14 % .. +11 % (in-sample).
+FIT: dict[str, KernelFit] = {
+    "int": KernelFit(1.0, 1.0, 1.187, 4.899, 1.717),
+    "fp16": KernelFit(0.808, 0.969, 1.666, 3.722, 0.0),
+    "memory": KernelFit(1.0, 0.80, 1.0, 2.0),
+    "attention": KernelFit(0.25, 0.80, 1.0, 4.0),
+    "quantize": KernelFit(1.0, 0.20, 1.0, 8.0),
+}
+
+#: qfx's backend today: the sm90a kernels fuse the dequant epilogue (fp16 out); the sm80
+#: family writes int32 and runs the epilogue as a second kernel.
+FUSED_EPILOGUE = {"sm90a": True, "sm80": False}
+
+
+@dataclass(frozen=True)
+class GemmEstimate:
+    """Modelled time of one GEMM (with its epilogue when fused)."""
+
+    us: float
+    kernel: str  # "cutlass sm80 s4", "cutlass sm90a s8", "cuBLAS fp16"
+    compute_us: float
+    memory_us: float
+    precision: str  # what the tensor cores run ("int4" on sm_90 runs as "int8")
+
+
+def _kind(precision: str) -> str:
+    return "fp16" if precision == "fp16" else "int"
+
+
+def _check_gpu(target: Target) -> None:
+    if not target.is_gpu:
+        raise ValueError(f"target={target.name!r}: the cost model describes GPUs; pass a GPU target such as 'sm_86'")
+
+
+def gemm_time(target: "Target | str", m: int, n: int, k: int, precision: str, *, out_bytes: float | None = None,
+              fit: KernelFit | None = None, tiles: Iterable[tuple[int, int]] = TILES,
+              fused_epilogue: bool | None = None) -> GemmEstimate:
+    """Modelled time of ``[M, K] @ [N, K]^T`` in ``precision`` ("fp16", "int8", "int4") on ``target``.
+
+    ``out_bytes``: bytes per output element; default fp16 (2) where the epilogue is fused or
+    the GEMM is fp16, int32 (4) for unfused integer GEMMs. ``fused_epilogue``: None = what
+    the backend builds today for the target's family (:data:`FUSED_EPILOGUE`).
+    On a target without INT4 tensor cores "int4" runs (and is costed) as "int8".
+
+    Example::
+
+        >>> gemm_time("sm_90", 8192, 1024, 4096, "int8").us     # measured: 48.3 us
+        4...
+    """
+    target = get_target(target)
+    _check_gpu(target)
+    if precision not in BYTES_PER_ELEMENT:
+        raise ValueError(f"precision={precision!r}: use one of {sorted(BYTES_PER_ELEMENT)}")
+    if min(m, n, k) <= 0:
+        raise ValueError(f"GEMM shape M={m}, N={n}, K={k}: every dimension must be positive")
+    run = target.execution_precision(precision)
+    fit = fit or FIT[_kind(run)]
+    peak = target.peak_for(run) * 1e6  # ops per microsecond
+    per_sm = peak / target.sm_count
+    # the per-tile overhead is counted in MMA steps of this GPU's SM (fitted on the H100's)
+    step_us = _STEP_OPS / (target.peak_for("int8") * 1e6 / target.sm_count)
+    if fused_epilogue is None:
+        fused_epilogue = FUSED_EPILOGUE.get(target.family, True)
+    if out_bytes is None:
+        out_bytes = 2.0 if (run == "fp16" or fused_epilogue) else 4.0
+    ab = BYTES_PER_ELEMENT[run]
+    memory = (m * k * ab + n * k * ab + m * n * out_bytes) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
+    best: GemmEstimate | None = None
+    kernel = "cuBLAS fp16" if run == "fp16" else f"cutlass {target.family} {'s4' if run == 'int4' else 's8'}"
+    for tm, tn in tiles:
+        tiles_n = math.ceil(m / tm) * math.ceil(n / tn)
+        waves = math.ceil(tiles_n / target.sm_count)
+        compute = waves * (2 * tm * tn * k / (fit.eff_compute * per_sm) + fit.tile_overhead_steps * step_us * tm * tn / (128 * 128))
+        t = fit.fixed_us + (compute**fit.alpha + memory**fit.alpha) ** (1 / fit.alpha)
+        if best is None or t < best.us:
+            best = GemmEstimate(t, kernel, compute, memory, run)
+    return best
+
+
+def elementwise_time(target: "Target | str", bytes_moved: float) -> float:
+    """A memory-bound kernel moving ``bytes_moved`` bytes (LayerNorm, add, copy), microseconds."""
+    target = get_target(target)
+    _check_gpu(target)
+    fit = FIT["memory"]
+    return fit.fixed_us + bytes_moved / (fit.eff_memory * target.bandwidth_gbs * 1e3)
+
+
+def quantize_time(target: "Target | str", m: int, k: int, bits: int, in_bytes: float = 2.0) -> float:
+    """qfx's token-wise quantize kernel: reads ``[M, K]`` (fp16), writes the codes (int8 bytes;
+    packed nibbles on INT4 tensor cores) and a scale and offset per token, microseconds."""
+    target = get_target(target)
+    _check_gpu(target)
+    fit = FIT["quantize"]
+    code_bytes = 0.5 if (bits == 4 and target.int4_tensor_cores) else 1.0
+    return fit.fixed_us + (m * k * (in_bytes + code_bytes) + 8 * m) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
+
+
+def epilogue_time(target: "Target | str", m: int, n: int) -> float:
+    """The separate dequant epilogue (int32 in, fp16 out) of unfused integer GEMMs, microseconds."""
+    return elementwise_time(target, m * n * (4 + 2) + 12 * n)
+
+
+def attention_time(target: "Target | str", batch: int, seq: int, hidden: int) -> float:
+    """fp16 SDPA with a padding mask (q, k, v, output and the mask read once), microseconds."""
+    target = get_target(target)
+    _check_gpu(target)
+    fit = FIT["attention"]
+    flops = 4.0 * batch * seq * seq * hidden
+    compute = flops / (fit.eff_compute * target.peak_for("fp16") * 1e6)
+    memory = (4 * batch * seq * hidden * 2 + batch * seq * seq * 2) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
+    return fit.fixed_us + (compute**fit.alpha + memory**fit.alpha) ** (1 / fit.alpha)
+
+
+@dataclass(frozen=True)
+class PartEstimate:
+    """One layer part run in one precision: the GEMM plus the work the choice brings.
+
+    ``quantize_us``: the activation quantize kernel this part needs (0 in fp16, or when the
+    part shares its input's quantization with another part). ``epilogue_us``: a separate
+    dequant kernel (unfused backends). ``extra_us``: work the choice brings downstream
+    (fp16 FFN-in runs GELU as its own kernel; the integer GEMM fuses it).
+    """
+
+    part: str
+    precision: str
+    m: int
+    n: int
+    k: int
+    gemm: GemmEstimate
+    quantize_us: float
+    epilogue_us: float
+    extra_us: float = 0.0
+
+    @property
+    def us(self) -> float:
+        return self.gemm.us + self.quantize_us + self.epilogue_us + self.extra_us
+
+
+def fused_quantize_time(target: "Target | str", m: int, k: int, bits: int) -> float:
+    """The quantize folded into the kernel before it (LayerNorm, GELU epilogue), as the paper's
+    pipeline does: only the codes and per-token parameters are written, no launch."""
+    target = get_target(target)
+    _check_gpu(target)
+    code_bytes = 0.5 if (bits == 4 and target.int4_tensor_cores) else 1.0
+    return (m * k * code_bytes + 8 * m) / (FIT["memory"].eff_memory * target.bandwidth_gbs * 1e3)
+
+
+def part_time(target: "Target | str", part: str, m: int, n: int, k: int, precision: str, *, gelu: bool = False,
+              quantize_input: bool = True, fused_quantize: bool = False,
+              fused_epilogue: bool | None = None) -> PartEstimate:
+    """Time of one layer part (``qkv``/``attn_out``/``ffn_in``/``ffn_out``) in ``precision``,
+    counting the quantize of its input, an unfused epilogue and an unfused GELU honestly.
+
+    ``fused_quantize``: cost the quantize as folded into the previous kernel (the paper's
+    pipeline; qfx runs a separate quantize kernel today, the default). ``fused_epilogue``:
+    None = the backend of today (:data:`FUSED_EPILOGUE`), True = the dequant in the GEMM."""
+    target = get_target(target)
+    if fused_epilogue is None:
+        fused_epilogue = FUSED_EPILOGUE.get(target.family, True)
+    g = gemm_time(target, m, n, k, precision, fused_epilogue=fused_epilogue)
+    bits = 4 if precision == "int4" else 8
+    quant = 0.0
+    if precision != "fp16" and quantize_input:
+        quant = fused_quantize_time(target, m, k, bits) if fused_quantize else quantize_time(target, m, k, bits)
+    epi = epilogue_time(target, m, n) if (precision != "fp16" and not fused_epilogue) else 0.0
+    # cuBLAS fuses the bias but not GELU: a separate read+write of the [M, N] output
+    extra = elementwise_time(target, 4.0 * m * n) if (gelu and precision == "fp16") else 0.0
+    return PartEstimate(part, precision, m, n, k, g, quant, epi, extra)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs of an encoder (HF config names in brackets).
+
+    Attributes:
+        name: label.
+        hidden: hidden size h (``hidden_size``).
+        layers: encoder layers (``num_hidden_layers``).
+        ffn: intermediate size, 4h for BERT (``intermediate_size``).
+        heads: attention heads (``num_attention_heads``).
+        max_seq: longest sequence (``max_position_embeddings``).
+    """
+
+    name: str
+    hidden: int
+    layers: int
+    ffn: int
+    heads: int
+    max_seq: int = 512
+
+    def parts(self) -> list[tuple[str, int, int]]:
+        """(part, N, K) of one layer's GEMMs, q/k/v fused into one (N = 3h) as fuse_qkv does."""
+        h = self.hidden
+        return [("qkv", 3 * h, h), ("attn_out", h, h), ("ffn_in", self.ffn, h), ("ffn_out", h, self.ffn)]
+
+    @classmethod
+    def from_config(cls, cfg: dict, name: str = "config") -> "ModelShape":
+        """From a HF config dict (BERT / RoBERTa / DistilBERT spellings)."""
+        def get(*keys):
+            for key in keys:
+                if key in cfg:
+                    return cfg[key]
+            raise ValueError(f"model config {name!r} has none of {keys}; it is not a BERT-family encoder config")
+
+        hidden = int(get("hidden_size", "dim", "d_model"))
+        return cls(name, hidden, int(get("num_hidden_layers", "n_layers", "encoder_layers")),
+                   int(get("intermediate_size", "hidden_dim", "encoder_ffn_dim")),
+                   int(get("num_attention_heads", "n_heads", "encoder_attention_heads")),
+                   int(cfg.get("max_position_embeddings", 512)))
+
+
+MODEL_SHAPES = {
+    "bert-base": ModelShape("bert-base", 768, 12, 3072, 12),
+    "bert-large": ModelShape("bert-large", 1024, 24, 4096, 16),
+    "minilm": ModelShape("minilm", 384, 6, 1536, 12),
+}
+
+
+def model_latency(target: "Target | str", shape: ModelShape, batch: int, seq: int,
+                  precisions: dict[str, str] | str, *, fused_quantize: bool = False,
+                  fused_epilogue: bool | None = None) -> tuple[float, list[PartEstimate]]:
+    """Predicted forward latency (microseconds, under a CUDA graph) of the whole encoder.
+
+    ``precisions``: one precision for every part, or ``{part: precision}``. Integer parts
+    quantize their input; q/k/v are one GEMM in integer precision (fuse_qkv) and three in
+    fp16 (as qfx's fp16 graph runs them). The float parts (embeddings, attention, the
+    attention-output copy, residual adds and LayerNorms) are counted once per layer.
+    Returns the total and one :class:`PartEstimate` per part of one layer.
+    """
+    target = get_target(target)
+    if isinstance(precisions, str):
+        precisions = {p: precisions for p, _, _ in shape.parts()}
+    m, h = batch * seq, shape.hidden
+    parts = []
+    for part, n, k in shape.parts():
+        prec = precisions.get(part, "fp16")
+        if part == "qkv" and prec == "fp16":
+            one = part_time(target, part, m, n // 3, k, prec)
+            parts.append(PartEstimate(part, prec, m, n, k, GemmEstimate(3 * one.gemm.us, one.gemm.kernel + " x3",
+                                                                         3 * one.gemm.compute_us, 3 * one.gemm.memory_us, "fp16"), 0.0, 0.0))
+        else:
+            parts.append(part_time(target, part, m, n, k, prec, gelu=(part == "ffn_in"), fused_quantize=fused_quantize,
+                                   fused_epilogue=fused_epilogue))
+    per_layer_float = (
+        attention_time(target, batch, seq, h)
+        + elementwise_time(target, 2 * m * h * 2)  # attention output transpose/contiguous copy
+        + 2 * elementwise_time(target, 3 * m * h * 2)  # residual adds
+        + 2 * elementwise_time(target, 2 * m * h * 2)  # LayerNorms
+    )
+    embeddings = 3 * elementwise_time(target, m * h * 2) + elementwise_time(target, 2 * m * h * 2)
+    total = embeddings + shape.layers * (per_layer_float + sum(p.us for p in parts))
+    return total, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting and validation against the repository's measurements
+
+
+def load_h100_measurements() -> dict:
+    """The H100 GEMM measurements of the repository (qfx/tune/data/h100_gemm.json)."""
+    with resources.files("qfx.tune").joinpath("data/h100_gemm.json").open() as f:
+        return json.load(f)
+
+
+def gemm_errors(rows: list[dict], column: str, precision: str, fit: KernelFit | None = None,
+                target: str = "sm_90") -> list[tuple[dict, float, float]]:
+    """(row, modelled us, relative error) for each measured row; error = model / measured - 1."""
+    tgt = get_target(target)
+    out = []
+    for r in rows:
+        t = gemm_time(tgt, r["m"], r["n"], r["k"], precision, fit=fit).us
+        out.append((r, t, t / r["us"][column] - 1.0))
+    return out
+
+
+def fit_gemm(rows: list[dict], column: str, precision: str, start: KernelFit | None = None) -> KernelFit:
+    """Fit :class:`KernelFit` factors to measured rows (log-error least squares, Nelder-Mead).
+
+    Needs scipy (only for refitting; the fitted constants live in :data:`FIT`). Bounds:
+    efficiencies in (0, 1], alpha in [1, 8], fixed cost in [0, 20) us.
+    """
+    from scipy.optimize import minimize
+
+    start = start or FIT[_kind(precision)]
+
+    def loss(x):
+        ec, em, alpha, t0, ct = x
+        if not (0 < ec <= 1.0 and 0 < em <= 1.0 and 1 <= alpha <= 8 and 0 <= t0 < 20 and 0 <= ct < 20):
+            return 1e9
+        f = KernelFit(ec, em, alpha, t0, ct)
+        return sum(math.log1p(e) ** 2 for _, _, e in gemm_errors(rows, column, precision, f))
+
+    x0 = [start.eff_compute, start.eff_memory, start.alpha, start.fixed_us, start.tile_overhead_steps]
+    res = minimize(loss, x0, method="Nelder-Mead", options=dict(maxiter=4000, xatol=1e-5, fatol=1e-10))
+    return KernelFit(*(float(v) for v in res.x))
+
+
+#: the paper's Figure 1 (A6000, BERT-large, M = bs x seq = 12288): INT4 over INT8 GEMM speedup
+PAPER_FIGURE1 = {"attn_out": 1.46, "ffn_out": 1.96}
+
+
+def figure1_speedups(target: "Target | str" = "sm_86", m: int = 12288, hidden: int = 1024) -> dict[str, float]:
+    """Modelled INT4-over-INT8 GEMM speedup per BERT part, as the paper's Figure 1 measures it:
+    CUTLASS GEMMs alone (int32 output, no quantize, no separate epilogue)."""
+    target = get_target(target)
+    shape = ModelShape("fig1", hidden, 1, 4 * hidden, hidden // 64)
+    out = {}
+    for part, n, k in shape.parts():
+        t8 = gemm_time(target, m, n, k, "int8", out_bytes=4.0).us
+        t4 = gemm_time(target, m, n, k, "int4", out_bytes=4.0).us
+        out[part] = t8 / t4
+    return out
