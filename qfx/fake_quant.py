@@ -5,7 +5,8 @@
 * :func:`activation_codes`: the codes of one activation tensor, computed once per tensor and
   read by its :class:`ActFakeQuant` and by every :func:`integer_linear` on it (q, k and v).
 * :func:`integer_linear`: the linear that reads them. Its forward is the integer linear of L4
-  itself (codes, exact int32 accumulation, the fp32 epilogue of
+  itself (codes, the exact int32 accumulator of :func:`qfx.numerics.int_matmul`: int8 tensor
+  cores on a GPU, float64 on the CPU; the fp32 epilogue of
   :func:`qfx.numerics.int_linear_reference`); its backward is that of
   ``linear(x_hat, w_hat, bias)``. So what training and the fake-quant "twin" see is exactly
   what the compiled model computes: ``x_hat @ w_hat.T`` in float would sum in another order,
@@ -68,28 +69,39 @@ def activation_codes(x: torch.Tensor, act: tuple[int, bool, tuple[float, float] 
 class _IntegerLinear(torch.autograd.Function):
     """Forward: the L4 integer linear on activation ``codes`` and the codes of ``w``. Backward:
     the gradient of ``linear(x_hat, w_hat, bias)``, which reaches ``x`` and ``w`` through the
-    fake-quant modules' straight-through estimators."""
+    fake-quant modules' straight-through estimators.
+
+    Under autocast (mixed-precision training) the output and the backward GEMMs take the
+    autocast dtype, as ``F.linear`` would; the epilogue stays fp32 with one rounding at the
+    end, which is what the compiled model does with float parts in that dtype.
+    """
 
     @staticmethod
     def forward(ctx, x_hat, w_hat, bias, codes, w, weight):
+        dev = x_hat.device.type
+        run_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_hat.dtype
         q_a, s_a, c_a = codes
         w_bits, w_group = weight
-        q_w, s_w = numerics.quantize_weight(w.detach(), w_bits, w_group)
-        ws = numerics.weight_offset_sum(q_w, s_w)
-        k = q_a.shape[-1]
-        y = numerics.int_linear_reference(q_a.reshape(-1, k), s_a.reshape(-1), c_a.reshape(-1), q_w, s_w, ws,
-                                          None if bias is None else bias.detach(), False, torch.float32)
+        # The epilogue is the reference's fp32 sequence: autocast must not rewrite any of it.
+        with torch.autocast(dev, enabled=False):
+            q_w, s_w = numerics.quantize_weight(w.detach(), w_bits, w_group)
+            ws = numerics.weight_offset_sum(q_w, s_w)
+            k = q_a.shape[-1]
+            y = numerics.int_linear_reference(q_a.reshape(-1, k), s_a.reshape(-1), c_a.reshape(-1), q_w, s_w, ws,
+                                              None if bias is None else bias.detach(), False, torch.float32)
         ctx.save_for_backward(x_hat, w_hat)
         ctx.has_bias = bias is not None
-        return y.to(x_hat.dtype).reshape(*q_a.shape[:-1], w.shape[0])
+        return y.to(run_dtype).reshape(*q_a.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
+        # The straight-through GEMMs run in the dtype of the incoming gradient: the run's
+        # float dtype (fp32, or the autocast dtype the forward returned).
         x_hat, w_hat = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        gx = (g @ w_hat.to(g.dtype)).reshape(x_hat.shape) if ctx.needs_input_grad[0] else None
+        gx = (g @ w_hat.to(g.dtype)).reshape(x_hat.shape).to(x_hat.dtype) if ctx.needs_input_grad[0] else None
         gw = (g.T @ x_hat.reshape(-1, x_hat.shape[-1]).to(g.dtype)).to(w_hat.dtype) if ctx.needs_input_grad[1] else None
-        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gb = g.sum(0, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None, None
 
 

@@ -74,6 +74,7 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "int_matmul_reference",
+    "int_matmul",
     "int_linear_reference",
     "weight_offset_sum",
     "max_exact_k",
@@ -257,6 +258,56 @@ def int_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double().T).to(torch.int32)
 
 
+#: torch._int_mm's CUDA contract (cuBLASLt IMMA): M > 16 rows, K and N multiples of 8.
+_INT_MM_MIN_M, _INT_MM_ALIGN = 17, 8
+
+
+def _int_mm_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why :func:`int_matmul` cannot run ``a [M, K] @ b[N, K].T`` on int8 tensor cores
+    (None: it can). M is padded, so only K, N, the device and the torch build matter."""
+    if not hasattr(torch, "_int_mm"):
+        return "this torch has no torch._int_mm"
+    if not (a.is_cuda and b.is_cuda):
+        return "not on a CUDA device: the float64 path is the CPU reference"
+    k, n = a.shape[-1], b.shape[0]
+    if k % _INT_MM_ALIGN or n % _INT_MM_ALIGN:
+        return f"K={k}, N={n}: torch._int_mm needs both to be multiples of {_INT_MM_ALIGN}"
+    return None
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor, tensor_cores: bool | None = None) -> torch.Tensor:
+    """Exact ``a @ b.T`` of int8 codes ``a [M, K]``, ``b [N, K]`` -> int32 ``[M, N]``, on int8
+    tensor cores (``torch._int_mm``) where they run, else :func:`int_matmul_reference`.
+
+    Both paths return the same integers: tensor cores accumulate in int32, which is exact for
+    every K qfx accepts (``K <= max_exact_k(8, 8)``), and int4 codes are int8 values in
+    [-8, 7]. ``tensor_cores=None`` chooses (CUDA and K, N multiples of 8); True forces
+    ``torch._int_mm`` (tests call it on the CPU, where torch implements it too); False forces
+    the float64 reference. M <= 16 is padded with zero rows to 17: the rows are independent,
+    and the padding is sliced off.
+
+    Example::
+
+        >>> a = torch.randint(-8, 8, (3, 64), dtype=torch.int8); b = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+        >>> torch.equal(int_matmul(a, b, tensor_cores=True), int_matmul_reference(a, b))
+        True
+    """
+    why = _int_mm_refusal(a, b) if tensor_cores is None else (None if tensor_cores else "tensor_cores=False")
+    if why is not None:
+        return int_matmul_reference(a, b)
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise ValueError(f"int_matmul takes int8 codes, got a={a.dtype}, b={b.dtype}")
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"int_matmul: K mismatch, a has K={a.shape[-1]}, b has K={b.shape[-1]}")
+    if a.shape[-1] > max_exact_k(8, 8):
+        raise ValueError(f"int_matmul: K={a.shape[-1]} could overflow int32")
+    m = a.shape[0]
+    if m < _INT_MM_MIN_M:  # cuBLASLt's int8 GEMM refuses M <= 16
+        a = torch.cat([a, a.new_zeros(_INT_MM_MIN_M - m, a.shape[1])])
+    # b.T of a row-major [N, K] is the column-major [K, N] operand cuBLASLt's IMMA path wants.
+    return torch._int_mm(a.contiguous(), b.contiguous().T)[:m]
+
+
 def weight_offset_sum(q_w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``ws[n] = sum_g s_w[n, g] * sum_{k in g} q_w[n, k]`` (fp32), the asymmetric correction."""
     groups = w_scale.shape[-1]
@@ -284,13 +335,13 @@ def int_linear_reference(
     n, k = q_w.shape
     groups = w_scale.shape[-1]
     if groups == 1:
-        acc = int_matmul_reference(a, q_w).float()
+        acc = int_matmul(a, q_w).float()
         y = acc * a_scale.float().unsqueeze(-1) * w_scale.float().reshape(1, n)
     else:
         g = k // groups
         y = torch.zeros(a.shape[0], n, dtype=torch.float32, device=a.device)
         for j in range(groups):
-            acc_g = int_matmul_reference(a[:, j * g:(j + 1) * g], q_w[:, j * g:(j + 1) * g])
+            acc_g = int_matmul(a[:, j * g:(j + 1) * g], q_w[:, j * g:(j + 1) * g])
             y = y + acc_g.float() * w_scale[:, j].float().reshape(1, n)
         y = y * a_scale.float().unsqueeze(-1)
     y = y + a_offset.float().unsqueeze(-1) * w_offset_sum.float().reshape(1, n)
@@ -299,7 +350,6 @@ def int_linear_reference(
     if gelu:
         y = torch.nn.functional.gelu(y)
     return y.to(out_dtype)
-
 
 
 # =============================================================================================

@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 from qfx.config import QuantConfig
 from qfx.passes.annotate import annotate
 from qfx.passes.dropout import dropout_to_modules, remove_dropout
+from qfx.passes.expose_features import expose_features
 from qfx.passes.fake_quant import insert_fake_quant
 from qfx.passes.fuse_gelu import fuse_bias_gelu
 from qfx.passes.fuse_qkv import fuse_qkv
@@ -28,7 +29,7 @@ from qfx.passes.lower_integer import lower_to_integer
 from qfx.passes.plan import plan
 from qfx.targets import Target
 
-__all__ = ["PassContext", "QAT_PASSES", "COMPILE_PASSES", "run_passes", "QfxPassError"]
+__all__ = ["PassContext", "QAT_PASSES", "TRAIN_PASSES", "COMPILE_PASSES", "run_passes", "QfxPassError"]
 
 
 @dataclass
@@ -50,6 +51,11 @@ QAT_PASSES: tuple[Pass, ...] = (
     _FAKE_QUANT,
     ("dropout_to_modules", lambda gm, c: dropout_to_modules(gm)),
 )
+
+#: the KD trainer's graphs (qfx.train): the QAT graph (L3, the student) or the captured float
+#: graph (L1, the teacher) -> the same graph with feature taps, the last pass before training
+#: (identity modules the loss reads; numerics unchanged)
+TRAIN_PASSES: tuple[Pass, ...] = (("expose_features", lambda gm, c: expose_features(gm)),)
 
 #: capture -> target graph (L5), for inference
 COMPILE_PASSES: tuple[Pass, ...] = (
