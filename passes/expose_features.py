@@ -38,7 +38,8 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from qfx.fake_quant import ActFakeQuant
-from qfx.passes.annotate import ATTENTION_OPS, LinearInfo, annotate, linear_nodes
+from qfx.passes.annotate import annotate
+from qfx.schema import ATTENTION_OPS, LinearInfo, linear_nodes
 
 __all__ = ["expose_features", "FeatureTap", "FeatureRecorder", "feature_taps"]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from qfx.fake_quant import ActFakeQuant, WeightFakeQuant, activation_codes, integer_linear
-from qfx.passes.annotate import LinearInfo, linear_nodes
+from qfx.schema import LinearInfo, linear_nodes
 
 __all__ = ["insert_fake_quant", "fake_quant_module_name"]
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-__all__ = ["fuse_bias_gelu", "GELU_ARG"]
+from qfx.schema import INT_LINEAR, arg, is_call, set_args
 
-#: position of the ``gelu`` flag in qfx::int_linear's schema
-GELU_ARG = 8
+__all__ = ["fuse_bias_gelu"]
 
 
 def fuse_bias_gelu(gm: GraphModule) -> GraphModule:
@@ -29,11 +28,9 @@ def fuse_bias_gelu(gm: GraphModule) -> GraphModule:
         if gelu.kwargs.get("approximate", "none") != "none" or (len(gelu.args) > 1 and gelu.args[1] != "none"):
             continue
         lin = gelu.args[0]
-        if getattr(lin, "target", None) != torch.ops.qfx.int_linear.default or len(lin.users) != 1:
+        if not is_call(lin, INT_LINEAR) or len(lin.users) != 1 or arg(lin, "gelu"):
             continue
-        args = list(lin.args)
-        args[GELU_ARG] = True
-        lin.args = tuple(args)
+        set_args(lin, gelu=True)
         gelu.replace_all_uses_with(lin)
         gm.graph.erase_node(gelu)
         lin.meta["qfx_fused"] = lin.meta.get("qfx_fused", ()) + ("gelu",)

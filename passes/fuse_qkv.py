@@ -23,34 +23,29 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx.passes._attrs import drop_unused_attrs, submodule_at
+from qfx.schema import INT_LINEAR, QUANTIZE, arg, is_call, op_buffer, set_args
 
 __all__ = ["fuse_qkv"]
 
-_INT_LINEAR = torch.ops.qfx.int_linear.default
-_QUANTIZE = torch.ops.qfx.quantize.default
-# int_linear arguments: 0-2 quantized activation, 3 codes, 4 w_bits, 5 w_scale, 6 w_offset_sum,
-# 7 bias, 8 gelu, 9 out_dtype, 10 a_bits, 11 backend
-_CODES, _W_BITS, _W_SCALE, _W_OFFSET_SUM, _BIAS, _GELU = 3, 4, 5, 6, 7, 8
-_SAME = (4, 8, 9, 10, 11)  # must agree across the fused linears
-
-
-def _tensor(gm: GraphModule, node: Node) -> torch.Tensor:
-    return gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else gm.get_buffer(node.target)
+#: the stored tensors of an int_linear (argument name -> buffer name of the fused op)
+_STORED = (("w", "w_codes"), ("w_scale", "w_scale"), ("w_offset_sum", "w_offset_sum"), ("bias", "bias"))
+#: arguments that must agree across the fused linears
+_SAME = ("w_bits", "gelu", "out_dtype", "a_bits", "backend")
 
 
 def _groups(gm: GraphModule) -> list[list[Node]]:
     """Same-input, same-kind integer linears, each group in graph order (q, k, v)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     groups = []
-    for qnode in (n for n in gm.graph.nodes if n.op == "call_function" and n.target == _QUANTIZE):
-        readers = {u for g in qnode.users for u in g.users if u.target == _INT_LINEAR}
+    for qnode in (n for n in gm.graph.nodes if is_call(n, QUANTIZE)):
+        readers = {u for g in qnode.users for u in g.users if is_call(u, INT_LINEAR)}
         readers = sorted(readers, key=order.__getitem__)
         by_key: dict[tuple, list[Node]] = {}
         for lin in readers:
-            scale_cols = _tensor(gm, lin.args[_W_SCALE]).shape[-1]
-            key = (tuple(lin.args[i] for i in _SAME), scale_cols, lin.args[_BIAS] is None)
+            scale_cols = op_buffer(gm, lin, "w_scale").shape[-1]
+            key = (tuple(arg(lin, a) for a in _SAME), scale_cols, arg(lin, "bias") is None)
             by_key.setdefault(key, []).append(lin)
-        groups += [g for g in by_key.values() if len(g) > 1 and not g[0].args[_GELU]]
+        groups += [g for g in by_key.values() if len(g) > 1 and not arg(g[0], "gelu")]
     return groups
 
 
@@ -69,17 +64,14 @@ def fuse_qkv(gm: GraphModule) -> GraphModule:
         name = _fused_name(parts)
         holder = submodule_at(gm, name)
         widths = [p.out_features for p in parts]
-        for arg, attr in ((_CODES, "w_codes"), (_W_SCALE, "w_scale"), (_W_OFFSET_SUM, "w_offset_sum"), (_BIAS, "bias")):
-            if group[0].args[arg] is None:
-                continue
-            holder.register_buffer(attr, torch.cat([_tensor(gm, n.args[arg]).detach() for n in group], dim=0))
+        stored = [(a, attr) for a, attr in _STORED if arg(group[0], a) is not None]
+        for a, attr in stored:
+            holder.register_buffer(attr, torch.cat([op_buffer(gm, n, a).detach() for n in group], dim=0))
         first = group[0]
         with graph.inserting_before(first):
-            args = list(first.args)
-            for arg, attr in ((_CODES, "w_codes"), (_W_SCALE, "w_scale"), (_W_OFFSET_SUM, "w_offset_sum"), (_BIAS, "bias")):
-                if args[arg] is not None:
-                    args[arg] = graph.get_attr(f"{name}.{attr}")
-            fused = graph.call_function(_INT_LINEAR, tuple(args))
+            stored_nodes = {a: graph.get_attr(f"{name}.{attr}") for a, attr in stored}
+            fused = graph.call_function(INT_LINEAR, first.args, dict(first.kwargs))
+            set_args(fused, **stored_nodes)
             split = graph.call_function(torch.ops.aten.split_with_sizes.default, (fused, widths, -1))
             outs = [graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
         fused._rename(name.replace(".", "_").replace("+", "_"))

@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 from qfx import numerics
 from qfx.fake_quant import ActFakeQuant, WeightFakeQuant
 from qfx.passes._attrs import drop_unused_attrs, submodule_at
-from qfx.passes.annotate import LinearInfo, linear_nodes
+from qfx.schema import LinearInfo, linear_nodes
 
 __all__ = ["lower_to_integer"]
 

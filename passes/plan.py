@@ -16,10 +16,11 @@ from torch.fx import GraphModule
 
 from qfx.backends import LinearWork, backends_for
 from qfx.ops import registered_backends
+from qfx.schema import INT_LINEAR, INTEGER_LINEAR_OPS, QUANTIZE, arg, is_call, set_args
 
 __all__ = ["plan", "PlanChoice"]
 
-_LINEAR_OPS = {torch.ops.qfx.int_linear.default, torch.ops.qfx.weight_only_linear.default}
+_LINEAR_OPS = INTEGER_LINEAR_OPS
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,12 @@ class PlanChoice:
 def _work(node) -> LinearWork:
     info = node.meta["qfx"]
     spec = info.spec
-    gelu = node.target == torch.ops.qfx.int_linear.default and bool(node.args[8])
+    gelu = node.target == INT_LINEAR and bool(arg(node, "gelu"))
     return LinearWork(info.name, info.out_features, info.in_features, spec.weight_bits, spec.act_bits, spec.symmetric, spec.group_size, gelu)
 
 
 def _with_backend(node, backend: str) -> None:
-    node.args = (*node.args[:-1], backend)
+    set_args(node, backend=backend)
 
 
 def plan(gm: GraphModule, target) -> GraphModule:
@@ -57,9 +58,9 @@ def plan(gm: GraphModule, target) -> GraphModule:
             raise RuntimeError(f"no backend can implement {node.meta['qfx'].name}: {refused}")
     # Quantize ops go with the backend of their consumers when it has a quantize kernel.
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.qfx.quantize.default:
+        if is_call(node, QUANTIZE):
             users = [u for g in node.users for u in g.users]
-            chosen = {u.args[-1] for u in users if u.target in _LINEAR_OPS}
+            chosen = {arg(u, "backend") for u in users if u.target in _LINEAR_OPS}
             if len(chosen) == 1 and (op_backend := chosen.pop()) in registered_backends("quantize"):
                 _with_backend(node, op_backend)
     gm.graph.lint()

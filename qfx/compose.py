@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from qfx.passes.annotate import LinearInfo, linear_nodes
+from qfx.schema import LinearInfo, linear_nodes
 
 __all__ = ["two_four_mask", "two_four_masks", "SparsityKeeper", "sparsity", "default_keep", "reduce_layers", "encoder_layers"]
 

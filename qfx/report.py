@@ -10,11 +10,11 @@ from rich.console import Console
 from rich.table import Table
 from torch.fx import GraphModule
 
-from qfx.passes.annotate import LinearInfo, linear_nodes
+from qfx.schema import INTEGER_LINEAR_OPS, LinearInfo, arg, linear_nodes
 
 __all__ = ["CompileReport", "LinearRow", "build_report"]
 
-_INT_OPS = {torch.ops.qfx.int_linear.default, torch.ops.qfx.weight_only_linear.default}
+_INT_OPS = INTEGER_LINEAR_OPS
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: 
         info: LinearInfo = node.meta["qfx"]
         if node.target in _INT_OPS:
             choice = node.meta.get("qfx_plan")
-            backend = node.args[-1]
+            backend = arg(node, "backend")
             notes = []
             if "gelu" in node.meta.get("qfx_fused", ()):
                 notes.append("bias+GELU fused")

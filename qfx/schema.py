@@ -1,0 +1,153 @@
+"""The metadata contract between qfx's passes, backends, runtime and report: one module.
+
+* What ``annotate`` records on a linear node (``node.meta["qfx"]``): :class:`LinearInfo` with
+  its frozen :class:`QuantSpec`.
+* The op sets every pass matches on (:data:`LINEAR_OPS`, :data:`ATTENTION_OPS`, ...).
+* Named access to the arguments of qfx's integer ops. Positions come from the op schemas
+  declared once in :mod:`qfx.ops` (``torch.library``), so no pass, backend or report reads an
+  argument by a hard-coded index::
+
+      >>> arg(node, "gelu")                    # node is a qfx::int_linear call
+      False
+      >>> set_args(node, gelu=True, backend="cutlass")
+      >>> weight_owner(node)                   # the module holding w_codes / w_scale / ...
+      'layer3.ffn_in'
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qfx import ops as _ops  # noqa: F401  (declares torch.ops.qfx.*)
+from qfx.config import precision_tag
+from qfx.fake_quant import integer_linear
+
+__all__ = [
+    "QuantSpec", "LinearInfo", "LINEAR_OPS", "ATTENTION_OPS", "ACTIVATION_OPS",
+    "INT_LINEAR", "QUANTIZE", "WEIGHT_ONLY_LINEAR", "INTEGER_LINEAR_OPS",
+    "linear_nodes", "arg", "set_args", "arg_index", "weight_owner", "op_buffer", "is_call",
+]
+
+aten = torch.ops.aten
+
+INT_LINEAR = torch.ops.qfx.int_linear.default
+QUANTIZE = torch.ops.qfx.quantize.default
+WEIGHT_ONLY_LINEAR = torch.ops.qfx.weight_only_linear.default
+#: the lowered linears of L4/L5 (integer activations or weight-only)
+INTEGER_LINEAR_OPS = frozenset({INT_LINEAR, WEIGHT_ONLY_LINEAR})
+#: a float linear (L1, L2) and the quantized linear of the QAT graph (L3), same leading args (x, W, b)
+LINEAR_OPS = frozenset({aten.linear.default, integer_linear})
+ATTENTION_OPS = frozenset({aten.scaled_dot_product_attention.default})
+ACTIVATION_OPS = frozenset({aten.gelu.default, aten.relu.default, aten.silu.default})
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one linear is quantized: frozen, validated against its shape by ``annotate``."""
+
+    weight_bits: int
+    act_bits: int  # 16: float activations (weight-only)
+    symmetric: bool
+    group_size: int | None
+    act_clip: tuple[float, float] | None
+
+    @classmethod
+    def from_config(cls, cfg) -> "QuantSpec":
+        return cls(cfg.weight_bits, cfg.act_bits, cfg.symmetric, cfg.group_size, cfg.act_clip)
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.act_bits < 16
+
+    @property
+    def precision(self) -> str:
+        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size)
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """What annotate records on a linear node (``node.meta["qfx"]``)."""
+
+    name: str  # readable path, e.g. "layer3.ffn_in" or "layer0.q" or "classifier"
+    layer: int | None
+    role: str  # qkv | attn_out | ffn_in | ffn_out | other
+    part: str  # q | k | v for qkv, else the role
+    weight: str  # qualified name of the weight parameter
+    in_features: int
+    out_features: int
+    spec: QuantSpec | None  # None: stays float
+    float_reason: str = ""  # why it stays float
+    #: the other linears that read the same weight parameter (ALBERT: every layer applies one
+    #: layer's weights); each use quantizes it with the same spec, so all get the same codes
+    shared_with: tuple[str, ...] = ()
+
+
+def is_call(node: Any, targets) -> bool:
+    """``node`` is a call_function of one of ``targets`` (an op or a set of ops)."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    return node.target in targets if isinstance(targets, (set, frozenset, tuple)) else node.target == targets
+
+
+def linear_nodes(gm: GraphModule) -> list[Node]:
+    """Every float (L1/L2) or QAT (L3) linear of ``gm``, in graph order."""
+    return [n for n in gm.graph.nodes if is_call(n, LINEAR_OPS)]
+
+
+@functools.lru_cache(maxsize=None)
+def _positions(op) -> dict[str, int]:
+    return {a.name: i for i, a in enumerate(op._schema.arguments)}
+
+
+def arg_index(op, name: str) -> int:
+    """Position of argument ``name`` in ``op``'s schema (KeyError naming the valid ones)."""
+    pos = _positions(op)
+    if name not in pos:
+        raise KeyError(f"{op} has no argument {name!r}; it takes {list(pos)}")
+    return pos[name]
+
+
+def arg(node: Node, name: str) -> Any:
+    """The argument ``name`` of a call to a qfx op (positional or keyword)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    i = arg_index(node.target, name)
+    if i < len(node.args):
+        return node.args[i]
+    default = node.target._schema.arguments[i].default_value
+    return default
+
+
+def set_args(node: Node, **values: Any) -> None:
+    """Replace the named arguments of a call to a qfx op (kept positional)."""
+    args = list(node.args)
+    for name, value in values.items():
+        i = arg_index(node.target, name)
+        if i >= len(args):
+            raise ValueError(f"{node.name}: argument {name!r} (position {i}) was not given positionally")
+        args[i] = value
+    node.args = tuple(args)
+
+
+def weight_owner(node: Node) -> str:
+    """Qualified name of the module holding an integer linear's buffers (w_codes, w_scale, ...)."""
+    codes = arg(node, "w")
+    if not (isinstance(codes, Node) and codes.op == "get_attr"):
+        raise ValueError(f"{node.name}: weight codes are not a module buffer")
+    return str(codes.target).rpartition(".")[0]
+
+
+def op_buffer(gm: GraphModule, node: Node, name: str) -> torch.Tensor | None:
+    """The tensor an argument of an integer op reads through ``get_attr`` (None if absent)."""
+    src = arg(node, name)
+    if src is None:
+        return None
+    if not (isinstance(src, Node) and src.op == "get_attr"):
+        raise ValueError(f"{node.name}: argument {name!r} is computed, not a stored tensor")
+    owner, _, leaf = str(src.target).rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    return getattr(mod, leaf)
