@@ -262,14 +262,13 @@ def int_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _INT_MM_MIN_M, _INT_MM_ALIGN = 17, 8
 
 
-def _int_mm_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """Why :func:`int_matmul` cannot run ``a [M, K] @ b[N, K].T`` on int8 tensor cores
-    (None: it can). M is padded, so only K, N, the device and the torch build matter."""
+def _int_mm_refusal(device: torch.device, k: int, n: int) -> str | None:
+    """Why :func:`int_matmul` does not run ``[M, K] @ [N, K].T`` on int8 tensor cores on
+    ``device`` (None: it does). M is padded, so only the device, K, N and the build matter."""
     if not hasattr(torch, "_int_mm"):
         return "this torch has no torch._int_mm"
-    if not (a.is_cuda and b.is_cuda):
-        return "not on a CUDA device: the float64 path is the CPU reference"
-    k, n = a.shape[-1], b.shape[0]
+    if device.type != "cuda":
+        return f"on {device.type}, the float64 path is the reference"
     if k % _INT_MM_ALIGN or n % _INT_MM_ALIGN:
         return f"K={k}, N={n}: torch._int_mm needs both to be multiples of {_INT_MM_ALIGN}"
     return None
@@ -292,7 +291,7 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, tensor_cores: bool | None = Non
         >>> torch.equal(int_matmul(a, b, tensor_cores=True), int_matmul_reference(a, b))
         True
     """
-    why = _int_mm_refusal(a, b) if tensor_cores is None else (None if tensor_cores else "tensor_cores=False")
+    why = _int_mm_refusal(a.device, a.shape[-1], b.shape[0]) if tensor_cores is None else (None if tensor_cores else "tensor_cores=False")
     if why is not None:
         return int_matmul_reference(a, b)
     if a.dtype != torch.int8 or b.dtype != torch.int8:

@@ -260,6 +260,9 @@ class _Run:
         if blob["world_size"] != world and rank == 0 and cfg.progress:
             print(f"[{cfg.desc}] resuming a {blob['world_size']}-rank run on {world} rank(s): full state dicts, resharded on load", flush=True)
         finished = blob["finished"]
+        # Loading fills a fresh optimizer's state with a zero-lr step, which torch skips
+        # when gradients are left over (a model trained before): clear them first.
+        self.opt.zero_grad(set_to_none=True)
         checkpoint.load_model_and_optim_state(self.net, None if finished else self.opt, blob["model"], blob["optim"])
         state = _State(blob["step"], blob["history"], *blob["best"], finished=finished)
         if not finished:
@@ -416,6 +419,7 @@ def _train(
             if state.step % cfg.ckpt_every == 0 or state.step == stop_at or flag.set:
                 if state.step < cfg.steps:  # the finished run writes its lean checkpoint below
                     run.save(state)
+    run.opt.zero_grad(set_to_none=True)  # the last step's gradients: memory the caller does not need
     ddp.barrier()
     finished = state.step >= cfg.steps
     if finished:
