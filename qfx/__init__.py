@@ -15,6 +15,7 @@ from qfx.capture import QfxCaptureError, capture
 from qfx.config import QuantConfig
 from qfx.runtime import CompiledModel
 from qfx.targets import TARGETS, detect_target, get_target
+from qfx.serialize import load, save
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,6 @@ __all__ = [
     "get_target",
     "detect_target",
     "numerics",
+    "save",
+    "load",
 ]
