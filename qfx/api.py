@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from qfx.capture import capture, capture_info
-from qfx.config import MODES, QuantConfig, config_for_mode
+from qfx.config import QuantConfig, config_for_mode, parse_mode
 from qfx.pipeline import COMPILE_PASSES, QAT_PASSES, PassContext, run_passes
 from qfx.report import build_report
 from qfx.runtime import CompiledModel
@@ -73,9 +73,9 @@ def prepare_qat(
     return gm
 
 
-def _resolve_config(model, mode: str, config: QuantConfig | None) -> tuple[QuantConfig | None, tuple[str, ...], str]:
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+def _resolve_config(model, mode: str | None, config: QuantConfig | None) -> tuple[QuantConfig | None, tuple[str, ...], str]:
+    # mode is parsed once (qfx.config.parse_mode); None: inferred from a QAT model's trained config
+    mode = parse_mode(mode, model.meta["qfx_config"] if is_qat_model(model) else None)
     if is_qat_model(model):
         trained: QuantConfig = model.meta["qfx_config"]
         if config is not None and config != trained:

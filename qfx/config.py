@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-__all__ = ["QuantConfig", "ROLES", "MODES", "config_for_mode", "precision_tag"]
+__all__ = ["QuantConfig", "ROLES", "MODES", "config_for_mode", "precision_tag", "parse_mode", "mode_of"]
 
 #: Parts of a transformer layer whose linears qfx quantizes, in layer order.
 ROLES = ("qkv", "attn_out", "ffn_in", "ffn_out")
@@ -113,8 +113,47 @@ def precision_tag(weight_bits: int, act_bits: int, symmetric: bool, group_size: 
     return sep.join(parts)
 
 
+#: accepted spellings of each mode (case-insensitive)
+_MODE_SPELLINGS = {
+    "int4": "int4", "w4a4": "int4", "i4": "int4",
+    "int8": "int8", "w8a8": "int8", "i8": "int8",
+    "fp16": "fp16", "float16": "fp16", "half": "fp16",
+}
+
+
+def mode_of(config: QuantConfig) -> str:
+    """The compile mode a trained config runs in: its weight width (``int4`` / ``int8``)."""
+    return f"int{config.weight_bits}"
+
+
+def parse_mode(mode: "str | None", trained: QuantConfig | None = None) -> str:
+    """The one parser of ``compile(mode=...)``.
+
+    Args:
+        mode: ``"int4"`` / ``"int8"`` / ``"fp16"`` (also ``"INT4"``, ``"w4a4"``, ``"float16"``),
+            or ``None``: inferred from ``trained`` (a QAT model's config), else ``"int4"``.
+        trained: the config a QAT model was trained with, if any.
+
+    Raises:
+        ValueError: an unknown mode, naming the valid ones.
+
+    Example::
+
+        >>> parse_mode("W8A8"), parse_mode(None, QuantConfig(8, 8)), parse_mode(None)
+        ('int8', 'int8', 'int4')
+    """
+    if mode is None:
+        return mode_of(trained) if trained is not None else "int4"
+    if not isinstance(mode, str) or mode.strip().lower() not in _MODE_SPELLINGS:
+        raise ValueError(
+            f"mode={mode!r} is not one of {MODES} (or None: inferred from a QAT model's trained config)"
+        )
+    return _MODE_SPELLINGS[mode.strip().lower()]
+
+
 def config_for_mode(mode: str) -> QuantConfig | None:
     """The default config of a compile mode; None for ``fp16`` (no quantization)."""
+    mode = parse_mode(mode)
     if mode == "int4":
         return QuantConfig(weight_bits=4, act_bits=4)
     if mode == "int8":

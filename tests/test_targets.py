@@ -87,3 +87,30 @@ def test_peak_for_int4_on_hopper_is_the_int8_peak():
     h = get_target("sm_90")
     assert h.peak_for("int4") == h.peak["int8"]
     assert isinstance(h, Target)
+
+
+# mode is parsed once (qfx.config.parse_mode) and inferred for a QAT model -------------------
+
+def test_parse_mode_spellings_and_inference():
+    from qfx.config import QuantConfig, parse_mode
+
+    assert [parse_mode(m) for m in ("int4", "INT4", "w4a4", "int8", "W8A8", "fp16", "float16")] == \
+        ["int4", "int4", "int4", "int8", "int8", "fp16", "fp16"]
+    assert parse_mode(None) == "int4"
+    assert parse_mode(None, QuantConfig(8, 8)) == "int8" and parse_mode(None, QuantConfig(4, 16)) == "int4"
+    for bad in ("int2", "", 4):
+        with pytest.raises(ValueError, match="is not one of"):
+            parse_mode(bad)
+
+
+def test_resolve_config_infers_the_mode_of_a_qat_model():
+    import qfx
+    from qfx.api import _resolve_config
+    from models import inputs, make
+
+    qat = qfx.prepare_qat(make("bert", hidden=32, layers=1), example_kwargs=inputs(1, 4), config=qfx.QuantConfig(8, 8))
+    cfg, _, origin = _resolve_config(qat, None, None)
+    assert cfg == qfx.QuantConfig(8, 8) and origin.startswith("QAT")
+    assert _resolve_config(qat, "W8A8", None)[0] == cfg
+    with pytest.raises(ValueError, match="use mode='int8'"):
+        _resolve_config(qat, "int4", None)
