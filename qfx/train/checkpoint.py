@@ -76,7 +76,7 @@ def model_and_optim_state(model: nn.Module, opt: torch.optim.Optimizer | None) -
     # cpu_offload=False: with it, ranks other than 0 would get empty dicts, and every rank
     # needs the full weights (DDP replicas, best-weights selection at the end).
     opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    net = ddp.unwrap(model)
+    net = _resharded(ddp.unwrap(model))
     if opt is None:
         model_sd, optim_sd = get_model_state_dict(net, options=opts), None
     else:
@@ -90,11 +90,19 @@ def load_model_and_optim_state(model: nn.Module, opt: torch.optim.Optimizer | No
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     opts = StateDictOptions(full_state_dict=True)
-    net = ddp.unwrap(model)
+    net = _resharded(ddp.unwrap(model))
     if opt is None or optim_sd is None:
         set_model_state_dict(net, model_sd, options=opts)
     else:
         set_state_dict(net, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+
+
+def _resharded(net: nn.Module) -> nn.Module:
+    """An FSDP2 module left unsharded by a forward (evaluation) holds plain tensors where
+    the state-dict functions expect its DTensor shards: reshard it first."""
+    if ddp.is_fsdp(net):
+        net.reshard()
+    return net
 
 
 def save(ckpt_dir: str, name: str, blob: dict[str, Any]) -> None:

@@ -99,7 +99,7 @@ def wrap(model: nn.Module, device: torch.device, sharding: str = "ddp") -> nn.Mo
     if sharding == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model)
+        fully_shard(model, reshard_after_forward=True)  # root too: an eval forward must not leave it gathered
         model._qfx_sharding = "fsdp"
         return model
     ids = [device.index] if device.type == "cuda" else None
