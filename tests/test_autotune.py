@@ -187,3 +187,19 @@ def test_measured_on_the_gpu_present(tmp_path):
                        cache=at.TuneCache(tmp_path), progress=False)
     assert plan.source == "measured"
     assert all(c.us > 0 and c.fp16_us > 0 for c in plan.buckets[0].choices)
+
+
+def test_part_specs_from_a_compiled_graph():
+    import qfx
+    from models import inputs, make
+
+    model = make("bert", hidden=64, layers=2)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=qfx.QuantConfig(4, 4), skip=("layer1.ffn_out",))
+    cm = qfx.compile(qat, mode="int4", target="cpu")
+    specs = at.part_specs_from_graph(cm.graph_module)
+    by = {(s.layer, s.part): s for s in specs}
+    assert by[(0, "ffn_in")] == at.PartSpec(0, "ffn_in", 256, 64, "int4")
+    assert by[(1, "ffn_out")].trained == "fp16"  # skipped: stays float, only fp16 is allowed
+    assert {s.part for s in specs} == {"qkv", "attn_out", "ffn_in", "ffn_out"}
+    plan = at.autotune(None, "sm_86", at.Scenario.of(batch=8, seq=64), parts=specs)
+    assert plan.buckets[0].choice(1, "ffn_out").precision == "fp16"

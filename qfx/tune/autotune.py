@@ -42,7 +42,7 @@ from qfx.tune.cost_model import ModelShape
 __all__ = [
     "PRECISIONS", "allowed_precisions", "Scenario", "PartSpec", "Candidate", "PartChoice", "BucketPlan",
     "Plan", "Launchers", "TuneCache", "AutotuneCacheWarning", "machine_identity", "time_us", "autotune",
-    "part_specs", "fixed_strategies",
+    "part_specs", "part_specs_from_graph", "fixed_strategies",
 ]
 
 #: precisions from lowest to highest
@@ -112,6 +112,35 @@ class PartSpec:
     n: int
     k: int
     trained: str
+
+
+def part_specs_from_graph(gm) -> list[PartSpec]:
+    """The GEMMs of a lowered (L4) or planned (L5) qfx graph, from each linear's ``LinearInfo``:
+    integer linears keep their trained precision (W4A4 -> ``"int4"``, W8A8 / W4A8 -> ``"int8"``);
+    float and weight-only linears of the four roles are ``"fp16"`` (no integer candidate).
+
+    Example::
+
+        >>> specs = part_specs_from_graph(compiled.graph_module)
+        >>> plan = autotune(None, "sm_90", Scenario.of(batch=32, seq=128), parts=specs)
+    """
+    from qfx.schema import INTEGER_LINEAR_OPS, LINEAR_OPS, is_call
+
+    out = []
+    for node in gm.graph.nodes:
+        info = node.meta.get("qfx")
+        if info is None or not (is_call(node, INTEGER_LINEAR_OPS) or is_call(node, LINEAR_OPS)):
+            continue
+        if info.role not in ("qkv", "attn_out", "ffn_in", "ffn_out"):
+            continue
+        spec = info.spec if is_call(node, INTEGER_LINEAR_OPS) else None
+        if spec is None or not spec.quantizes_activations:
+            trained = "fp16"
+        else:
+            trained = "int4" if spec.weight_bits == spec.act_bits == 4 else "int8"
+        part = info.role  # unfused q, k, v: three "qkv" GEMMs of N = h each
+        out.append(PartSpec(info.layer, part, info.out_features, info.in_features, trained))
+    return out
 
 
 def part_specs(shape: ModelShape, trained: str | dict[str, str]) -> list[PartSpec]:
