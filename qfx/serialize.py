@@ -21,9 +21,11 @@ The safetensors header's string metadata holds (all JSON):
   ``treespec_dumps``, so the output keeps its HF class), the schema of every qfx op used
   (a changed op schema is a version mismatch), the parameter names, and ``code``: the graph's
   Python source, for people to read (never executed).
-* ``qfx.capture``: what the runtime needs of the capture: the model class name, the
-  signature of its ``forward`` (so callers may pass what the model takes), input names,
-  maximum sequence length, device and dtype.
+* ``qfx.capture``: every field of the capture record (:class:`qfx.capture.CaptureInfo`:
+  model class name, input names, maximum sequence length, device, dtype, ...) except the
+  source module, of which only the signature of ``forward`` is kept (so callers may pass what
+  the model takes). The graph's inputs and outputs keep their symbolic shapes (``val``:
+  symbol names, dtype, device), rebuilt on load as FakeTensors over fresh symbols.
 * ``qfx.report``: the compile report (a tagged dataclass).
 
 Why a node list rather than ``torch.export``'s serialized program: the L5 graph is already an
@@ -33,8 +35,8 @@ graph re-exported (fake-tensor tracing of every custom op, with their backends' 
 and stores weights in its own archive, not in safetensors next to the plan. Loading resolves
 call targets only inside ``torch.ops``, ``operator`` and ``torch`` (no arbitrary import) and
 dataclasses only inside ``qfx``. Dropped on save: export's shape-guard module (``_guards_fn``;
-qfx's own input checks in :func:`qfx.capture.check_inputs` still run) and FakeTensor ``val``
-metadata.
+qfx's own input checks in :func:`qfx.capture.check_inputs` still run) and the FakeTensor ``val``
+metadata of inner nodes.
 
 The loaded model runs on the device it was saved from (export bakes the device into the graph:
 ``arange(..., device=cpu)``); on the same device its outputs are bit-identical to the saved
@@ -133,7 +135,12 @@ def _decode(value: Any, nodes: dict[str, Node] | None = None) -> Any:
         return [_decode(v, nodes) for v in value]
     if not isinstance(value, dict):
         return value
-    (tag, body), = value.items() if len(value) == 1 else (("dataclass", value),)
+    if "dataclass" in value:  # {"dataclass": "qfx.schema.LinearInfo", "fields": {...}}
+        tag, body = "dataclass", value
+    elif len(value) == 1:  # every other tag is a one-key object
+        (tag, body), = value.items()
+    else:
+        raise ValueError(f"untagged JSON object {sorted(value)[:4]}")
     if tag == "node":
         return nodes[body]
     if tag == "float":
@@ -197,6 +204,11 @@ def _graph_document(gm: GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
     from torch.utils._pytree import treespec_dumps
 
     nodes, tensors, dropped, params = [], {}, set(), {n for n, _ in gm.named_parameters()}
+    # the graph's inputs and outputs keep their symbolic shapes (the runtime reads which dims are
+    # batch and sequence from them, qfx.runtime.buckets.dim_roles)
+    out_args = gm.graph.output_node().args[0]
+    leaves = out_args if isinstance(out_args, (tuple, list)) else (out_args,)
+    boundary = {n for n in gm.graph.nodes if n.op == "placeholder"} | {a for a in leaves if isinstance(a, Node)}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             if node.users:
@@ -222,6 +234,8 @@ def _graph_document(gm: GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
             if key.startswith(_META_PREFIX):
                 meta[key] = _encode(value)
         entry["meta"] = meta
+        if node in boundary and isinstance(node.meta.get("val"), torch.Tensor):
+            entry["val"] = _val_spec(node.meta["val"])
         nodes.append(entry)
     codegen = gm.graph._codegen
     info = getattr(codegen, "pytree_info", None)
@@ -250,6 +264,39 @@ def _graph_document(gm: GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
     return doc, tensors
 
 
+def _val_spec(val: torch.Tensor) -> dict:
+    """A tensor's symbolic shape (symbol names or ints), dtype and device."""
+    shape = [str(d.node.expr) if isinstance(d, torch.SymInt) else int(d) for d in val.shape]
+    return {"shape": shape, "dtype": _dtype_name(val.dtype), "device": str(val.device)}
+
+
+def _fake_vals(entries: list[dict]) -> dict[str, torch.Tensor]:
+    """FakeTensors with one fresh symbol per saved symbol name, shared across tensors (so the
+    batch dim of every input is the same symbol, as at capture)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    symbols: dict[str, torch.SymInt] = {}
+    out = {}
+    for e in entries:
+        spec = e.get("val")
+        if spec is None:
+            continue
+        shape = []
+        for d in spec["shape"]:
+            if isinstance(d, str):
+                if d not in symbols:
+                    symbols[d] = env.create_unbacked_symint()
+                shape.append(symbols[d])
+            else:
+                shape.append(d)
+        with mode:
+            out[e["name"]] = torch.empty(shape, dtype=getattr(torch, spec["dtype"]), device=spec["device"])
+    return out
+
+
 def _get_attr(gm: nn.Module, target: str):
     obj = gm
     for part in target.split("."):
@@ -271,15 +318,16 @@ def _signature_document(fn) -> list[dict]:
     return out
 
 
+_CAPTURE_OBJECTS = ("source", "example_kwargs")  # stored otherwise: a signature stand-in, tensors
+
+
 def _capture_document(info) -> dict:
+    """Every CaptureInfo field as tagged JSON, except the source module (only its forward's
+    signature is kept) and the example inputs (stored as tensors)."""
+    fields = {f.name: _encode(getattr(info, f.name)) for f in dataclasses.fields(info) if f.name not in _CAPTURE_OBJECTS}
     return {
-        "model_class": info.model_class,
+        "fields": fields,
         "signature": _signature_document(info.source.forward),
-        "input_names": list(info.input_names),
-        "max_seq_len": info.max_seq_len,
-        "dynamic": info.dynamic,
-        "device": str(info.device),
-        "dtype": _dtype_name(info.dtype),
         "example_inputs": sorted(k for k, v in info.example_kwargs.items() if isinstance(v, torch.Tensor)),
     }
 
@@ -369,7 +417,7 @@ def _stub_source(capture_doc: dict) -> nn.Module:
     for p in capture_doc["signature"]:
         kw = {"default": _decode(p["default"])} if "default" in p else {}
         params.append(inspect.Parameter(p["name"], inspect._ParameterKind(p["kind"]), **kw))
-    cls = type(capture_doc["model_class"], (nn.Module,), {"__doc__": "signature stand-in for a loaded qfx model"})
+    cls = type(capture_doc["fields"]["model_class"], (nn.Module,), {"__doc__": "signature stand-in for a loaded qfx model"})
     stub = cls()
 
     def forward(*args, **kwargs):  # never called: the graph runs instead
@@ -386,6 +434,7 @@ def _build_graph(doc: dict, tensors: dict[str, torch.Tensor], device: torch.devi
 
     graph = Graph()
     nodes: dict[str, Node] = {}
+    vals = _fake_vals(doc["nodes"])
     for entry in doc["nodes"]:
         args = _decode({"tuple": entry["args"]}, nodes)
         kwargs = {k: _decode(v, nodes) for k, v in entry["kwargs"].items()}
@@ -394,6 +443,8 @@ def _build_graph(doc: dict, tensors: dict[str, torch.Tensor], device: torch.devi
             raise ValueError(f"node {entry['name']}: op {op!r} is not stored by qfx.save")
         target = _resolve_target(entry["target"]) if op == "call_function" else entry["target"]
         node = graph.create_node(op, target, args, kwargs, name=entry["name"])
+        if entry["name"] in vals:
+            node.meta["val"] = vals[entry["name"]]
         for key, value in entry["meta"].items():
             node.meta[key] = _decode(value, nodes)
         nodes[entry["name"]] = node
@@ -480,7 +531,14 @@ def load(path: str | os.PathLike):
         if now != schema:
             raise _fail(path, f"version mismatch: op {name} was saved as `{schema}`, this qfx has "
                               f"`{now or 'no such op'}`; compile and save the model again with this qfx")
-    device = torch.device(cap["device"])
+    try:
+        fields = {k: _decode(v) for k, v in cap["fields"].items()}
+        known = {f.name for f in dataclasses.fields(CaptureInfo)}
+        if set(fields) - known:
+            raise ValueError(f"capture fields {sorted(set(fields) - known)} are unknown to this qfx")
+    except (KeyError, ValueError, TypeError) as e:
+        raise _fail(path, f"version mismatch in the capture record: {e}") from None
+    device = fields["device"]
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _fail(path, f"the model was saved on {device} and runs only there (the device is part of the graph); "
                           "no CUDA GPU is visible")
@@ -495,11 +553,10 @@ def load(path: str | os.PathLike):
 
         get_target(target).check_device(device)
     examples = {k[len("__example__."):]: v.to(device) for k, v in tensors.items() if k.startswith("__example__.")}
-    info = CaptureInfo(
-        model_class=cap["model_class"], source=_stub_source(cap), input_names=tuple(cap["input_names"]),
-        max_seq_len=cap["max_seq_len"], dynamic=cap["dynamic"], device=device, dtype=getattr(torch, cap["dtype"]),
-        example_kwargs=examples,
-    )
+    try:
+        info = CaptureInfo(**fields, source=_stub_source(cap), example_kwargs=examples)
+    except TypeError as e:  # a field this qfx requires is missing from the file
+        raise _fail(path, f"version mismatch in the capture record: {e}") from None
     for key, value in doc.get("graph_meta", {}).items():
         gm.meta[key] = _decode(value)
     gm.meta["qfx_capture"] = info

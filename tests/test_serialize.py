@@ -14,8 +14,8 @@ from qfx import serialize
 from models import inputs, make
 
 
-def _compile(config, family="bert_cls", hidden=32, mode=None):
-    model = make(family, hidden=hidden)
+def _compile(config, family="bert_cls", hidden=32, mode=None, layers=2):
+    model = make(family, hidden=hidden, layers=layers)
     qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=config)
     return qfx.compile(qat, mode=mode or f"int{config.weight_bits}", target="cpu"), model
 
@@ -28,10 +28,13 @@ def w4(tmp_path_factory):
     return cm, model, path
 
 
-@pytest.mark.parametrize("config", [qfx.QuantConfig(4, 4), qfx.QuantConfig(8, 8, symmetric=False)], ids=["W4A4", "W8A8-asym"])
-def test_loaded_outputs_are_bit_identical(tmp_path, config):
-    cm, _ = _compile(config)
-    path = qfx.save(cm, tmp_path / "m.qfx.safetensors")
+@pytest.mark.parametrize("which", ["W4A4", "W8A8-asym"])
+def test_loaded_outputs_are_bit_identical(tmp_path, w4, which):
+    if which == "W4A4":
+        cm, _, path = w4
+    else:
+        cm, _ = _compile(qfx.QuantConfig(8, 8, symmetric=False))
+        path = qfx.save(cm, tmp_path / "m.qfx.safetensors")
     again = qfx.load(path)
     for batch, seq, seed in ((1, 5, 1), (3, 11, 2), (2, 8, 3)):
         x = inputs(batch, seq, seed=seed)
@@ -139,7 +142,7 @@ def test_not_a_qfx_file(tmp_path):
 def test_w4a4_linear_weights_under_0_3x_of_fp16(tmp_path):
     sizes = {}
     for bits in (4, 8):
-        cm, model = _compile(qfx.QuantConfig(bits, bits), hidden=128)
+        cm, model = _compile(qfx.QuantConfig(bits, bits), hidden=128, layers=1)
         path = qfx.save(cm, tmp_path / f"w{bits}.safetensors")
         linear = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in name]
         fp16 = sum(2 * (m.weight.numel() + m.bias.numel()) for m in linear)
@@ -169,3 +172,28 @@ def test_gpu_roundtrip_bit_identical(tmp_path):
     again = qfx.load(qfx.save(cm, tmp_path / "gpu.safetensors"))
     x = {k: v.cuda() for k, v in inputs(4, 16, seed=1).items()}
     assert torch.equal(cm(**x).logits, again(**x).logits)
+
+
+def test_inputs_and_outputs_keep_their_symbolic_shapes(w4):
+    cm, _, path = w4
+    again = qfx.load(path)
+
+    def dims(gm):
+        out = {}
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                out[n.name] = tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else d for d in n.meta["val"].shape)
+        return out
+
+    before, after = dims(cm.graph_module), dims(again.graph_module)
+    assert set(before) == set(after)
+    rename = {}
+    for name in before:  # the same sharing pattern of symbols (names are fresh)
+        for a, b in zip(before[name], after[name]):
+            assert isinstance(a, str) == isinstance(b, str)
+            if isinstance(a, str):
+                assert rename.setdefault(a, b) == b
+    assert len(set(rename.values())) == len(rename) == 2  # batch and sequence
+    leaf = again.graph_module.graph.output_node().args[0][0]
+    assert str(leaf.meta["val"].shape[0].node.expr) == after["input_ids"][0]
+    assert again._capture.max_seq_len == cm._capture.max_seq_len and again._capture.input_names == cm._capture.input_names
