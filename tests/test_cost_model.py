@@ -71,18 +71,16 @@ def test_refit_reproduces_the_committed_factors(h100):
     assert math.isclose(fit.tile_overhead_steps, ref.tile_overhead_steps, rel_tol=0.05)
 
 
-def test_whole_model_h100_within_25_percent_at_large_m():
+def test_whole_model_h100_within_25_percent():
     rows = json.loads((ROOT / "benchmarks" / "e2e_h100_fuse_qkv.json").read_text())["rows"]
     shapes = {"minilm-l6": cm.MODEL_SHAPES["minilm"], "bert-base": cm.MODEL_SHAPES["bert-base"]}
     checked = 0
-    for r in rows:
-        if r["bs"] * r["seq"] < 2048:
-            continue
+    for r in rows:  # every row, M = 128 .. 16384 (the goal asks for M >= 2048)
         for prec, key in (("fp16", "qfx fp16 graph"), ("int8", "qfx int8 graph")):
             t, _ = cm.model_latency("sm_90", shapes[r["model"]], r["bs"], r["seq"], prec)
             assert abs(t / 1000 / r["ms"][key] - 1) <= 0.25, (r["model"], r["bs"], prec, t / 1000, r["ms"][key])
             checked += 1
-    assert checked == 8
+    assert checked == 12
 
 
 def test_bad_input():
