@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable
 
-from qfx.targets import TARGETS, Target, get_target
+from qfx.targets import Target, get_target
 
 __all__ = [
     "KernelFit", "FIT", "TILES", "GemmEstimate", "gemm_time", "quantize_time", "epilogue_time",
