@@ -111,3 +111,21 @@ def test_bad_input():
     with pytest.raises(ValueError, match="Llama-style"):
         quantize_decoder(m, rotate=True)
     assert not any(isinstance(x, QuantizedLinear) for x in m.modules())  # the input model is untouched
+
+
+@pytest.mark.gpu
+def test_quantize_decoder_on_gpu_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = _llama()
+    cpu = quantize_decoder(m, mode="w4a8", fmt="fp4", block_size=32, double_quant=True)
+    gpu = quantize_decoder(m.cuda(), mode="w4a8", fmt="fp4", block_size=32, double_quant=True,
+                           gptq=False)
+    a, b = cpu.model.layers[1].mlp.down_proj, gpu.model.layers[1].mlp.down_proj
+    assert b.codes.is_cuda and torch.equal(a.codes, b.codes.cpu())
+    assert torch.allclose(a.weight_hat, b.weight_hat.cpu())
+    g = quantize_decoder(m, mode="w4a16", fmt="int4", block_size=32, gptq=True,
+                         calibration=[{k: v.cuda() for k, v in CALIB[0].items()}])
+    with torch.no_grad():
+        out = g(**{k: v.cuda() for k, v in CALIB[0].items()}).logits
+    assert out.is_cuda and torch.isfinite(out).all()
