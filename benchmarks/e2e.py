@@ -1,31 +1,42 @@
-"""End-to-end encoder latency on the visible GPU: HF fp16 eager vs qfx-compiled models.
+"""End-to-end encoder latency on the visible GPU, as users call the models, side by side.
 
-One run prints, per model and batch x sequence, the median forward latency of
-  * HF fp16 eager (transformers, SDPA attention)             -- the baseline
-  * qfx fp16 (the captured graph, no quantization)
-  * qfx int8 (W8A8) and qfx int4 (W4A4 numerics; on sm_90 they run on INT8 tensor cores)
-each called eagerly and replayed from a CUDA graph, with ratios against the baseline.
-Weights are random-init (speed does not depend on values) except MiniLM when installed.
+One run prints, per model and batch x sequence, the median latency (ms) of
 
-    python benchmarks/e2e.py [--quick] [--out results.json]
+    hf eager         HF transformers fp16, SDPA attention, called eagerly       (the baseline)
+    hf graph         the same model replayed from a CUDA graph the caller builds
+    torch.compile    torch.compile(hf fp16, mode="reduce-overhead") (goal shapes by default)
+    torchao int8     torchao int8 dynamic quantization + torch.compile, where torchao installs
+    qfx <mode>       qfx.compile(model, mode) called as users call it: compiled(**batch)
+                     (CUDA graph per bucket inside the model), modes fp16 / int8 / int4
+    qfx <mode> direct   the same model with cuda_graphs=False (direct launch)
+    qfx <mode> replay   the model's own bucket graph replayed (what "as called" is held to)
+
+and the speedup of each over HF eager. On sm_90 int4 runs its 4-bit codes on INT8 tensor
+cores (Hopper has no INT4 tensor cores): an int4 number here is W4A4 *numerics*, not an INT4
+hardware result. Timing: CUDA events around each call after a device synchronize (so host time
+counts), median of --iters calls after warm-up. Inputs are already on the GPU.
+
+    python benchmarks/e2e.py [--models bert-base,bert-large,minilm-l6] [--profile]
+                             [--compile-shapes goal|all|none] [--out e2e.json] [--plot e2e.png]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import time
 import warnings
+from collections import defaultdict
 
 import torch
 from transformers import AutoModel, BertConfig, BertModel
 
 import qfx
+from qfx.runtime import CompiledModel
 
-SHAPES = {
-    "minilm-l6": [(1, 128), (32, 128), (128, 128)],
-    "bert-base": [(1, 128), (32, 128), (128, 128)],
-    "bert-large": [(1, 128), (32, 384)],
-}
+SHAPES = [(1, 128), (8, 128), (32, 128), (128, 128), (32, 384)]
+GOAL_SHAPES = {("bert-base", 1, 128), ("bert-base", 128, 128), ("bert-large", 32, 384)}
+PROFILE_SHAPES = {("bert-base", 128, 128), ("bert-large", 32, 384)}
 CONFIGS = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
@@ -34,18 +45,16 @@ CONFIGS = {
 
 def load(name: str) -> torch.nn.Module:
     if name == "minilm-l6":
-        try:
-            from qfx.models import minilm_path
+        from qfx.models import minilm_path
 
-            return AutoModel.from_pretrained(minilm_path()).eval()
-        except FileNotFoundError:
-            cfg = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-            return BertModel(BertConfig(**cfg)).eval()
-    return BertModel(BertConfig(**CONFIGS[name])).eval()
+        return AutoModel.from_pretrained(minilm_path(), dtype=torch.float32, attn_implementation="sdpa").eval()
+    torch.manual_seed(0)
+    return BertModel(BertConfig(**CONFIGS[name], attn_implementation="sdpa")).eval()
 
 
 def batch(bs: int, seq: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(1000, 2000, (bs, seq), device="cuda")
+    g = torch.Generator().manual_seed(bs * 1000 + seq)
+    ids = torch.randint(1000, 2000, (bs, seq), generator=g).cuda()
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
@@ -55,6 +64,7 @@ def median_ms(fn, iters: int) -> float:
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
         start.record()
         fn()
         end.record()
@@ -77,50 +87,177 @@ def graphed(fn):
     return g.replay
 
 
+_CATEGORIES = (  # (category, substrings of kernel names), first match wins
+    ("quantize", ("quantize_rows",)),
+    ("int GEMM", ("qfx_", "i8", "s8", "imma", "dequant_epilogue", "unpack_int4")),
+    ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn")),
+    ("layernorm", ("layer_norm", "layernorm")),
+    ("fp16 GEMM", ("gemm", "xmma", "cutlass", "nvjet", "sm90_")),
+    ("copy", ("copy", "memcpy", "memset", "cat")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "index", "where", "gelu")),
+)
+
+
+def kernel_breakdown(fn) -> dict[str, float]:
+    """ms per forward by kernel category (torch.profiler, one call after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        name = e.name.lower()
+        cat = next((c for c, keys in _CATEGORIES if any(k in name for k in keys)), "other")
+        out[cat] += e.device_time_total / 1e3 if hasattr(e, "device_time_total") else e.cuda_time_total / 1e3
+    out["total"] = sum(out.values())
+    return dict(out)
+
+
+def try_torchao(hf):
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import int8_dynamic_activation_int8_weight, quantize_
+    except Exception as e:  # noqa: BLE001
+        return None, f"torchao not installed ({type(e).__name__})"
+    import copy
+
+    m = copy.deepcopy(hf)
+    quantize_(m, int8_dynamic_activation_int8_weight())
+    return torch.compile(m, mode="max-autotune-no-cudagraphs"), ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="MiniLM and bert-base only, fewer iterations")
+    ap.add_argument("--models", default="bert-base,bert-large,minilm-l6")
+    ap.add_argument("--modes", default="fp16,int8,int4")
+    ap.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES))
+    ap.add_argument("--compile-shapes", choices=("goal", "all", "none"), default="goal")
+    ap.add_argument("--torchao", action="store_true", help="also time torchao int8 dynamic (where it installs)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel breakdown at base 128x128 and large 32x384")
+    ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None)
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    modes = args.modes.split(",")
     target = qfx.detect_target()
-    iters = 10 if args.quick else 30
-    models = ["minilm-l6", "bert-base"] if args.quick else list(SHAPES)
-    rows = []
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
-    print(f"GPU: {torch.cuda.get_device_name()} ({target.name}); int4 runs on: {target.int4_execution}")
-    for name in models:
-        float_model = load(name)
+    print(f"GPU: {torch.cuda.get_device_name()} ({target.name}), torch {torch.__version__}; "
+          f"int4 runs on: {target.int4_execution}", flush=True)
+    rows, profiles, notes = [], {}, []
+    for name in args.models.split(","):
+        try:
+            float_model = load(name)
+        except FileNotFoundError as e:
+            notes.append(f"{name}: skipped ({e})")
+            print(notes[-1])
+            continue
         hf = float_model.to("cuda", torch.float16)
         example = batch(2, 16)
-        compiled = {}
-        for mode in ("fp16", "int8", "int4"):
+        compiled: dict[str, CompiledModel] = {}
+        for mode in modes:
+            t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
                 compiled[mode] = qfx.compile(float_model, mode=mode, target=target.name, example_kwargs=example)
-        backends = {m: sorted({r.backend for r in c.report().quantized}) for m, c in compiled.items()}
-        for bs, seq in SHAPES[name]:
+            print(f"{name}: qfx {mode} compiled in {time.perf_counter() - t0:.1f} s "
+                  f"(attention: {compiled[mode].graph_module.meta.get('qfx_attention')})", flush=True)
+        ao, ao_why = try_torchao(hf) if args.torchao else (None, "not requested (--torchao)")
+        for bs, seq in shapes:
+            if name == "minilm-l6" and seq > 512:
+                continue
             x = batch(bs, seq)
-            with torch.no_grad():
-                res = {"hf fp16 eager": median_ms(lambda: hf(**x), iters)}
+            res = {}
+            with torch.inference_mode():
+                res["hf eager"] = median_ms(lambda: hf(**x), args.iters)
                 try:
-                    res["hf fp16 graph"] = median_ms(graphed(lambda: hf(**x)), iters)
-                except Exception as e:  # HF under capture is not always capturable: say so
-                    res["hf fp16 graph"] = float("nan")
-                    print(f"  hf graph capture failed: {type(e).__name__}: {str(e)[:120]}")
-                for mode, cm in compiled.items():
-                    gm = cm.graph_module
-                    res[f"qfx {mode} eager"] = median_ms(lambda: gm(**x), iters)
-                    res[f"qfx {mode} graph"] = median_ms(graphed(lambda: gm(**x)), iters)
-            base = res["hf fp16 eager"]
-            rows.append({"model": name, "bs": bs, "seq": seq, "ms": res, "backends": backends})
-            cells = "  ".join(f"{k}={v:.3f}ms({base / v:.2f}x)" for k, v in res.items())
+                    res["hf graph"] = median_ms(graphed(lambda: hf(**x)), args.iters)
+                except Exception as e:  # noqa: BLE001 - HF under capture is not always capturable
+                    res["hf graph"] = float("nan")
+                    notes.append(f"{name} {bs}x{seq}: hf graph capture failed: {type(e).__name__}")
+            want_compile = args.compile_shapes == "all" or (args.compile_shapes == "goal" and (name, bs, seq) in GOAL_SHAPES)
+            if want_compile:
+                torch._dynamo.reset()
+                tc = torch.compile(hf, mode="reduce-overhead", dynamic=False)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    tc(**x)
+                    tc(**x)
+                notes.append(f"{name} {bs}x{seq}: torch.compile first calls took {time.perf_counter() - t0:.0f} s")
+                with torch.inference_mode():
+                    res["torch.compile"] = median_ms(lambda: tc(**x), args.iters)
+            if ao is not None:
+                with torch.inference_mode():
+                    res["torchao int8"] = median_ms(lambda: ao(**x), args.iters)
+            for mode, cm in compiled.items():
+                res[f"qfx {mode}"] = median_ms(lambda: cm(**x), args.iters)
+                pool = cm._graphs
+                bucket = pool.bucket_for(x) if pool is not None else None
+                if pool is not None and bucket in pool.graphs:
+                    res[f"qfx {mode} replay"] = median_ms(pool.graphs[bucket].graph.replay, args.iters)
+                direct = CompiledModel(cm.graph_module, cm.report(), cm._capture, cm.device, cuda_graphs=False)
+                direct._plan = cm._plan
+                res[f"qfx {mode} direct"] = median_ms(lambda: direct(**x), max(5, args.iters // 3))
+            if args.profile and (name, bs, seq) in PROFILE_SHAPES:
+                with torch.inference_mode():
+                    profiles[f"{name} {bs}x{seq} hf fp16 eager"] = kernel_breakdown(lambda: hf(**x))
+                for mode in ("int8", "int4"):
+                    if mode in compiled:
+                        profiles[f"{name} {bs}x{seq} qfx {mode} as called"] = kernel_breakdown(lambda: compiled[mode](**x))
+            base = res["hf eager"]
+            best_peer = min(v for k, v in res.items() if not k.startswith("qfx") and v == v)
+            rows.append({"model": name, "bs": bs, "seq": seq, "ms": res, "best_peer_ms": best_peer})
+            cells = "  ".join(f"{k}={v:.3f}({base / v:.2f}x)" for k, v in res.items())
             print(f"{name:10s} {bs:4d}x{seq:<4d} {cells}", flush=True)
+        for mode, cm in compiled.items():
+            print(f"{name} qfx {mode} runtime: {cm.runtime_report().splitlines()[0]}")
         del hf, compiled
         torch.cuda.empty_cache()
-    print("backends per mode:", {r["model"]: r["backends"] for r in rows})
+    if ao is None:
+        notes.append(f"torchao int8: {ao_why}")
+    print("\n| model | bs x seq | " + " | ".join(k for k in rows[0]["ms"]) + " | qfx int8 / hf eager | qfx int8 / best peer |")
+    for r in rows:
+        ms = r["ms"]
+        ratio = lambda m: f"{ms['hf eager'] / ms[m]:.2f}x" if m in ms else "-"  # noqa: E731
+        peer = f"{r['best_peer_ms'] / ms['qfx int8']:.2f}x" if "qfx int8" in ms else "-"
+        print(f"| {r['model']} | {r['bs']} x {r['seq']} | " + " | ".join(f"{ms.get(k, float('nan')):.3f}" for k in rows[0]["ms"])
+              + f" | {ratio('qfx int8')} | {peer} |")
+    for key, prof in profiles.items():
+        print(f"kernels, {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])))
+    for n in notes:
+        print("note:", n)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "target": target.name, "rows": rows}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name(), "target": target.name, "torch": torch.__version__,
+                       "date": time.strftime("%Y-%m-%d"), "rows": rows, "profiles": profiles, "notes": notes}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows, path: str) -> None:
+    """Speedup over HF fp16 eager per shape (the paper's Figure 3 layout)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [k for k in rows[0]["ms"] if k != "hf eager" and not k.endswith(("replay", "direct"))]
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4))
+    width = 0.8 / len(series)
+    for i, key in enumerate(series):
+        ys = [r["ms"]["hf eager"] / r["ms"][key] if key in r["ms"] else 0 for r in rows]
+        ax.bar([j + i * width for j in range(len(rows))], ys, width, label=key)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"{r['model']}\n{r['bs']}x{r['seq']}" for r in rows], fontsize=7)
+    ax.set_ylabel("speedup over HF fp16 eager")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
 
 
 if __name__ == "__main__":

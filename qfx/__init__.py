@@ -13,7 +13,7 @@ from qfx import backends  # noqa: F401  (registers the reference implementations
 from qfx.api import PostTrainingQuantizationWarning, compile, is_qat_model, prepare_qat
 from qfx.capture import QfxCaptureError, capture
 from qfx.config import QuantConfig
-from qfx.runtime import CompiledModel
+from qfx.runtime import Buckets, CompiledModel
 from qfx.targets import TARGETS, detect_target, get_target
 from qfx.serialize import load, save
 
@@ -25,6 +25,7 @@ __all__ = [
     "compile",
     "QuantConfig",
     "CompiledModel",
+    "Buckets",
     "is_qat_model",
     "PostTrainingQuantizationWarning",
     "QfxCaptureError",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from typing import Any
 
@@ -13,7 +14,7 @@ from qfx.capture import capture, capture_info
 from qfx.config import QuantConfig, config_for_mode, parse_mode
 from qfx.pipeline import COMPILE_PASSES, QAT_PASSES, PassContext, run_passes
 from qfx.report import build_report
-from qfx.runtime import CompiledModel
+from qfx.runtime import Buckets, CompiledModel
 from qfx.targets import get_target
 
 __all__ = ["prepare_qat", "compile", "is_qat_model", "PostTrainingQuantizationWarning"]
@@ -27,6 +28,12 @@ class PostTrainingQuantizationWarning(UserWarning):
 
 def is_qat_model(model: Any) -> bool:
     return isinstance(model, GraphModule) and getattr(model, "meta", {}).get("qfx_stage") == _QAT_STAGE
+
+
+def _is_sentence_transformer(model: Any) -> bool:
+    """A sentence_transformers.SentenceTransformer (checked without importing the optional package)."""
+    st = sys.modules.get("sentence_transformers")
+    return st is not None and isinstance(model, st.SentenceTransformer)
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -57,6 +64,10 @@ def prepare_qat(
         >>> qat = qfx.prepare_qat(bert, example_kwargs=batch, config=qfx.QuantConfig(4, 4))
         >>> qat.train(); loss = loss_fn(qat(**batch).logits); loss.backward()
     """
+    if _is_sentence_transformer(model):  # sentence-transformers in and out (qfx.embeddings)
+        from qfx.embeddings import st as _st
+
+        return _st.prepare_qat_sentence_transformer(model, example_args, example_kwargs, config, skip)
     if is_qat_model(model):
         raise ValueError("model is already prepared for QAT (qfx.prepare_qat was applied to it); pass the original float model")
     if isinstance(model, CompiledModel):
@@ -127,6 +138,8 @@ def compile(
     config: QuantConfig | None = None,
     skip: tuple[str, ...] = (),
     float_dtype: torch.dtype | None = None,
+    cuda_graphs: bool | None = None,
+    buckets: Buckets | None = None,
 ) -> CompiledModel:
     """Compile a float or QAT-prepared encoder to integer ops for ``target``.
 
@@ -143,12 +156,25 @@ def compile(
             attention, residual adds, linear outputs). Default: float16 on GPU targets and in
             ``mode="fp16"``, float32 on the CPU. ``torch.float32`` on a GPU keeps the compiled
             model numerically closest to an fp32-trained QAT twin, at some speed.
+        cuda_graphs: on a GPU, replay one CUDA graph per (batch, seq) bucket (default True;
+            ``False``: every call launches its kernels directly).
+        buckets: the :class:`qfx.Buckets` calls are padded into (default: batch 1..256,
+            seq 16..512 in tensor-core-friendly steps, capped at the model's maximum).
 
     Example::
 
         >>> cm = qfx.compile(qat_model, mode="int4", target="cpu")
         >>> cm(**batch).logits; print(cm.report())
     """
+    if isinstance(model, CompiledModel):  # before anything else tries to capture it
+        raise ValueError(
+            f"model is already a qfx CompiledModel (mode={model.report().mode!r}, target={model.report().target!r}); "
+            "qfx.compile takes the float nn.Module or the qfx.prepare_qat model: compile that one again"
+        )
+    if _is_sentence_transformer(model):  # sentence-transformers in and out (qfx.embeddings)
+        from qfx.embeddings import st as _st
+
+        return _st.compile_sentence_transformer(model, mode, target, example_args, example_kwargs, config, skip, float_dtype)
     tgt = get_target(target)
     cfg, trained_skip, origin = _resolve_config(model, mode, config)
     skip = tuple(skip) or trained_skip
@@ -172,7 +198,7 @@ def compile(
     moved_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in example_args)
     moved_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in (example_kwargs or {}).items()}
     gm = capture(runner, moved_args, moved_kwargs)
-    ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master)
+    ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype)
     gm = run_passes(gm, COMPILE_PASSES, ctx)
     report = build_report(gm, mode=mode, target=tgt, origin=origin, run_dtype=run_dtype)
-    return CompiledModel(gm, report, gm.meta["qfx_capture"], device)
+    return CompiledModel(gm, report, gm.meta["qfx_capture"], device, cuda_graphs=cuda_graphs, buckets=buckets)

@@ -4,7 +4,7 @@
 
     L1 aten graph --annotate--> L2 --insert_fake_quant--> L3 QAT graph
        --remove_dropout, lower_to_integer--> L4 integer graph (reference ops, any device)
-       --fuse_bias_gelu, fuse_qkv, plan--> L5 target graph (ops bound to backends)
+       --fuse_bias_gelu, fuse_qkv, key_padding_attention (GPU), plan--> L5 target graph
 
 Each pass is ``GraphModule -> GraphModule`` (qfx.passes); here each is wrapped to take the
 one :class:`PassContext`. :func:`run_passes` lints after every pass and, when one fails,
@@ -24,6 +24,7 @@ from qfx.passes.dropout import dropout_to_modules, remove_dropout
 from qfx.passes.expose_features import expose_features
 from qfx.passes.fake_quant import insert_fake_quant
 from qfx.passes.fuse_gelu import fuse_bias_gelu
+from qfx.passes.attention import key_padding_attention
 from qfx.passes.fuse_qkv import fuse_qkv
 from qfx.passes.lower_integer import lower_to_integer
 from qfx.passes.plan import plan
@@ -38,6 +39,7 @@ class PassContext:
     skip: tuple[str, ...] = ()
     target: Target | None = None
     master_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    float_dtype: torch.dtype = torch.float32  # what the float parts of the target graph run in
 
 
 Pass = tuple[str, Callable[[GraphModule, PassContext], GraphModule]]
@@ -65,6 +67,7 @@ COMPILE_PASSES: tuple[Pass, ...] = (
     ("lower_to_integer", lambda gm, c: lower_to_integer(gm, c.master_weights)),
     ("fuse_bias_gelu", lambda gm, c: fuse_bias_gelu(gm)),
     ("fuse_qkv", lambda gm, c: fuse_qkv(gm)),
+    ("key_padding_attention", lambda gm, c: key_padding_attention(gm, c.float_dtype) if c.target.device == "cuda" else gm),
     ("plan", lambda gm, c: plan(gm, c.target)),
 )
 

@@ -289,7 +289,9 @@ def test_quantize_kernel_is_bit_identical_to_numerics(dtype, bits, symmetric, cl
     if not qc.available()[0] or not _library.load()[0].has("qfx_quantize_rows"):
         pytest.skip("native library without the quantize kernel")
     gen = torch.Generator().manual_seed(bits * 10 + symmetric)
-    for rows, k in [(1, 64), (37, 768), (300, 3072), (5, 1000)]:
+    # warp-per-row kernel (K a multiple of one 16-byte vector, <= 16 vectors a lane) and the
+    # block kernel it falls back to (odd K, long rows)
+    for rows, k in [(1, 64), (37, 768), (300, 3072), (5, 1000), (4, 1001), (3, 8200)]:
         x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 8 + 0.5).to(dtype)
         x[0, :] = 0  # an all-zero token: the eps path
         lo, hi = clip if clip else (None, None)

@@ -1,4 +1,16 @@
-"""CompiledModel: the user-facing result of qfx.compile (same inputs and outputs as the model)."""
+"""CompiledModel: the user-facing result of qfx.compile (same inputs and outputs as the model).
+
+A call runs, in order:
+
+1. :func:`qfx.capture.normalize_inputs`: the caller's arguments as the graph's inputs, checked
+   once (metadata only, no device sync); tensors on another device are moved to the model's.
+2. On a GPU: the CUDA graph of the call's (batch, seq) bucket is replayed
+   (:class:`qfx.runtime.graphs.GraphPool`, captured on first use; inputs padded in, outputs
+   sliced back and copied out). A shape outside every bucket, or a bucket whose capture
+   failed, runs by direct launch, and ``runtime_report()`` says so.
+3. Direct launch: the lean graph (:mod:`qfx.runtime.launch_plan`), whose integer ops call
+   launchers bound at compile time.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -9,22 +21,35 @@ from torch.fx import GraphModule
 
 from qfx.capture import CaptureInfo, normalize_inputs
 from qfx.report import CompileReport
+from qfx.runtime.buckets import Buckets, dim_roles
+from qfx.runtime.graphs import GraphPool
+from qfx.runtime.launch_plan import LaunchPlan, bind_launchers
 
 __all__ = ["CompiledModel"]
 
 
 def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value
+    if isinstance(value, torch.Tensor) and value.device != device:
+        return value.to(device, non_blocking=True)
+    return value
 
 
 class CompiledModel(nn.Module):
     """Runs the target graph (L5); ``report()`` says what runs where and in which precision.
 
-    Inputs are checked (empty batch, over-long sequence) and moved to the target's device;
-    outputs keep the source model's structure (e.g. ``SequenceClassifierOutput``).
+    Args:
+        graph_module: the L5 graph from the compile pipeline.
+        report, capture, device: from ``qfx.compile``.
+        cuda_graphs: replay CUDA graphs per shape bucket (default: on for CUDA devices).
+        buckets: the :class:`qfx.runtime.buckets.Buckets` to pad calls into.
+
+    Inputs on the CPU given to a GPU model are copied to the GPU (the copy is part of the call's
+    time); outputs keep the source model's structure (e.g. ``SequenceClassifierOutput``) and are
+    never views of memory a later call overwrites.
     """
 
-    def __init__(self, graph_module: GraphModule, report: CompileReport, capture: CaptureInfo, device: torch.device) -> None:
+    def __init__(self, graph_module: GraphModule, report: CompileReport, capture: CaptureInfo,
+                 device: torch.device, cuda_graphs: bool | None = None, buckets: Buckets | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         # An inference artifact: integer ops have no autograd formula, and float parameters
@@ -33,16 +58,86 @@ class CompiledModel(nn.Module):
         self._report = report
         self._capture = capture
         self.device = device
+        self._plan: LaunchPlan | None = None
+        self._checked: dict[tuple, None] = {}
+        self._graphs: GraphPool | None = None
+        self._graphs_off = ""
+        on_gpu = device.type == "cuda"
+        if cuda_graphs is None:
+            cuda_graphs = on_gpu
+        if cuda_graphs and not on_gpu:
+            raise ValueError(f"cuda_graphs=True needs a GPU target; this model runs on {device}")
+        self._want_graphs = cuda_graphs
+        self._buckets = (buckets or Buckets()).limited_to(capture.max_seq_len)
+        if not cuda_graphs:
+            self._graphs_off = "off (cuda_graphs=False)" if on_gpu else "CPU target"
         self.eval()
+
+    # -- the parts, made on first use (after any .to() a user may apply) --------------------
+
+    @property
+    def launch_plan(self) -> LaunchPlan:
+        if self._plan is None:
+            self._plan = bind_launchers(self.graph_module)
+        return self._plan
+
+    def _pool(self) -> GraphPool | None:
+        if self._graphs is None and self._want_graphs and not self._graphs_off:
+            roles = dim_roles(self.graph_module)
+            if roles.why_not:
+                self._graphs_off = f"off: {roles.why_not}"
+                return None
+            self._graphs = GraphPool(self.launch_plan.module.forward, roles, self._buckets, self.device)
+        return self._graphs
 
     def report(self) -> CompileReport:
         return self._report
 
+    def runtime_report(self) -> str:
+        """How calls run: graphs captured per bucket, buckets that fell back, launchers bound."""
+        lines = []
+        if self._graphs is not None:
+            lines.append(f"CUDA graphs: {len(self._graphs.graphs)} bucket(s) captured "
+                         f"{sorted(self._graphs.graphs)}; buckets batch={self._buckets.batch} seq={self._buckets.seq}")
+            for b, why in self._graphs.failed.items():
+                lines.append(f"  bucket {b}: direct launch, capture failed: {why}")
+        else:
+            lines.append(f"CUDA graphs: {self._graphs_off or 'not used yet'}")
+        if self._plan is not None:
+            lines.append(f"direct launch: {len(self._plan.bound)} integer op(s) bound to launchers")
+            for name, why in self._plan.unbound.items():
+                lines.append(f"  {name}: {why}")
+        return "\n".join(lines)
+
+    def _normalize(self, args: tuple, kwargs: dict) -> dict:
+        """:func:`normalize_inputs`, memoised on the inputs' metadata: its checks read only
+        names, shapes, dtypes and devices, so a call like an earlier complete call (every input
+        given by keyword) skips them."""
+        key = None
+        if not args and len(kwargs) == len(self._capture.input_names):
+            try:
+                key = tuple((k, v.shape, v.dtype, v.device) for k, v in kwargs.items())
+            except AttributeError:  # a non-tensor input: no memo
+                key = None
+            if key is not None and key in self._checked:
+                return {name: kwargs[name] for name in self._capture.input_names}
+        out = normalize_inputs(self._capture, args, kwargs)
+        if key is not None:
+            if len(self._checked) > 256:
+                self._checked.clear()
+            self._checked[key] = None
+        return out
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs = normalize_inputs(self._capture, args, kwargs)
+        kwargs = self._normalize(args, kwargs)
         kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
-        with torch.no_grad():
-            return self.graph_module(**kwargs)
+        with torch.inference_mode():
+            pool = self._pool()
+            if pool is not None:
+                ok, out = pool.run(kwargs)
+                if ok:
+                    return out
+            return self.launch_plan.module.forward(**kwargs)
 
     def train(self, mode: bool = True) -> "CompiledModel":
         if mode:

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <cstdint>
 
 #include "qfx_abi.h"
 
@@ -94,6 +95,127 @@ __global__ void quantize_rows_kernel(T const* __restrict__ x, long long k, int b
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Warp-per-row variant for the rows BERT-class models have (K a multiple of one 16-byte vector,
+// K <= 32 lanes x 16 vectors). Each lane loads its vectors once with 16-byte loads, keeps them
+// in registers for both passes, reduces with warp shuffles only (no shared memory, no block
+// barrier) and stores 8 or 4 codes at a time. The arithmetic per element is the block kernel's,
+// operation for operation, and min/max reductions are exact in any order: the codes, scales and
+// offsets are bit-identical to quantize_rows_kernel's (tested against the CPU reference).
+constexpr int kWarpRowsPerBlock = 4;
+
+template <class T> struct Vec;  // one 16-byte vector of T
+template <> struct Vec<__half> { static constexpr int n = 8; using raw = uint4; };
+template <> struct Vec<__nv_bfloat16> { static constexpr int n = 8; using raw = uint4; };
+template <> struct Vec<float> { static constexpr int n = 4; using raw = uint4; };
+
+template <class T, int kMaxVecs>
+__global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long rows, int k, int bits,
+                                          int symmetric, int has_clip, float clip_lo,
+                                          float clip_hi, int8_t* __restrict__ q,
+                                          float* __restrict__ scale, float* __restrict__ offset) {
+  constexpr int kN = Vec<T>::n;
+  const int lane = threadIdx.x % 32;
+  const long long row = static_cast<long long>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int nvec = k / kN;
+  auto const* xr = reinterpret_cast<typename Vec<T>::raw const*>(x + row * k);
+  float v[kMaxVecs][kN];
+  float lo = FLT_MAX, hi = -FLT_MAX;
+#pragma unroll
+  for (int j = 0; j < kMaxVecs; ++j) {
+    const int idx = lane + 32 * j;
+    if (idx < nvec) {
+      const typename Vec<T>::raw raw = xr[idx];
+      T const* e = reinterpret_cast<T const*>(&raw);
+#pragma unroll
+      for (int t = 0; t < kN; ++t) {
+        float f = to_f32(e[t]);
+        f = has_clip ? fminf(fmaxf(f, clip_lo), clip_hi) : f;
+        v[j][t] = f;
+        if (symmetric) {
+          hi = fmaxf(hi, fabsf(f));
+        } else {
+          lo = fminf(lo, f);
+          hi = fmaxf(hi, f);
+        }
+      }
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+  }
+  const float half_range = static_cast<float>(1 << (bits - 1));
+  const float code_lo = -half_range, code_hi = half_range - 1.f;
+  float s, c, zero;
+  if (symmetric) {
+    s = __fdiv_rn(fmaxf(hi, kEps), code_hi);
+    c = 0.f;
+    zero = 0.f;
+  } else {
+    s = __fdiv_rn(fmaxf(__fsub_rn(hi, lo), kEps), static_cast<float>((1 << bits) - 1));
+    c = __fadd_rn(lo, __fmul_rn(half_range, s));
+    zero = __fsub_rn(c, __fmul_rn(half_range, s));
+  }
+  int8_t* qr = q + row * k;
+#pragma unroll
+  for (int j = 0; j < kMaxVecs; ++j) {
+    const int idx = lane + 32 * j;
+    if (idx < nvec) {
+      int8_t codes[kN];
+#pragma unroll
+      for (int t = 0; t < kN; ++t) {
+        float code = symmetric ? rintf(__fdiv_rn(v[j][t], s))
+                               : __fsub_rn(rintf(__fdiv_rn(__fsub_rn(v[j][t], zero), s)), half_range);
+        codes[t] = static_cast<int8_t>(fminf(fmaxf(code, code_lo), code_hi));
+      }
+      if constexpr (kN == 8) {
+        *reinterpret_cast<uint2*>(qr + idx * kN) = *reinterpret_cast<uint2 const*>(codes);
+      } else {
+        *reinterpret_cast<unsigned*>(qr + idx * kN) = *reinterpret_cast<unsigned const*>(codes);
+      }
+    }
+  }
+  if (lane == 0) {
+    scale[row] = s;
+    offset[row] = c;
+  }
+}
+
+// Launch the warp kernel with the fewest register vectors that hold a row; false if the row
+// does not fit it (K not a multiple of the vector, or too long).
+template <class T>
+bool launch_warp_rows(T const* x, long long rows, long long k, int bits, int symmetric, int has_clip,
+                      float clip_lo, float clip_hi, int8_t* q, float* scale, float* offset,
+                      cudaStream_t s) {
+  constexpr int kN = Vec<T>::n;
+  if (k % kN != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(q) % 8 != 0) {
+    return false;
+  }
+  const long long per_lane = (k / kN + 31) / 32;
+  const dim3 grid(static_cast<unsigned>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
+  const dim3 block(32 * kWarpRowsPerBlock);
+  const int ki = static_cast<int>(k);
+#define QFX_WARP_CASE(V)                                                                         \
+  if (per_lane <= V) {                                                                           \
+    quantize_rows_warp_kernel<T, V><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric, has_clip, \
+                                                           clip_lo, clip_hi, q, scale, offset);  \
+    return true;                                                                                 \
+  }
+  QFX_WARP_CASE(1)
+  QFX_WARP_CASE(2)
+  QFX_WARP_CASE(3)
+  QFX_WARP_CASE(4)
+  QFX_WARP_CASE(6)
+  QFX_WARP_CASE(8)
+  QFX_WARP_CASE(12)
+  QFX_WARP_CASE(16)
+#undef QFX_WARP_CASE
+  return false;
+}
+
 }  // namespace
 
 // x: [rows, k] of dtype x_dtype (QfxDtype), row-major; q: int8 [rows, k]; scale, offset: f32
@@ -108,19 +230,30 @@ QFX_API int qfx_quantize_rows(void const* x, int x_dtype, long long rows, long l
   auto qp = static_cast<int8_t*>(q);
   const dim3 grid(static_cast<unsigned>(rows));
   switch (x_dtype) {
-    case QFX_F16:
-      quantize_rows_kernel<__half><<<grid, kThreads, 0, s>>>(static_cast<__half const*>(x), k, bits,
-          symmetric, has_clip, clip_lo, clip_hi, qp, scale, offset);
+    case QFX_F16: {
+      auto xp = static_cast<__half const*>(x);
+      if (!launch_warp_rows(xp, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, qp, scale, offset, s)) {
+        quantize_rows_kernel<__half><<<grid, kThreads, 0, s>>>(xp, k, bits, symmetric, has_clip,
+                                                              clip_lo, clip_hi, qp, scale, offset);
+      }
       break;
-    case QFX_BF16:
-      quantize_rows_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
-          static_cast<__nv_bfloat16 const*>(x), k, bits, symmetric, has_clip, clip_lo, clip_hi, qp,
-          scale, offset);
+    }
+    case QFX_BF16: {
+      auto xp = static_cast<__nv_bfloat16 const*>(x);
+      if (!launch_warp_rows(xp, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, qp, scale, offset, s)) {
+        quantize_rows_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(xp, k, bits, symmetric, has_clip,
+                                                                     clip_lo, clip_hi, qp, scale, offset);
+      }
       break;
-    case QFX_F32:
-      quantize_rows_kernel<float><<<grid, kThreads, 0, s>>>(static_cast<float const*>(x), k, bits,
-          symmetric, has_clip, clip_lo, clip_hi, qp, scale, offset);
+    }
+    case QFX_F32: {
+      auto xp = static_cast<float const*>(x);
+      if (!launch_warp_rows(xp, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, qp, scale, offset, s)) {
+        quantize_rows_kernel<float><<<grid, kThreads, 0, s>>>(xp, k, bits, symmetric, has_clip,
+                                                             clip_lo, clip_hi, qp, scale, offset);
+      }
       break;
+    }
     default:
       return QFX_BAD_ARGUMENT;
   }

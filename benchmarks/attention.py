@@ -1,0 +1,117 @@
+"""Which attention kernel runs, and how fast, for BERT shapes under CUDA-graph capture.
+
+HF hands SDPA a boolean [B, 1, S, S] mask expanded with stride 0; under capture every fused
+kernel refuses it and SDPA falls back to fp32 math (HARDWARE.md). This measures the forms a
+compiler that owns attention can emit instead, each replayed from a CUDA graph, with the
+kernel the profiler saw:
+
+    hf_bool_expand     the HF mask as captured today
+    additive_b11s      fp16 additive key-padding mask [B, 1, 1, S] (contiguous last dim)
+    additive_b11s_eff  the same, mem-efficient backend forced
+    additive_b11s_cudnn the same, cuDNN backend forced
+    no_mask_flash / no_mask_cudnn   no padding at all (upper bound)
+    varlen_seqused     aten._flash_attention_forward on the padded layout, keys limited per
+                       sequence by seqused_k (no mask tensor; q/k/v read in place from the
+                       fused QKV output [B*S, 3, H, D])
+
+    python benchmarks/attention.py [--out attention.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SHAPES = [(1, 128, 12, 64), (32, 128, 12, 64), (128, 128, 12, 64), (32, 384, 16, 64)]
+
+
+def replay_ms(fn, iters=50) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times), g
+
+
+def kernels_of(graph) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    return sorted(set(n[:70] for n in names))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for b, s, h, d in SHAPES:
+        qkv = torch.randn(b * s, 3, h, d, device="cuda", dtype=torch.float16)
+        q4 = qkv[:, 0].view(b, s, h, d).transpose(1, 2)  # [B, H, S, D] views, as after fuse_qkv
+        k4 = qkv[:, 1].view(b, s, h, d).transpose(1, 2)
+        v4 = qkv[:, 2].view(b, s, h, d).transpose(1, 2)
+        lengths = torch.full((b,), s, device="cuda", dtype=torch.int32)
+        lengths[-1] = s // 2  # one padded sequence
+        key_ok = torch.arange(s, device="cuda")[None, :] < lengths[:, None]
+        hf_mask = key_ok[:, None, None, :].expand(b, 1, s, s)
+        add_mask = torch.zeros(b, 1, 1, s, device="cuda", dtype=torch.float16)
+        add_mask.masked_fill_(~key_ok[:, None, None, :], float("-inf"))
+        cu = torch.arange(0, (b + 1) * s, s, device="cuda", dtype=torch.int32)
+        variants = {
+            "hf_bool_expand": lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=hf_mask),
+            "additive_b11s": lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=add_mask),
+        }
+
+        def forced(backend, mask):
+            def run():
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask)
+            return run
+
+        variants["additive_b11s_eff"] = forced(SDPBackend.EFFICIENT_ATTENTION, add_mask)
+        variants["additive_b11s_cudnn"] = forced(SDPBackend.CUDNN_ATTENTION, add_mask)
+        variants["no_mask_flash"] = forced(SDPBackend.FLASH_ATTENTION, None)
+        variants["no_mask_cudnn"] = forced(SDPBackend.CUDNN_ATTENTION, None)
+        qf, kf, vf = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B*S, H, D], last dim contiguous
+        variants["varlen_seqused"] = lambda: torch.ops.aten._flash_attention_forward(
+            qf, kf, vf, cu, cu, s, s, 0.0, False, False, scale=d ** -0.5, seqused_k=lengths)[0]
+        ref = F.scaled_dot_product_attention(q4.float(), k4.float(), v4.float(), attn_mask=hf_mask)
+        for name, fn in variants.items():
+            try:
+                out = fn()
+                if out.dim() == 3:  # varlen: [B*S, H, D] -> [B, H, S, D]
+                    out = out.view(b, s, h, d).transpose(1, 2)
+                err = ((out.float() - ref).abs().max()).item()
+                ms, g = replay_ms(fn)
+                ks = kernels_of(g)
+            except Exception as e:  # noqa: BLE001
+                ms, err, ks = float("nan"), float("nan"), [f"{type(e).__name__}: {str(e)[:100]}"]
+            rows.append(dict(shape=[b, s, h, d], variant=name, ms=ms, max_err=err, kernels=ks))
+            print(f"{b:4d}x{s:<4d} h{h} {name:22s} {ms:8.4f} ms  err {err:.2e}  {' | '.join(ks)[:150]}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

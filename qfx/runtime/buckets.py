@@ -1,0 +1,120 @@
+"""Shape buckets: which (batch, seq) a call is padded to, and which tensor dims are which.
+
+A compiled GPU model replays one CUDA graph per bucket. Inputs are padded into the bucket
+(token inputs with 0, ``attention_mask`` with 0 on padded positions so no real token attends
+to them, and with 1 on padded batch rows so they stay finite), and every output is sliced back
+to the caller's batch and sequence. Dims are told apart by the symbols torch.export gave them
+(``s0`` batch, ``s1`` seq), never by comparing sizes (a 128 x 128 call has equal sizes).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+__all__ = ["Buckets", "DimRoles", "dim_roles"]
+
+#: default sequence buckets: multiples of 16 (tensor-core friendly) dense where BERT traffic is
+_SEQ = (16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
+_BATCH = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """The (batch, seq) shapes CUDA graphs are captured for; a call is padded up to the
+    smallest bucket that holds it. A call larger than every bucket runs by direct launch.
+
+    Example::
+
+        >>> qfx.compile(model, mode="int8", target="sm_90", buckets=qfx.Buckets(batch=(1, 8, 32), seq=(128,)))
+    """
+
+    batch: tuple[int, ...] = _BATCH
+    seq: tuple[int, ...] = _SEQ
+    max_graphs: int = 32  # captured graphs kept at once (least recently used dropped)
+
+    def __post_init__(self):
+        for name in ("batch", "seq"):
+            values = getattr(self, name)
+            if not values or any((not isinstance(v, int)) or v < 1 for v in values):
+                raise ValueError(f"Buckets({name}={values!r}): give positive integers, e.g. {name}=(1, 8, 32)")
+            object.__setattr__(self, name, tuple(sorted(set(values))))
+        if self.max_graphs < 1:
+            raise ValueError(f"Buckets(max_graphs={self.max_graphs}): keep at least 1 graph")
+
+    def limited_to(self, max_seq: int | None) -> "Buckets":
+        if max_seq is None:
+            return self
+        seq = tuple(s for s in self.seq if s < max_seq) + (max_seq,)
+        return Buckets(self.batch, seq, self.max_graphs)
+
+    def fit(self, batch: int, seq: int | None) -> tuple[int, int | None] | None:
+        """The smallest bucket holding (batch, seq), or None when none does."""
+        i = bisect.bisect_left(self.batch, batch)
+        if i == len(self.batch):
+            return None
+        if seq is None:
+            return self.batch[i], None
+        j = bisect.bisect_left(self.seq, seq)
+        if j == len(self.seq):
+            return None
+        return self.batch[i], self.seq[j]
+
+
+@dataclass(frozen=True)
+class DimRoles:
+    """Per input and per output leaf: for each dim "b" (batch), "s" (seq) or "" (static)."""
+
+    inputs: dict[str, tuple[str, ...]]
+    outputs: tuple[tuple[str, ...] | None, ...]  # None: not a tensor
+    has_seq: bool
+    why_not: str = ""  # non-empty: these shapes cannot be bucketed (and why)
+
+
+def _symbols(val) -> list[str]:
+    return [str(d.node.expr) if isinstance(d, torch.SymInt) else "" for d in val.shape]
+
+
+def dim_roles(gm: GraphModule) -> DimRoles:
+    """Read the batch and sequence symbols of the captured graph's inputs and outputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = {n.name: n.meta.get("val") for n in placeholders}
+    token = next((v for v in vals.values() if isinstance(v, torch.Tensor) and v.dim() == 2
+                  and not v.is_floating_point()), None)
+    if token is None:
+        return DimRoles({}, (), False, "no [batch, seq] integer token input")
+    b_sym, s_sym = _symbols(token)
+    if not b_sym or not s_sym:
+        return DimRoles({}, (), False, "batch or sequence length was fixed at capture (not dynamic)")
+    role = {b_sym: "b", s_sym: "s"}
+
+    def roles_of(val) -> tuple[str, ...] | str:
+        out = []
+        for sym in _symbols(val):
+            if sym and sym not in role:
+                return f"a dim of size {sym} is neither the batch nor the sequence length"
+            out.append(role.get(sym, ""))
+        return tuple(out)
+
+    inputs = {}
+    for name, val in vals.items():
+        if not isinstance(val, torch.Tensor):
+            return DimRoles({}, (), False, f"input {name} is not a tensor")
+        r = roles_of(val)
+        if isinstance(r, str):
+            return DimRoles({}, (), False, f"input {name}: {r}")
+        inputs[name] = r
+    outputs = []
+    for leaf in gm.graph.output_node().args[0]:
+        val = leaf.meta.get("val") if hasattr(leaf, "meta") else None
+        if not isinstance(val, torch.Tensor):
+            outputs.append(None)
+            continue
+        r = roles_of(val)
+        if isinstance(r, str):
+            return DimRoles({}, (), False, f"output {leaf}: {r}")
+        outputs.append(r)
+    has_seq = "attention_mask" in inputs
+    return DimRoles(inputs, tuple(outputs), has_seq)

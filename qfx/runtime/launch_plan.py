@@ -1,0 +1,99 @@
+"""Launch plans: a compiled graph whose integer ops call launchers bound at compile time.
+
+The target graph (L5) calls ``torch.ops.qfx.int_linear(..., backend)`` & co.: general ops that
+go through the torch dispatcher and the custom-op wrapper, look the backend up, and validate
+every tensor, at about 0.2 ms of host time per call. For execution the runtime makes a second
+graph over the same modules (:func:`bind_launchers`) in which
+
+* every integer op the backend can bind (``backend.bind(node, gm)`` returns a callable) calls
+  that launcher directly with only its activation arguments: weights, fp32 bias, argument
+  struct, kernel family and per-M config were fixed when the launcher was made;
+* export's run-time guards (``_guards_fn``, ``aten._assert_tensor_metadata``) are dropped: the
+  runtime checks the caller's inputs once (:func:`qfx.capture.normalize_inputs`) before the
+  graph runs.
+
+The L5 graph itself is kept unchanged (it is what ``report``, ``verify`` and ``torch.export``
+see); the lean graph shares its parameters and buffers.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.fx import GraphModule
+
+from qfx.schema import INT_LINEAR, QUANTIZE, arg, is_call, op_buffer
+
+__all__ = ["LaunchPlan", "bind_launchers"]
+
+_GUARD_OPS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+@dataclass
+class LaunchPlan:
+    """The lean graph and what was bound (op name -> launcher kind), or why not."""
+
+    module: GraphModule
+    bound: dict[str, str] = field(default_factory=dict)
+    unbound: dict[str, str] = field(default_factory=dict)
+
+
+def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
+    from qfx.backends.cutlass.launch import LinearLauncher, QuantizeLauncher
+
+    if is_call(node, QUANTIZE):
+        clip = arg(node, "clip_lo")
+        clip = None if clip is None else (clip, arg(node, "clip_hi"))
+        launcher = QuantizeLauncher(arg(node, "bits"), arg(node, "symmetric"), clip)
+        return launcher.__call__
+    if is_call(node, INT_LINEAR):
+        launcher = LinearLauncher(
+            op_buffer(gm, node, "w"), arg(node, "w_bits"), op_buffer(gm, node, "w_scale"),
+            op_buffer(gm, node, "w_offset_sum"), op_buffer(gm, node, "bias"), arg(node, "gelu"),
+            arg(node, "out_dtype"), arg(node, "a_bits"))
+        return launcher.__call__
+    return None
+
+
+#: backend name -> function(gm, node) -> launcher or None
+BINDERS: dict[str, Callable] = {"cutlass": _cutlass_binder}
+
+
+def bind_launchers(gm: GraphModule) -> LaunchPlan:
+    """A copy of ``gm``'s graph (same modules) with integer ops bound to launchers."""
+    graph = copy.deepcopy(gm.graph)
+    plan = LaunchPlan(module=None)  # type: ignore[arg-type]
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+            continue
+        if is_call(node, _GUARD_OPS):
+            graph.erase_node(node)
+            continue
+        if not is_call(node, (QUANTIZE, INT_LINEAR)):
+            continue
+        backend = arg(node, "backend")
+        binder = BINDERS.get(backend)
+        name = node.meta["qfx"].name if "qfx" in node.meta else node.name
+        if binder is None:
+            plan.unbound[name] = f"backend {backend!r} has no launcher (runs through qfx::{node.target._opname})"
+            continue
+        fn = binder(gm, node)
+        if fn is None:
+            plan.unbound[name] = f"backend {backend!r} cannot bind {node.target}"
+            continue
+        if is_call(node, QUANTIZE):
+            node.args, node.kwargs = (arg(node, "x"),), {}
+        else:
+            node.args, node.kwargs = (arg(node, "a"), arg(node, "a_scale"), arg(node, "a_offset")), {}
+        node.target = fn
+        plan.bound[name] = backend
+    graph.eliminate_dead_code()
+    lean = GraphModule(gm, graph, class_name="QfxLaunchPlan")
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(lean, attr, getattr(gm, attr))
+    plan.module = lean
+    return plan

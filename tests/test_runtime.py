@@ -1,0 +1,129 @@
+"""The runtime: shape buckets, dims told apart by symbol, the lean launch plan, the attention
+rewrite (CPU, by evaluation), and on a GPU the bucketed CUDA graphs as the user calls them."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from models import inputs, make
+
+import qfx
+from qfx.capture import normalize_inputs
+from qfx.passes.attention import key_padding_attention
+from qfx.runtime.buckets import Buckets, dim_roles
+from qfx.runtime.launch_plan import bind_launchers
+
+
+def _ptq(model, mode="int8", target="cpu", **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        return qfx.compile(model, mode=mode, target=target, example_kwargs=inputs(2, 8), **kw)
+
+
+def test_buckets_fit_the_smallest_holding_shape():
+    b = Buckets(batch=(1, 4, 16), seq=(32, 128))
+    assert b.fit(1, 5) == (1, 32)
+    assert b.fit(3, 33) == (4, 128)
+    assert b.fit(16, 128) == (16, 128)
+    assert b.fit(17, 8) is None and b.fit(2, 129) is None
+    assert b.limited_to(100).seq == (32, 100)
+
+
+@pytest.mark.parametrize("bad", [dict(batch=()), dict(seq=(0, 8)), dict(batch=(1.5,)), dict(max_graphs=0)])
+def test_buckets_reject_bad_values_naming_them(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Buckets(**bad)
+
+
+def test_dim_roles_tell_batch_from_seq_by_symbol():
+    cm = _ptq(make("bert_cls", layers=1))
+    roles = dim_roles(cm.graph_module)
+    assert not roles.why_not
+    assert roles.inputs == {"input_ids": ("b", "s"), "attention_mask": ("b", "s"), "token_type_ids": ("b", "s")}
+    assert roles.outputs == (("b", ""),)  # logits [batch, labels]
+    roles = dim_roles(_ptq(make("bert", layers=1)).graph_module)
+    assert ("b", "s", "") in roles.outputs and ("b", "") in roles.outputs  # last_hidden_state, pooler
+
+
+def test_launch_plan_drops_export_guards_and_keeps_outputs():
+    cm = _ptq(make("bert_cls", layers=2))
+    plan = bind_launchers(cm.graph_module)
+    lean = plan.module
+    targets = {n.target for n in lean.graph.nodes}
+    assert torch.ops.aten._assert_tensor_metadata.default not in targets
+    assert not any(n.op == "call_module" and n.target == "_guards_fn" for n in lean.graph.nodes)
+    assert plan.unbound and not plan.bound  # CPU: the reference backend has no launcher
+    x = normalize_inputs(cm._capture, (), inputs(3, 11, seed=4))
+    with torch.no_grad():
+        assert torch.equal(lean.forward(**x).logits, cm.graph_module(**x).logits)
+        assert torch.equal(cm(**x).logits, cm.graph_module(**x).logits)
+
+
+def test_cuda_graphs_on_a_cpu_target_is_a_clear_error():
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a GPU"):
+        _ptq(make("bert_cls", layers=1), cuda_graphs=True)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "bart_encoder"])
+def test_key_padding_attention_rewrites_the_hf_mask_and_keeps_outputs(family):
+    model = make(family, layers=2).to(torch.bfloat16)
+    gm = qfx.capture(model, example_kwargs=inputs(2, 8))
+    x = inputs(3, 9, seed=2)  # last row padded
+    with torch.no_grad():
+        before = gm(**x)[0].float()
+    gm = key_padding_attention(gm, torch.bfloat16)
+    assert gm.meta["qfx_attention"].startswith("key-padding bias"), gm.meta["qfx_attention"]
+    masks = [n.args[3] if len(n.args) > 3 else n.kwargs["attn_mask"] for n in gm.graph.nodes
+             if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(set(masks)) == 1 and masks[0].meta.get("val") is None or masks[0].name == "key_padding_bias"
+    with torch.no_grad():
+        after = gm(**x)[0].float()
+    real = x["attention_mask"].bool()
+    assert torch.allclose(after[real], before[real], atol=2e-2, rtol=2e-2)
+
+
+def test_key_padding_attention_leaves_fp32_and_non_padding_masks_alone():
+    gm = qfx.capture(make("bert", layers=1), example_kwargs=inputs(2, 8))
+    key_padding_attention(gm, torch.float32)
+    assert gm.meta["qfx_attention"].startswith("kept as captured: float parts run in torch.float32")
+
+
+def _cuda_inputs(b, s, seed=0):
+    return {k: v.cuda() for k, v in inputs(b, s, seed=seed).items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_gpu_bucketed_graphs_replay_exactly_what_direct_launch_computes(mode):
+    model = make("bert_cls", layers=2, hidden=64, heads=2)
+    cm = _ptq(model, mode=mode, target=qfx.detect_target().name, buckets=Buckets(batch=(1, 4), seq=(16, 64)))
+    x = _cuda_inputs(3, 37, seed=5)  # padded to (4, 64)
+    got = cm(**x).logits
+    assert got.shape == (3, 2) and len(cm._graphs.graphs) == 1, cm.runtime_report()
+    assert "1 bucket(s) captured" in cm.runtime_report()
+    # the graph computes exactly what direct launch computes on the padded batch
+    padded = cm._graphs.graphs[(4, 64)].inputs
+    with torch.inference_mode():
+        direct_padded = cm.launch_plan.module.forward(**{k: v.clone() for k, v in padded.items()}).logits
+    assert torch.equal(got, direct_padded[:3]), (got - direct_padded[:3]).abs().max()
+    # and padding does not change what a real token sees beyond the attention kernel's rounding
+    with torch.inference_mode():
+        direct = cm.launch_plan.module.forward(**normalize_inputs(cm._capture, (), x)).logits
+    cos = torch.nn.functional.cosine_similarity(got.float().flatten(), direct.float().flatten(), dim=0)
+    assert cos > 0.99, (cos, got, direct)
+    again = cm(**_cuda_inputs(3, 37, seed=5)).logits
+    assert torch.equal(again, got) and got.data_ptr() != again.data_ptr()  # fresh output tensors
+    big = cm(**_cuda_inputs(5, 70, seed=1)).logits  # outside every bucket: direct launch
+    assert big.shape == (5, 2) and torch.isfinite(big).all() and len(cm._graphs.graphs) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_runtime_bad_inputs():
+    cm = _ptq(make("bert_cls", layers=1, hidden=64, heads=2), target=qfx.detect_target().name)
+    x = inputs(2, 12)
+    out_cpu_inputs = cm(**x).logits  # CPU tensors are moved to the GPU (stated in the docstring)
+    assert out_cpu_inputs.is_cuda
+    zero = {k: v.cuda() for k, v in x.items()}
+    zero["attention_mask"][0] = 0  # an all-zero mask row: finite (uniform attention), never NaN
+    assert torch.isfinite(cm(**zero).logits).all()
