@@ -1,120 +1,304 @@
-"""annotate: find every linear's role and layer, and freeze its quantization spec (L1 -> L2).
+"""annotate: find every linear's layer and role from the graph's structure, and freeze its
+quantization spec (L1 -> L2).
 
-Pattern (matched on use-def edges and op objects, never on node or module names)::
+Pattern (matched on use-def edges and op objects, never on node or module names).
 
-    linear_q/k/v -> (view|transpose|...)* -> scaled_dot_product_attention   role qkv  (part q|k|v)
-    scaled_dot_product_attention -> (view|transpose|...)* -> linear          role attn_out
-    linear -> (view|...)* -> gelu|relu|silu                                   role ffn_in
-    gelu|relu|silu -> (view|dropout|...)* -> linear -> ... -> add (residual)  role ffn_out
-    any other linear (pooler, classifier, projections)                        role other
+An *attention core* is either op below; cores are numbered in graph order, and core ``i`` is
+layer ``i``::
 
-The layer index of an attention linear is the index of its attention op in graph order; an
-FFN linear belongs to the last attention op among its ancestors (networkx).
+    scaled_dot_product_attention(q, k, v, mask/bias)                          (SDPA)
+    matmul|bmm(softmax(scores) -> (dropout|view|...)*, v)                     (eager)
+        scores = f(matmul|bmm(q, k^T), scale, mask, relative-position terms)
+
+(DeBERTa's disentangled attention and MPNet's relative bias are eager cores whose ``scores``
+add further terms.) Around core ``i``, with "reaches" meaning a path of tensor edges that
+crosses no other linear:
+
+    linear reaches v (and q and k)            role qkv, part v (fused: part qkv, ModernBERT Wqkv)
+    linear on the layer input reaches q / k   role qkv, part q / k
+    other linear reaching the scores          role other, part attn_bias (DeBERTa's projections
+                                              of the relative-position embeddings; float unless
+                                              QuantConfig(quantize_other=True))
+    linear reached from the core's output     role attn_out
+    linear after core i (and before core i+1) role ffn_out if it reaches a residual add,
+                                              else ffn_in (gated / GLU FFNs: several ffn_in)
+    linear before core 0 (embedding projection) or after the last layer with no residual
+    add around it (pooler, classifier)         role other, layer None
+
+A weight read by several linears (ALBERT: one layer's weights applied by every layer) gives
+each use its own layer, role and name; ``LinearInfo.shared_with`` names the other uses, which
+quantize the same parameter with the same spec, so every use gets the same codes.
 
 Invariant: the graph is not changed at all; each ``aten.linear`` node gains
-``node.meta["qfx"]``, a frozen :class:`LinearInfo`.
+``node.meta["qfx"]``, a frozen :class:`LinearInfo` whose ``name`` is unique in the graph (a
+duplicate is an internal error: two linears sharing a label would share quantized weights).
+
+Example::
+
+    >>> annotate(qfx.capture(bert, example_kwargs=batch), qfx.QuantConfig(4, 4))
+    >>> [n.meta["qfx"].name for n in linear_nodes(gm)][:6]
+    ['layer0.q', 'layer0.k', 'layer0.v', 'layer0.attn_out', 'layer0.ffn_in', 'layer0.ffn_out']
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
 
-import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.config import OTHER_ROLE, QuantConfig, precision_tag
-from qfx.fake_quant import integer_linear
+from qfx.config import OTHER_ROLE, QuantConfig
+from qfx.schema import ATTENTION_OPS, LINEAR_OPS, LinearInfo, QuantSpec, linear_nodes
 
-__all__ = ["annotate", "LinearInfo", "QuantSpec", "LINEAR_OPS", "linear_nodes"]
+__all__ = ["annotate", "attention_cores", "AttentionCore", "LinearInfo", "QuantSpec", "LINEAR_OPS", "linear_nodes"]
 
 aten = torch.ops.aten
-#: a float linear (L1, L2) and the quantized linear of the QAT graph (L3), same leading args (x, W, b)
-LINEAR_OPS = {aten.linear.default, integer_linear}
-ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
-ACTIVATION_OPS = {aten.gelu.default, aten.relu.default, aten.silu.default}
-#: ops that move or reshape data without mixing tokens or channels
-TRANSPARENT_OPS = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-    aten.permute.default, aten.contiguous.default, aten.clone.default, aten.dropout.default,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.mul.Tensor, aten.div.Tensor,
-    aten.to.dtype, aten._to_copy.default, aten.flatten.using_ints,
-}
+SOFTMAX_OPS = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
+MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default})
+ADD_OPS = frozenset({aten.add.Tensor, aten.add_.Tensor})
+#: ops between softmax and the value matmul that neither mix tokens nor change values
+#: (dropout is the identity in eval; dtype casts keep the probabilities)
+_PROBS_PASS = frozenset({
+    aten.dropout.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+    aten.to.dtype, aten._to_copy.default, aten.contiguous.default, aten.clone.default,
+    aten.type_as.default, aten.alias.default,
+})
 
 
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one linear is quantized: frozen, validated against its shape."""
+@dataclass
+class AttentionCore:
+    """One attention op of the graph: ``node`` (SDPA, or the eager value matmul), the tensors
+    it reads as q, k, v and the rest of its score inputs (mask, relative-position terms)."""
 
-    weight_bits: int
-    act_bits: int  # 16: float activations (weight-only)
-    symmetric: bool
-    group_size: int | None
-    act_clip: tuple[float, float] | None
-
-    @classmethod
-    def from_config(cls, cfg: QuantConfig) -> "QuantSpec":
-        return cls(cfg.weight_bits, cfg.act_bits, cfg.symmetric, cfg.group_size, cfg.act_clip)
-
-    @property
-    def quantizes_activations(self) -> bool:
-        return self.act_bits < 16
-
-    @property
-    def precision(self) -> str:
-        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size)
+    node: Node
+    q: list[Node] = field(default_factory=list)
+    k: list[Node] = field(default_factory=list)
+    v: list[Node] = field(default_factory=list)
+    scores: list[Node] = field(default_factory=list)  # eager: the softmax input
+    extra: list[Node] = field(default_factory=list)  # SDPA: attn_mask (may carry a bias)
 
 
-@dataclass(frozen=True)
-class LinearInfo:
-    """What annotate records on a linear node."""
-
-    name: str  # readable path, e.g. "layer3.ffn_in" or "layer0.q" or "classifier"
-    layer: int | None
-    role: str  # qkv | attn_out | ffn_in | ffn_out | other
-    part: str  # q | k | v for qkv, else the role
-    weight: str  # qualified name of the weight parameter
-    in_features: int
-    out_features: int
-    spec: QuantSpec | None  # None: stays float
-    float_reason: str = ""  # why it stays float
+def _is_tensor_edge(n: Node) -> bool:
+    """Data flows along ``n`` unless it is a shape (SymInt) or other non-tensor value:
+    ``x.size(1)`` must not make ``x`` an ancestor of what uses the size."""
+    val = n.meta.get("val")
+    return val is None or isinstance(val, torch.Tensor) or (
+        isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
+    )
 
 
-def linear_nodes(gm: GraphModule) -> list[Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_OPS]
+def _is_linear(n: Node) -> bool:
+    return n.op == "call_function" and n.target in LINEAR_OPS
 
 
-def _is_transparent(n: Node) -> bool:
-    if n.op != "call_function" or n.target not in TRANSPARENT_OPS:
-        return False
-    if n.target in (aten.mul.Tensor, aten.div.Tensor):  # scaling by a constant only
-        return not isinstance(n.args[1], Node)
-    return True
+def _through_probs(n: Node) -> Node | None:
+    """From a softmax, follow its single-use chain of pass-through ops to a matmul reading the
+    probabilities as its first operand (the value matmul); None if there is none."""
+    cur = n
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if u.op != "call_function":
+            return None
+        if u.target in MATMUL_OPS and u.args[0] is cur:
+            return u
+        if u.target not in _PROBS_PASS or u.args[0] is not cur:
+            return None
+        cur = u
 
 
-def _producer(n: Node) -> Node:
-    """Walk back from ``n`` through transparent ops along the data input."""
-    while isinstance(n, Node) and _is_transparent(n):
-        n = n.args[0]
-    return n
+def attention_cores(gm: GraphModule) -> list[AttentionCore]:
+    """Every attention core of ``gm`` (SDPA or eager), in graph order."""
+    cores = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in ATTENTION_OPS:
+            tensors = [a for a in n.args[3:] if isinstance(a, Node)] + [a for a in n.kwargs.values() if isinstance(a, Node)]
+            cores.append(AttentionCore(n, [n.args[0]], [n.args[1]], [n.args[2]], extra=tensors))
+        elif n.target in SOFTMAX_OPS:
+            pv = _through_probs(n)
+            if pv is not None:
+                cores.append(AttentionCore(pv, v=[pv.args[1]], scores=[n.args[0]]))
+    return cores  # graph order: each core was appended at its SDPA / softmax node
 
 
-def _consumers(n: Node) -> list[Node]:
-    """Non-transparent users reached from ``n`` along data (first) inputs."""
-    out, stack = [], [n]
+def _linear_sources(starts: list[Node], stop: set[Node] = frozenset()) -> set[Node]:
+    """Linears that reach one of ``starts`` along tensor edges without crossing another linear
+    (the walk also stops at ``stop``: the layer's input)."""
+    found, seen, stack = set(), set(), list(starts)
     while stack:
-        cur = stack.pop()
-        for u in cur.users:
-            if _is_transparent(u) and u.args[0] is cur:
+        n = stack.pop()
+        if n in seen or not isinstance(n, Node):
+            continue
+        seen.add(n)
+        if _is_linear(n):
+            found.add(n)
+            continue
+        if n in stop:
+            continue
+        stack.extend(a for a in n.all_input_nodes if _is_tensor_edge(a))
+    return found
+
+
+def _linear_sinks(start: Node) -> set[Node]:
+    """Linears reached from ``start`` along tensor edges without crossing another linear."""
+    found, seen, stack = set(), set(), [start]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if _is_linear(u):
+                found.add(u)
+            elif _is_tensor_edge(u):
                 stack.append(u)
+    return found
+
+
+def _ancestors(n: Node) -> set[Node]:
+    seen, stack = set(), [n]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen and _is_tensor_edge(a):
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _closes_residual(lin: Node, cross_linears: bool) -> bool:
+    """Some ``add`` downstream of ``lin`` adds a tensor that is an ancestor of ``lin``'s
+    input: ``lin`` sits inside a residual block (an FFN), not in a head."""
+    anc = _ancestors(lin)
+    seen, stack = set(), [lin]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.op == "call_function" and u.target in ADD_OPS:
+                other = [a for a in u.args[:2] if isinstance(a, Node) and a is not n]
+                if any(o in anc for o in other):
+                    return True
+            if _is_linear(u) and not cross_linears:
+                continue
+            if _is_tensor_edge(u):
+                stack.append(u)
+    return False
+
+
+def _last_core_before(gm: GraphModule, cores: list[AttentionCore]) -> dict[Node, int | None]:
+    """node -> index of the last attention core among its (tensor-edge) ancestors."""
+    index = {c.node: i for i, c in enumerate(cores)}
+    last: dict[Node, int | None] = {}
+    for n in gm.graph.nodes:
+        prev = [last[a] for a in n.all_input_nodes if _is_tensor_edge(a) and last.get(a) is not None]
+        here = max(prev) if prev else None
+        if n in index:
+            here = index[n] if here is None else max(here, index[n])
+        last[n] = here
+    return last
+
+
+@dataclass
+class _Role:
+    layer: int | None
+    role: str
+    part: str
+    why_float: str = ""  # for role "other": the true reason it is not a transformer linear
+
+
+def _classify(gm: GraphModule) -> dict[Node, _Role]:
+    """linear node -> its layer, role and part, from the structure around attention cores."""
+    cores = attention_cores(gm)
+    roles: dict[Node, _Role] = {}
+    for i, core in enumerate(cores):
+        v_lin = _linear_sources(core.v)
+        layer_in = {lin.args[0] for lin in v_lin}  # the tensor q, k and v are computed from
+        q_lin = _linear_sources(core.q, layer_in)
+        k_lin = _linear_sources(core.k, layer_in)
+        score_lin = _linear_sources(core.scores + core.extra, layer_in)
+        if core.scores:  # eager: q and k are the layer-input linears of the score matmul
+            q_lin, k_lin = _split_qk(core, {s for s in score_lin if s.args[0] in layer_in})
+        for lin in q_lin | k_lin | v_lin | score_lin:
+            slots = "".join(p for p, s in (("q", q_lin), ("k", k_lin), ("v", v_lin)) if lin in s)
+            if lin in v_lin and lin.args[0] in layer_in and len(slots) == 3:
+                roles[lin] = _Role(i, "qkv", "qkv")
+            elif len(slots) == 1:
+                roles[lin] = _Role(i, "qkv", slots)
             else:
-                out.append(u)
-    return out
+                roles[lin] = _Role(i, OTHER_ROLE, "attn_bias", (
+                    f"in layer {i}, but it feeds the attention scores from a tensor other than the "
+                    "layer's input (DeBERTa: a relative-position projection), so it is none of qkv/attn_out/ffn_in/ffn_out"
+                ))
+        for lin in _linear_sinks(core.node):
+            roles.setdefault(lin, _Role(i, "attn_out", "attn_out"))
+    last = _last_core_before(gm, cores)
+    ffn: dict[int, list[Node]] = defaultdict(list)
+    for lin in linear_nodes(gm):
+        if lin in roles:
+            continue
+        i = last[lin]
+        if i is None:
+            roles[lin] = _Role(None, OTHER_ROLE, OTHER_ROLE, "outside the encoder layers (before the first attention: an input projection)")
+        elif i < len(cores) - 1 or _closes_residual(lin, cross_linears=True):
+            ffn[i].append(lin)
+        else:
+            roles[lin] = _Role(None, OTHER_ROLE, OTHER_ROLE, "outside the encoder layers (after the last layer, with no residual around it: a pooler or head)")
+    for i, group in ffn.items():
+        outs = [lin for lin in group if _closes_residual(lin, cross_linears=False)] or group[-1:]
+        for lin in group:
+            roles[lin] = _Role(i, "ffn_out" if lin in outs else "ffn_in", "ffn_out" if lin in outs else "ffn_in")
+    return roles
 
 
-def _param_name(gm: GraphModule, node: Node) -> str:
+def _split_qk(core: AttentionCore, candidates: set[Node]) -> tuple[set[Node], set[Node]]:
+    """Eager attention: q and k are the operands of the score matmul whose both operands come
+    from layer-input linears (DeBERTa's other score matmuls pair q or k with a position term)."""
+    seen, stack = set(), list(core.scores)
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, Node) or _is_linear(n):
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in MATMUL_OPS:
+            a, b = (_linear_sources([x]) for x in n.args[:2])
+            if a and b and a <= candidates and b <= candidates:
+                return a, b
+        stack.extend(x for x in n.all_input_nodes if _is_tensor_edge(x))
+    return set(), set()
+
+
+def _names(gm: GraphModule, linears: list[Node], roles: dict[Node, _Role]) -> dict[Node, str]:
+    """Readable unique names: ``layer3.q``, ``layer3.ffn_in`` (``ffn_in0``/``ffn_in1`` when a
+    layer has several), ``pooler.dense`` (the weight's path) outside the layers."""
+    base = {}
+    for n in linears:
+        r = roles[n]
+        base[n] = f"layer{r.layer}.{r.part}" if r.layer is not None else _param_name(n.args[1]).removesuffix(".weight")
+    count, seen = Counter(base.values()), Counter()
+    names = {}
+    for n in linears:
+        b = base[n]
+        if count[b] > 1:
+            names[n] = f"{b}{seen[b]}"
+            seen[b] += 1
+        else:
+            names[n] = b
+    dup = [k for k, c in Counter(names.values()).items() if c > 1]
+    if dup:  # e.g. "layer0.ffn_in1" also produced as a base name: never share a label
+        raise RuntimeError(f"qfx internal error: annotate gave two linears the same name {dup}; please report it")
+    return names
+
+
+def _param_name(node: Node) -> str:
     if isinstance(node, Node) and node.op == "get_attr":
         return str(node.target)
-    raise ValueError(f"linear {node} takes a computed weight, not a parameter; qfx quantizes parameters only")
+    raise ValueError(f"linear weight {node} is computed, not a parameter; qfx quantizes parameters only")
 
 
 def _shape(gm: GraphModule, weight: str) -> tuple[int, int]:
@@ -122,39 +306,6 @@ def _shape(gm: GraphModule, weight: str) -> tuple[int, int]:
     if w.dim() != 2:
         raise ValueError(f"linear weight {weight} has shape {tuple(w.shape)}, expected 2-D")
     return int(w.shape[0]), int(w.shape[1])
-
-
-def _find_roles(gm: GraphModule) -> dict[Node, tuple[int | None, str, str]]:
-    """linear node -> (layer, role, part)."""
-    roles: dict[Node, tuple[int | None, str, str]] = {}
-    attn = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
-    for layer, sdpa in enumerate(attn):
-        for part, arg in zip("qkv", sdpa.args[:3]):
-            src = _producer(arg)
-            if src.target in LINEAR_OPS:
-                roles[src] = (layer, "qkv", part)
-        for u in _consumers(sdpa):
-            if u.target in LINEAR_OPS and _producer(u.args[0]) is sdpa:
-                roles[u] = (layer, "attn_out", "attn_out")
-    dag = nx.DiGraph((a, n) for n in gm.graph.nodes for a in n.all_input_nodes)
-    attn_index = {n: i for i, n in enumerate(attn)}
-
-    def layer_of(n: Node) -> int | None:
-        idx = [attn_index[a] for a in nx.ancestors(dag, n) if a in attn_index]
-        return max(idx) if idx else None
-
-    for act in (n for n in gm.graph.nodes if n.op == "call_function" and n.target in ACTIVATION_OPS):
-        src = _producer(act.args[0])
-        outs = [u for u in _consumers(act) if u.target in LINEAR_OPS and u not in roles and _producer(u.args[0]) is act]
-        # An FFN ends in the residual add; a head (DistilBERT's pre_classifier -> ReLU ->
-        # classifier) has the same linear-act-linear shape but no residual.
-        outs = [u for u in outs if any(c.target == aten.add.Tensor for c in _consumers(u))]
-        if not outs or src.target not in LINEAR_OPS or src in roles:
-            continue
-        roles[src] = (layer_of(src), "ffn_in", "ffn_in")
-        for u in outs:
-            roles[u] = (layer_of(u), "ffn_out", "ffn_out")
-    return roles
 
 
 def _skip_matches(entry: str, info_name: str, role: str, layer: int | None) -> bool:
@@ -173,29 +324,35 @@ def annotate(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] 
             "the model has no linear layers (no aten.linear in the captured graph): "
             "there is nothing for qfx to quantize"
         )
-    roles = _find_roles(gm)
-    has_attention = any(n.op == "call_function" and n.target in ATTENTION_OPS for n in gm.graph.nodes)
-    if config is not None and not has_attention and not config.quantize_other:
+    roles = _classify(gm)
+    in_layers = any(r.layer is not None for r in roles.values())
+    if config is not None and not in_layers and not config.quantize_other:
+        family = getattr(gm.meta.get("qfx_capture"), "model_class", type(gm).__name__)
         raise ValueError(
-            "annotate found no attention op (aten.scaled_dot_product_attention), so no linear has a "
-            "transformer role and nothing would be quantized; load the model with "
-            "attn_implementation='sdpa', or pass QuantConfig(quantize_other=True) to quantize every linear"
+            f"qfx does not support {family} yet: annotate found no attention that reads a linear "
+            "(neither aten.scaled_dot_product_attention nor matmul -> softmax -> matmul), so no linear "
+            "has a transformer role and nothing would be quantized. What to do: load the model with "
+            "attn_implementation='sdpa' or 'eager', or pass QuantConfig(quantize_other=True) to "
+            "quantize every linear as a plain linear"
         )
+    names = _names(gm, linears, roles)
+    uses: dict[str, list[str]] = defaultdict(list)
+    for node in linears:
+        uses[_param_name(node.args[1])].append(names[node])
     infos: list[tuple[Node, LinearInfo]] = []
     for node in linears:
-        weight = _param_name(gm, node.args[1])
+        weight = _param_name(node.args[1])
         n_out, k = _shape(gm, weight)
-        layer, role, part = roles.get(node, (None, OTHER_ROLE, OTHER_ROLE))
-        name = f"layer{layer}.{part}" if role != OTHER_ROLE else weight.removesuffix(".weight")
+        r, name = roles[node], names[node]
         spec, reason = None, ""
         if config is None:
             reason = "fp16 mode"
-        elif any(_skip_matches(s, name, role, layer) for s in skip):
+        elif any(_skip_matches(s, name, r.role, r.layer) for s in skip):
             reason = "skipped by the user (skip=...)"
-        elif role == OTHER_ROLE and not config.quantize_other:
-            reason = "outside the encoder layers (quantize_other=False)"
-        elif role != OTHER_ROLE and role not in config.roles:
-            reason = f"role {role} not in QuantConfig.roles"
+        elif r.role == OTHER_ROLE and not config.quantize_other:
+            reason = f"{r.why_float}; quantize_other=False"
+        elif r.role != OTHER_ROLE and r.role not in config.roles:
+            reason = f"role {r.role} not in QuantConfig.roles"
         else:
             spec = QuantSpec.from_config(config)
             if spec.group_size is not None and k % spec.group_size:
@@ -203,9 +360,13 @@ def annotate(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] 
                     f"QuantConfig(weight_group={spec.group_size}) does not divide K={k} of "
                     f"linear {name}; choose a divisor of {k}"
                 )
-        infos.append((node, LinearInfo(name, layer, role, part, weight, k, n_out, spec, reason)))
-    names = {i.name for _, i in infos}
-    valid = names | {i.role for _, i in infos} | {f"layer{i.layer}" for _, i in infos if i.layer is not None}
+        info = LinearInfo(name, r.layer, r.role, r.part, weight, k, n_out, spec, reason)
+        shared = tuple(u for u in uses[weight] if u != name)
+        if shared:
+            info = replace(info, shared_with=shared)
+        infos.append((node, info))
+    names_set = {i.name for _, i in infos}
+    valid = names_set | {i.role for _, i in infos} | {f"layer{i.layer}" for _, i in infos if i.layer is not None}
     unknown = [s for s in skip if s not in valid]
     if unknown:
         raise ValueError(f"skip={tuple(skip)!r}: no linear is called {unknown}; valid names: {sorted(valid)}")

@@ -61,6 +61,9 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
     the weights to quantize when the graph's own are a lower-precision copy."""
     graph = gm.graph
     quantized: dict[Node, Node] = {}  # ActFakeQuant node -> qfx::quantize node
+    # A weight several linears read (ALBERT's shared layers) is quantized once: its later uses
+    # read the first use's codes (same parameter, same spec, so the same codes).
+    stored: dict[tuple, tuple[str, str, str]] = {}
     for node in linear_nodes(gm):
         info: LinearInfo | None = node.meta.get("qfx")
         w_mod = _module(gm, node.args[1], WeightFakeQuant)
@@ -69,7 +72,10 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
         spec = info.spec
         w_param = gm.get_parameter(info.weight) if info.weight in dict(gm.named_parameters()) else gm.get_buffer(info.weight)
         w_src = w_param if master_weights is None else master_weights[info.weight].to(w_param.device)
-        codes, scale, offset_sum = _store_weight(gm, info, w_src, spec.weight_bits, spec.group_size)
+        key = (info.weight, spec.weight_bits, spec.group_size)
+        if key not in stored:
+            stored[key] = _store_weight(gm, info, w_src, spec.weight_bits, spec.group_size)
+        codes, scale, offset_sum = stored[key]
         bias = node.args[2] if len(node.args) > 2 else None
         out_dtype = node.meta["val"].dtype if "val" in node.meta else w_param.dtype
         x_node = node.args[0]

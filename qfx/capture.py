@@ -8,6 +8,7 @@ arguments and returning its own output structure (HF ``ModelOutput`` classes are
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import traceback
 import types
@@ -39,6 +40,11 @@ class CaptureInfo:
     device: torch.device
     dtype: torch.dtype
     example_kwargs: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: per tensor input, each dim's name when dynamic ("batch", "seq", "tokens") or its size
+    #: when the graph fixes it (a feature dim), e.g. {"input_ids": ("batch", "seq")}
+    dims: dict[str, tuple[str | int, ...]] = field(default_factory=dict)
+    #: per tensor input, the dtype the graph was captured with (export bakes it in)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 
 def capture_info(gm: torch.fx.GraphModule) -> CaptureInfo:
@@ -68,12 +74,32 @@ _DEFAULT_INPUTS = {
 
 
 def _bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """All inputs as keyword arguments (export's dynamic_shapes are keyed by name)."""
+    """All inputs as keyword arguments (export's dynamic_shapes are keyed by name).
+
+    Keywords that ``forward`` only takes through ``**kwargs`` keep their own names (HF
+    forwards end in ``**kwargs``: a misspelt ``atention_mask`` lands there)."""
+    sig = inspect.signature(model.forward)
     try:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+        bound = sig.bind_partial(*args, **kwargs)
     except TypeError as e:
         raise ValueError(f"inputs do not match {type(model).__name__}.forward: {e}") from None
-    return {k: v for k, v in bound.arguments.items() if v is not None}
+    out = {}
+    for k, v in bound.arguments.items():
+        if sig.parameters[k].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update({kk: vv for kk, vv in v.items() if vv is not None})
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _named_params(model: nn.Module) -> list[str]:
+    return [p.name for p in inspect.signature(model.forward).parameters.values()
+            if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
 
 
 def _with_defaults(params, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -87,29 +113,52 @@ def _with_defaults(params, kwargs: dict[str, Any]) -> dict[str, Any]:
     return filled
 
 
-def _widen(t: torch.Tensor) -> torch.Tensor:
-    """Grow batch/seq dims of size 1 to 2: export specializes size-1 dims to constants."""
-    for d in range(min(t.dim(), 2)):
-        if t.shape[d] == 1:
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dim_names(v: torch.Tensor) -> tuple[str | None, ...]:
+    """Which dims of an example input qfx makes dynamic, named by what an encoder does with
+    them; None: static. Token ids / masks ``[batch, seq, ...]``: batch and seq. Float inputs
+    keep their last dim static: it is the feature dim a Linear reads (``[tokens, hidden]`` or
+    ``[batch, seq, hidden]``)."""
+    if v.is_floating_point():
+        if v.dim() == 1:
+            return (None,)
+        if v.dim() == 2:
+            return ("tokens", None)
+        return ("batch", "seq") + (None,) * (v.dim() - 2)
+    return ("batch", "seq")[: v.dim()] + (None,) * max(0, v.dim() - 2)
+
+
+def _widen(t: torch.Tensor, names: tuple[str | None, ...]) -> torch.Tensor:
+    """Grow dynamic dims of size 1 to 2: export specializes size-1 dims to constants."""
+    for d, name in enumerate(names):
+        if name is not None and t.shape[d] == 1:
             t = torch.cat([t, t], dim=d)
     return t
 
 
 def _example_and_shapes(kwargs: dict[str, Any], dynamic: bool, max_seq: int | None):
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    seq = torch.export.Dim("seq", min=1, max=max_seq or (1 << 20))
-    examples, shapes = {}, {}
+    bound = {"seq": max_seq or (1 << 20)}
+    dims = {name: torch.export.Dim(name, min=1, max=bound.get(name, 1 << 20)) for name in ("batch", "seq", "tokens")}
+    examples, shapes, names = {}, {}, {}
     for name, v in kwargs.items():
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
             if v.numel() == 0:
                 raise ValueError(f"example input {name!r} is empty (shape {tuple(v.shape)}); pass a real batch")
-            v = _widen(v) if dynamic else v
-            spec = {0: batch, 1: seq} if v.dim() >= 2 else {0: batch}
-            shapes[name] = spec if dynamic else None
+            # A slice of a larger batch has strides export would tie to its sizes
+            # ("Constraints violated (seq)"): capture a contiguous copy (same values).
+            v = v.contiguous()
+            names[name] = _dim_names(v)
+            if dynamic:
+                v = _widen(v, names[name])
+                shapes[name] = {d: dims[n] for d, n in enumerate(names[name]) if n is not None} or None
+            else:
+                shapes[name] = None
         else:
             shapes[name] = None
         examples[name] = v
-    return examples, shapes
+    return examples, shapes, names
 
 
 def _exception_chain(e: BaseException):
@@ -170,12 +219,19 @@ def capture(
     if isinstance(model, torch.fx.GraphModule) and "qfx_capture" in getattr(model, "meta", {}):
         raise ValueError("model is already a qfx-captured GraphModule; capture the original nn.Module")
     kwargs = _bind_inputs(model, tuple(example_args), dict(example_kwargs or {}))
+    named = _named_params(model)
+    unnamed = [k for k, v in kwargs.items() if k not in named and isinstance(v, torch.Tensor)]
+    if unnamed:
+        raise ValueError(
+            f"example input {unnamed[0]!r} is not a parameter of {type(model).__name__}.forward "
+            f"(it takes {named}){_did_you_mean(unnamed[0], named)}"
+        )
     kwargs = _with_defaults(inspect.signature(model.forward).parameters, kwargs)
     if not kwargs:
         raise ValueError("capture needs example inputs: pass example_args or example_kwargs (e.g. input_ids)")
     max_seq = _max_positions(model)
-    examples, shapes = _example_and_shapes(kwargs, dynamic, max_seq)
-    seq_lens = [v.shape[1] for v in examples.values() if isinstance(v, torch.Tensor) and v.dim() >= 2]
+    examples, shapes, dim_names = _example_and_shapes(kwargs, dynamic, max_seq)
+    seq_lens = [v.shape[d] for k, v in examples.items() for d, n in enumerate(dim_names.get(k, ())) if n == "seq"]
     if max_seq is not None and any(s > max_seq for s in seq_lens):
         raise ValueError(f"example sequence length {max(seq_lens)} exceeds the model's maximum {max_seq}")
     was_training = model.training
@@ -205,6 +261,10 @@ def capture(
     gm.train = types.MethodType(nn.Module.train, gm)
     gm.eval = types.MethodType(nn.Module.eval, gm)
     some = next(iter(model.parameters()), None)
+    dims = {
+        k: tuple(n if (n is not None and dynamic) else int(examples[k].shape[d]) for d, n in enumerate(names))
+        for k, names in dim_names.items()
+    }
     gm.meta["qfx_capture"] = CaptureInfo(
         model_class=type(model).__name__,
         source=model,
@@ -214,6 +274,8 @@ def capture(
         device=some.device if some is not None else torch.device("cpu"),
         dtype=some.dtype if some is not None else torch.float32,
         example_kwargs=kwargs,
+        dims=dims,
+        dtypes={k: v.dtype for k, v in examples.items() if isinstance(v, torch.Tensor)},
     )
     return gm
 
@@ -229,9 +291,16 @@ def normalize_inputs(info: CaptureInfo, args: tuple, kwargs: dict) -> dict[str, 
     kwargs = _with_defaults(params, _bind_inputs(info.source, args, kwargs))
     extra = sorted(set(kwargs) - set(info.input_names))
     if extra:
+        name = extra[0]
+        known = [p for p in params if params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+        if name not in known:  # not a parameter of forward at all: most likely misspelt
+            raise ValueError(
+                f"{name!r} is not an input of {info.model_class}.forward{_did_you_mean(name, info.input_names)} "
+                f"(the model was captured with {list(info.input_names)})"
+            )
         raise ValueError(
-            f"inputs {extra} were not part of the example the model was captured with "
-            f"({list(info.input_names)}); pass them in example_kwargs when capturing"
+            f"input {name!r} was not part of the example the model was captured with "
+            f"({list(info.input_names)}); pass it in example_kwargs when capturing"
         )
     missing = sorted(set(info.input_names) - set(kwargs))
     if missing:
@@ -278,16 +347,63 @@ def _install_input_normalizer(gm: torch.fx.GraphModule) -> None:
     type(gm).__deepcopy__ = __deepcopy__  # the class is private to this instance (fx makes one per module)
 
 
+def _spelled(dims: tuple[str | int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
 def check_inputs(info: CaptureInfo, kwargs: dict) -> None:
-    """Reject inputs the captured graph cannot serve, naming the parameter."""
+    """Reject inputs the captured graph cannot serve, naming the parameter, what was given and
+    what is expected. Metadata only (dtype, rank, sizes): no copy, no device sync.
+
+    Checks, per tensor input: the dtype it was captured with (token ids stay integer); its
+    rank; its fixed (feature) dims; that inputs sharing a dynamic dim agree on its size (an
+    ``attention_mask`` as long as ``input_ids``); no empty batch or sequence; no sequence
+    longer than the model supports.
+    """
+    sizes: dict[str, tuple[str, int]] = {}  # dim name -> (first input with it, its size)
     for name, v in kwargs.items():
-        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        if not isinstance(v, torch.Tensor):
+            continue
+        want = info.dtypes.get(name)
+        if want is not None and v.dtype != want:
+            if not want.is_floating_point and v.is_floating_point():
+                fix = f"token ids are integers: pass {name}.long() (or the tokenizer's output as is)"
+            else:
+                fix = f"pass {name}.to({want})"
+            raise ValueError(f"{name} has dtype {v.dtype}, expected {want} (the dtype it was captured with); {fix}")
+        dims = info.dims.get(name)
+        if dims is not None and v.dim() != len(dims):
+            hint = f"; add the batch dim: {name}.unsqueeze(0)" if v.dim() == len(dims) - 1 else ""
+            raise ValueError(
+                f"{name} is {v.dim()}-D (shape {tuple(v.shape)}), expected {len(dims)}-D {_spelled(dims)}{hint}"
+            )
+        if v.dim() == 0:
             continue
         if v.shape[0] == 0:
             raise ValueError(f"{name} has an empty batch (shape {tuple(v.shape)}); pass at least one sequence")
         if v.dim() >= 2 and v.shape[1] == 0:
             raise ValueError(f"{name} has an empty sequence (shape {tuple(v.shape)})")
-        if info.max_seq_len is not None and v.dim() >= 2 and v.dtype in _INTEGER_INPUTS and v.shape[1] > info.max_seq_len:
+        for d, dim in enumerate(dims or ()):
+            size = int(v.shape[d])
+            if isinstance(dim, int):
+                if size != dim:
+                    raise ValueError(
+                        f"{name} has size {size} in dim {d} (shape {tuple(v.shape)}), expected {dim}: "
+                        f"the graph was captured with {name} of shape {_spelled(dims)}"
+                    )
+                continue
+            if dim == "seq" and info.max_seq_len is not None and size > info.max_seq_len:
+                raise ValueError(
+                    f"{name} has sequence length {size}, longer than the model supports "
+                    f"({info.max_seq_len}); truncate the input (tokenizer(..., truncation=True, max_length={info.max_seq_len}))"
+                )
+            first = sizes.setdefault(dim, (name, size))
+            if first[1] != size:
+                raise ValueError(
+                    f"{name} has {dim} size {size} (shape {tuple(v.shape)}), but {first[0]} has {first[1]}: "
+                    f"inputs sharing the {dim} dim must match (e.g. an attention_mask as long as input_ids)"
+                )
+        if dims is None and info.max_seq_len is not None and v.dim() >= 2 and v.dtype in _INTEGER_INPUTS and v.shape[1] > info.max_seq_len:
             raise ValueError(
                 f"{name} has sequence length {v.shape[1]}, longer than the model supports "
                 f"({info.max_seq_len}); truncate the input (tokenizer(..., truncation=True, max_length={info.max_seq_len}))"

@@ -81,7 +81,9 @@ def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: 
                 notes.append("; ".join(f"not {b}: {why}" for b, why in choice.refused))
             for part in parts:
                 shape = f"{part.out_features} x {part.in_features}"
-                rep.linears.append(LinearRow(part.name, part.layer, part.role, shape, part.spec.precision, backend, "; ".join(notes)))
+                # ALBERT-style shared layers: one parameter, one spec, so the same codes everywhere
+                shared = [f"weight shared with {', '.join(part.shared_with)} (same codes)"] if getattr(part, "shared_with", ()) else []
+                rep.linears.append(LinearRow(part.name, part.layer, part.role, shape, part.spec.precision, backend, "; ".join(notes + shared)))
         else:
             shape = f"{info.out_features} x {info.in_features}"
             rep.linears.append(LinearRow(info.name, info.layer, info.role, shape, rep.run_dtype, "float", info.float_reason))

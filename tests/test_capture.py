@@ -86,3 +86,60 @@ def test_real_minilm_captures(minilm_path):
     other = dict(tok(["a different batch of three", "b", "c c c"], padding=True, return_tensors="pt"))
     with torch.no_grad():
         assert torch.equal(gm(**other).last_hidden_state, model(**other).last_hidden_state)
+
+
+# ---------------------------------------------------------------- robustness (issue 8, item 4)
+
+
+def test_sliced_non_contiguous_example_captures_and_serves_other_shapes():
+    model = make("bert")
+    big = inputs(4, 32)
+    example = {k: v[:2, :16] for k, v in big.items()}  # a view with the big batch's strides
+    assert not example["input_ids"].is_contiguous()
+    gm = qfx.capture(model, example_kwargs=example)
+    x = inputs(3, 11, seed=4)
+    with torch.no_grad():
+        assert torch.equal(gm(**x).last_hidden_state, model(**x).last_hidden_state)
+
+
+def test_batch_one_example_then_batch_n_and_positional_args():
+    model = make("bert")
+    one = inputs(1, 8)
+    gm = qfx.capture(model, example_args=(one["input_ids"], one["attention_mask"]))
+    x = inputs(4, 5, seed=5)
+    with torch.no_grad():
+        assert torch.equal(gm(x["input_ids"], x["attention_mask"]).last_hidden_state, model(**x).last_hidden_state)
+    assert gm.meta["qfx_capture"].dims["input_ids"] == ("batch", "seq")
+
+
+class _TokenMLP(torch.nn.Module):
+    """A model whose input's last dim is the feature dim: [tokens, hidden] or [batch, seq, hidden]."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("shape, later, dims", [
+    ((5, 16), (9, 16), ("tokens", 16)),
+    ((2, 5, 16), (3, 7, 16), ("batch", "seq", 16)),
+    ((1, 1, 16), (4, 3, 16), ("batch", "seq", 16)),
+])
+def test_float_inputs_keep_their_feature_dim_static(shape, later, dims):
+    model = _TokenMLP().eval()
+    gm = qfx.capture(model, example_args=(torch.randn(shape),))
+    assert gm.meta["qfx_capture"].dims["x"] == dims
+    x = torch.randn(later)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    with pytest.raises(ValueError, match=r"x has size 8 in dim .*expected 16"):
+        gm(torch.randn(*later[:-1], 8))
+
+
+def test_misspelt_example_keyword_is_named_with_a_suggestion():
+    x = inputs(2, 8)
+    with pytest.raises(ValueError, match=r"'atention_mask' is not a parameter of BertModel.forward.*did you mean 'attention_mask'"):
+        qfx.capture(make("bert"), example_kwargs={"input_ids": x["input_ids"], "atention_mask": x["attention_mask"]})

@@ -230,18 +230,24 @@ def test_compiled_reproduces_fake_quant_within_the_bound(layers, heads, head_dim
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
 
 
-def test_eager_attention_is_reported_not_silently_left_float():
-    from transformers import BertForSequenceClassification
+def test_eager_attention_gets_the_same_roles_as_sdpa():
+    """Eager attention (matmul -> scale, mask -> softmax -> matmul) is recognised from the
+    graph's structure (issue 8: it used to be refused), with the same names as under SDPA."""
+    names = {}
+    for attn in ("eager", "sdpa"):
+        _, gm = _capture("bert_cls", layers=2, attn=attn)
+        annotate(gm, qfx.QuantConfig())
+        names[attn] = [(i.name, i.layer, i.role, i.spec is not None) for i in (n.meta["qfx"] for n in linear_nodes(gm))]
+    assert names["eager"] == names["sdpa"]
+    assert sum(q for *_, q in names["eager"]) == 12
 
-    from models import bert_config
 
-    cfg = bert_config(layers=1)
-    cfg._attn_implementation = "eager"
-    model = BertForSequenceClassification(cfg).eval()
-    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
-        qfx.prepare_qat(model, example_kwargs=inputs(2, 8))
-    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=qfx.QuantConfig(8, 8, quantize_other=True))
-    assert len(_modules(qat, WeightFakeQuant)) == 8  # 6 layer linears + pooler + classifier
+def test_model_without_attention_names_the_family_and_the_fix():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"(?s)does not support Sequential.*no attention.*quantize_other=True"):
+        qfx.prepare_qat(model, example_args=(torch.randn(2, 3, 4),))
+    qat = qfx.prepare_qat(model, example_args=(torch.randn(2, 3, 4),), config=qfx.QuantConfig(8, 8, quantize_other=True))
+    assert len(_modules(qat, WeightFakeQuant)) == 2
 
 
 @pytest.mark.parametrize("cfg", [qfx.QuantConfig(4, 4), qfx.QuantConfig(8, 8, symmetric=False), qfx.QuantConfig(4, 8, weight_group=16)])
