@@ -97,8 +97,8 @@ __global__ void quantize_rows_kernel(T const* __restrict__ x, long long k, int b
 
 
 // ---------------------------------------------------------------------------------------------
-// Warp-per-row variant for the rows BERT-class models have (K a multiple of one 16-byte vector,
-// K <= 32 lanes x 16 vectors). Each lane loads its vectors once with 16-byte loads, keeps them
+// Register-held variant for the rows BERT-class models have (K a multiple of one 16-byte vector,
+// K <= 128 lanes x 8 vectors: 8192 fp16 values): a warp per row, or 4 warps per long row. Each lane loads its vectors once with 16-byte loads, keeps them
 // in registers for both passes, reduces with warp shuffles only (no shared memory, no block
 // barrier) and stores 8 or 4 codes at a time. The arithmetic per element is the block kernel's,
 // operation for operation, and min/max reductions are exact in any order: the codes, scales and
@@ -110,14 +110,19 @@ template <> struct Vec<__half> { static constexpr int n = 8; using raw = uint4; 
 template <> struct Vec<__nv_bfloat16> { static constexpr int n = 8; using raw = uint4; };
 template <> struct Vec<float> { static constexpr int n = 4; using raw = uint4; };
 
-template <class T, int kMaxVecs>
+template <class T, int kMaxVecs, int kWarps>
 __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long rows, int k, int bits,
                                           int symmetric, int has_clip, float clip_lo,
                                           float clip_hi, int8_t* __restrict__ q,
                                           float* __restrict__ scale, float* __restrict__ offset) {
+  // kWarps == 1: each warp of the block owns a row; kWarps > 1: the block's warps share one
+  // row (long rows: fewer registers per lane, more loads in flight per row).
   constexpr int kN = Vec<T>::n;
-  const int lane = threadIdx.x % 32;
-  const long long row = static_cast<long long>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / 32;
+  constexpr int kLanes = 32 * kWarps;
+  const int lane = kWarps == 1 ? threadIdx.x % 32 : threadIdx.x;
+  const long long row = kWarps == 1
+      ? static_cast<long long>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / 32
+      : static_cast<long long>(blockIdx.x);
   if (row >= rows) return;
   const int nvec = k / kN;
   auto const* xr = reinterpret_cast<typename Vec<T>::raw const*>(x + row * k);
@@ -125,7 +130,7 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
   float lo = FLT_MAX, hi = -FLT_MAX;
 #pragma unroll
   for (int j = 0; j < kMaxVecs; ++j) {
-    const int idx = lane + 32 * j;
+    const int idx = lane + kLanes * j;
     if (idx < nvec) {
       const typename Vec<T>::raw raw = xr[idx];
       T const* e = reinterpret_cast<T const*>(&raw);
@@ -147,6 +152,19 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
     lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
     hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
   }
+  if constexpr (kWarps > 1) {  // min/max are exact in any order: the result does not change
+    __shared__ float s_lo[kWarps], s_hi[kWarps];
+    if (threadIdx.x % 32 == 0) {
+      s_lo[threadIdx.x / 32] = lo;
+      s_hi[threadIdx.x / 32] = hi;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      lo = fminf(lo, s_lo[w]);
+      hi = fmaxf(hi, s_hi[w]);
+    }
+  }
   const float half_range = static_cast<float>(1 << (bits - 1));
   const float code_lo = -half_range, code_hi = half_range - 1.f;
   float s, c, zero;
@@ -162,7 +180,7 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
   int8_t* qr = q + row * k;
 #pragma unroll
   for (int j = 0; j < kMaxVecs; ++j) {
-    const int idx = lane + 32 * j;
+    const int idx = lane + kLanes * j;
     if (idx < nvec) {
       int8_t codes[kN];
 #pragma unroll
@@ -194,25 +212,40 @@ bool launch_warp_rows(T const* x, long long rows, long long k, int bits, int sym
   if (k % kN != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(q) % 8 != 0) {
     return false;
   }
-  const long long per_lane = (k / kN + 31) / 32;
-  const dim3 grid(static_cast<unsigned>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
-  const dim3 block(32 * kWarpRowsPerBlock);
+  const long long vecs = k / kN;
   const int ki = static_cast<int>(k);
-#define QFX_WARP_CASE(V)                                                                         \
-  if (per_lane <= V) {                                                                           \
-    quantize_rows_warp_kernel<T, V><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric, has_clip, \
-                                                           clip_lo, clip_hi, q, scale, offset);  \
-    return true;                                                                                 \
-  }
-  QFX_WARP_CASE(1)
-  QFX_WARP_CASE(2)
-  QFX_WARP_CASE(3)
-  QFX_WARP_CASE(4)
-  QFX_WARP_CASE(6)
-  QFX_WARP_CASE(8)
-  QFX_WARP_CASE(12)
-  QFX_WARP_CASE(16)
+  // Rows of up to 4 vectors a lane run a warp per row; longer rows (BERT's FFN-out input,
+  // K = 3072 / 4096) run 4 warps per row, keeping registers per lane (and so occupancy) low.
+  if (vecs <= 32 * 4) {
+    const dim3 grid(static_cast<unsigned>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
+    const dim3 block(32 * kWarpRowsPerBlock);
+#define QFX_WARP_CASE(V)                                                                          \
+    if (vecs <= 32 * V) {                                                                         \
+      quantize_rows_warp_kernel<T, V, 1><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric,     \
+          has_clip, clip_lo, clip_hi, q, scale, offset);                                          \
+      return true;                                                                                \
+    }
+    QFX_WARP_CASE(1)
+    QFX_WARP_CASE(2)
+    QFX_WARP_CASE(3)
+    QFX_WARP_CASE(4)
 #undef QFX_WARP_CASE
+  }
+  if (rows > 0x7fffffffLL) return false;
+  const dim3 grid(static_cast<unsigned>(rows));
+  const dim3 block(32 * 4);
+#define QFX_ROW_CASE(V)                                                                           \
+  if (vecs <= 128 * V) {                                                                          \
+    quantize_rows_warp_kernel<T, V, 4><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric,       \
+        has_clip, clip_lo, clip_hi, q, scale, offset);                                            \
+    return true;                                                                                  \
+  }
+  QFX_ROW_CASE(2)
+  QFX_ROW_CASE(3)
+  QFX_ROW_CASE(4)
+  QFX_ROW_CASE(6)
+  QFX_ROW_CASE(8)
+#undef QFX_ROW_CASE
   return false;
 }
 
