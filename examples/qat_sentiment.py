@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import platform
 import sys
 import time
@@ -87,11 +86,14 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help=f"comma list of phases to run (teacher always runs): {','.join(PHASES)}")
     p.add_argument("--tag", default="", help="appended to every student's name (e.g. ' 9ep'), to tell runs apart in summarize_runs.py")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--precision", default="fp32", choices=tuple(qat.PRECISIONS),
+                   help="float parts while training (autocast; fp32 master weights); evaluation is always the fp32 twin")
+    p.add_argument("--dist-backend", default=None, choices=("nccl", "gloo"), help="under torchrun (default: nccl on GPUs, gloo on CPUs)")
     return p.parse_args(argv)
 
 
 def _log(*a) -> None:
-    if qat._world()[0] == 0:
+    if qat.world()[0] == 0:
         print(*a, flush=True)
 
 
@@ -117,9 +119,9 @@ def _load_teacher(model_dir: Path, device: torch.device):
 
 
 def _data(args, budget: Budget, tok):
-    snippets = rt.load_snippets(rt.find_corpus(args.data), verbose=qat._world()[0] == 0)
-    split = rt.split_by_movie(snippets, seed=args.split_seed, verbose=qat._world()[0] == 0)
-    verbose = qat._world()[0] == 0
+    snippets = rt.load_snippets(rt.find_corpus(args.data), verbose=qat.world()[0] == 0)
+    split = rt.split_by_movie(snippets, seed=args.split_seed, verbose=qat.world()[0] == 0)
+    verbose = qat.world()[0] == 0
     enc = {name: rt.encode(getattr(split, name), tok, budget.max_len, verbose, name) for name in ("train", "dev", "test")}
     if budget.train_n is not None:  # smoke: a fixed seeded subset
         g = torch.Generator().manual_seed(args.seed)
@@ -141,7 +143,7 @@ def _train_cfg(args, budget: Budget, phase: str, epochs: float, lr: float, n_tra
     return qat.TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, eval_every=budget.eval_every, eval_batch_size=128,
         ckpt_dir=str(Path(args.ckpt_dir or Path(args.out) / "ckpt") / phase), ckpt_every=max(budget.eval_every, 50), seed=args.seed, desc=phase,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty(), precision=args.precision,
     )
 
 
@@ -161,7 +163,7 @@ def _compiled_accuracy(model, mode: str, target: str, test, example) -> dict:
 
 def _record(results: dict, name: str, **fields) -> None:
     results.setdefault("models", {})[name] = fields
-    if qat._world()[0] == 0 and results.get("out"):  # after every phase: a killed run keeps what it measured
+    if qat.world()[0] == 0 and results.get("out"):  # after every phase: a killed run keeps what it measured
         Path(results["out"], "results.json").write_text(json.dumps(results, indent=1))
     row = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items() if k != "history")
     _log(f"== {name}: {row}")
@@ -173,7 +175,7 @@ def _phase_teacher(args, budget, teacher, enc, results) -> None:
     res = qat.finetune(teacher, enc["train"], enc["dev"], cfg)
     teacher.eval()
     _record(results, "teacher fp32", test_acc=qat.evaluate(teacher, enc["test"]), best_dev=res.best_dev, best_step=res.best_step,
-            steps=cfg.steps, wall_s=time.perf_counter() - t0, history=res.history)
+            steps=cfg.steps, wall_s=time.perf_counter() - t0, ckpt_mb=res.ckpt_bytes / 2**20, history=res.history)
 
 
 def _phase_ptq(args, teacher, enc, target, example, results) -> None:
@@ -208,7 +210,11 @@ def _student(args, budget, name, teacher, t_graph, enc, target, example, results
     extra |= {"sparsity": compose.sparsity(student, list(masks))} if prune else {}
     extra |= {"layers": len(keep)} if keep else {}
     _record(results, name, test_acc=fq_acc, best_dev=res.best_dev, best_step=res.best_step,
-            steps=cfg.steps, wall_s=time.perf_counter() - t0, history=res.history, **extra)
+            steps=cfg.steps, wall_s=time.perf_counter() - t0, ckpt_mb=res.ckpt_bytes / 2**20, history=res.history, **extra)
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -253,21 +259,10 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _init_distributed() -> torch.device | None:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def main(argv=None) -> dict:
     args = _args(argv)
     budget = SMOKE if args.smoke else FULL
-    device = _init_distributed() or torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
+    device = qat.init_distributed(args.dist_backend) or torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,12 +295,18 @@ def main(argv=None) -> dict:
         if key in only:
             _student(args, budget, name + args.tag, teacher, t_graph, enc, target, example, results, config, **kw)
     results["wall_s"] = time.perf_counter() - t_start
-    if qat._world()[0] == 0:
+    if qat.world()[0] == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
         (out / "results.md").write_text(_table(results) + "\n")
         _plot(results, out / "dev_curve.png")
         _log(_table(results))
         _log(f"total wall time {results['wall_s']:.0f} s on {results['device']}")
+        ckpt_root = Path(args.ckpt_dir or out / "ckpt")
+        _log(f"checkpoints: {_folder_mb(ckpt_root):.0f} MB in {ckpt_root} (finished phases keep their final weights only; "
+             "delete the folder to retrain from scratch)")
+        if args.smoke:
+            _log(f"NOTE: smoke run: every accuracy above comes from {results['sizes']['test']} test examples after a few steps "
+                 "and is noise; it checks that the pipeline runs, not how well it works (run without --smoke for the study)")
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

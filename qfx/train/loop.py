@@ -437,8 +437,11 @@ def _train(
 # --------------------------------------------------------------------------- entry points
 
 
-def finetune(model: nn.Module, train_data: EncodedData, dev_data: EncodedData | None, cfg: TrainConfig) -> TrainResult:
-    """Plain cross-entropy training of a float classifier (the fp32 teacher), in place.
+def finetune(
+    model: nn.Module, train_data: EncodedData, dev_data: EncodedData | None, cfg: TrainConfig, post_step: Callable[[], None] | None = None
+) -> TrainResult:
+    """Plain cross-entropy training of a float classifier (the fp32 teacher), in place;
+    ``post_step`` is called after every optimizer step.
 
     Example::
 
@@ -453,7 +456,7 @@ def finetune(model: nn.Module, train_data: EncodedData, dev_data: EncodedData | 
         loss = F.cross_entropy(logits.float(), labels)
         return loss, {"ce": loss.detach()}
 
-    return _train(model, step_loss, train_data, dev_data, cfg)
+    return _train(model, step_loss, train_data, dev_data, cfg, post_step)
 
 
 def distill(
