@@ -196,9 +196,9 @@ def main() -> None:
             for mode, cm in compiled.items():
                 res[f"qfx {mode}"] = median_ms(lambda: cm(**x), args.iters)
                 pool = cm._graphs
-                bucket = pool.bucket_for(x) if pool is not None else None
-                if pool is not None and bucket in pool.graphs:
-                    res[f"qfx {mode} replay"] = median_ms(pool.graphs[bucket].graph.replay, args.iters)
+                key = pool.last_key if pool is not None else None
+                if pool is not None and key in pool.graphs:
+                    res[f"qfx {mode} replay"] = median_ms(pool.graphs[key].graph.replay, args.iters)
                 direct = CompiledModel(cm.graph_module, cm.report(), cm._capture, cm.device, cuda_graphs=False)
                 direct._plan = cm._plan
                 res[f"qfx {mode} direct"] = median_ms(lambda: direct(**x), max(5, args.iters // 3))

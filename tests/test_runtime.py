@@ -117,8 +117,25 @@ def test_gpu_bucketed_graphs_replay_what_direct_launch_computes(mode):
     again = cm(**_cuda_inputs(3, 37, seed=5)).logits
     assert got.data_ptr() != again.data_ptr()  # a fresh output tensor, not the graph's static one
     assert torch.allclose(again, got, rtol=1e-3, atol=1e-3), (again, got)
-    big = cm(**_cuda_inputs(5, 70, seed=1)).logits  # outside every bucket: direct launch
+    big = cm(**_cuda_inputs(5, 60, seed=1)).logits  # batch 5 is outside every bucket: direct launch
     assert big.shape == (5, 2) and torch.isfinite(big).all() and len(cm._graphs.graphs) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_unpadded_calls_replay_the_unmasked_graph():
+    cm = _ptq(make("bert_cls", layers=2, hidden=64, heads=2), mode="int8", target=qfx.detect_target().name,
+              buckets=Buckets(batch=(4,), seq=(16,)))
+    assert cm.launch_plan.dense_module is not None  # the key-padding rewrite ran (fp16 float parts)
+    dense = inputs(4, 16, pad=False)  # CPU mask, all ones: checked on the host, no sync
+    out_dense = cm(**dense).logits
+    assert cm._graphs.last_key == (4, 16, "dense"), cm._graphs.last_key
+    padded = inputs(4, 16, pad=True)
+    cm(**padded)
+    assert cm._graphs.last_key == (4, 16)
+    with torch.inference_mode():
+        masked = cm.launch_plan.module.forward(**normalize_inputs(cm._capture, (), {k: v.cuda() for k, v in dense.items()})).logits
+    cos = torch.nn.functional.cosine_similarity(out_dense.float().flatten(), masked.float().flatten(), dim=0)
+    assert cos > 0.999, (out_dense, masked)  # an all-zero bias changes nothing but the kernel
 
 
 @pytest.mark.gpu

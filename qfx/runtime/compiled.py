@@ -87,7 +87,9 @@ class CompiledModel(nn.Module):
             if roles.why_not:
                 self._graphs_off = f"off: {roles.why_not}"
                 return None
-            self._graphs = GraphPool(self.launch_plan.module.forward, roles, self._buckets, self.device)
+            dense = self.launch_plan.dense_module
+            self._graphs = GraphPool(self.launch_plan.module.forward, roles, self._buckets, self.device,
+                                     dense_forward=None if dense is None else dense.forward)
         return self._graphs
 
     def report(self) -> CompileReport:
@@ -130,14 +132,28 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = self._normalize(args, kwargs)
-        kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
         with torch.inference_mode():
             pool = self._pool()
+            dense = pool is not None and self._all_attended(kwargs)
+            kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
             if pool is not None:
-                ok, out = pool.run(kwargs)
+                ok, out = pool.run(kwargs, dense)
                 if ok:
                     return out
             return self.launch_plan.module.forward(**kwargs)
+
+    #: a mask on the GPU is read back (a device sync) only for calls this large, where dropping
+    #: the attention bias saves more than the sync costs
+    DENSE_CHECK_TOKENS = 4096
+
+    def _all_attended(self, kwargs: dict) -> bool:
+        """Whether attention_mask is all ones (no padding anywhere), when that is cheap to know."""
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or self._plan is None or self._plan.dense_module is None:
+            return False
+        if mask.device.type != "cpu" and mask.numel() < self.DENSE_CHECK_TOKENS:
+            return False
+        return bool(mask.all())
 
     def train(self, mode: bool = True) -> "CompiledModel":
         if mode:

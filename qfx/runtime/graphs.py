@@ -51,9 +51,13 @@ class GraphPool:
     roles: DimRoles
     buckets: Buckets
     device: torch.device
+    #: the same graph with attention unmasked, replayed for calls with no padding at all (a
+    #: fused kernel without a bias is faster); None: always the masked graph
+    dense_forward: Callable[..., Any] | None = None
     graphs: "OrderedDict[tuple, _Captured]" = field(default_factory=OrderedDict)
     failed: dict[tuple, str] = field(default_factory=dict)
     captures: int = 0
+    last_key: tuple | None = None  # the graph the last call replayed
 
     def __post_init__(self):
         self._pool = torch.cuda.graph_pool_handle()
@@ -68,6 +72,15 @@ class GraphPool:
         # without an attention mask, padding the sequence would change every real token's
         # attention: the sequence length then stays exact
         return fit if self.roles.has_seq else (fit[0], first.shape[1])
+
+    def key_for(self, kwargs: dict[str, torch.Tensor], dense: bool) -> tuple | None:
+        """The graph a call replays: its bucket, plus "dense" when nothing is padded (the call
+        fills its bucket exactly and ``dense`` says its attention_mask is all ones)."""
+        bucket = self.bucket_for(kwargs)
+        if bucket is None or not dense or self.dense_forward is None:
+            return bucket
+        first = next(iter(kwargs.values()))
+        return (*bucket, "dense") if tuple(first.shape[:2]) == tuple(bucket) else bucket
 
     # -- padding -------------------------------------------------------------------------
 
@@ -107,26 +120,30 @@ class GraphPool:
 
     # -- capture and replay -----------------------------------------------------------------
 
-    def _capture(self, bucket: tuple, kwargs: dict[str, torch.Tensor]) -> _Captured:
+    def _capture(self, key: tuple, kwargs: dict[str, torch.Tensor]) -> _Captured:
+        bucket = key[:2]
+        forward = self.dense_forward if key[2:] == ("dense",) else self.forward
         static = self._static_inputs(bucket, kwargs)
         self._fill(static, kwargs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: kernel configs, workspaces, cuBLAS handles are made here
-                self.forward(**static)
+                forward(**static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self.forward(**static)
+            outputs = forward(**static)
         self.captures += 1
         leaves, spec = pytree.tree_flatten(outputs)
         return _Captured(graph, static, outputs, leaves, spec)
 
-    def run(self, kwargs: dict[str, torch.Tensor]) -> tuple[bool, Any]:
+    def run(self, kwargs: dict[str, torch.Tensor], dense: bool = False) -> tuple[bool, Any]:
         """(True, outputs) replayed from a graph, or (False, None) when this call's shape has
-        no usable bucket (the caller then launches directly)."""
-        bucket = self.bucket_for(kwargs)
+        no usable bucket (the caller then launches directly). ``dense``: the caller checked that
+        attention_mask is all ones."""
+        bucket = self.key_for(kwargs, dense)
+        self.last_key = bucket
         if bucket is None or bucket in self.failed:
             return False, None
         entry = self.graphs.get(bucket)

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule
 
-from qfx.schema import INT_LINEAR, QUANTIZE, arg, is_call, op_buffer
+from qfx.schema import ATTENTION_OPS, INT_LINEAR, QUANTIZE, arg, is_call, op_buffer
 
 __all__ = ["LaunchPlan", "bind_launchers"]
 
@@ -36,6 +36,9 @@ class LaunchPlan:
     """The lean graph and what was bound (op name -> launcher kind), or why not."""
 
     module: GraphModule
+    #: the same graph with every attention unmasked (only when the mask is a key-padding bias);
+    #: exact for calls whose attention_mask is all ones
+    dense_module: GraphModule | None = None
     bound: dict[str, str] = field(default_factory=dict)
     unbound: dict[str, str] = field(default_factory=dict)
 
@@ -96,4 +99,23 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
         if hasattr(gm, attr):
             setattr(lean, attr, getattr(gm, attr))
     plan.module = lean
+    if str(gm.meta.get("qfx_attention", "")).startswith("key-padding bias"):
+        plan.dense_module = _unmasked(lean)
     return plan
+
+
+def _unmasked(lean: GraphModule) -> GraphModule:
+    """``lean`` with ``attn_mask=None`` on every SDPA (the launchers are shared, not copied)."""
+    graph = copy.deepcopy(lean.graph)
+    for node in graph.nodes:
+        if is_call(node, ATTENTION_OPS):
+            if "attn_mask" in node.kwargs:
+                node.update_kwarg("attn_mask", None)
+            elif len(node.args) > 3:
+                node.update_arg(3, None)
+    graph.eliminate_dead_code()
+    dense = GraphModule(lean, graph, class_name="QfxLaunchPlanDense")
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(lean, attr):
+            setattr(dense, attr, getattr(lean, attr))
+    return dense
