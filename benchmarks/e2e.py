@@ -16,7 +16,7 @@ cores (Hopper has no INT4 tensor cores): an int4 number here is W4A4 *numerics*,
 hardware result. Timing: CUDA events around each call after a device synchronize (so host time
 counts), median of --iters calls after warm-up. Inputs are already on the GPU.
 
-    python benchmarks/e2e.py [--models bert-base,bert-large,minilm-l6] [--profile]
+    python benchmarks/e2e.py [--models bert-base,bert-large,minilm-l6] [--profile] [--linear]
                              [--compile-shapes goal|all|none] [--out e2e.json] [--plot e2e.png]
 """
 from __future__ import annotations
@@ -131,6 +131,41 @@ def try_torchao(hf):
     return torch.compile(m, mode="max-autotune-no-cudagraphs"), ""
 
 
+LINEAR_SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024)]  # (K, N): BERT FFN in / out
+LINEAR_TOKENS = [128, 2048, 16384]
+
+
+def linear_table(modes, iters: int, target) -> list[dict]:
+    """One nn.Linear called as users call it: fp16 eager vs qfx-compiled (graphs, and direct)."""
+    rows = []
+    for k, n in LINEAR_SHAPES:
+        lin = torch.nn.Sequential(torch.nn.Linear(k, n)).eval()
+        hf = torch.nn.Sequential(torch.nn.Linear(k, n)).eval().to("cuda", torch.float16)
+        hf.load_state_dict(lin.state_dict())
+        compiled = {}
+        for mode in modes:
+            if mode == "fp16":
+                continue
+            bits = 8 if mode == "int8" else 4
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+                compiled[mode] = qfx.compile(lin, mode=mode, target=target.name, example_args=(torch.randn(2, 128, k),),
+                                             config=qfx.QuantConfig(bits, bits, quantize_other=True))
+        for tokens in LINEAR_TOKENS:
+            x = torch.randn(tokens // 128, 128, k, device="cuda", dtype=torch.float16)
+            res = {}
+            with torch.inference_mode():
+                res["fp16 nn.Linear"] = median_ms(lambda: hf(x), iters)
+            for mode, cm in compiled.items():
+                res[f"qfx {mode}"] = median_ms(lambda: cm(x), iters)
+                direct = CompiledModel(cm.graph_module, cm.report(), cm._capture, cm.device, cuda_graphs=False)
+                direct._plan = cm._plan
+                res[f"qfx {mode} direct"] = median_ms(lambda: direct(x), iters)
+            rows.append({"k": k, "n": n, "tokens": tokens, "ms": res})
+            print(f"linear K={k:5d} N={n:5d} M={tokens:6d} " + "  ".join(f"{a}={b:.4f}" for a, b in res.items()), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert-base,bert-large,minilm-l6")
@@ -140,6 +175,7 @@ def main() -> None:
     ap.add_argument("--torchao", action="store_true", help="also time torchao int8 dynamic (where it installs)")
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown at base 128x128 and large 32x384")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--linear", action="store_true", help="also the Linear-level table (one nn.Linear as called)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -149,6 +185,7 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()} ({target.name}), torch {torch.__version__}; "
           f"int4 runs on: {target.int4_execution}", flush=True)
     rows, profiles, notes = [], {}, []
+    linear_rows = linear_table(modes, args.iters, target) if args.linear else []
     for name in args.models.split(","):
         try:
             float_model = load(name)
@@ -233,7 +270,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "target": target.name, "torch": torch.__version__,
-                       "date": time.strftime("%Y-%m-%d"), "rows": rows, "profiles": profiles, "notes": notes}, f, indent=1)
+                       "date": time.strftime("%Y-%m-%d"), "rows": rows, "linear": linear_rows,
+                       "profiles": profiles, "notes": notes}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
 

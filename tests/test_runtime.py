@@ -46,6 +46,17 @@ def test_dim_roles_tell_batch_from_seq_by_symbol():
     assert ("b", "s", "") in roles.outputs and ("b", "") in roles.outputs  # last_hidden_state, pooler
 
 
+def test_dim_roles_of_feature_inputs():
+    lin = torch.nn.Sequential(torch.nn.Linear(32, 64))
+    for x, want in ((torch.randn(4, 16, 32), ("b", "s", "")), (torch.randn(24, 32), ("b", ""))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+            cm = qfx.compile(lin, mode="int8", target="cpu", example_args=(x,), config=qfx.QuantConfig(8, 8, quantize_other=True))
+        roles = dim_roles(cm.graph_module, cm._capture.input_names)
+        assert not roles.why_not and list(roles.inputs.values()) == [want] and roles.outputs == (want,)
+        assert list(roles.inputs) == list(cm._capture.input_names)
+
+
 def test_launch_plan_drops_export_guards_and_keeps_outputs():
     cm = _ptq(make("bert_cls", layers=2))
     plan = bind_launchers(cm.graph_module)

@@ -77,18 +77,25 @@ def _symbols(val) -> list[str]:
     return [str(d.node.expr) if isinstance(d, torch.SymInt) else "" for d in val.shape]
 
 
-def dim_roles(gm: GraphModule) -> DimRoles:
-    """Read the batch and sequence symbols of the captured graph's inputs and outputs."""
+def dim_roles(gm: GraphModule, input_names: tuple[str, ...] | None = None) -> DimRoles:
+    """Read the batch and sequence symbols of the captured graph's inputs and outputs.
+
+    ``input_names``: the caller-facing names of the graph's inputs in order (placeholders may
+    be renamed, e.g. ``input`` -> ``input_1``); default: the placeholder names.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    vals = {n.name: n.meta.get("val") for n in placeholders}
-    token = next((v for v in vals.values() if isinstance(v, torch.Tensor) and v.dim() == 2
-                  and not v.is_floating_point()), None)
-    if token is None:
-        return DimRoles({}, (), False, "no [batch, seq] integer token input")
-    b_sym, s_sym = _symbols(token)
-    if not b_sym or not s_sym:
-        return DimRoles({}, (), False, "batch or sequence length was fixed at capture (not dynamic)")
-    role = {b_sym: "b", s_sym: "s"}
+    names = list(input_names) if input_names and len(input_names) == len(placeholders) else [n.name for n in placeholders]
+    vals = dict(zip(names, (n.meta.get("val") for n in placeholders)))
+    # the first input with a dynamic leading dim names the batch (token ids [B, S], or features
+    # [B, S, K] / [tokens, K]); its dim 1, when dynamic, the sequence
+    lead = next((v for v in vals.values() if isinstance(v, torch.Tensor) and v.dim() >= 1
+                 and _symbols(v)[0]), None)
+    if lead is None:
+        return DimRoles({}, (), False, "no input with a dynamic batch dim (captured with fixed shapes)")
+    syms = _symbols(lead)
+    role = {syms[0]: "b"}
+    if len(syms) > 1 and syms[1]:
+        role[syms[1]] = "s"
 
     def roles_of(val) -> tuple[str, ...] | str:
         out = []

@@ -83,7 +83,7 @@ class CompiledModel(nn.Module):
 
     def _pool(self) -> GraphPool | None:
         if self._graphs is None and self._want_graphs and not self._graphs_off:
-            roles = dim_roles(self.graph_module)
+            roles = dim_roles(self.graph_module, self._capture.input_names)
             if roles.why_not:
                 self._graphs_off = f"off: {roles.why_not}"
                 return None
