@@ -1,0 +1,257 @@
+"""Embedding QAT: knowledge distillation of a sentence-embedding model on unlabelled text.
+
+The student is ``qfx.prepare_qat(st)`` (a SentenceTransformer whose encoder is the QAT graph
+with feature taps); the teacher is the fp32 ``st``. Per batch of texts, with ``e`` the pooled
+(and, when the model normalizes, normalized) sentence embedding computed by the model's own
+Pooling / Normalize modules and ``h[l]`` the hidden state after layer ``l`` (0 = embeddings)::
+
+    loss = emb * mean_i (1 - cos(e_s[i], e_t[i]))                       embedding direction
+         + sim * mean_ij (cos(e_s[i], e_s[j]) - cos(e_t[i], e_t[j]))^2   in-batch geometry
+         + rep * sum_l MSE(h_s[l], h_t[l])  over real (unpadded) tokens  "Rep" (the paper's 3.1)
+
+``emb`` aligns each text with its teacher embedding; ``sim`` keeps the neighbourhood
+structure that retrieval reads; ``rep`` guides every layer. No labels are used.
+
+This is its own short loop (one process, no checkpoints): embedding models train in minutes
+and the KD trainer of :mod:`qfx.qat` is built around classification logits.
+
+Example::
+
+    >>> qat = qfx.prepare_qat(st, config=qfx.QuantConfig(4, 4, symmetric=False))
+    >>> result = qfx.embeddings.distill(st, qat, texts, DistillConfig(steps=200, batch_size=32))
+    >>> int4 = qfx.compile(qat, mode="int4", target="cpu")
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from qfx.embeddings.st import EncoderAdapter, _replace_encoder, encoder_of, example_inputs, require_sentence_transformers
+
+__all__ = ["EmbeddingKDWeights", "DistillConfig", "DistillResult", "distill", "embedding_kd_loss"]
+
+
+@dataclass(frozen=True)
+class EmbeddingKDWeights:
+    """Weights of the loss terms (see the module docstring); each finite and >= 0, not all 0."""
+
+    emb: float = 1.0
+    sim: float = 1.0
+    rep: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("emb", "sim", "rep"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"EmbeddingKDWeights({name}={v!r}) must be a finite weight >= 0")
+        if self.emb + self.sim + self.rep == 0:
+            raise ValueError("EmbeddingKDWeights: all weights are 0; set at least one of emb / sim / rep")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One distillation run.
+
+    Args:
+        steps: optimizer steps. batch_size: texts per step.
+        lr: peak AdamW learning rate (linear warmup over ``warmup`` of the steps, then linear decay).
+        dropout: train with the encoder's dropout on (off by default: the target is the
+            deterministic teacher, and short runs converge faster without the noise).
+        eval_every: steps between evaluations on ``eval_texts`` (0: only at the end).
+        seed: batch order and initial state are functions of (seed, step).
+    """
+
+    steps: int
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    grad_clip: float = 1.0
+    dropout: bool = False
+    eval_every: int = 0
+    seed: int = 0
+    progress: bool = True
+    desc: str = "embedding KD"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v > 0):
+                raise ValueError(f"DistillConfig({name}={v!r}) must be a positive int")
+        if not (isinstance(self.eval_every, int) and self.eval_every >= 0):
+            raise ValueError(f"DistillConfig(eval_every={self.eval_every!r}) must be an int >= 0 (0: evaluate at the end only)")
+        if not (self.lr > 0 and 0 <= self.warmup < 1):
+            raise ValueError(f"DistillConfig(lr={self.lr}, warmup={self.warmup}): need lr > 0 and 0 <= warmup < 1")
+
+
+@dataclass
+class DistillResult:
+    """``history``: one dict per evaluation (step, loss terms of that step, eval ``cos_mean``)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps_done: int = 0
+    wall_s: float = 0.0
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (a - b)^2 over the tokens where ``mask`` ([B, S]) is true; a, b: [B, S, D]."""
+    m = mask[..., None].to(a.dtype).expand_as(a)
+    return ((a - b.to(a.dtype)) ** 2 * m).sum() / m.sum().clamp_min(1)
+
+
+def embedding_kd_loss(
+    s_emb: torch.Tensor,
+    t_emb: torch.Tensor,
+    s_hidden: Sequence[torch.Tensor],
+    t_hidden: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+    weights: EmbeddingKDWeights,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one batch (module docstring) and the float value of each term.
+
+    Args:
+        s_emb, t_emb: ``[B, D]`` sentence embeddings. s_hidden, t_hidden: ``[B, S, D]`` hidden
+            states per layer (same count). attention_mask: ``[B, S]``, 1 on real tokens.
+    """
+    if s_emb.shape != t_emb.shape:
+        raise ValueError(f"student embeddings {tuple(s_emb.shape)} and teacher embeddings {tuple(t_emb.shape)} differ: different models")
+    terms: dict[str, torch.Tensor] = {}
+    s_n, t_n = F.normalize(s_emb.float(), dim=-1), F.normalize(t_emb.float(), dim=-1).detach()
+    if weights.emb:
+        terms["emb"] = (1 - (s_n * t_n).sum(-1)).mean()
+    if weights.sim:
+        terms["sim"] = ((s_n @ s_n.T - t_n @ t_n.T) ** 2).mean()
+    if weights.rep:
+        if len(s_hidden) != len(t_hidden) or not s_hidden:
+            raise ValueError(f"Rep loss: the student has {len(s_hidden)} hidden states and the teacher {len(t_hidden)}")
+        valid = attention_mask.bool()
+        terms["rep"] = sum(_masked_mse(s.float(), t.float().detach(), valid) for s, t in zip(s_hidden, t_hidden))
+    total = sum(getattr(weights, k) * v for k, v in terms.items())
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _tapped_teacher(teacher, device: torch.device):
+    """A frozen copy of the fp32 SentenceTransformer on ``device`` whose encoder is a graph with
+    feature taps, captured there (a captured graph runs only on its capture device)."""
+    from qfx.capture import capture
+    from qfx.passes.expose_features import expose_features
+
+    encoder = copy.deepcopy(encoder_of(teacher)).to(device).eval()
+    gm = expose_features(capture(encoder, example_kwargs=example_inputs(teacher, device=device)))
+    out = _replace_encoder(teacher, EncoderAdapter(gm, encoder.config, torch.float32))
+    for module in list(out)[1:]:
+        module.to(device)
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out.eval()
+
+
+def _embed(st, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sentence embeddings through ``st``'s own modules (its pooling, dense, normalize)."""
+    return st(dict(inputs))["sentence_embedding"]
+
+
+def _hidden(rec) -> list[torch.Tensor]:
+    return [rec.hidden[i] for i in sorted(rec.hidden)]
+
+
+@torch.no_grad()
+def _eval_cos(teacher, student, texts: Sequence[str], batch_size: int) -> float:
+    cos = []
+    for start in range(0, len(texts), batch_size):
+        inputs = example_inputs(teacher, texts[start : start + batch_size])
+        cos.append(F.cosine_similarity(_embed(student, inputs).float(), _embed(teacher, inputs).float(), dim=-1))
+    return float(torch.cat(cos).mean())
+
+
+def distill(
+    teacher,
+    student,
+    texts: Sequence[str],
+    cfg: DistillConfig,
+    weights: EmbeddingKDWeights = EmbeddingKDWeights(),
+    eval_texts: Sequence[str] | None = None,
+) -> DistillResult:
+    """Train ``student`` (``qfx.prepare_qat`` of ``teacher``) to embed ``texts`` as ``teacher`` does.
+
+    Args:
+        teacher: the fp32 ``SentenceTransformer``. student: ``qfx.prepare_qat(teacher, ...)``
+            (a SentenceTransformer holding the QAT graph with feature taps); trained in place.
+        texts: unlabelled training texts. eval_texts: held-out texts for the mean cosine to
+            the teacher in ``history`` (optional).
+
+    Returns:
+        :class:`DistillResult`; ``student`` is left in eval mode.
+    """
+    from qfx.api import is_qat_model
+    from qfx.passes.expose_features import FeatureRecorder, feature_taps
+
+    require_sentence_transformers()
+    gm = encoder_of(student)
+    if not is_qat_model(gm):
+        raise ValueError("student: expected qfx.prepare_qat(teacher) (a SentenceTransformer holding a QAT graph), got a model without one")
+    if weights.rep and not feature_taps(gm):
+        raise ValueError("student: its QAT graph has no feature taps for the Rep loss; prepare it with qfx.prepare_qat(st) (taps are on by default)")
+    texts = [t for t in texts if t and t.strip()]
+    if len(texts) < 2:
+        raise ValueError(f"texts: need at least 2 non-empty texts to distil on, got {len(texts)}")
+    device = student.device
+    t_st = _tapped_teacher(teacher, device)
+    t_rec, s_rec = FeatureRecorder(encoder_of(t_st)), FeatureRecorder(gm)
+    params = [p for p in student.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warm = max(int(cfg.warmup * cfg.steps), 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(cfg.steps - warm, 1))
+    )
+    from tqdm.auto import tqdm
+
+    result, t0 = DistillResult(), time.perf_counter()
+    per_epoch = max(len(texts) // cfg.batch_size, 1)
+    student.train(cfg.dropout)
+    with tqdm(total=cfg.steps, desc=cfg.desc, disable=not cfg.progress, dynamic_ncols=True, leave=False) as bar:
+        for step in range(cfg.steps):
+            epoch, pos = divmod(step, per_epoch)
+            perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            batch = [texts[i] for i in perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].tolist()]
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, when on, is a function of the step
+            inputs = example_inputs(teacher, batch, device=device)
+            with torch.no_grad(), t_rec:
+                t_emb = _embed(t_st, inputs)
+                t_hidden = _hidden(t_rec)
+            with s_rec:
+                s_emb = _embed(student, inputs)
+                s_hidden = _hidden(s_rec)
+            loss, parts = embedding_kd_loss(s_emb, t_emb, s_hidden, t_hidden, inputs["attention_mask"], weights)
+            t_rec.clear(), s_rec.clear()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()})
+            last = step + 1 == cfg.steps
+            if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                row = {"step": step + 1, "loss": float(loss.detach()), **parts}
+                if eval_texts:
+                    student.eval()
+                    row["cos_mean"] = _eval_cos(t_st, student, list(eval_texts), 128)
+                    student.train(cfg.dropout)
+                    if cfg.progress:
+                        bar.write(f"[{cfg.desc}] step {step + 1}: held-out cosine to the teacher {row['cos_mean']:.4f}")
+                result.history.append(row)
+    student.eval()
+    result.steps_done, result.wall_s = cfg.steps, time.perf_counter() - t0
+    return result
