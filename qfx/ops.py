@@ -20,6 +20,10 @@ Ops (shapes; ``...`` are leading token dims, flattened to M inside kernels)::
                                       run them on INT4 tensor cores)
     qfx::weight_only_linear(x [..., K] float, w, w_bits, w_scale [N, G], bias [N]?, backend)
         -> [..., N] x.dtype
+    qfx::add_layer_norm_quantize(a [..., K], b [..., K]?, weight [K], bias [K], eps, bits,
+                                 symmetric, clip_lo, clip_hi, backend)
+        -> (y = layer_norm(a + b) [..., K] a.dtype, codes, scale [...], offset [...])
+                                     (the codes are those of quantize(y): a fused producer)
 
 The semantics are those of :mod:`qfx.numerics` (``quantize_activation``,
 ``int_matmul_reference``, ``int_linear_reference``).
@@ -35,7 +39,7 @@ __all__ = ["register_impl", "registered_backends", "OPS"]
 
 #: (op name, backend name) -> implementation with the op's signature minus ``backend``.
 _IMPLS: dict[tuple[str, str], Callable] = {}
-OPS = ("quantize", "int_matmul", "int_linear", "weight_only_linear")
+OPS = ("quantize", "int_matmul", "int_linear", "weight_only_linear", "add_layer_norm_quantize")
 
 
 def register_impl(op: str, backend: str, fn: Callable) -> None:
@@ -136,3 +140,30 @@ def weight_only_linear(
 @weight_only_linear.register_fake
 def _(x, w, w_bits, w_scale, bias, backend):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("qfx::add_layer_norm_quantize", mutates_args=())
+def add_layer_norm_quantize(
+    a: Tensor,
+    b: Optional[Tensor],
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    bits: int,
+    symmetric: bool,
+    clip_lo: Optional[float],
+    clip_hi: Optional[float],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _impl("add_layer_norm_quantize", backend)(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi)
+
+
+@add_layer_norm_quantize.register_fake
+def _(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, backend):
+    lead = a.shape[:-1]
+    return (
+        torch.empty_like(a),
+        a.new_empty(a.shape, dtype=torch.int8),
+        a.new_empty(lead, dtype=torch.float32),
+        a.new_empty(lead, dtype=torch.float32),
+    )

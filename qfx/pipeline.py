@@ -4,7 +4,8 @@
 
     L1 aten graph --annotate--> L2 --insert_fake_quant--> L3 QAT graph
        --remove_dropout, lower_to_integer--> L4 integer graph (reference ops, any device)
-       --fuse_bias_gelu, fuse_qkv, key_padding_attention (GPU), plan--> L5 target graph
+       --fuse_bias_gelu, fuse_qkv, key_padding_attention (GPU), plan,
+         fuse_add_layer_norm_quantize (GPU)--> L5 target graph
 
 Each pass is ``GraphModule -> GraphModule`` (qfx.passes); here each is wrapped to take the
 one :class:`PassContext`. :func:`run_passes` lints after every pass and, when one fails,
@@ -25,6 +26,7 @@ from qfx.passes.expose_features import expose_features
 from qfx.passes.fake_quant import insert_fake_quant
 from qfx.passes.fuse_gelu import fuse_bias_gelu
 from qfx.passes.attention import key_padding_attention
+from qfx.passes.fuse_norm_quant import fuse_add_layer_norm_quantize
 from qfx.passes.fuse_qkv import fuse_qkv
 from qfx.passes.lower_integer import lower_to_integer
 from qfx.passes.plan import plan
@@ -69,6 +71,8 @@ COMPILE_PASSES: tuple[Pass, ...] = (
     ("fuse_qkv", lambda gm, c: fuse_qkv(gm)),
     ("key_padding_attention", lambda gm, c: key_padding_attention(gm, c.float_dtype) if c.target.device == "cuda" else gm),
     ("plan", lambda gm, c: plan(gm, c.target)),
+    ("fuse_add_layer_norm_quantize",
+     lambda gm, c: fuse_add_layer_norm_quantize(gm, c.float_dtype) if c.target.device == "cuda" else gm),
 )
 
 

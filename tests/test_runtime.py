@@ -158,3 +158,61 @@ def test_gpu_runtime_bad_inputs():
     zero = {k: v.cuda() for k, v in x.items()}
     zero["attention_mask"][0] = 0  # an all-zero mask row: finite (uniform attention), never NaN
     assert torch.isfinite(cm(**zero).logits).all()
+
+
+def test_fuse_add_layer_norm_quantize_matches_the_unfused_graph_on_the_reference():
+    """The pass rewires add -> layer_norm -> quantize into one op; on the reference backend the
+    op computes exactly the unfused ops, so the whole model output is unchanged bit for bit."""
+    import copy
+
+    from qfx.passes.fuse_norm_quant import fuse_add_layer_norm_quantize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        cm = qfx.compile(make("bert_cls", layers=2), mode="int8", target="cpu", example_kwargs=inputs(2, 8),
+                         float_dtype=torch.bfloat16)
+    x = normalize_inputs(cm._capture, (), inputs(3, 11, seed=3))
+    gm = cm.graph_module
+    before = gm(**x).logits
+    fused_gm = fuse_add_layer_norm_quantize(copy.deepcopy(gm), torch.bfloat16, backend="reference",
+                                            fits=lambda k, dtype: (True, ""))
+    n_fused, _ = fused_gm.meta["qfx_fused_norms"]
+    fused_ops = [n for n in fused_gm.graph.nodes if n.target == torch.ops.qfx.add_layer_norm_quantize.default]
+    # the LayerNorms that feed a quantize: embeddings, layer 0 (attention-out, FFN-out), layer 1
+    # attention-out (layer 1's FFN-out LayerNorm feeds the float pooler)
+    assert n_fused == len(fused_ops) == 4
+    # each with its residual add, except the embeddings' (its position add broadcasts [1, S, H])
+    assert sum(n.args[1] is not None for n in fused_ops) == 3
+    assert not [n for n in fused_gm.graph.nodes if n.target == torch.ops.qfx.quantize.default
+                and n.args[0].target == torch.ops.aten.layer_norm.default]
+    assert torch.equal(fused_gm(**x).logits, before)
+    refused = fuse_add_layer_norm_quantize(copy.deepcopy(gm), torch.bfloat16, backend="reference",
+                                           fits=lambda k, dtype: (False, "too long"))
+    assert refused.meta["qfx_fused_norms"] == (0, "too long")
+    kept = fuse_add_layer_norm_quantize(copy.deepcopy(gm), torch.float32, backend="reference")
+    assert kept.meta["qfx_fused_norms"][0] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits, symmetric", [(8, True), (4, False)])
+def test_gpu_add_layer_norm_quantize_kernel(dtype, bits, symmetric):
+    from qfx import numerics
+    from qfx.backends import cutlass as qc
+
+    if not qc.available()[0]:
+        pytest.skip(qc.available()[1])
+    g = torch.Generator().manual_seed(bits)
+    for rows, k in [(1, 64), (37, 768), (300, 1024), (5, 384)]:
+        a = (torch.randn(rows, k, generator=g) * 3).to(dtype).cuda()
+        b = torch.randn(rows, k, generator=g).to(dtype).cuda()
+        w = (torch.rand(k, generator=g) + 0.5).to(dtype).cuda()
+        beta = (torch.randn(k, generator=g) * 0.1).to(dtype).cuda()
+        for bb in (b, None):
+            y, q, s, c = qc.add_layer_norm_quantize(a, bb, w, beta, 1e-12, bits, symmetric)
+            s_ref = a if bb is None else a + bb
+            y_ref = torch.nn.functional.layer_norm(s_ref.float(), (k,), w.float(), beta.float(), 1e-12)
+            assert (y.float() - y_ref).abs().max() <= 2e-2 * y_ref.abs().max()  # fp16/bf16 rounding of y
+            # the codes are exactly those of the y the kernel returned
+            rq, rs, rc = numerics.quantize_activation(y.cpu(), bits, symmetric, None)
+            assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(c.cpu(), rc)

@@ -26,7 +26,8 @@ from .configs import KernelConfig, by_name
 from .dispatch import choose
 
 __all__ = ["library", "sm_count", "device_family", "pick_config", "run_gemm", "unpack_int4_into",
-           "pack_rows_int4", "quantize_rows", "LinearLauncher", "QuantizeLauncher", "BadInput"]
+           "pack_rows_int4", "quantize_rows", "LinearLauncher", "QuantizeLauncher",
+           "AddLayerNormQuantizeLauncher", "add_layer_norm_fits", "BadInput"]
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -34,6 +35,12 @@ _WORKSPACE_BYTES: dict[tuple, int] = {}
 _QUANTIZE_ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int,
                       ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+_ADD_LN_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                    ctypes.c_longlong, ctypes.c_longlong, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+                    ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+#: the fused add + LayerNorm + quantize kernel holds a row in one warp's registers
+ADD_LN_MAX_K = 1024
 _UNPACK_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p]
 
 
@@ -252,3 +259,44 @@ class LinearLauncher:
         if status:
             _library.check(status, "dequant epilogue")
         return out
+
+
+def add_layer_norm_fits(k: int, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether the fused add + LayerNorm + quantize kernel takes rows of ``k`` ``dtype`` values."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False, f"float parts in {dtype}: the fused kernel reads fp16 / bf16"
+    if k % 8 or k > ADD_LN_MAX_K:
+        return False, f"K={k}: the fused kernel takes K a multiple of 8 up to {ADD_LN_MAX_K}"
+    lib, why = _library.load()
+    if lib is None:
+        return False, why
+    if not lib.has("qfx_add_layer_norm_quantize"):
+        return False, f"{lib.path} has no fused add + LayerNorm + quantize kernel: rebuild it"
+    return True, ""
+
+
+class AddLayerNormQuantizeLauncher:
+    """``qfx::add_layer_norm_quantize`` bound at compile time (eps, bits, clip):
+    ``(a, b, weight, bias) -> (y, codes, scale, offset)``, one kernel."""
+
+    def __init__(self, eps: float, bits: int, symmetric: bool, clip: tuple[float, float] | None) -> None:
+        self._fn = library().fn("qfx_add_layer_norm_quantize", argtypes=_ADD_LN_ARGTYPES)
+        self.eps, self.bits = float(eps), int(bits)
+        self._sym, self._has_clip = int(bool(symmetric)), int(clip is not None)
+        self._lo, self._hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
+
+    def __call__(self, a, b, weight, bias):
+        a = a.contiguous()
+        b = None if b is None else b.contiguous()
+        k = a.shape[-1]
+        y = torch.empty_like(a)
+        q = torch.empty(a.shape, dtype=torch.int8, device=a.device)
+        scale = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+        offset = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+        status = self._fn(a.data_ptr(), None if b is None else b.data_ptr(), weight.data_ptr(),
+                          bias.data_ptr(), dtype_code(a.dtype), a.numel() // k, k, self.eps, self.bits,
+                          self._sym, self._has_clip, self._lo, self._hi, y.data_ptr(), q.data_ptr(),
+                          scale.data_ptr(), offset.data_ptr(), torch.cuda.current_stream(a.device).cuda_stream)
+        if status:
+            _library.check(status, "add + LayerNorm + quantize")
+        return y, q, scale, offset

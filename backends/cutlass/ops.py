@@ -15,10 +15,10 @@ from . import _library
 from ._validate import BadInput, check_multiple, check_same_device, check_tensor
 from .capability import MAX_EXACT_K
 from .configs import by_name
-from .launch import (device_family, dtype_code, library, pack_rows_int4, pick_config, quantize_rows,
+from .launch import (AddLayerNormQuantizeLauncher, add_layer_norm_fits, device_family, dtype_code, library, pack_rows_int4, pick_config, quantize_rows,
                      run_gemm, sm_count, unpack_int4_into)
 
-__all__ = ["int_matmul", "int_linear", "quantize", "unpack_int4"]
+__all__ = ["int_matmul", "int_linear", "quantize", "unpack_int4", "add_layer_norm_quantize"]
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -214,3 +214,26 @@ def quantize(x, bits, symmetric, clip_lo=None, clip_hi=None):
     clip = None if clip_lo is None else (clip_lo, clip_hi)
     quantize_rows(x, bits, symmetric, clip, q, scale, offset)
     return q, scale, offset
+
+
+def add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo=None, clip_hi=None):
+    """``y = layer_norm(a + b)`` and the token-wise codes of ``y`` in one kernel (fp16 / bf16,
+    K a multiple of 8 up to 1024); the codes equal :func:`quantize` of the returned ``y``."""
+    if bits not in (4, 8):
+        raise BadInput(f"bits={bits}: the fused kernel takes 4 or 8")
+    k = a.shape[-1]
+    ok, why = add_layer_norm_fits(k, a.dtype)
+    if not ok:
+        raise BadInput(why)
+    for name, t in (("a", a), ("b", b), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(t.contiguous(), name, (a.dtype,))
+    if b is not None and b.shape != a.shape:
+        raise BadInput(f"b has shape {tuple(b.shape)}; expected a's shape {tuple(a.shape)}")
+    if tuple(weight.shape) != (k,) or tuple(bias.shape) != (k,):
+        raise BadInput(f"weight / bias have shapes {tuple(weight.shape)} / {tuple(bias.shape)}; expected ({k},)")
+    check_same_device(a=a, b=b, weight=weight, bias=bias)
+    if (clip_lo is None) != (clip_hi is None):
+        raise BadInput("clip_lo and clip_hi go together: pass both or neither")
+    clip = None if clip_lo is None else (clip_lo, clip_hi)
+    return AddLayerNormQuantizeLauncher(eps, bits, symmetric, clip)(a, b, weight, bias)

@@ -52,7 +52,14 @@ def _weight_only_linear(x, w, w_bits, w_scale, bias):
     return torch.nn.functional.linear(x, w_hat.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+def _add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi):
+    s = a if b is None else a + b
+    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return (y, *_quantize(y, bits, symmetric, clip_lo, clip_hi))
+
+
 register_impl("quantize", NAME, _quantize)
+register_impl("add_layer_norm_quantize", NAME, _add_layer_norm_quantize)
 register_impl("int_matmul", NAME, _int_matmul)
 register_impl("int_linear", NAME, _int_linear)
 register_impl("weight_only_linear", NAME, _weight_only_linear)

@@ -96,8 +96,15 @@ class CompiledModel(nn.Module):
         return self._report
 
     def runtime_report(self) -> str:
-        """How calls run: graphs captured per bucket, buckets that fell back, launchers bound."""
+        """How calls run: graphs captured per bucket, buckets that fell back, launchers bound,
+        and what the GPU-only passes did (attention mask form, fused LayerNorm + quantize)."""
         lines = []
+        meta = self.graph_module.meta
+        if "qfx_attention" in meta:
+            lines.append(f"attention: {meta['qfx_attention']}")
+        if "qfx_fused_norms" in meta:
+            n, why = meta["qfx_fused_norms"]
+            lines.append(f"add + LayerNorm + quantize fused at {n} site(s)" + (f"; not fused: {why}" if why else ""))
         if self._graphs is not None:
             lines.append(f"CUDA graphs: {len(self._graphs.graphs)} bucket(s) captured "
                          f"{sorted(self._graphs.graphs)}; buckets batch={self._buckets.batch} seq={self._buckets.seq}")

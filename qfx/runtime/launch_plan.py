@@ -29,6 +29,10 @@ from qfx.schema import ATTENTION_OPS, INT_LINEAR, QUANTIZE, arg, is_call, op_buf
 __all__ = ["LaunchPlan", "bind_launchers"]
 
 _GUARD_OPS = {torch.ops.aten._assert_tensor_metadata.default}
+_ADD_LN_QUANTIZE = torch.ops.qfx.add_layer_norm_quantize.default
+#: op -> the activation arguments its launcher takes per call (the rest is bound once)
+_CALL_ARGS = {QUANTIZE: ("x",), INT_LINEAR: ("a", "a_scale", "a_offset"),
+              _ADD_LN_QUANTIZE: ("a", "b", "weight", "bias")}
 
 
 @dataclass
@@ -44,8 +48,12 @@ class LaunchPlan:
 
 
 def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
-    from qfx.backends.cutlass.launch import LinearLauncher, QuantizeLauncher
+    from qfx.backends.cutlass.launch import AddLayerNormQuantizeLauncher, LinearLauncher, QuantizeLauncher
 
+    if is_call(node, _ADD_LN_QUANTIZE):
+        clip = arg(node, "clip_lo")
+        clip = None if clip is None else (clip, arg(node, "clip_hi"))
+        return AddLayerNormQuantizeLauncher(arg(node, "eps"), arg(node, "bits"), arg(node, "symmetric"), clip).__call__
     if is_call(node, QUANTIZE):
         clip = arg(node, "clip_lo")
         clip = None if clip is None else (clip, arg(node, "clip_hi"))
@@ -75,7 +83,7 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
         if is_call(node, _GUARD_OPS):
             graph.erase_node(node)
             continue
-        if not is_call(node, (QUANTIZE, INT_LINEAR)):
+        if not is_call(node, tuple(_CALL_ARGS)):
             continue
         backend = arg(node, "backend")
         binder = BINDERS.get(backend)
@@ -87,10 +95,7 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
         if fn is None:
             plan.unbound[name] = f"backend {backend!r} cannot bind {node.target}"
             continue
-        if is_call(node, QUANTIZE):
-            node.args, node.kwargs = (arg(node, "x"),), {}
-        else:
-            node.args, node.kwargs = (arg(node, "a"), arg(node, "a_scale"), arg(node, "a_offset")), {}
+        node.args, node.kwargs = tuple(arg(node, a) for a in _CALL_ARGS[node.target]), {}
         node.target = fn
         plan.bound[name] = backend
     graph.eliminate_dead_code()

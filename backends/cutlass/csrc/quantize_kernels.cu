@@ -292,3 +292,198 @@ QFX_API int qfx_quantize_rows(void const* x, int x_dtype, long long rows, long l
   }
   return cudaPeekAtLastError() == cudaSuccess ? QFX_OK : QFX_LAUNCH_FAILED;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Residual add + LayerNorm + token-wise quantize in one pass (the float parts in fp16 / bf16).
+//
+//   s = round_T(a + b)                      (b may be null: s = a)        -- torch's add
+//   y = round_T((s - mean) * rstd * gamma + beta),  mean, var over the row in fp32
+//   q, scale, offset = quantize(y)          (the quantize kernels' arithmetic, exactly)
+//
+// One warp per row, the row held in registers: a and b are read once, y and the codes written
+// once (7 bytes per element instead of 13 for add, LayerNorm and quantize as three kernels).
+// The codes are bit-identical to quantizing this kernel's own y; y itself equals torch's
+// LayerNorm up to fp32 rounding of the mean and variance (another summation order).
+namespace {
+
+template <class T> __device__ T from_f32(float x);
+template <> __device__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <class T, int kMaxVecs>
+__global__ void add_ln_quantize_kernel(T const* __restrict__ a, T const* __restrict__ b,
+                                       T const* __restrict__ gamma, T const* __restrict__ beta,
+                                       float eps, long long rows, int k, int bits, int symmetric,
+                                       int has_clip, float clip_lo, float clip_hi,
+                                       T* __restrict__ y, int8_t* __restrict__ q,
+                                       float* __restrict__ scale, float* __restrict__ offset) {
+  constexpr int kN = Vec<T>::n;
+  using Raw = typename Vec<T>::raw;
+  const int lane = threadIdx.x % 32;
+  const long long row = static_cast<long long>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int nvec = k / kN;
+  auto const* ar = reinterpret_cast<Raw const*>(a + row * k);
+  auto const* br = b ? reinterpret_cast<Raw const*>(b + row * k) : nullptr;
+  float v[kMaxVecs][kN];
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxVecs; ++j) {
+    const int idx = lane + 32 * j;
+    if (idx < nvec) {
+      const Raw ra = ar[idx];
+      T const* ea = reinterpret_cast<T const*>(&ra);
+      Raw rb;
+      T const* eb = reinterpret_cast<T const*>(&rb);
+      if (br) rb = br[idx];
+#pragma unroll
+      for (int t = 0; t < kN; ++t) {
+        float s = to_f32(ea[t]);
+        if (br) s = to_f32(from_f32<T>(__fadd_rn(s, to_f32(eb[t]))));
+        v[j][t] = s;
+        sum += s;
+      }
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  const float mean = sum / static_cast<float>(k);
+  float sq = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxVecs; ++j) {
+    if (lane + 32 * j < nvec) {
+#pragma unroll
+      for (int t = 0; t < kN; ++t) {
+        const float d = v[j][t] - mean;
+        sq += d * d;
+      }
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+  const float rstd = rsqrtf(sq / static_cast<float>(k) + eps);
+  auto const* gr = reinterpret_cast<Raw const*>(gamma);
+  auto const* btr = reinterpret_cast<Raw const*>(beta);
+  auto* yr = reinterpret_cast<Raw*>(y + row * k);
+  float lo = FLT_MAX, hi = -FLT_MAX;
+#pragma unroll
+  for (int j = 0; j < kMaxVecs; ++j) {
+    const int idx = lane + 32 * j;
+    if (idx < nvec) {
+      const Raw rg = gr[idx], rbt = btr[idx];
+      T const* eg = reinterpret_cast<T const*>(&rg);
+      T const* ebt = reinterpret_cast<T const*>(&rbt);
+      Raw out;
+      T* eo = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int t = 0; t < kN; ++t) {
+        const T yt = from_f32<T>((v[j][t] - mean) * rstd * to_f32(eg[t]) + to_f32(ebt[t]));
+        eo[t] = yt;
+        float f = to_f32(yt);  // quantize the values the model carries on, as the unfused graph does
+        f = has_clip ? fminf(fmaxf(f, clip_lo), clip_hi) : f;
+        v[j][t] = f;
+        if (symmetric) {
+          hi = fmaxf(hi, fabsf(f));
+        } else {
+          lo = fminf(lo, f);
+          hi = fmaxf(hi, f);
+        }
+      }
+      yr[idx] = out;
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+  }
+  const float half_range = static_cast<float>(1 << (bits - 1));
+  const float code_lo = -half_range, code_hi = half_range - 1.f;
+  float s, c, zero;
+  if (symmetric) {
+    s = __fdiv_rn(fmaxf(hi, kEps), code_hi);
+    c = 0.f;
+    zero = 0.f;
+  } else {
+    s = __fdiv_rn(fmaxf(__fsub_rn(hi, lo), kEps), static_cast<float>((1 << bits) - 1));
+    c = __fadd_rn(lo, __fmul_rn(half_range, s));
+    zero = __fsub_rn(c, __fmul_rn(half_range, s));
+  }
+  int8_t* qr = q + row * k;
+#pragma unroll
+  for (int j = 0; j < kMaxVecs; ++j) {
+    const int idx = lane + 32 * j;
+    if (idx < nvec) {
+      int8_t codes[kN];
+#pragma unroll
+      for (int t = 0; t < kN; ++t) {
+        float code = symmetric ? rintf(__fdiv_rn(v[j][t], s))
+                               : __fsub_rn(rintf(__fdiv_rn(__fsub_rn(v[j][t], zero), s)), half_range);
+        codes[t] = static_cast<int8_t>(fminf(fmaxf(code, code_lo), code_hi));
+      }
+      *reinterpret_cast<uint2*>(qr + idx * kN) = *reinterpret_cast<uint2 const*>(codes);
+    }
+  }
+  if (lane == 0) {
+    scale[row] = s;
+    offset[row] = c;
+  }
+}
+
+template <class T>
+int launch_add_ln_quantize(T const* a, T const* b, T const* gamma, T const* beta, float eps,
+                           long long rows, long long k, int bits, int symmetric, int has_clip,
+                           float clip_lo, float clip_hi, T* y, int8_t* q, float* scale,
+                           float* offset, cudaStream_t s) {
+  constexpr int kN = Vec<T>::n;
+  for (void const* p : {static_cast<void const*>(a), static_cast<void const*>(b),
+                        static_cast<void const*>(gamma), static_cast<void const*>(beta),
+                        static_cast<void const*>(y)}) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return QFX_BAD_ARGUMENT;
+  }
+  if (k % kN != 0 || k / kN > 32 * 4 || reinterpret_cast<uintptr_t>(q) % 8 != 0) return QFX_BAD_ARGUMENT;
+  const long long vecs = k / kN;
+  const dim3 grid(static_cast<unsigned>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
+  const dim3 block(32 * kWarpRowsPerBlock);
+  const int ki = static_cast<int>(k);
+#define QFX_LN_CASE(V)                                                                             \
+  if (vecs <= 32 * V) {                                                                            \
+    add_ln_quantize_kernel<T, V><<<grid, block, 0, s>>>(a, b, gamma, beta, eps, rows, ki, bits,    \
+        symmetric, has_clip, clip_lo, clip_hi, y, q, scale, offset);                               \
+    return cudaPeekAtLastError() == cudaSuccess ? QFX_OK : QFX_LAUNCH_FAILED;                      \
+  }
+  QFX_LN_CASE(1)
+  QFX_LN_CASE(2)
+  QFX_LN_CASE(3)
+  QFX_LN_CASE(4)
+#undef QFX_LN_CASE
+  return QFX_BAD_ARGUMENT;
+}
+
+}  // namespace
+
+// a, b (b may be null), y: [rows, k] of dtype x_dtype (fp16 or bf16), row-major; gamma, beta: [k];
+// q: int8 [rows, k]; scale, offset: f32 [rows]. k a multiple of 8, at most 1024 (else
+// QFX_BAD_ARGUMENT: the caller keeps the unfused ops).
+QFX_API int qfx_add_layer_norm_quantize(void const* a, void const* b, void const* gamma,
+                                        void const* beta, int x_dtype, long long rows, long long k,
+                                        float eps, int bits, int symmetric, int has_clip,
+                                        float clip_lo, float clip_hi, void* y, void* q,
+                                        float* scale, float* offset, void* stream) {
+  if ((bits != 4 && bits != 8) || rows < 0 || k <= 0) return QFX_BAD_ARGUMENT;
+  if (rows == 0) return QFX_OK;
+  auto s = static_cast<cudaStream_t>(stream);
+  auto qp = static_cast<int8_t*>(q);
+  switch (x_dtype) {
+    case QFX_F16:
+      return launch_add_ln_quantize(static_cast<__half const*>(a), static_cast<__half const*>(b),
+                                    static_cast<__half const*>(gamma), static_cast<__half const*>(beta),
+                                    eps, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi,
+                                    static_cast<__half*>(y), qp, scale, offset, s);
+    case QFX_BF16:
+      return launch_add_ln_quantize(static_cast<__nv_bfloat16 const*>(a), static_cast<__nv_bfloat16 const*>(b),
+                                    static_cast<__nv_bfloat16 const*>(gamma),
+                                    static_cast<__nv_bfloat16 const*>(beta), eps, rows, k, bits,
+                                    symmetric, has_clip, clip_lo, clip_hi,
+                                    static_cast<__nv_bfloat16*>(y), qp, scale, offset, s);
+    default:
+      return QFX_BAD_ARGUMENT;
+  }
+}

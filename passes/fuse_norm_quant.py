@@ -1,0 +1,97 @@
+"""fuse_add_layer_norm_quantize: residual add + LayerNorm + token-wise quantize in one kernel
+(L5, GPU, fp16 / bf16 float parts).
+
+Pattern (the two LayerNorms of every BERT layer and the embeddings' one)::
+
+    s = aten.add(a, b)                         (optional; s read by the LayerNorm alone,
+                                                a and b of s's shape)
+    y = aten.layer_norm(s, [K], weight, bias, eps)
+    q, scale, offset = qfx::quantize(y, bits, symmetric, clip_lo, clip_hi, backend)
+    ->
+    y, q, scale, offset = qfx::add_layer_norm_quantize(a, b, weight, bias, eps, bits,
+                                                       symmetric, clip_lo, clip_hi, backend)
+
+One pass over the row instead of three kernels (7 bytes moved per element instead of 13).
+
+Invariant: the codes are exactly ``quantize(y)`` of the ``y`` the graph carries on (the
+residual stream reads the same ``y``), so the integer linears see codes consistent with the
+float path. ``y`` equals torch's LayerNorm up to fp32 rounding of the mean and variance
+(another summation order), which is why the pass runs only where the float parts are fp16 /
+bf16 (the compiled model then is the twin up to float-part rounding already); with
+``float_dtype=torch.float32`` the graph keeps torch's LayerNorm and stays bit-identical to its
+QAT twin. A LayerNorm whose row the kernel cannot hold (K > 1024 or not a multiple of 8) is
+left as it is, and ``gm.meta["qfx_fused_norms"]`` says how many were fused and why others not.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qfx.schema import QUANTIZE, arg, is_call
+
+__all__ = ["fuse_add_layer_norm_quantize"]
+
+aten = torch.ops.aten
+_FUSED = torch.ops.qfx.add_layer_norm_quantize.default
+
+
+def _val(n) -> torch.Tensor | None:
+    v = n.meta.get("val") if isinstance(n, Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _same_shape(a: Node, b: Node) -> bool:
+    va, vb = _val(a), _val(b)
+    return va is not None and vb is not None and str(tuple(va.shape)) == str(tuple(vb.shape))
+
+
+def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, backend: str = "cutlass",
+                                 fits=None) -> GraphModule:
+    """Fuse every add -> layer_norm -> quantize(backend) chain; see the module doc.
+
+    ``fits(k, dtype) -> (ok, why)`` says whether the backend's kernel takes a row (default: the
+    CUTLASS library's answer); tests pass another backend and predicate.
+    """
+    if float_dtype not in (torch.float16, torch.bfloat16):
+        gm.meta["qfx_fused_norms"] = (0, f"float parts in {float_dtype}: torch's LayerNorm kept")
+        return gm
+    if fits is None:
+        from qfx.backends.cutlass.launch import add_layer_norm_fits as fits
+    graph = gm.graph
+    fused, refused = 0, set()
+    for q in [n for n in graph.nodes if is_call(n, QUANTIZE) and arg(n, "backend") == backend]:
+        ln = arg(q, "x")
+        if not is_call(ln, aten.layer_norm.default):
+            continue
+        x, shape = ln.args[0], ln.args[1]
+        weight = ln.args[2] if len(ln.args) > 2 else ln.kwargs.get("weight")
+        bias = ln.args[3] if len(ln.args) > 3 else ln.kwargs.get("bias")
+        eps = ln.args[4] if len(ln.args) > 4 else ln.kwargs.get("eps", 1e-5)
+        y_val = _val(ln)
+        if weight is None or bias is None or y_val is None or len(shape) != 1:
+            continue
+        k = int(y_val.shape[-1])
+        ok, why = fits(k, y_val.dtype)
+        if not ok:
+            refused.add(why)
+            continue
+        a, b = x, None
+        if (is_call(x, aten.add.Tensor) and len(x.users) == 1 and not x.kwargs
+                and all(isinstance(t, Node) and _same_shape(t, ln) for t in x.args[:2])):
+            a, b = x.args[0], x.args[1]
+        with graph.inserting_before(ln):
+            node = graph.call_function(_FUSED, (a, b, weight, bias, float(eps), arg(q, "bits"), arg(q, "symmetric"),
+                                                arg(q, "clip_lo"), arg(q, "clip_hi"), backend))
+            outs = [graph.call_function(operator.getitem, (node, i)) for i in range(4)]
+        outs[0].meta["val"] = y_val
+        ln.replace_all_uses_with(outs[0])
+        for user in list(q.users):  # getitem(q, i) -> getitem(fused, i + 1)
+            user.replace_all_uses_with(outs[user.args[1] + 1])
+        fused += 1
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    gm.meta["qfx_fused_norms"] = (fused, "; ".join(sorted(refused)))
+    return gm
