@@ -15,7 +15,7 @@ import torch
 
 import qfx
 from qfx.embeddings import metrics
-from qfx.embeddings.distill import DistillConfig, EmbeddingKDWeights, distill, embedding_kd_loss
+from qfx.embeddings.kd import DistillConfig, EmbeddingKDWeights, distill, embedding_kd_loss
 
 WORDS = [f"w{i}" for i in range(90)]
 TEXTS = [" ".join(WORDS[(7 * i + j * 3) % 90] for j in range(3 + i % 6)) for i in range(24)]

@@ -5,7 +5,7 @@
   progress bar) running the qfx model (:mod:`qfx.embeddings.st`).
 * :func:`distill`: QAT with knowledge distillation for embedding models: the student matches
   the teacher's pooled embeddings and its layer-wise hidden states on unlabelled text
-  (:mod:`qfx.embeddings.distill`).
+  (:mod:`qfx.embeddings.kd`).
 * :func:`agreement` / :func:`nearest_centroid_accuracy`: retrieval-style evaluation against
   the fp32 teacher (:mod:`qfx.embeddings.metrics`).
 
@@ -19,6 +19,8 @@ Example::
     >>> int4 = qfx.compile(qat, mode="int4", target="cpu")
     >>> qfx.embeddings.agreement(st.encode(test), int4.encode(test))["top1"]
 """
+from qfx.embeddings.kd import DistillConfig, DistillResult, EmbeddingKDWeights, distill, embedding_kd_loss
+from qfx.embeddings.metrics import agreement, nearest_centroid_accuracy, neighbours
 from qfx.embeddings.st import (
     EXTRA,
     EncoderAdapter,
@@ -35,4 +37,12 @@ __all__ = [
     "example_inputs",
     "is_sentence_transformer",
     "require_sentence_transformers",
+    "DistillConfig",
+    "DistillResult",
+    "EmbeddingKDWeights",
+    "distill",
+    "embedding_kd_loss",
+    "agreement",
+    "nearest_centroid_accuracy",
+    "neighbours",
 ]

