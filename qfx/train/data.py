@@ -142,9 +142,12 @@ class Prefetcher:
         ...     inputs, labels = pre.get(0)
     """
 
-    def __init__(self, make: Callable[[int], tuple[dict, torch.Tensor]], first: int) -> None:
+    def __init__(self, make: Callable[[int], tuple[dict, torch.Tensor]], first: int, device: torch.device | None = None) -> None:
         self._make = make
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qfx-collate")
+        # The current CUDA device is per thread: without this, pinning memory in the worker
+        # would open a context on GPU 0 from every rank (what DataLoader's pin thread avoids too).
+        init = (lambda: torch.cuda.set_device(device)) if device is not None and device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qfx-collate", initializer=init)
         self._next = (first, self._pool.submit(make, first))
 
     def get(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -383,7 +383,7 @@ def _train(
         return train_data.batch(rank_slice(batch_indices(len(train_data), step, cfg.batch_size, cfg.seed)), device, pin=pin)
 
     loss = None
-    with _StopFlag() as flag, _progress(cfg, state.step) as bar, Prefetcher(make_batch, state.step) as batches:
+    with _StopFlag() as flag, _progress(cfg, state.step) as bar, Prefetcher(make_batch, state.step, device) as batches:
         while state.step < stop_at and not flag.set:
             # Seeds are functions of the step: a resumed run draws what the killed run would have.
             torch.manual_seed(cfg.seed * 1_000_003 + state.step * 1009 + rank)
