@@ -26,8 +26,9 @@ crosses no other linear:
     add around it (pooler, classifier)         role other, layer None
 
 A weight read by several linears (ALBERT: one layer's weights applied by every layer) gives
-each use its own layer, role and name; ``LinearInfo.shared_with`` names the other uses, which
-quantize the same parameter with the same spec, so every use gets the same codes.
+each use its own layer, role and name; ``LinearInfo.shared_with`` names the other uses. They
+quantize one parameter with one spec, so they train it together and share its codes
+(``lower_to_integer`` stores them once; the report notes "weight shared with ...").
 
 Invariant: the graph is not changed at all; each ``aten.linear`` node gains
 ``node.meta["qfx"]``, a frozen :class:`LinearInfo` whose ``name`` is unique in the graph (a

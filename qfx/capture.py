@@ -161,6 +161,39 @@ def _example_and_shapes(kwargs: dict[str, Any], dynamic: bool, max_seq: int | No
     return examples, shapes, names
 
 
+def _refine_from_suggested_fixes(e: BaseException, shapes: dict) -> dict | None:
+    """``shapes`` with torch.export's suggested fixes applied (None when it suggests none)."""
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+    for exc in _exception_chain(e):
+        text = str(exc)
+        if "Suggested fixes:" not in text:
+            continue
+        # Keep the fixes block only ("  seq = 8" lines): the parser reads nothing else.
+        block = text.split("Suggested fixes:", 1)[1].splitlines()
+        fixes = []
+        for line in block[1:] if block and not block[0].strip() else block:
+            if not line.strip():
+                break
+            fixes.append(line)
+        try:
+            return refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + "\n".join(fixes), shapes)
+        except Exception:  # a message this torch cannot parse back: report the original error
+            return None
+    return None
+
+
+def _recorded_dims(v: torch.Tensor, spec) -> tuple[str | int, ...]:
+    """Each dim of example ``v`` as capture left it: the name of its dynamic dim, or its size
+    when static (a feature dim, or one the model fixed)."""
+    spec = spec or {}
+    out = []
+    for d in range(v.dim()):
+        dim = spec.get(d)
+        out.append(dim.__name__ if isinstance(dim, torch.export.Dim) else int(dim) if isinstance(dim, int) else int(v.shape[d]))
+    return tuple(out)
+
+
 def _exception_chain(e: BaseException):
     while e is not None:
         yield e
@@ -241,7 +274,17 @@ def capture(
         # specialise the dynamic sequence length ("Constraints violated (seq)", torch 2.11).
         # The captured aten op still picks its kernel at run time.
         with sdpa_kernel([SDPBackend.MATH]):
-            ep = torch.export.export(model, (), examples, dynamic_shapes=shapes, strict=False)
+            try:
+                ep = torch.export.export(model, (), examples, dynamic_shapes=shapes, strict=False)
+            except Exception as e:
+                # The model constrains a dim qfx made dynamic (a position table of fixed
+                # length, a range): adopt export's own suggested fixes once and record them,
+                # so the dims are what the model does with them, and check_inputs enforces it.
+                refined = _refine_from_suggested_fixes(e, shapes) if dynamic else None
+                if refined is None:
+                    raise
+                shapes = refined
+                ep = torch.export.export(model, (), examples, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; we re-raise one with advice
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = _failing_module(model, e)
@@ -261,10 +304,7 @@ def capture(
     gm.train = types.MethodType(nn.Module.train, gm)
     gm.eval = types.MethodType(nn.Module.eval, gm)
     some = next(iter(model.parameters()), None)
-    dims = {
-        k: tuple(n if (n is not None and dynamic) else int(examples[k].shape[d]) for d, n in enumerate(names))
-        for k, names in dim_names.items()
-    }
+    dims = {k: _recorded_dims(examples[k], shapes.get(k)) for k in dim_names}
     gm.meta["qfx_capture"] = CaptureInfo(
         model_class=type(model).__name__,
         source=model,

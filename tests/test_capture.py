@@ -143,3 +143,25 @@ def test_misspelt_example_keyword_is_named_with_a_suggestion():
     x = inputs(2, 8)
     with pytest.raises(ValueError, match=r"'atention_mask' is not a parameter of BertModel.forward.*did you mean 'attention_mask'"):
         qfx.capture(make("bert"), example_kwargs={"input_ids": x["input_ids"], "atention_mask": x["attention_mask"]})
+
+
+class _FixedLength(torch.nn.Module):
+    """Adds a position table of fixed length: the model itself fixes dim 1."""
+
+    def __init__(self, d=16, n=8):
+        super().__init__()
+        self.pos, self.lin = torch.nn.Parameter(torch.randn(n, d)), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.lin(x + self.pos)
+
+
+def test_dims_the_model_fixes_are_recorded_and_checked():
+    model = _FixedLength().eval()
+    gm = qfx.capture(model, example_args=(torch.randn(2, 8, 16),))
+    assert gm.meta["qfx_capture"].dims["x"] == ("batch", 8, 16)  # export's own fix: seq = 8
+    x = torch.randn(5, 8, 16)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    with pytest.raises(ValueError, match=r"x has size 9 in dim 1 .*expected 8"):
+        gm(torch.randn(2, 9, 16))

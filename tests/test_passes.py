@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 from collections import Counter
 
 import pytest
@@ -240,6 +241,20 @@ def test_eager_attention_gets_the_same_roles_as_sdpa():
         names[attn] = [(i.name, i.layer, i.role, i.spec is not None) for i in (n.meta["qfx"] for n in linear_nodes(gm))]
     assert names["eager"] == names["sdpa"]
     assert sum(q for *_, q in names["eager"]) == 12
+
+
+def test_two_linears_never_share_a_label():
+    """Names are unique (several FFN inputs in a layer: ffn_in0, ffn_in1); a label that would
+    still collide is an internal error, never a silent mix-up of two linears' weights."""
+    annotate_mod = importlib.import_module("qfx.passes.annotate")
+
+    _, gm = _capture("bert", layers=1)
+    lins = linear_nodes(gm)[:3]
+    roles = {n: annotate_mod._Role(0, "ffn_in", "ffn_in") for n in lins[:2]}
+    assert list(annotate_mod._names(gm, lins[:2], roles).values()) == ["layer0.ffn_in0", "layer0.ffn_in1"]
+    roles[lins[2]] = annotate_mod._Role(0, "ffn_in", "ffn_in1")  # collides with the second
+    with pytest.raises(RuntimeError, match="internal error.*same name"):
+        annotate_mod._names(gm, lins, roles)
 
 
 def test_model_without_attention_names_the_family_and_the_fix():
