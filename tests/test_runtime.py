@@ -150,6 +150,28 @@ def test_gpu_unpadded_calls_replay_the_unmasked_graph():
 
 
 @pytest.mark.gpu
+def test_gpu_capture_failure_falls_back_to_direct_launch_and_says_why():
+    cm = _ptq(make("bert_cls", layers=1, hidden=64, heads=2), target=qfx.detect_target().name)
+    x = _cuda_inputs(2, 12)
+    with torch.inference_mode():
+        want = cm.launch_plan.module.forward(**normalize_inputs(cm._capture, (), x)).logits
+    pool = cm._pool()
+    real = pool.forward
+
+    def refuses_capture(**kw):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(**kw)
+
+    pool.forward = refuses_capture
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        got = cm(**x).logits
+    assert torch.equal(got, want)  # direct launch: the same kernels, eagerly
+    assert "direct launch, capture failed" in cm.runtime_report()
+    assert torch.equal(cm(**x).logits, want) and not pool.graphs  # the failed bucket is not retried
+
+
+@pytest.mark.gpu
 def test_gpu_runtime_bad_inputs():
     cm = _ptq(make("bert_cls", layers=1, hidden=64, heads=2), target=qfx.detect_target().name)
     x = inputs(2, 12)
