@@ -176,6 +176,21 @@ def render_markdown(results: dict) -> str:
             bits = "" if r["bits_per_quantized_param"] is None else f"{r['bits_per_quantized_param']:.3f}"
             out.append(f"| {r['variant']} | {r['ppl']:.4f} | {r['gap_pct']:+.2f} | {r['early_gap_pct']:+.2f} | "
                        f"{r['late_gap_pct']:+.2f} | {bits} |")
+    early = int(results["args"]["early"])
+    out.append(f"\nWhere the gap sits (positional perplexity curves; absolute ppl gap vs fp32, mean over positions < {early} "
+               f"and >= {early}; fp32 ppl at those positions for scale):\n")
+    out.append("| model | variant | fp32 ppl early | fp32 ppl late | abs gap early | abs gap late | rel gap early (%) | rel gap late (%) |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for family, curves in results["curves"].items():
+        ref = torch.tensor(curves["fp32"])
+        for label, c in curves.items():
+            if label == "fp32" or label.endswith("/overall"):
+                continue
+            c = torch.tensor(c)
+            gap = c - ref
+            rel = (c / ref - 1) * 100
+            out.append(f"| {family} | {label} | {ref[:early].mean():.2f} | {ref[early:].mean():.2f} | {gap[:early].mean():+.3f} | "
+                       f"{gap[early:].mean():+.3f} | {rel[:early].mean():+.2f} | {rel[early:].mean():+.2f} |")
     out.append("\nMemory per parameter (Llama model; linears measured from the stored codes and block "
                "parameters; whole model with embeddings / head / norms counted in fp16):\n")
     out.append("| format | bits / param (linears) | formula | model (MB) |")
@@ -250,7 +265,16 @@ def main(argv=None) -> int:
     for family, model in models.items():
         n_params = sum(p.numel() for p in model.parameters())
         log(f"\n== {family}: {n_params / 1e6:.2f} M parameters, training {args.steps} steps x {args.batch} x {args.seq}")
-        secs = train(model, train_ids, args.steps, args.batch, args.seq, args.lr, args.seed, log)
+        ckpt = args.out / f"{family}.pt"
+        if ckpt.exists():  # a finished training of the same configuration (delete it to retrain)
+            model.load_state_dict(torch.load(ckpt))
+            model.eval()
+            secs = float(json.loads((args.out / f"{family}.json").read_text())["train_s"])
+            log(f"  loaded {ckpt} (trained in {secs:.0f} s)")
+        else:
+            secs = train(model, train_ids, args.steps, args.batch, args.seq, args.lr, args.seed, log)
+            torch.save(model.state_dict(), ckpt)
+            (args.out / f"{family}.json").write_text(json.dumps({"train_s": secs, "args": results["args"]}))
         trained[family] = model
         res = {"params": n_params, "train_s": round(secs, 1), "rows": []}
         positional_activation_range(model, eval_batches[:2], layers=None, png=args.out / f"{family}_activation_range.png",
@@ -309,7 +333,7 @@ def main(argv=None) -> int:
     sw = stop_words()
     prompts_txt = ["HAMLET\nTo be, or not", "Thank you. Thank you so much. Tonight"]
     prompts = [vocab.encode(p) for p in prompts_txt]
-    grid = dict(temperatures=(0.7, 1.0, 1.3), top_ks=(10, 40), max_new_tokens=(48, 96))
+    grid = dict(temperatures=(0.7, 1.0, 1.3), top_ks=(10, 40), max_new_tokens=(48, 88))
     if args.smoke:
         grid = dict(temperatures=(1.0,), top_ks=(10,), max_new_tokens=(32,))
     g2 = trained["gpt2"]

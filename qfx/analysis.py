@@ -250,6 +250,13 @@ def generation_sweep(
                          f"sweep needs e.g. GPT2LMHeadModel or LlamaForCausalLM, not a base model")
     if not prompts:
         raise ValueError("prompts is empty: pass 1-D LongTensors of token ids")
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    longest = max(p.numel() for p in prompts) + max(max_new_tokens)
+    if limit is not None and longest > limit:
+        raise ValueError(f"max_new_tokens={max(max_new_tokens)} after a prompt of {max(p.numel() for p in prompts)} "
+                         f"tokens needs {longest} positions, but the model has {limit}; shorten the prompts or "
+                         f"max_new_tokens")
     stop = set(stop_words)
     rows = []
     for temp, k, n_new in itertools.product(temperatures, top_ks, max_new_tokens):

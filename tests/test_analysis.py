@@ -100,6 +100,8 @@ def test_generation_sweep_grid_and_bad_models():
         assert 0 <= r.duplicates <= r.content_words <= r.max_new_tokens
     again = generation_sweep(m, prompts, decode, {"w0"}, temperatures=(0.7,), top_ks=(5,), max_new_tokens=(6,), pad_token_id=0)
     assert again[0].samples == rows[0].samples  # seeded: the same stream for every model compared
+    with pytest.raises(ValueError, match="needs 67 positions, but the model has 64"):
+        generation_sweep(m, prompts, decode, set(), max_new_tokens=(64,))
     with pytest.raises(ValueError, match="no causal LM head"):
         generation_sweep(GPT2Model(m.config), prompts, decode, set())
     with pytest.raises(ValueError, match="batches is empty"):
