@@ -15,8 +15,9 @@ Rank 0 writes atomically (temp file + rename): a kill mid-write keeps the old fi
 
 Example::
 
-    >>> save(cfg_dir, {"step": 3, "model": ..., ...})
-    >>> blob = load(cfg_dir, device)      # None when there is no checkpoint
+    >>> model_sd, optim_sd = model_and_optim_state(net, opt)        # full dicts, on the CPU
+    >>> save(ckpt_dir, LAST, {"step": 3, "model": model_sd, "optim": optim_sd, ...})
+    >>> blob = load(ckpt_dir)                                          # None when there is none
 """
 from __future__ import annotations
 

@@ -89,8 +89,9 @@ def wrap(model: nn.Module, device: torch.device, sharding: str = "ddp") -> nn.Mo
     """The module that trains: ``model`` itself (one process), DDP, or FSDP2 in place.
 
     FSDP2 (``torch.distributed.fsdp.fully_shard``) shards the whole graph module as one unit:
-    parameters are all-gathered for its forward and backward and resharded after, so the
-    saving is the optimizer state and gradients (3 of the 4 fp32 copies Adam keeps).
+    at rest the four fp32 copies AdamW keeps (weights, gradients, two moments) are split over
+    the ranks; the weights are all-gathered whole for each forward and backward and resharded
+    after, so the peak holds one full copy of the weights plus the shards.
     """
     if sharding not in SHARDING:
         raise ValueError(f"TrainConfig(sharding={sharding!r}): use one of {SHARDING}")
