@@ -44,6 +44,7 @@ CONFIGS = {
 }
 MODES = {"ft": None, "w8a8": qfx.QuantConfig(8, 8), "w4a4": qfx.QuantConfig(4, 4)}
 PER_GPU_BATCH = 32
+_TEACHERS: dict = {}
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -99,7 +100,9 @@ def _run(name: str, mode: str, args, device: torch.device, world: int) -> dict:
             kd.finetune(model, data, None, tcfg, post_step=clock)
         else:
             example = data.batch([0, 1], device)[0]
-            teacher = kd.make_teacher(model, example)
+            if name not in _TEACHERS:  # same seed, same weights: one capture serves every QAT mode
+                _TEACHERS[name] = kd.make_teacher(model, example)
+            teacher = _TEACHERS[name]
             student = kd.make_student(model, MODES[mode], example)
             del model
             kd.distill(teacher, student, data, None, tcfg, kd.KDWeights(), post_step=clock)
