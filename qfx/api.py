@@ -201,4 +201,4 @@ def compile(
     ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype)
     gm = run_passes(gm, COMPILE_PASSES, ctx)
     report = build_report(gm, mode=mode, target=tgt, origin=origin, run_dtype=run_dtype)
-    return CompiledModel(gm, report, gm.meta["qfx_capture"], device, cuda_graphs=cuda_graphs, buckets=buckets)
+    return CompiledModel(gm, report, gm.meta["qfx_capture"], device, cuda_graphs=cuda_graphs, buckets=buckets, target=tgt)

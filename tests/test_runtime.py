@@ -177,6 +177,9 @@ def test_gpu_runtime_bad_inputs():
     x = inputs(2, 12)
     out_cpu_inputs = cm(**x).logits  # CPU tensors are moved to the GPU (stated in the docstring)
     assert out_cpu_inputs.is_cuda
+    other = "sm_86" if qfx.detect_target().family == "sm90a" else "sm_90"
+    with pytest.raises(RuntimeError, match=f"target {other}"):  # a plan for another kernel family
+        _ptq(make("bert_cls", layers=1, hidden=64, heads=2), target=other)
     zero = {k: v.cuda() for k, v in x.items()}
     zero["attention_mask"][0] = 0  # an all-zero mask row: finite (uniform attention), never NaN
     assert torch.isfinite(cm(**zero).logits).all()

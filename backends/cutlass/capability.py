@@ -87,6 +87,8 @@ def can_implement(m, n: int | None = None, k: int | None = None, w_bits: int = 8
     family, why = family_for(sm, built)
     if family is None:
         return False, why
+    if getattr(target, "family", None) not in (None, family):  # a qfx Target carries its family
+        return False, f"target {target.name} is kernel family {target.family}, the library serves {family}"
     k_align = 32 if (family == "sm80" and w_bits == a_bits == 4) else 16
     if k % k_align:
         return False, f"K={k} is not a multiple of {k_align} (16-byte rows of A and B)"

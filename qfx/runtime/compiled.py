@@ -42,6 +42,7 @@ class CompiledModel(nn.Module):
         report, capture, device: from ``qfx.compile``.
         cuda_graphs: replay CUDA graphs per shape bucket (default: on for CUDA devices).
         buckets: the :class:`qfx.runtime.buckets.Buckets` to pad calls into.
+        target: the :class:`qfx.targets.Target` compiled for; checked against the GPU present.
 
     Inputs on the CPU given to a GPU model are copied to the GPU (the copy is part of the call's
     time); outputs keep the source model's structure (e.g. ``SequenceClassifierOutput``) and are
@@ -49,7 +50,8 @@ class CompiledModel(nn.Module):
     """
 
     def __init__(self, graph_module: GraphModule, report: CompileReport, capture: CaptureInfo,
-                 device: torch.device, cuda_graphs: bool | None = None, buckets: Buckets | None = None) -> None:
+                 device: torch.device, cuda_graphs: bool | None = None, buckets: Buckets | None = None,
+                 target=None) -> None:
         super().__init__()
         self.graph_module = graph_module
         # An inference artifact: integer ops have no autograd formula, and float parameters
@@ -63,6 +65,11 @@ class CompiledModel(nn.Module):
         self._graphs: GraphPool | None = None
         self._graphs_off = ""
         on_gpu = device.type == "cuda"
+        if target is not None and on_gpu and getattr(target, "family", None) is not None:
+            # the kernels are chosen by the GPU present: refuse a plan made for another family
+            # (an sm_86 INT4 plan on an H100) instead of silently running other kernels
+            target.check_device(device)
+        self.target = target
         if cuda_graphs is None:
             cuda_graphs = on_gpu
         if cuda_graphs and not on_gpu:
