@@ -52,10 +52,16 @@ def load(name: str) -> torch.nn.Module:
     return BertModel(BertConfig(**CONFIGS[name], attn_implementation="sdpa")).eval()
 
 
-def batch(bs: int, seq: int) -> dict[str, torch.Tensor]:
+def batch(bs: int, seq: int, spread: bool = False) -> dict[str, torch.Tensor]:
+    """Random ids; ``spread``: real lengths uniform in [seq/4, seq] (right padding), as a
+    tokenizer pads a batch of sentences, else no padding."""
     g = torch.Generator().manual_seed(bs * 1000 + seq)
-    ids = torch.randint(1000, 2000, (bs, seq), generator=g).cuda()
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    ids = torch.randint(1000, 2000, (bs, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if spread:
+        lengths = torch.randint(max(1, seq // 4), seq + 1, (bs,), generator=g)
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "token_type_ids": torch.zeros_like(ids).cuda()}
 
 
 def median_ms(fn, iters: int) -> float:
@@ -176,6 +182,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown at base 128x128 and large 32x384")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--linear", action="store_true", help="also the Linear-level table (one nn.Linear as called)")
+    ap.add_argument("--spread", action="store_true", help="padded batches: real lengths uniform in [seq/4, seq]")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -207,7 +214,7 @@ def main() -> None:
         for bs, seq in shapes:
             if name == "minilm-l6" and seq > 512:
                 continue
-            x = batch(bs, seq)
+            x = batch(bs, seq, args.spread)
             res = {}
             with torch.inference_mode():
                 res["hf eager"] = median_ms(lambda: hf(**x), args.iters)
