@@ -16,6 +16,7 @@ from qfx.config import QuantConfig
 from qfx.runtime import Buckets, CompiledModel
 from qfx.targets import TARGETS, detect_target, get_target
 from qfx.serialize import load, save
+from qfx import embeddings  # noqa: F401,E402  (qfx.embeddings.distill etc.; sentence-transformers stays optional)
 
 __version__ = "0.1.0"
 
