@@ -19,7 +19,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     args = ap.parse_args()
-    return run_demo(target=args.target, model_dir=args.model_dir, repeat=args.repeat, report=args.report)
+    return run_demo(target=args.target, model_dir=args.model_dir, repeat=args.repeat, report=args.report, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def _load(model_dir: str | None):
     from qfx.models import minilm_path
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     path = model_dir or str(minilm_path())
     try:
         model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
@@ -96,7 +97,7 @@ def _compile(args):
 def _cmd_demo(args) -> int:
     from qfx.embeddings.demo import run_demo
 
-    return run_demo(target=args.target, model_dir=args.model_dir, repeat=args.repeat, report=args.report)
+    return run_demo(target=args.target, model_dir=args.model_dir, repeat=args.repeat, report=args.report, threads=args.threads)
 
 
 def _cmd_compile(args) -> int:

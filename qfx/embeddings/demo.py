@@ -98,7 +98,14 @@ def _peer(model, batch, target, repeat: int) -> _Row:
     return _Row("torch int8 dynamic", _embed(q8, batch), _timed(lambda: q8(**batch), repeat, False))
 
 
-def run_demo(target: str | None = None, model_dir: str | None = None, repeat: int = 5, report: bool = False, out: Callable[[str], None] = print) -> int:
+def run_demo(
+    target: str | None = None,
+    model_dir: str | None = None,
+    repeat: int = 5,
+    report: bool = False,
+    threads: int | None = 1,
+    out: Callable[[str], None] = print,
+) -> int:
     """Compile the packaged MiniLM to int8 and int4 for ``target`` and tell what happened.
 
     Args:
@@ -106,6 +113,10 @@ def run_demo(target: str | None = None, model_dir: str | None = None, repeat: in
         model_dir: a MiniLM directory (default: the packaged one).
         repeat: timed calls per model (after the call that computes its embeddings).
         report: also print every compiled model's full compile report.
+        threads: CPU threads for torch (``torch.set_num_threads``); None keeps torch's
+            default. One by default: the demo's batch is tiny, so a second thread gains little,
+            while on a busy machine (shared CI runners) OpenMP threads that spin-wait for a core
+            made the demo 5x slower (17 s with one thread, 91 s with two, 2-core machine at load 8).
     Returns:
         0 (a process exit code).
     """
@@ -117,7 +128,12 @@ def run_demo(target: str | None = None, model_dir: str | None = None, repeat: in
 
     if repeat < 1:
         raise ValueError(f"repeat={repeat}: time at least one call (--repeat 1)")
-    hf_logging.set_verbosity_error()  # the weight-loading progress bar is not part of the story
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads={threads}: use 1 or more")
+        torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()  # loading messages and the weight-loading bar are not part of the story
+    hf_logging.disable_progress_bar()
     tgt = qfx.get_target(target) if target else qfx.detect_target()
     path = model_dir or minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -130,7 +146,8 @@ def run_demo(target: str | None = None, model_dir: str | None = None, repeat: in
         f"hidden {cfg.hidden_size}) from {path}")
     out(f"compiled: every encoder linear (q, k, v, attn_out, ffn_in, ffn_out: {6 * cfg.num_hidden_layers} per model) to integer "
         f"GEMMs, post-training (no QAT), for target {tgt.name} ({tgt.int4_execution})")
-    out(f"measured on {len(SENTENCES)} sentences in one batch, {repeat} timed call(s) each; quality = mean-pooled embeddings vs fp32\n")
+    out(f"measured on {len(SENTENCES)} sentences in one batch, {repeat} timed call(s) each, {torch.get_num_threads()} CPU thread(s); "
+        "quality = mean-pooled embeddings vs fp32\n")
 
     with torch.no_grad():
         fp32 = _Row("torch fp32", _embed(model, batch), _timed(lambda: model(**batch), repeat, False))
@@ -187,3 +204,4 @@ def add_arguments(ap) -> None:
     ap.add_argument("--model-dir", default=None, help="a MiniLM directory (default: the packaged one)")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls per model (default 5)")
     ap.add_argument("--report", action="store_true", help="also print the full compile report of each model")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: the batch is tiny)")
