@@ -116,12 +116,12 @@ def _with_defaults(params, kwargs: dict[str, Any]) -> dict[str, Any]:
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _dim_names(v: torch.Tensor) -> tuple[str | None, ...]:
+def _dim_names(v: torch.Tensor, ids_shape: tuple[int, ...] | None = None) -> tuple[str | None, ...]:
     """Which dims of an example input qfx makes dynamic, named by what an encoder does with
-    them; None: static. Token ids / masks ``[batch, seq, ...]``: batch and seq. Float inputs
-    keep their last dim static: it is the feature dim a Linear reads (``[tokens, hidden]`` or
-    ``[batch, seq, hidden]``)."""
-    if v.is_floating_point():
+    them; None: static. Token ids / masks ``[batch, seq, ...]``: batch and seq (so is a float
+    tensor shaped like the token ids: a float mask). Other float inputs keep their last dim
+    static: it is the feature dim a Linear reads (``[tokens, hidden]``, ``[batch, seq, hidden]``)."""
+    if v.is_floating_point() and tuple(v.shape) != ids_shape:
         if v.dim() == 1:
             return (None,)
         if v.dim() == 2:
@@ -142,6 +142,8 @@ def _example_and_shapes(kwargs: dict[str, Any], dynamic: bool, max_seq: int | No
     bound = {"seq": max_seq or (1 << 20)}
     dims = {name: torch.export.Dim(name, min=1, max=bound.get(name, 1 << 20)) for name in ("batch", "seq", "tokens")}
     examples, shapes, names = {}, {}, {}
+    ids = [tuple(v.shape) for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point()]
+    ids_shape = ids[0] if ids else None
     for name, v in kwargs.items():
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
             if v.numel() == 0:
@@ -149,7 +151,7 @@ def _example_and_shapes(kwargs: dict[str, Any], dynamic: bool, max_seq: int | No
             # A slice of a larger batch has strides export would tie to its sizes
             # ("Constraints violated (seq)"): capture a contiguous copy (same values).
             v = v.contiguous()
-            names[name] = _dim_names(v)
+            names[name] = _dim_names(v, ids_shape)
             if dynamic:
                 v = _widen(v, names[name])
                 shapes[name] = {d: dims[n] for d, n in enumerate(names[name]) if n is not None} or None
@@ -253,11 +255,13 @@ def capture(
         raise ValueError("model is already a qfx-captured GraphModule; capture the original nn.Module")
     kwargs = _bind_inputs(model, tuple(example_args), dict(example_kwargs or {}))
     named = _named_params(model)
-    unnamed = [k for k, v in kwargs.items() if k not in named and isinstance(v, torch.Tensor)]
-    if unnamed:
+    # A tensor forward takes only through **kwargs whose name is close to a parameter's is
+    # almost surely misspelt (HF forwards would silently ignore it).
+    misspelt = [k for k, v in kwargs.items() if k not in named and isinstance(v, torch.Tensor) and _did_you_mean(k, named)]
+    if misspelt:
         raise ValueError(
-            f"example input {unnamed[0]!r} is not a parameter of {type(model).__name__}.forward "
-            f"(it takes {named}){_did_you_mean(unnamed[0], named)}"
+            f"example input {misspelt[0]!r} is not a parameter of {type(model).__name__}.forward "
+            f"(it takes {named}){_did_you_mean(misspelt[0], named)}"
         )
     kwargs = _with_defaults(inspect.signature(model.forward).parameters, kwargs)
     if not kwargs:

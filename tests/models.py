@@ -47,7 +47,8 @@ def make(family: str, layers=LAYERS, hidden=HIDDEN, heads=HEADS, seed=0, attn: s
     elif family == "modernbert":
         cfg = tf.ModernBertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
                                   num_attention_heads=heads, intermediate_size=2 * hidden,
-                                  max_position_embeddings=64, pad_token_id=0, global_attn_every_n_layers=1)
+                                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=1)
         cls = tf.ModernBertModel
     elif family == "distilbert":
         cfg = tf.DistilBertConfig(vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=heads,

@@ -165,3 +165,13 @@ def test_dims_the_model_fixes_are_recorded_and_checked():
         assert torch.equal(gm(x), model(x))
     with pytest.raises(ValueError, match=r"x has size 9 in dim 1 .*expected 8"):
         gm(torch.randn(2, 9, 16))
+
+
+def test_float_mask_shaped_like_the_ids_keeps_batch_and_seq_dynamic():
+    model = make("bert")
+    x = {**inputs(2, 8), "attention_mask": inputs(2, 8)["attention_mask"].float()}
+    gm = qfx.capture(model, example_kwargs=x)
+    assert gm.meta["qfx_capture"].dims["attention_mask"] == ("batch", "seq")
+    y = {**inputs(3, 5), "attention_mask": inputs(3, 5)["attention_mask"].float()}
+    with torch.no_grad():
+        assert torch.equal(gm(**y).last_hidden_state, model(**y).last_hidden_state)
