@@ -243,18 +243,23 @@ def max_exact_k(a_bits: int, w_bits: int) -> int:
     return (2**31 - 1) // worst
 
 
-def int_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a @ b.T`` of int8 codes ``a [M, K]``, ``b [N, K]`` -> int32 ``[M, N]``.
-
-    Computed in float64, which is exact here: every partial sum is an integer of magnitude
-    at most ``128 * 128 * K < 2^53``.
-    """
+def _check_int_codes(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The contract of both exact accumulators: int8 codes, one K, no int32 overflow."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise ValueError(f"int_matmul takes int8 codes, got a={a.dtype}, b={b.dtype}")
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"int_matmul: K mismatch, a has K={a.shape[-1]}, b has K={b.shape[-1]}")
     if a.shape[-1] > max_exact_k(8, 8):
         raise ValueError(f"int_matmul: K={a.shape[-1]} could overflow int32")
+
+
+def int_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b.T`` of int8 codes ``a [M, K]``, ``b [N, K]`` -> int32 ``[M, N]``.
+
+    Computed in float64, which is exact here: every partial sum is an integer of magnitude
+    at most ``128 * 128 * K < 2^53``.
+    """
+    _check_int_codes(a, b)
     return (a.double() @ b.double().T).to(torch.int32)
 
 
@@ -294,12 +299,7 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, tensor_cores: bool | None = Non
     why = _int_mm_refusal(a.device, a.shape[-1], b.shape[0]) if tensor_cores is None else (None if tensor_cores else "tensor_cores=False")
     if why is not None:
         return int_matmul_reference(a, b)
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise ValueError(f"int_matmul takes int8 codes, got a={a.dtype}, b={b.dtype}")
-    if a.shape[-1] != b.shape[-1]:
-        raise ValueError(f"int_matmul: K mismatch, a has K={a.shape[-1]}, b has K={b.shape[-1]}")
-    if a.shape[-1] > max_exact_k(8, 8):
-        raise ValueError(f"int_matmul: K={a.shape[-1]} could overflow int32")
+    _check_int_codes(a, b)
     m = a.shape[0]
     if m < _INT_MM_MIN_M:  # cuBLASLt's int8 GEMM refuses M <= 16
         a = torch.cat([a, a.new_zeros(_INT_MM_MIN_M - m, a.shape[1])])

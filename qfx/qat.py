@@ -25,19 +25,4 @@ from qfx.train import (  # noqa: F401
 )
 from qfx.train.ddp import world as _world  # noqa: F401  (scripts written before qfx.train call qat._world())
 
-__all__ = [
-    "EncodedData",
-    "KDWeights",
-    "TrainConfig",
-    "TrainResult",
-    "PRECISIONS",
-    "make_student",
-    "make_teacher",
-    "distill",
-    "finetune",
-    "evaluate",
-    "kd_loss",
-    "input_names",
-    "init_distributed",
-    "world",
-]
+from qfx.train import __all__  # noqa: E402,F401  (the same public names, listed once)
