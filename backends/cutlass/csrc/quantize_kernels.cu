@@ -1,8 +1,6 @@
-// Token-wise dynamic activation quantization in one pass over the activations: one block per
-// row reads the row, reduces max|x| (or min and max), and writes int8 codes, the scale and the
-// offset. It reproduces qfx/numerics.py bit for bit, so the codes equal the CPU reference's:
-// every float operation is an explicit round-to-nearest intrinsic in the module's order (no
-// FMA contraction, a true division, rintf = round half to even).
+// Token-wise dynamic activation quantization: each kernel reduces a row's max|x| (or min and
+// max) and writes int8 codes, the scale and the offset, reproducing qfx/numerics.py bit for bit
+// (TokenQuant below), so the codes equal the CPU reference's.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -21,6 +19,37 @@ template <class T> __device__ float to_f32(T x);
 template <> __device__ float to_f32<__half>(__half x) { return __half2float(x); }
 template <> __device__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <> __device__ float to_f32<float>(float x) { return x; }
+
+// The token's quantization parameters and codes, as qfx/numerics.py computes them: every float
+// operation an explicit round-to-nearest intrinsic in the module's order (no FMA contraction, a
+// true division, rintf = round half to even). Shared by every kernel that emits codes, so they
+// agree with each other and with the CPU reference bit for bit.
+struct TokenQuant {
+  float scale, offset, zero, half_range, code_lo, code_hi;
+  bool symmetric;
+
+  // lo, hi: the row's min and max (symmetric: hi is max|x|, lo unused)
+  __device__ TokenQuant(float lo, float hi, int bits, int symmetric_) : symmetric(symmetric_ != 0) {
+    half_range = static_cast<float>(1 << (bits - 1));
+    code_lo = -half_range;
+    code_hi = half_range - 1.f;
+    if (symmetric) {  // S = max(absmax, eps) / (2^(b-1) - 1)
+      scale = __fdiv_rn(fmaxf(hi, kEps), code_hi);
+      offset = 0.f;
+      zero = 0.f;
+    } else {  // S = max(hi - lo, eps) / (2^b - 1); c = lo + 2^(b-1) S; z = c - 2^(b-1) S
+      scale = __fdiv_rn(fmaxf(__fsub_rn(hi, lo), kEps), static_cast<float>((1 << bits) - 1));
+      offset = __fadd_rn(lo, __fmul_rn(half_range, scale));
+      zero = __fsub_rn(offset, __fmul_rn(half_range, scale));
+    }
+  }
+
+  __device__ int8_t code(float v) const {
+    const float c = symmetric ? rintf(__fdiv_rn(v, scale))
+                              : __fsub_rn(rintf(__fdiv_rn(__fsub_rn(v, zero), scale)), half_range);
+    return static_cast<int8_t>(fminf(fmaxf(c, code_lo), code_hi));
+  }
+};
 
 struct MinMax {
   float lo, hi;
@@ -70,28 +99,11 @@ __global__ void quantize_rows_kernel(T const* __restrict__ x, long long k, int b
     }
   }
   const MinMax mm = block_min_max(lo, hi);
-  const float half_range = static_cast<float>(1 << (bits - 1));
-  const float code_lo = -half_range, code_hi = half_range - 1.f;
-  float s, c, zero;
-  if (symmetric) {  // S = max(absmax, eps) / (2^(b-1) - 1)
-    s = __fdiv_rn(fmaxf(mm.hi, kEps), code_hi);
-    c = 0.f;
-    zero = 0.f;
-  } else {  // S = max(hi - lo, eps) / (2^b - 1); c = lo + 2^(b-1) S; z = c - 2^(b-1) S
-    s = __fdiv_rn(fmaxf(__fsub_rn(mm.hi, mm.lo), kEps), static_cast<float>((1 << bits) - 1));
-    c = __fadd_rn(mm.lo, __fmul_rn(half_range, s));
-    zero = __fsub_rn(c, __fmul_rn(half_range, s));
-  }
-  for (long long i = threadIdx.x; i < k; i += kThreads) {
-    const float v = load(i);
-    float code = symmetric ? rintf(__fdiv_rn(v, s))
-                           : __fsub_rn(rintf(__fdiv_rn(__fsub_rn(v, zero), s)), half_range);
-    code = fminf(fmaxf(code, code_lo), code_hi);
-    qr[i] = static_cast<int8_t>(code);
-  }
+  const TokenQuant tq(mm.lo, mm.hi, bits, symmetric);
+  for (long long i = threadIdx.x; i < k; i += kThreads) qr[i] = tq.code(load(i));
   if (threadIdx.x == 0) {
-    scale[row] = s;
-    offset[row] = c;
+    scale[row] = tq.scale;
+    offset[row] = tq.offset;
   }
 }
 
@@ -165,18 +177,7 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
       hi = fmaxf(hi, s_hi[w]);
     }
   }
-  const float half_range = static_cast<float>(1 << (bits - 1));
-  const float code_lo = -half_range, code_hi = half_range - 1.f;
-  float s, c, zero;
-  if (symmetric) {
-    s = __fdiv_rn(fmaxf(hi, kEps), code_hi);
-    c = 0.f;
-    zero = 0.f;
-  } else {
-    s = __fdiv_rn(fmaxf(__fsub_rn(hi, lo), kEps), static_cast<float>((1 << bits) - 1));
-    c = __fadd_rn(lo, __fmul_rn(half_range, s));
-    zero = __fsub_rn(c, __fmul_rn(half_range, s));
-  }
+  const TokenQuant tq(lo, hi, bits, symmetric);
   int8_t* qr = q + row * k;
 #pragma unroll
   for (int j = 0; j < kMaxVecs; ++j) {
@@ -184,11 +185,7 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
     if (idx < nvec) {
       int8_t codes[kN];
 #pragma unroll
-      for (int t = 0; t < kN; ++t) {
-        float code = symmetric ? rintf(__fdiv_rn(v[j][t], s))
-                               : __fsub_rn(rintf(__fdiv_rn(__fsub_rn(v[j][t], zero), s)), half_range);
-        codes[t] = static_cast<int8_t>(fminf(fmaxf(code, code_lo), code_hi));
-      }
+      for (int t = 0; t < kN; ++t) codes[t] = tq.code(v[j][t]);
       if constexpr (kN == 8) {
         *reinterpret_cast<uint2*>(qr + idx * kN) = *reinterpret_cast<uint2 const*>(codes);
       } else {
@@ -197,8 +194,8 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
     }
   }
   if (lane == 0) {
-    scale[row] = s;
-    offset[row] = c;
+    scale[row] = tq.scale;
+    offset[row] = tq.offset;
   }
 }
 
@@ -394,18 +391,7 @@ __global__ void add_ln_quantize_kernel(T const* __restrict__ a, T const* __restr
     lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
     hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
   }
-  const float half_range = static_cast<float>(1 << (bits - 1));
-  const float code_lo = -half_range, code_hi = half_range - 1.f;
-  float s, c, zero;
-  if (symmetric) {
-    s = __fdiv_rn(fmaxf(hi, kEps), code_hi);
-    c = 0.f;
-    zero = 0.f;
-  } else {
-    s = __fdiv_rn(fmaxf(__fsub_rn(hi, lo), kEps), static_cast<float>((1 << bits) - 1));
-    c = __fadd_rn(lo, __fmul_rn(half_range, s));
-    zero = __fsub_rn(c, __fmul_rn(half_range, s));
-  }
+  const TokenQuant tq(lo, hi, bits, symmetric);
   int8_t* qr = q + row * k;
 #pragma unroll
   for (int j = 0; j < kMaxVecs; ++j) {
@@ -413,17 +399,13 @@ __global__ void add_ln_quantize_kernel(T const* __restrict__ a, T const* __restr
     if (idx < nvec) {
       int8_t codes[kN];
 #pragma unroll
-      for (int t = 0; t < kN; ++t) {
-        float code = symmetric ? rintf(__fdiv_rn(v[j][t], s))
-                               : __fsub_rn(rintf(__fdiv_rn(__fsub_rn(v[j][t], zero), s)), half_range);
-        codes[t] = static_cast<int8_t>(fminf(fmaxf(code, code_lo), code_hi));
-      }
+      for (int t = 0; t < kN; ++t) codes[t] = tq.code(v[j][t]);
       *reinterpret_cast<uint2*>(qr + idx * kN) = *reinterpret_cast<uint2 const*>(codes);
     }
   }
   if (lane == 0) {
-    scale[row] = s;
-    offset[row] = c;
+    scale[row] = tq.scale;
+    offset[row] = tq.offset;
   }
 }
 
