@@ -112,6 +112,12 @@ class PartSpec:
     n: int
     k: int
     trained: str
+    #: the float graph runs this part as this many GEMMs of N / fp16_gemms each (HF's separate
+    #: q, k, v linears); fuse_qkv makes the integer part one GEMM of N, reading one quantize
+    fp16_gemms: int = 1
+    #: the input quantize is folded into the LayerNorm before the part (the GPU pass
+    #: fuse_add_layer_norm_quantize), so an integer choice costs only what that kernel adds
+    quantize_in_norm: bool = False
 
 
 def part_specs_from_graph(gm) -> list[PartSpec]:
@@ -235,6 +241,11 @@ class Launchers:
     gemm: dict[str, Callable[[int, int, int, bool], list[tuple[str, Callable[[], object]]]]] = field(default_factory=dict)
     quantize: Callable[[int, int, int], Callable[[], object]] | None = None
     gelu: Callable[[int, int], Callable[[], object]] | None = None
+    #: ``(m, k, bits) -> (fused, plain)``: add + LayerNorm + quantize in one kernel, and the
+    #: add + LayerNorm it replaces; an integer part whose quantize sits in the LayerNorm
+    #: (``PartSpec.quantize_in_norm``) costs the difference. Without it such a part is charged
+    #: the separate quantize kernel (an upper bound).
+    norm_quantize: Callable[[int, int, int], tuple[Callable[[], object], Callable[[], object]]] | None = None
 
     @classmethod
     def default(cls, device: str = "cuda") -> "Launchers":
@@ -278,6 +289,17 @@ class Launchers:
                     x = torch.randn(m, k, device=device, dtype=torch.float16)
                     return lambda: torch.ops.qfx.quantize(x, bits, True, None, None, "cutlass")
                 out.quantize = quant
+            if "cutlass" in registered_backends("add_layer_norm_quantize"):
+                def norm_quant(m, k, bits):
+                    a = torch.randn(m, k, device=device, dtype=torch.float16)
+                    b = torch.randn(m, k, device=device, dtype=torch.float16)
+                    g = torch.rand(k, device=device, dtype=torch.float16) + 0.5
+                    beta = torch.randn(k, device=device, dtype=torch.float16)
+                    fused = lambda: torch.ops.qfx.add_layer_norm_quantize(  # noqa: E731
+                        a, b, g, beta, 1e-12, bits, True, None, None, "cutlass")
+                    plain = lambda: F.layer_norm(a + b, (k,), g, beta, 1e-12)  # noqa: E731
+                    return fused, plain
+                out.norm_quantize = norm_quant
         return out
 
 
@@ -455,12 +477,13 @@ def _modelled_candidates(target: Target, spec: PartSpec, m: int, fused_quantize:
                          fused_epilogue: bool | None) -> list[Candidate]:
     out = []
     for prec in allowed_precisions(spec.trained):
-        est = cost_model.part_time(target, spec.part, m, spec.n, spec.k, prec, gelu=spec.part == "ffn_in",
-                                   fused_quantize=fused_quantize, fused_epilogue=fused_epilogue)
-        kernel = est.gemm.kernel
+        gemms = spec.fp16_gemms if prec == "fp16" else 1
+        est = cost_model.part_time(target, spec.part, m, spec.n // gemms, spec.k, prec, gelu=spec.part == "ffn_in",
+                                   fused_quantize=fused_quantize or spec.quantize_in_norm, fused_epilogue=fused_epilogue)
+        kernel = est.gemm.kernel + (f" x{gemms}" if gemms > 1 else "")
         if prec == "int4" and not target.int4_tensor_cores:
             kernel += " (int4 codes on INT8 tensor cores)"
-        out.append(Candidate(prec, kernel, est.gemm.us, est.us - est.gemm.us))
+        out.append(Candidate(prec, kernel, gemms * est.gemm.us, gemms * (est.us - est.gemm.us)))
     return out
 
 
@@ -483,22 +506,29 @@ def _measured_candidates(target: Target, spec: PartSpec, m: int, launchers: Laun
         if factory is None:
             continue  # the backend offers no kernel for it here: not a candidate
         extra = 0.0
+        gemms = spec.fp16_gemms if prec == "fp16" else 1
+        n = spec.n // gemms
         if prec != "fp16":
-            if launchers.quantize is None:
-                raise ValueError(f"Launchers.quantize is missing: {prec} candidates need the quantize kernel timed")
             bits = _BITS[prec]
-            extra = timed(f"quantize|{bits}|{m}|{spec.k}", lambda: launchers.quantize(m, spec.k, bits))
+            if spec.quantize_in_norm and launchers.norm_quantize is not None:
+                fused = timed(f"norm_quantize|{bits}|{m}|{spec.k}", lambda: launchers.norm_quantize(m, spec.k, bits)[0])
+                plain = timed(f"norm|{m}|{spec.k}", lambda: launchers.norm_quantize(m, spec.k, bits)[1])
+                extra = max(0.0, fused - plain)
+            else:
+                if launchers.quantize is None:
+                    raise ValueError(f"Launchers.quantize is missing: {prec} candidates need the quantize kernel timed")
+                extra = timed(f"quantize|{bits}|{m}|{spec.k}", lambda: launchers.quantize(m, spec.k, bits))
         elif gelu and launchers.gelu is not None:
             extra = timed(f"gelu|{m}|{spec.n}", lambda: launchers.gelu(m, spec.n))
         kernels = None
-        names = [k for k in (cache.entries if cache is not None else {}) if k.startswith(f"{prec}|") and k.endswith(f"|{m}|{spec.n}|{spec.k}|{int(gelu)}")]
+        names = [k for k in (cache.entries if cache is not None else {}) if k.startswith(f"{prec}|") and k.endswith(f"|{m}|{n}|{spec.k}|{int(gelu)}")]
         if names:  # everything of this shape is cached: no need to build inputs
             kernels = [(k.split("|")[1], cache.get(k)) for k in names]
         else:
-            kernels = [(name, timed(f"{prec}|{name}|{m}|{spec.n}|{spec.k}|{int(gelu)}", lambda fn=fn: fn))
-                       for name, fn in factory(m, spec.n, spec.k, gelu)]
+            kernels = [(name, timed(f"{prec}|{name}|{m}|{n}|{spec.k}|{int(gelu)}", lambda fn=fn: fn))
+                       for name, fn in factory(m, n, spec.k, gelu)]
         for name, us in kernels:
-            out.append(Candidate(prec, name, us, extra))
+            out.append(Candidate(prec, name + (f" x{gemms}" if gemms > 1 else ""), gemms * us, extra))
         progress.update(1)
     if not any(c.precision == "fp16" for c in out):
         raise ValueError("Launchers.gemm has no 'fp16' entry: the tuner needs the fp16 baseline")
@@ -612,25 +642,26 @@ def autotune(
         origin = (f"modelled for {target.name} ({target.gpu}): roofline from published peaks and bandwidth, "
                   "efficiencies fitted on the H100 (qfx.tune.cost_model); not measured")
 
-    unique = sorted({(s.part, s.n, s.k, s.trained) for s in specs})
+    unique = sorted({(s.part, s.n, s.k, s.trained, s.fp16_gemms, s.quantize_in_norm) for s in specs})
     bar = None
     if measure:
-        total = len(scenario.buckets) * sum(len([p for p in allowed_precisions(t) if p in launchers.gemm]) for _, _, _, t in unique)
+        total = len(scenario.buckets) * sum(len([p for p in allowed_precisions(u[3]) if p in launchers.gemm]) for u in unique)
         bar = tqdm(total=total, desc=f"qfx autotune {target.name}", disable=not progress, unit="cand")
     buckets = []
     try:
         for batch, seq in scenario.buckets:
             m = batch * seq
             by_shape: dict[tuple, tuple[Candidate, tuple[Candidate, ...], float]] = {}
-            for part, n, k, tr in unique:
-                spec = PartSpec(None, part, n, k, tr)
+            for key in unique:
+                spec = PartSpec(None, *key)
+                tr = spec.trained
                 cands = (_measured_candidates(target, spec, m, launchers, tune_cache, timer, bar) if measure
                          else _modelled_candidates(target, spec, m, fused_quantize, fused_epilogue))
                 fp16 = min((c.us for c in cands if c.precision == "fp16"), default=float("nan"))
-                by_shape[(part, n, k, tr)] = (_choose(cands, tr, margin), tuple(cands), fp16)
+                by_shape[key] = (_choose(cands, tr, margin), tuple(cands), fp16)
             choices = []
             for s in specs:
-                best, cands, fp16 = by_shape[(s.part, s.n, s.k, s.trained)]
+                best, cands, fp16 = by_shape[(s.part, s.n, s.k, s.trained, s.fp16_gemms, s.quantize_in_norm)]
                 choices.append(PartChoice(s, m, best.precision, best.kernel, best.us, fp16, cands))
             fixed = {}
             for name, rule in fixed_strategies(_dominant(specs)).items():

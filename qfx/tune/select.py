@@ -1,0 +1,317 @@
+"""The autotuner inside ``qfx.compile(..., tune=...)``: which layer parts stay fp16.
+
+``qfx.compile`` hands this module the annotated graph (every linear's layer, role and trained
+spec) and the user's scenario; :func:`choose_parts` groups the linears into layer parts, asks
+:func:`qfx.tune.autotune.autotune` for every candidate's time in every ``(batch, seq)`` bucket
+(measured on a GPU of the target's kernel family, else modelled by :mod:`qfx.tune.cost_model`
+and marked so) and returns a :class:`TuneDecision`: the linears to keep in float (applied
+through the existing ``skip`` mechanism) and, for each, the reason the report prints.
+
+A part is accounted as the compiled graph will run it:
+
+* ``qkv``: one integer GEMM of N = 3h reading one quantize (``fuse_qkv``), or three fp16
+  GEMMs of N = h (the float graph keeps HF's separate q, k, v linears);
+* ``ffn_in``: the integer GEMM fuses bias + GELU (``fuse_bias_gelu``); in fp16 GELU is its
+  own kernel;
+* on GPUs with fp16 / bf16 float parts the quantize of ``qkv`` and ``ffn_in`` sits in the
+  LayerNorm before them (``fuse_add_layer_norm_quantize``), so quantizing them costs only what
+  that fused kernel adds over a plain add + LayerNorm; ``attn_out`` and ``ffn_out`` pay a
+  quantize kernel.
+
+Only two precisions can be applied per part: the one it was trained for and fp16 (higher, so
+always allowed; a W4A4 part is never re-quantized to W8A8 here). Parts are independent (the
+float parts do not change with the choice), so the plan that minimises the scenario's summed
+latency is, per part, the precision with the smallest time summed over the buckets; ties keep
+the trained precision. **One graph per compiled model**: when buckets disagree, the summed
+choice wins and the report lists each bucket's own preference (the runtime replays one graph
+per bucket shape, but all of them are made from the same planned graph, which keeps it simple).
+
+Example::
+
+    >>> decision = choose_parts(annotated_gm, "sm_86", Scenario.of(batch=1, seq=128))
+    >>> decision.source, decision.skip[:3]
+    ('modelled', ('layer0.q', 'layer0.k', 'layer0.v'))
+    >>> print(decision.summary())
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qfx.schema import is_call, linear_nodes
+from qfx.targets import Target, get_target
+from qfx.tune.autotune import PartSpec, Plan, Scenario, TuneCache, Launchers, autotune
+
+__all__ = ["LayerPart", "PartDecision", "TuneDecision", "layer_parts", "choose_parts", "scenario_for_compile",
+           "tune_for_compile"]
+
+_TUNED_ROLES = ("qkv", "attn_out", "ffn_in", "ffn_out")
+aten = torch.ops.aten
+#: ops between a LayerNorm and the linear reading it that leave the values as they are
+#: (dropout is the identity in eval and removed before planning)
+_PASS_THROUGH = frozenset({aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
+                           aten._to_copy.default, aten.to.dtype, aten.view.default, aten.reshape.default})
+
+
+@dataclass(frozen=True)
+class LayerPart:
+    """The linears of one layer part (``layer0.q/k/v`` -> part ``qkv``) and their GEMM."""
+
+    layer: int | None
+    part: str
+    names: tuple[str, ...]
+    spec: PartSpec
+
+
+@dataclass(frozen=True)
+class PartDecision:
+    """The choice for one layer part: times in microseconds summed over the scenario's buckets
+    (each bucket: the fastest kernel of a precision, with the work it brings)."""
+
+    layer: int | None
+    part: str
+    names: tuple[str, ...]
+    trained: str
+    precision: str
+    trained_us: float
+    fp16_us: float
+    #: per bucket: (batch, seq, preferred precision, trained us, fp16 us)
+    per_bucket: tuple[tuple[int, int, str, float, float], ...]
+
+
+@dataclass(frozen=True)
+class TuneDecision:
+    """What :func:`choose_parts` decided; ``skip`` and ``reasons`` go into ``qfx.compile``.
+
+    Attributes:
+        plan: the autotuner's plan (every candidate of every part and bucket).
+        parts: one :class:`PartDecision` per layer part that had a choice.
+        skip: linear names to keep in float (fp16 faster).
+        reasons: linear name -> the report's reason (float and quantized linears alike).
+        source: ``"measured"`` or ``"modelled"``.
+        scenario: the buckets tuned for.
+    """
+
+    plan: Plan
+    parts: tuple[PartDecision, ...]
+    skip: tuple[str, ...]
+    reasons: dict[str, str] = field(hash=False)
+    source: str
+    scenario: Scenario
+
+    def bucket_preferences(self) -> dict[tuple[int, int], dict[str, str]]:
+        """Per bucket, the precision each part would get if that bucket alone were tuned for
+        (``{(1, 128): {"qkv": "fp16", ...}}``; parts merged over layers, the first layer's)."""
+        out: dict[tuple[int, int], dict[str, str]] = {}
+        for d in self.parts:
+            for b, s, pref, _, _ in d.per_bucket:
+                out.setdefault((b, s), {}).setdefault(d.part, pref)
+        return out
+
+    def chosen(self) -> dict[str, str]:
+        """The compiled precision per part (first layer's; every layer of one shape agrees)."""
+        out: dict[str, str] = {}
+        for d in self.parts:
+            out.setdefault(d.part, d.precision)
+        return out
+
+    def total_us(self, precisions: dict[str, str] | None = None) -> float:
+        """The tuned parts' time summed over layers and buckets, microseconds: the decision's
+        own (``None``) or a fixed strategy's (``{part: "fp16" | trained}``, e.g. from
+        :func:`qfx.tune.autotune.fixed_strategies`; a part runs fp16 unless its trained
+        precision is asked for). Float parts are left out: no choice changes them."""
+        if precisions is None:
+            return sum(d.fp16_us if d.precision == "fp16" else d.trained_us for d in self.parts)
+        return sum(d.trained_us if precisions.get(d.part) == d.trained else d.fp16_us for d in self.parts)
+
+    def summary(self) -> str:
+        """One paragraph for the report: origin, the plan, each bucket's own preference."""
+        plan = ", ".join(f"{p} {prec}" for p, prec in self.chosen().items()) or "nothing to choose"
+        lines = [f"autotuner ({self.plan.origin}): {plan} for scenario {_scenario_text(self.scenario)}"]
+        prefs = self.bucket_preferences()
+        if len(prefs) > 1:
+            per = "; ".join(f"{b}x{s}: " + ", ".join(f"{p} {v}" for p, v in want.items()) for (b, s), want in prefs.items())
+            agree = all(want == self.chosen() for want in prefs.values())
+            lines.append(f"per-bucket preference: {per}" + ("" if agree else
+                         " (buckets disagree: one graph per compiled model, the summed latency decides)"))
+        return "\n".join(lines)
+
+    def apply_to_report(self, report) -> None:
+        """Write the reasons into a :class:`qfx.report.CompileReport` (float parts and notes of
+        the integer linears) and the summary into its plan origin."""
+        from dataclasses import replace
+
+        report.plan_origin = self.summary()
+        rows = []
+        for r in report.linears:
+            why = self.reasons.get(r.name)
+            if why is not None:
+                r = replace(r, note=why if r.backend == "float" else "; ".join(x for x in (r.note, why) if x))
+            rows.append(r)
+        report.linears[:] = rows
+        report.float_parts[:] = [(name, self.reasons.get(name, why)) for name, why in report.float_parts]
+
+
+def _scenario_text(scenario: Scenario) -> str:
+    return " + ".join(f"{b}x{s}" for b, s in scenario.buckets)
+
+
+def _through(node: Any) -> Any:
+    while is_call(node, _PASS_THROUGH):
+        node = node.args[0]
+    return node
+
+
+def _quantize_in_norm(lin: Node, k: int, target: Target, float_dtype: torch.dtype) -> bool:
+    """Whether ``fuse_add_layer_norm_quantize`` will fold this linear's input quantize into the
+    LayerNorm that produces its input (GPU, fp16 / bf16 float parts, a row the kernel takes)."""
+    if not target.is_gpu or float_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not is_call(_through(lin.args[0]), aten.layer_norm.default):
+        return False
+    from qfx.backends.cutlass.launch import ADD_LN_MAX_K  # the fused kernel's row limit, kept there
+
+    return k % 8 == 0 and k <= ADD_LN_MAX_K
+
+
+def layer_parts(gm: GraphModule, target: "Target | str", float_dtype: torch.dtype = torch.float16) -> list[LayerPart]:
+    """The layer parts of an annotated graph (L2 or later: ``node.meta["qfx"]`` on every linear)
+    that have a choice: every linear of the part quantizes weights and activations with the
+    same bits. Parts with a linear already in float (``skip``, roles not quantized) or
+    weight-only have no integer candidate and are left out."""
+    target = get_target(target)
+    groups: dict[tuple[int | None, str], list[Node]] = {}
+    for node in linear_nodes(gm):
+        info = node.meta.get("qfx")
+        if info is None:
+            raise ValueError("layer_parts needs an annotated graph (qfx.passes.annotate): a linear has no qfx metadata")
+        if info.role in _TUNED_ROLES and info.layer is not None:
+            groups.setdefault((info.layer, info.role), []).append(node)
+    out = []
+    for (layer, role), nodes in groups.items():
+        infos = [n.meta["qfx"] for n in nodes]
+        specs = {(i.spec.weight_bits, i.spec.act_bits) if i.spec is not None and i.spec.quantizes_activations else None
+                 for i in infos}
+        ks = {i.in_features for i in infos}
+        if None in specs or len(specs) != 1 or len(ks) != 1:
+            continue
+        (w_bits, a_bits), = specs
+        trained = "int4" if w_bits == a_bits == 4 else "int8"
+        k = ks.pop()
+        spec = PartSpec(layer, role, sum(i.out_features for i in infos), k, trained, fp16_gemms=len(infos),
+                        quantize_in_norm=_quantize_in_norm(nodes[0], k, target, float_dtype))
+        out.append(LayerPart(layer, role, tuple(i.name for i in infos), spec))
+    return out
+
+
+def _best(plan: Plan, bucket: int, layer: int | None, part: str, precision: str) -> float:
+    c = plan.buckets[bucket].choice(layer, part)
+    return min(x.us for x in c.candidates if x.precision == precision)
+
+
+def choose_parts(
+    parts: "GraphModule | Sequence[LayerPart]",
+    target: "Target | str",
+    scenario: Scenario,
+    *,
+    float_dtype: torch.dtype = torch.float16,
+    measure: bool | None = None,
+    launchers: Launchers | None = None,
+    cache: "TuneCache | bool | None" = True,
+    timer: Callable[[Callable[[], object]], float] | None = None,
+    progress: bool = True,
+    max_seq: int | None = None,
+) -> TuneDecision:
+    """Decide, per layer part, trained precision or fp16 for ``scenario`` on ``target``.
+
+    Args:
+        parts: an annotated graph (see :func:`layer_parts`) or its layer parts.
+        target: a GPU target (``"sm_86"``, a :class:`qfx.targets.Target`).
+        scenario: the ``(batch, seq)`` buckets; the decision minimises their summed latency.
+        float_dtype: what the float parts run in (decides whether quantizes fold into LayerNorms).
+        measure / launchers / cache / timer / progress: as :func:`qfx.tune.autotune.autotune`
+            (measured only on a GPU of the target's family; else modelled).
+        max_seq: the model's longest sequence; a longer bucket is refused.
+
+    Returns:
+        a :class:`TuneDecision`.
+    """
+    target = get_target(target)
+    if not target.is_gpu:
+        raise ValueError(f"tune=... with target={target.name!r}: the CPU runs the exact reference backend and has "
+                         "nothing to tune; compile for a GPU target (e.g. target='sm_86') or drop tune")
+    if not isinstance(scenario, Scenario):
+        raise ValueError(f"tune={scenario!r}: use True (the example call's batch x seq) or a qfx.tune.Scenario")
+    _check_limits(scenario, max_seq)
+    groups = layer_parts(parts, target, float_dtype) if isinstance(parts, GraphModule) else list(parts)
+    if not groups:
+        raise ValueError("tune=...: no layer part is quantized (every qkv/attn_out/ffn_in/ffn_out linear is already "
+                         "float), so there is nothing to tune; drop tune or compile with mode='int4'/'int8'")
+    if launchers is None and measure is not False and torch.cuda.is_available():
+        launchers = Launchers.default()  # used only if the GPU present is of the target's family
+    if launchers is not None:  # only the precisions a decision can apply are worth timing
+        wanted = {g.spec.trained for g in groups} | {"fp16"}
+        launchers = Launchers({p: f for p, f in launchers.gemm.items() if p in wanted}, launchers.quantize,
+                              launchers.gelu, launchers.norm_quantize)
+    plan = autotune(None, target, scenario, parts=[g.spec for g in groups], measure=measure, launchers=launchers,
+                    cache=cache, timer=timer, progress=progress)
+    where = _scenario_text(scenario)
+    decided, skip, reasons = [], [], {}
+    for g in groups:
+        trained, per = g.spec.trained, []
+        for i, (b, s) in enumerate(scenario.buckets):
+            t_us, f_us = _best(plan, i, g.layer, g.part, trained), _best(plan, i, g.layer, g.part, "fp16")
+            per.append((b, s, "fp16" if f_us < t_us else trained, t_us, f_us))
+        t_sum, f_sum = sum(p[3] for p in per), sum(p[4] for p in per)
+        precision = "fp16" if f_sum < t_sum else trained  # ties keep the trained precision
+        decided.append(PartDecision(g.layer, g.part, g.names, trained, precision, t_sum, f_sum, tuple(per)))
+        if precision == "fp16":
+            why = f"autotuner: fp16 faster at {where} ({f_sum:.1f} us vs {t_sum:.1f} us {trained}, {plan.source})"
+            skip += g.names
+        else:
+            why = f"autotuner: {trained} faster at {where} ({t_sum:.1f} us vs {f_sum:.1f} us fp16, {plan.source})"
+        reasons.update({name: why for name in g.names})
+    return TuneDecision(plan, tuple(decided), tuple(skip), reasons, plan.source, scenario)
+
+
+def _check_limits(scenario: Scenario, max_seq: int | None) -> None:
+    for b, s in scenario.buckets:
+        if max_seq is not None and s > max_seq:
+            raise ValueError(f"tune: scenario bucket (batch={b}, seq={s}) is longer than the model takes "
+                             f"({max_seq} tokens, max_position_embeddings); use seq <= {max_seq}")
+
+
+def scenario_for_compile(tune: Any, capture) -> Scenario:
+    """``tune=True``: the example call's ``(batch, seq)`` (from the captured token ids / mask);
+    a :class:`Scenario`: itself. Anything else is refused naming ``tune``."""
+    if isinstance(tune, Scenario):
+        return tune
+    if tune is not True:
+        raise ValueError(f"tune={tune!r}: use None (no tuning), True (the example call's batch x seq) or "
+                         "qfx.tune.Scenario.of(batch=..., seq=...) / Scenario.of(buckets=[...])")
+    for name, dims in capture.dims.items():
+        value = capture.example_kwargs.get(name)
+        if isinstance(value, torch.Tensor) and tuple(dims[:2]) == ("batch", "seq"):
+            return Scenario.of(batch=int(value.shape[0]), seq=int(value.shape[1]))
+    raise ValueError("tune=True takes batch x seq from the example call, but no [batch, seq] input was found in it; "
+                     "pass tune=qfx.tune.Scenario.of(batch=..., seq=...)")
+
+
+def tune_for_compile(gm: GraphModule, tune: Any, target: Target, config, skip: tuple[str, ...],
+                     float_dtype: torch.dtype) -> TuneDecision:
+    """What ``qfx.compile(..., tune=...)`` calls on the captured graph: annotate it with the
+    compile's config and skip (metadata only; the pipeline annotates again with the decision's
+    skip added), then :func:`choose_parts`."""
+    from qfx.passes.annotate import annotate
+
+    if config is None:
+        raise ValueError(f"tune={tune!r} with mode='fp16': nothing is quantized, so there is nothing to tune; "
+                         "drop tune or compile with mode='int4'/'int8'")
+    capture = gm.meta["qfx_capture"]
+    scenario = scenario_for_compile(tune, capture)
+    _check_limits(scenario, capture.max_seq_len)
+    annotate(gm, config, skip)
+    return choose_parts(gm, target, scenario, float_dtype=float_dtype, max_seq=capture.max_seq_len)

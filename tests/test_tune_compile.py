@@ -1,0 +1,191 @@
+"""``qfx.compile(..., tune=...)``: the per-part choice (qfx/tune/select.py) on a tiny BERT.
+
+On the CPU the measured path runs on fake launchers and a fake timer (a pretend GPU of the
+sm80 family), the modelled path on the cost model; the GPU test compiles with tune=True on
+the GPU present and checks the output against the same compile with the equivalent skip.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import qfx
+from models import inputs, make
+from qfx.capture import capture
+from qfx.passes.annotate import annotate
+from qfx.tune import Scenario
+from qfx.tune import autotune as at
+from qfx.tune.select import choose_parts, layer_parts, scenario_for_compile
+
+IDENTITY = {"gpu": "Fake GPU 9000", "driver": "580.1", "library": "qfx test"}
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make("bert", hidden=HIDDEN, layers=2)
+
+
+def _annotated(model, bits: int, skip=()):
+    return annotate(capture(model, (), inputs(2, 16)), qfx.QuantConfig(bits, bits), skip)
+
+
+@pytest.fixture(scope="module")
+def int4_graph(model):
+    return _annotated(model, 4)
+
+
+def _gemm_us(prec: str, m: int) -> float:
+    """fp16 wins at small M (no quantize, no fixed cost), integer wins at large M."""
+    return 1.0 + 0.01 * m if prec == "fp16" else 4.0 + 0.002 * m
+
+
+def _fake_gpu(monkeypatch, timed: list):
+    monkeypatch.setattr(at, "_present_family", lambda: "sm80")
+
+    def gemm(prec):
+        return lambda m, n, k, gelu: [(f"{prec}-kernel", ("gemm", prec, m))]
+
+    launchers = at.Launchers(gemm={p: gemm(p) for p in ("fp16", "int8", "int4")},
+                             quantize=lambda m, k, bits: ("quantize", m),
+                             gelu=lambda m, n: ("gelu", m),
+                             norm_quantize=lambda m, k, bits: (("norm_quantize", m), ("norm", m)))
+
+    def timer(token):
+        timed.append(token)
+        kind, *rest = token
+        if kind == "gemm":
+            return _gemm_us(rest[0], rest[1])
+        return {"quantize": 2.0, "gelu": 1.0, "norm_quantize": 3.0, "norm": 2.5}[kind]
+    return launchers, timer
+
+
+def test_layer_parts_count_what_the_compiled_graph_runs(int4_graph):
+    parts = {(p.layer, p.part): p for p in layer_parts(int4_graph, "sm_86")}
+    assert len(parts) == 8
+    qkv = parts[(0, "qkv")]
+    assert qkv.names == ("layer0.q", "layer0.k", "layer0.v")
+    # one fused integer GEMM of N = 3h reading one quantize, or three fp16 GEMMs of N = h
+    assert (qkv.spec.n, qkv.spec.k, qkv.spec.fp16_gemms, qkv.spec.trained) == (3 * HIDDEN, HIDDEN, 3, "int4")
+    # the quantize of qkv / ffn_in sits in the LayerNorm before them on a GPU with fp16 float parts
+    assert {p: parts[(1, p)].spec.quantize_in_norm for p in ("qkv", "attn_out", "ffn_in", "ffn_out")} == \
+        {"qkv": True, "attn_out": False, "ffn_in": True, "ffn_out": False}
+    assert not any(p.spec.quantize_in_norm for p in layer_parts(int4_graph, "sm_86", torch.float32))
+
+
+def test_precision_never_below_trained_and_parts_already_float_are_left_alone(model):
+    gm = _annotated(model, 8, skip=("layer1.ffn_out",))
+    decision = choose_parts(gm, "sm_90", Scenario.of(buckets=[(1, 16), (64, 64)]))
+    assert decision.source == "modelled"
+    parts = ("qkv", "attn_out", "ffn_in", "ffn_out")
+    assert {(d.layer, d.part) for d in decision.parts} == {(l, p) for l in (0, 1) for p in parts} - {(1, "ffn_out")}
+    for d in decision.parts:
+        assert d.trained == "int8" and d.precision in ("int8", "fp16")
+        assert d.precision == ("fp16" if d.fp16_us < d.trained_us else "int8")
+    assert "layer1.ffn_out" not in decision.reasons  # the user's skip stays the user's
+
+
+def test_measured_choice_skip_reasons_and_report(model, int4_graph, monkeypatch):
+    timed = []
+    launchers, timer = _fake_gpu(monkeypatch, timed)
+    decision = choose_parts(int4_graph, "sm_86", Scenario.of(batch=1, seq=16), launchers=launchers, timer=timer,
+                            cache=False, progress=False)
+    assert decision.source == "measured" and timed
+    # M = 16: fp16 (1.16 us per GEMM) beats int4 (4.03 us + its quantize) everywhere
+    assert set(decision.skip) == {f"layer{l}.{n}" for l in (0, 1) for n in ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")}
+    qkv = next(d for d in decision.parts if d.part == "qkv")
+    assert qkv.fp16_us == pytest.approx(3 * _gemm_us("fp16", 16))  # three GEMMs of N = h
+    assert qkv.trained_us == pytest.approx(_gemm_us("int4", 16) + 0.5)  # one GEMM + (norm_quantize - norm)
+    ffn_out = next(d for d in decision.parts if d.part == "ffn_out")
+    assert ffn_out.trained_us == pytest.approx(_gemm_us("int4", 16) + 2.0)  # a quantize kernel of its own
+    assert decision.reasons["layer0.q"] == (f"autotuner: fp16 faster at 1x16 ({qkv.fp16_us:.1f} us vs "
+                                            f"{qkv.trained_us:.1f} us int4, measured)")
+    assert decision.total_us() <= min(decision.total_us(r) for r in at.fixed_strategies("int4").values())
+    # the decision through the skip mechanism: a CPU compile shows the reasons in the report
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 16), config=qfx.QuantConfig(4, 4))
+    cm = qfx.compile(qat, mode="int4", target="cpu", skip=decision.skip)
+    report = cm.report()
+    decision.apply_to_report(report)
+    float_rows = {r.name: r.note for r in report.linears if r.backend == "float" and r.role != "other"}
+    assert float_rows.keys() == set(decision.skip)
+    text = report.render(width=400)
+    assert "autotuner: fp16 faster at 1x16" in text and "measured on" in text
+
+
+def test_buckets_that_disagree_get_the_summed_choice_and_each_preference(int4_graph, monkeypatch):
+    launchers, timer = _fake_gpu(monkeypatch, [])
+    scenario = Scenario.of(buckets=[(1, 16), (64, 64)])  # M = 16 wants fp16, M = 4096 the integer GEMMs
+    decision = choose_parts(int4_graph, "sm_86", scenario, launchers=launchers, timer=timer, cache=False,
+                            progress=False)
+    prefs = decision.bucket_preferences()
+    assert set(prefs[(1, 16)].values()) == {"fp16"} and set(prefs[(64, 64)].values()) == {"int4"}
+    for d in decision.parts:
+        assert d.precision == ("fp16" if d.fp16_us < d.trained_us else "int4")
+        assert d.trained_us == pytest.approx(sum(b[3] for b in d.per_bucket))
+    assert decision.chosen() == {p: "int4" for p in ("qkv", "attn_out", "ffn_in", "ffn_out")}
+    assert "buckets disagree" in decision.summary() and "1x16: qkv fp16" in decision.summary()
+
+
+def test_a_cached_tune_does_not_time_again(int4_graph, monkeypatch, tmp_path):
+    timed = []
+    launchers, timer = _fake_gpu(monkeypatch, timed)
+    scenario = Scenario.of(buckets=[(1, 16), (8, 32)])
+    first = choose_parts(int4_graph, "sm_86", scenario, launchers=launchers, timer=timer,
+                         cache=at.TuneCache(tmp_path, identity=IDENTITY), progress=False)
+    assert timed
+    second = choose_parts(int4_graph, "sm_86", scenario, launchers=launchers,
+                          timer=lambda fn: pytest.fail("timed again despite the cache"),
+                          cache=at.TuneCache(tmp_path, identity=IDENTITY), progress=False)
+    assert second.parts == first.parts and second.skip == first.skip
+
+
+def test_tune_true_takes_the_example_calls_shape(int4_graph):
+    assert scenario_for_compile(True, int4_graph.meta["qfx_capture"]).buckets == ((2, 16),)
+    sc = Scenario.of(batch=4, seq=32)
+    assert scenario_for_compile(sc, int4_graph.meta["qfx_capture"]) is sc
+
+
+def test_bad_tune_input_is_refused_naming_tune(model, int4_graph):
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 16), config=qfx.QuantConfig(4, 4))
+    with pytest.raises(ValueError, match="tune=.*target='cpu'.*GPU target"):
+        qfx.compile(qat, mode="int4", target="cpu", tune=True)
+    with pytest.raises(ValueError, match=r"tune: .*seq=1000.*max_position_embeddings.*seq <= 64"):
+        qfx.compile(qat, mode="int4", target="cpu", tune=Scenario.of(batch=1, seq=1000))
+    with pytest.raises(ValueError, match="tune='fast'"):
+        qfx.compile(qat, mode="int4", target="cpu", tune="fast")
+    with pytest.raises(ValueError, match="tune=True with mode='fp16'"):
+        qfx.compile(model, mode="fp16", target="cpu", example_kwargs=inputs(2, 16), tune=True)
+    everything_float = _annotated(model, 4, skip=("layer0", "layer1"))
+    with pytest.raises(ValueError, match="nothing to tune"):
+        choose_parts(everything_float, "sm_86", Scenario.of(batch=1, seq=16))
+
+
+def test_benchmark_dry_run_prints_modelled_plans(model, capsys):
+    spec = importlib.util.spec_from_file_location("bench_autotune", Path(__file__).parents[1] / "benchmarks" / "autotune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.modelled_rows(model, "sm_90", [(1, 16), (32, 64)], "int8")
+    for r in rows:
+        assert r["source"] == "modelled" and set(r["ms"]) == {"all-int8", "q3-only", "all-fp16", "autotuned"}
+        assert r["ratio"] <= 1 + 1e-9 and set(r["plan"].values()) <= {"int8", "fp16"}
+    bench.print_table(rows, "MODELLED")
+    assert "| 32 x 64 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+
+
+@pytest.mark.gpu
+def test_tune_true_on_the_gpu_equals_the_same_skip(model):
+    target = qfx.detect_target().name
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 16), config=qfx.QuantConfig(8, 8))
+    tuned = qfx.compile(qat, mode="int8", target=target, tune=Scenario.of(buckets=[(1, 16), (4, 32)]))
+    rows = tuned.report().linears
+    assert all("autotuner: " in r.note for r in rows if r.role != "other")
+    skip = tuple(r.name for r in rows if r.backend == "float" and r.note.startswith("autotuner: fp16 faster"))
+    same = qfx.compile(qat, mode="int8", target=target, skip=skip)
+    x = {k: v.cuda() for k, v in inputs(3, 24, seed=1).items()}
+    assert torch.equal(tuned(**x).last_hidden_state, same(**x).last_hidden_state)
