@@ -1,5 +1,6 @@
 """Planning for a target: the per-layer-part autotuner, the cost model for absent GPUs, the
-plan report and ``python -m qfx plan``.
+plan report, ``python -m qfx plan`` and the choice ``qfx.compile(..., tune=...)`` applies
+(:func:`choose_parts`).
 
 Example::
 
@@ -13,8 +14,10 @@ from qfx.tune.autotune import (
 from qfx.tune.autotune import autotune as tune  # the module qfx.tune.autotune keeps its name
 from qfx.tune.cost_model import MODEL_SHAPES, ModelShape, gemm_time, model_latency
 from qfx.tune.plan_report import render_plan
+from qfx.tune.select import TuneDecision, choose_parts
 
 __all__ = [
     "tune", "Scenario", "PartSpec", "Plan", "Launchers", "TuneCache", "AutotuneCacheWarning", "machine_identity",
     "time_us", "MODEL_SHAPES", "ModelShape", "gemm_time", "model_latency", "render_plan",
+    "choose_parts", "TuneDecision",
 ]
