@@ -179,7 +179,8 @@ def test_benchmark_dry_run_prints_modelled_plans(model, capsys):
 
 
 @pytest.mark.gpu
-def test_tune_true_on_the_gpu_equals_the_same_skip(model):
+def test_tune_true_on_the_gpu_equals_the_same_skip(model, monkeypatch, tmp_path):
+    monkeypatch.setenv("QFX_CACHE_DIR", str(tmp_path))  # a fresh autotune cache, not the user's
     target = qfx.detect_target().name
     qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 16), config=qfx.QuantConfig(8, 8))
     tuned = qfx.compile(qat, mode="int8", target=target, tune=Scenario.of(buckets=[(1, 16), (4, 32)]))
