@@ -10,6 +10,7 @@ temperature, top_k and max_new_tokens).
   at each position (position ``t`` predicts token ``t + 1`` from ``t + 1`` tokens of context).
 * :func:`generation_sweep`: sample completions over a grid and count duplicate content words
   (words left after removing stop words, minus their distinct count).
+* :func:`generation_throughput`: greedy tokens/s at a batch size (the study's Table 7).
 
 Each returns its data and, given ``png=``, writes a plot (matplotlib, Agg backend).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "positional_perplexity",
     "duplicate_content_words",
     "generation_sweep",
+    "generation_throughput",
     "SweepRow",
     "decoder_blocks",
 ]
@@ -216,6 +219,22 @@ def duplicate_content_words(text: str, stop_words: Iterable[str]) -> int:
     return len(words) - len(set(words))
 
 
+def _check_causal_lm(model: nn.Module, what: str) -> None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    if not callable(getattr(model, "generate", None)) or not callable(get_head) or get_head() is None:
+        raise ValueError(f"{type(model).__name__} has no causal LM head with generate(): {what} needs e.g. "
+                         f"GPT2LMHeadModel or LlamaForCausalLM, not a base model")
+
+
+def _check_positions(model: nn.Module, prompt_len: int, new_tokens: int) -> None:
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and prompt_len + new_tokens > limit:
+        raise ValueError(f"max_new_tokens={new_tokens} after a prompt of {prompt_len} tokens needs "
+                         f"{prompt_len + new_tokens} positions, but the model has {limit}; shorten the prompts or "
+                         f"max_new_tokens")
+
+
 @dataclass(frozen=True)
 class SweepRow:
     temperature: float
@@ -245,18 +264,10 @@ def generation_sweep(
     head and ``generate`` (HF ``*ForCausalLM`` / ``GPT2LMHeadModel``); a base model raises ValueError.
     Sampling is seeded per grid point, so two models see the same random stream.
     """
-    if not callable(getattr(model, "generate", None)) or model.get_output_embeddings() is None:
-        raise ValueError(f"{type(model).__name__} has no causal LM head with generate(): the generation "
-                         f"sweep needs e.g. GPT2LMHeadModel or LlamaForCausalLM, not a base model")
+    _check_causal_lm(model, "the generation sweep")
     if not prompts:
         raise ValueError("prompts is empty: pass 1-D LongTensors of token ids")
-    cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    longest = max(p.numel() for p in prompts) + max(max_new_tokens)
-    if limit is not None and longest > limit:
-        raise ValueError(f"max_new_tokens={max(max_new_tokens)} after a prompt of {max(p.numel() for p in prompts)} "
-                         f"tokens needs {longest} positions, but the model has {limit}; shorten the prompts or "
-                         f"max_new_tokens")
+    _check_positions(model, max(p.numel() for p in prompts), max(max_new_tokens))
     stop = set(stop_words)
     rows = []
     for temp, k, n_new in itertools.product(temperatures, top_ks, max_new_tokens):
@@ -274,3 +285,53 @@ def generation_sweep(
             words.append(len([w for w in _WORD.findall(text.lower()) if w not in stop]))
         rows.append(SweepRow(temp, k, n_new, sum(dups) / len(dups), sum(words) / len(words), tuple(texts)))
     return rows
+
+
+@torch.no_grad()
+def generation_throughput(
+    model: nn.Module,
+    batch_size: int = 1,
+    new_tokens: int = 128,
+    prompt_len: int = 16,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Greedy decoding speed (the companion study's tokens/s): ``batch_size`` random prompts of
+    ``prompt_len`` ids, ``new_tokens`` generated each (no early stop), KV cache on, on the model's
+    device. Returns ``{"batch", "new_tokens", "seconds", "tokens_per_s"}`` with ``seconds`` the
+    median of ``repeats`` timed calls after one untimed warm-up (CUDA synchronised around each).
+
+    Example::
+
+        >>> generation_throughput(model.half().cuda(), batch_size=16, new_tokens=128)["tokens_per_s"]
+    """
+    _check_causal_lm(model, "generation_throughput")
+    if batch_size < 1 or new_tokens < 1 or prompt_len < 1 or repeats < 1:
+        raise ValueError(f"batch_size={batch_size}, new_tokens={new_tokens}, prompt_len={prompt_len}, "
+                         f"repeats={repeats}: each must be >= 1")
+    _check_positions(model, prompt_len, new_tokens)
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=g).to(device)
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = getattr(model.config, "eos_token_id", 0) if pad is None else pad
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+              pad_token_id=pad, attention_mask=torch.ones_like(prompt))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    out = model.generate(prompt, **kw)  # warm-up (allocations, kernel selection)
+    if out.shape != (batch_size, prompt_len + new_tokens):
+        raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {(batch_size, prompt_len + new_tokens)}")
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        model.generate(prompt, **kw)
+        sync()
+        times.append(time.perf_counter() - t0)
+    secs = sorted(times)[len(times) // 2]
+    return {"batch": batch_size, "new_tokens": new_tokens, "seconds": secs, "tokens_per_s": batch_size * new_tokens / secs}

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
-from qfx.analysis import duplicate_content_words, generation_sweep, positional_activation_range, positional_perplexity
+from qfx.analysis import (duplicate_content_words, generation_sweep, generation_throughput, positional_activation_range,
+                          positional_perplexity)
 
 
 class _Uniform(nn.Module):
@@ -106,3 +107,16 @@ def test_generation_sweep_grid_and_bad_models():
         generation_sweep(GPT2Model(m.config), prompts, decode, set())
     with pytest.raises(ValueError, match="batches is empty"):
         positional_perplexity(m, [])
+
+
+def test_generation_throughput_counts_every_token_and_refuses_bad_models():
+    m = _gpt2()
+    r = generation_throughput(m, batch_size=2, new_tokens=8, prompt_len=4, repeats=1)
+    assert r["batch"] == 2 and r["new_tokens"] == 8
+    assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(16 / r["seconds"])
+    with pytest.raises(ValueError, match="generation_throughput needs e.g. GPT2LMHeadModel"):
+        generation_throughput(GPT2Model(m.config))
+    with pytest.raises(ValueError, match="needs 80 positions, but the model has 64"):
+        generation_throughput(m, new_tokens=64, prompt_len=16)
+    with pytest.raises(ValueError, match="each must be >= 1"):
+        generation_throughput(m, batch_size=0)

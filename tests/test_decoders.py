@@ -9,7 +9,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from qfx import numerics as nx
-from qfx.decoders import DecoderQuantizationWarning, QuantizedLinear, decoder_memory, quantize_decoder
+from qfx.decoders import (DecoderKDConfig, DecoderQuantizationWarning, QATLinear, QuantizedLinear, convert_decoder_qat,
+                          decoder_memory, distill_decoder, prepare_decoder_qat, quantize_decoder, set_weight_path)
 
 
 def _gpt2():
@@ -72,7 +73,7 @@ def test_layer_multiplies_with_its_stored_codes(fmt, double_quant):
 
 def test_w4a4_warns_unless_rotated_and_rotation_helps():
     m = _llama(outlier=20.0)
-    with pytest.warns(DecoderQuantizationWarning, match="w4a4.*rotate=True"):
+    with pytest.warns(DecoderQuantizationWarning, match=r"w4a4.*\+9 %.*W4A4 \+[0-9.]+ %.*rotate=True") as rec:
         plain = quantize_decoder(m, mode="w4a4", fmt="int4", block_size=32)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DecoderQuantizationWarning)
@@ -82,6 +83,7 @@ def test_w4a4_warns_unless_rotated_and_rotation_helps():
         e_plain = (plain(input_ids=IDS).logits - ref).pow(2).mean()
         e_rot = (rotated(input_ids=IDS).logits - ref).pow(2).mean()
     assert e_rot < 0.5 * e_plain
+    assert "gap" in str(rec[0].message)  # the warning quotes the measured / expected gap
 
 
 def test_gptq_path_runs_with_calibration():
@@ -111,6 +113,65 @@ def test_bad_input():
     with pytest.raises(ValueError, match="Llama-style"):
         quantize_decoder(m, rotate=True)
     assert not any(isinstance(x, QuantizedLinear) for x in m.modules())  # the input model is untouched
+    with pytest.raises(ValueError, match="block_size=0 does not divide"):
+        quantize_decoder(m, block_size=0)
+    with pytest.raises(ValueError, match="fmt='nf3'"):
+        prepare_decoder_qat(m, fmt="nf3")
+    with pytest.raises(ValueError, match="block_size=24 does not divide K=64"):
+        prepare_decoder_qat(m, block_size=24)
+    with pytest.raises(ValueError, match="weight path 'triton' is not one of"):
+        set_weight_path(quantize_decoder(m, block_size=32), "triton")
+    with pytest.raises(ValueError, match="has no QuantizedLinear"):
+        set_weight_path(m, "dequant")
+    with pytest.raises(ValueError, match="has no QATLinear"):
+        convert_decoder_qat(m)
+    with pytest.raises(ValueError, match="student has no QATLinear"):
+        distill_decoder(m, m, CALIB, DecoderKDConfig(steps=1))
+    with pytest.raises(ValueError, match=r"DecoderKDConfig\(steps=0\)"):
+        DecoderKDConfig(steps=0)
+    with pytest.raises(ValueError, match=r"KDWeights\(rep=-1"):
+        DecoderKDConfig(rep=-1.0)
+    with pytest.raises(ValueError, match="batches ran out after 1 of 3 steps"):
+        distill_decoder(m, prepare_decoder_qat(m, block_size=32), iter(CALIB), DecoderKDConfig(steps=3))
+
+
+def test_weight_paths_agree_on_cpu():
+    q = quantize_decoder(_llama(), mode="w4a8", fmt="int4_asym", block_size=32, double_quant=True)
+    with torch.no_grad():
+        cached = q(input_ids=IDS).logits
+        dequant = set_weight_path(q, "dequant")(input_ids=IDS).logits
+    assert torch.equal(cached, dequant)  # the same W_hat values, decoded per call instead of once
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_qat_twin_converts_bit_for_bit_and_kd_lowers_the_loss(family):
+    teacher = _gpt2() if family == "gpt2" else _llama(outlier=8.0)
+    student = prepare_decoder_qat(teacher, mode="w4a4", fmt="nf4", block_size=32, double_quant=True)
+    assert sum(isinstance(x, QATLinear) for x in student.modules()) == (4 if family == "gpt2" else 7) * 2
+    assert not any(isinstance(x, QATLinear) for x in teacher.modules())
+    train_ids = CALIB[0]["input_ids"]
+    with torch.no_grad():
+        before = student(input_ids=IDS).logits
+        t_logits = teacher(input_ids=train_ids).logits
+        s_before = student(input_ids=train_ids).logits
+    mask = torch.ones_like(CALIB[0]["input_ids"])
+    mask[0, 20:] = 0  # padded positions are not scored
+    batches = [{"input_ids": CALIB[0]["input_ids"], "attention_mask": mask}]
+    rows = distill_decoder(teacher, student, batches, DecoderKDConfig(steps=12, lr=1e-4, log_every=11))
+    assert [r["step"] for r in rows] == [0, 11]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert set(rows[0]) >= {"logit", "rep", "loss", "seconds"}
+    with torch.no_grad():
+        after = student(input_ids=IDS).logits
+        q = convert_decoder_qat(student)
+        converted = q(input_ids=IDS).logits
+    assert not torch.equal(after, before)  # training moved the weights
+    assert torch.equal(converted, after)  # stored codes compute what QAT trained, bit for bit
+    assert all(isinstance(x, QuantizedLinear) and x.act_bits == 4 for x in q.modules() if isinstance(x, QuantizedLinear))
+    kl = lambda s: torch.nn.functional.kl_div(s.log_softmax(-1), t_logits.log_softmax(-1), log_target=True,  # noqa: E731
+                                              reduction="batchmean")
+    with torch.no_grad():
+        assert kl(q(input_ids=train_ids).logits) < 0.8 * kl(s_before)  # the converted model is closer to the teacher
 
 
 @pytest.mark.gpu
