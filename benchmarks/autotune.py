@@ -43,6 +43,7 @@ from qfx.tune.autotune import fixed_strategies  # noqa: E402
 
 DEFAULT_SHAPES = "1x128,8x128,32x128,128x128"
 PARTS = ("qkv", "attn_out", "ffn_in", "ffn_out")
+_INT_TAGS = {"W8A8": "int8", "W4A4": "int4"}
 
 
 def _shapes(text: str) -> list[tuple[int, int]]:
@@ -58,7 +59,8 @@ def plan_of(compiled) -> dict[str, str]:
     seen: dict[str, set[str]] = {}
     for row in compiled.report().linears:
         if row.role in PARTS:
-            seen.setdefault(row.role, set()).add("fp16" if row.backend == "float" else row.precision.split()[0])
+            tag = row.precision.split()[0]  # "W8A8 sym" -> int8, as the dry run names it
+            seen.setdefault(row.role, set()).add("fp16" if row.backend == "float" else _INT_TAGS.get(tag, tag))
     return {p: (v.pop() if len(v) == 1 else "mixed") for p in PARTS if (v := seen.get(p))}
 
 

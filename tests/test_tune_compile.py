@@ -171,6 +171,8 @@ def test_benchmark_dry_run_prints_modelled_plans(model, capsys):
     for r in rows:
         assert r["source"] == "modelled" and set(r["ms"]) == {"all-int8", "q3-only", "all-fp16", "autotuned"}
         assert r["ratio"] <= 1 + 1e-9 and set(r["plan"].values()) <= {"int8", "fp16"}
+    q3 = qfx.compile(model, mode="int8", target="cpu", example_kwargs=inputs(2, 16), skip=("qkv", "attn_out", "ffn_out"))
+    assert bench.plan_of(q3) == {"qkv": "fp16", "attn_out": "fp16", "ffn_in": "int8", "ffn_out": "fp16"}
     bench.print_table(rows, "MODELLED")
     assert "| 32 x 64 |" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
