@@ -123,7 +123,7 @@ def _check_rms_norm(norm: nn.Module, where: str) -> float:
             f"not commute with: convert it first (SliceGPT) or use rotate=False"
         )
     eps = _norm_eps(norm)
-    x = torch.randn(3, w.shape[0], dtype=torch.float32, generator=torch.Generator().manual_seed(0)) + 0.5
+    x = (torch.randn(3, w.shape[0], dtype=torch.float32, generator=torch.Generator().manual_seed(0)) + 0.5).to(w.device)
     expected = w.float() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     if not torch.allclose(norm(x.to(w.dtype)).float(), expected, rtol=1e-3, atol=1e-5):
         raise ValueError(f"{where}: {type(norm).__name__} does not compute an RMSNorm (mean subtraction?); "
@@ -187,8 +187,9 @@ def rotate_decoder(model: nn.Module, seed: int = 0, heads: bool = True, ffn: boo
         base, layers = model.model, model.model.layers
     cfg = model.config
     d = cfg.hidden_size
-    gen = torch.Generator().manual_seed(seed)
-    q = random_hadamard(d, gen)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same rotations whatever the model's device
+    dev = base.embed_tokens.weight.device
+    q = random_hadamard(d, gen).to(dev)
 
     emb = base.embed_tokens
     if model.lm_head.weight is emb.weight:  # tied: the head reads the rotated stream, the table writes it
@@ -197,7 +198,7 @@ def rotate_decoder(model: nn.Module, seed: int = 0, heads: bool = True, ffn: boo
 
     n_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or d // n_heads
-    h_head = random_hadamard(head_dim, gen) if heads else None
+    h_head = random_hadamard(head_dim, gen).to(dev) if heads else None
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         qp, kp, vp, op = _linears(attn, "q_proj", "k_proj", "v_proj", "o_proj")
@@ -217,7 +218,7 @@ def rotate_decoder(model: nn.Module, seed: int = 0, heads: bool = True, ffn: boo
                 vp.bias.copy_((vp.bias.double().reshape(n_kv, head_dim) @ h_head).reshape(-1).to(vp.bias.dtype))
             _read(op, torch.block_diag(*([h_head] * (op.in_features // head_dim))))
         if ffn:
-            r = random_hadamard(down.in_features, gen)
+            r = random_hadamard(down.in_features, gen).to(dev)
             _read(down, r)
             mlp.down_proj = RotatedInput(r.to(down.weight.dtype), down)
     base.norm = _fold_norm(base.norm, [model.lm_head], "model.norm")

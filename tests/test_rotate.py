@@ -103,3 +103,17 @@ def test_refuses_gpt2_and_layernorm():
     m.model.layers[0].input_layernorm = nn.LayerNorm(64, bias=False)
     with pytest.raises(ValueError, match=r"layers\[0\].input_layernorm.*(RMSNorm|eps)"):
         rotate_decoder(m)
+
+
+@pytest.mark.gpu
+def test_rotation_on_gpu_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = _llama(tied=False, exact=False)
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    cpu = rotate_decoder(m)
+    gpu = rotate_decoder(m.cuda())
+    assert gpu.model.layers[0].mlp.down_proj.rotation.is_cuda
+    assert torch.allclose(gpu.model.layers[0].self_attn.q_proj.weight.cpu(), cpu.model.layers[0].self_attn.q_proj.weight)
+    with torch.no_grad():
+        assert torch.allclose(gpu(input_ids=ids.cuda()).logits.cpu(), m.cpu()(input_ids=ids).logits, atol=1e-3)
