@@ -234,8 +234,9 @@ class Launchers:
         gelu: ``(m, n) -> fn``: a standalone GELU (what an fp16 FFN-in adds).
 
     :meth:`default` gives fp16 through ``torch.nn.functional.linear`` and, when the
-    ``cutlass`` backend is registered, int8/int4 through ``torch.ops.qfx.int_linear`` (its own
-    kernel choice, named ``"cutlass:dispatch"``); the backend can add one entry per config.
+    ``cutlass`` backend is registered, int8/int4, quantize and add + LayerNorm + quantize through
+    the launchers a compiled model binds (``qfx.backends.cutlass.launch``; the GEMM's kernel
+    choice per M is the backend's, named ``"cutlass"``); a backend can add one entry per config.
     """
 
     gemm: dict[str, Callable[[int, int, int, bool], list[tuple[str, Callable[[], object]]]]] = field(default_factory=dict)
@@ -266,7 +267,10 @@ class Launchers:
         from qfx.ops import registered_backends
 
         if "cutlass" in registered_backends("int_linear"):
+            # the launchers the runtime binds (qfx/runtime/launch_plan.py): weight operand and
+            # fp32 bias made once, kernel config chosen once per M: what a compiled model runs
             from qfx import numerics
+            from qfx.backends.cutlass.launch import AddLayerNormQuantizeLauncher, LinearLauncher, QuantizeLauncher
 
             def integer(bits):
                 def make(m, n, k, gelu):
@@ -274,32 +278,31 @@ class Launchers:
                     q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), dtype=torch.int8)
                     w = (numerics.pack_int4(q) if bits == 4 else q).to(device)
                     sa = torch.rand(m, device=device) + 0.5
-                    ca = torch.zeros(m, device=device)
                     sw = torch.rand(n, device=device) + 0.5
-                    ws = torch.zeros(n, device=device)
                     b = torch.randn(n, device=device, dtype=torch.float16)
-                    return [("cutlass:dispatch", lambda: torch.ops.qfx.int_linear(
-                        a, sa, ca, w, bits, sw, ws, b, gelu, torch.float16, bits, "cutlass"))]
+                    linear = LinearLauncher(w, bits, sw, None, b, gelu, torch.float16, bits)
+                    return [("cutlass", lambda: linear(a, sa, None))]  # symmetric activations (the default)
                 return make
 
             out.gemm["int8"] = integer(8)
             out.gemm["int4"] = integer(4)
-            if "cutlass" in registered_backends("quantize"):
-                def quant(m, k, bits):
-                    x = torch.randn(m, k, device=device, dtype=torch.float16)
-                    return lambda: torch.ops.qfx.quantize(x, bits, True, None, None, "cutlass")
-                out.quantize = quant
-            if "cutlass" in registered_backends("add_layer_norm_quantize"):
-                def norm_quant(m, k, bits):
-                    a = torch.randn(m, k, device=device, dtype=torch.float16)
-                    b = torch.randn(m, k, device=device, dtype=torch.float16)
-                    g = torch.rand(k, device=device, dtype=torch.float16) + 0.5
-                    beta = torch.randn(k, device=device, dtype=torch.float16)
-                    fused = lambda: torch.ops.qfx.add_layer_norm_quantize(  # noqa: E731
-                        a, b, g, beta, 1e-12, bits, True, None, None, "cutlass")
-                    plain = lambda: F.layer_norm(a + b, (k,), g, beta, 1e-12)  # noqa: E731
-                    return fused, plain
-                out.norm_quantize = norm_quant
+
+            def quant(m, k, bits):
+                x = torch.randn(m, k, device=device, dtype=torch.float16)
+                launcher = QuantizeLauncher(bits, True, None)
+                return lambda: launcher(x)
+            out.quantize = quant
+
+            def norm_quant(m, k, bits):
+                a = torch.randn(m, k, device=device, dtype=torch.float16)
+                b = torch.randn(m, k, device=device, dtype=torch.float16)
+                g = torch.rand(k, device=device, dtype=torch.float16) + 0.5
+                beta = torch.randn(k, device=device, dtype=torch.float16)
+                launcher = AddLayerNormQuantizeLauncher(1e-12, bits, True, None)
+                fused = lambda: launcher(a, b, g, beta)  # noqa: E731
+                plain = lambda: F.layer_norm(a + b, (k,), g, beta, 1e-12)  # noqa: E731
+                return fused, plain
+            out.norm_quantize = norm_quant
         return out
 
 
@@ -417,7 +420,7 @@ class TuneCache:
     Example::
 
         >>> cache = TuneCache(identity=machine_identity())
-        >>> cache.get("int8|cutlass:dispatch|4096|768|768|0")   # None until measured
+        >>> cache.get("int8|cutlass|4096|768|768|0")   # None until measured
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, identity: dict[str, str] | None = None) -> None:
