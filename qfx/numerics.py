@@ -201,11 +201,17 @@ def quantize_activation(
     bits: int,
     symmetric: bool,
     clip: tuple[float, float] | None = None,
+    gelu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token-wise codes of ``x [..., K]``: (int8 codes, scale ``[...]``, offset ``[...]``).
 
     The offset is all zeros for symmetric activations, so kernels can take one signature.
+    ``gelu``: the codes of ``torch.nn.functional.gelu(x)`` (exact erf, evaluated in fp32 and
+    rounded to ``x.dtype`` as torch does), i.e. exactly what a separate GELU node would hand to
+    this quantizer; clipping applies after the GELU.
     """
+    if gelu:
+        x = torch.nn.functional.gelu(x)
     xc = x.float() if clip is None else x.float().clamp(clip[0], clip[1])
     qp = choose_qparams(xc, bits, symmetric)
     q = quantize(xc, qp, bits)

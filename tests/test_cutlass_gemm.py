@@ -301,6 +301,23 @@ def test_quantize_kernel_is_bit_identical_to_numerics(dtype, bits, symmetric, cl
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits, symmetric, clip", [(4, True, None), (8, False, None), (4, False, (-0.2, 3.0))])
+def test_quantize_kernel_with_gelu_equals_torch_gelu_then_quantize(dtype, bits, symmetric, clip):
+    """The fused GELU (fuse_gelu_quantize) hands the quantizer exactly what torch's gelu on the
+    same GPU would: codes, scales and offsets bit-identical, on every kernel path."""
+    if not qc.available()[0] or not _library.load()[0].has("qfx_quantize_rows"):
+        pytest.skip("native library without the quantize kernel")
+    gen = torch.Generator().manual_seed(bits * 10 + symmetric + 7)
+    for rows, k in [(1, 64), (37, 768), (300, 3072), (64, 4096), (4, 1001), (3, 8200)]:
+        x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 6).to(dtype).cuda()
+        lo, hi = clip if clip else (None, None)
+        got = qc.quantize(x, bits, symmetric, lo, hi, gelu=True)
+        ref = numerics.quantize_activation(torch.nn.functional.gelu(x), bits, symmetric, clip)  # torch on the GPU
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), (rows, k)
+
+
+@pytest.mark.gpu
 def test_quantize_op_routes_to_the_kernel_and_matches_reference():
     if not qc.available()[0] or not _library.load()[0].has("qfx_quantize_rows"):
         pytest.skip("native library without the quantize kernel")

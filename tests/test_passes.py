@@ -14,7 +14,7 @@ from models import FAMILIES, first_tensor, inputs, make
 import qfx
 from qfx import numerics
 from qfx.fake_quant import ActFakeQuant, WeightFakeQuant, activation_codes, integer_linear
-from qfx.passes import annotate, dropout_to_modules, fuse_bias_gelu, insert_fake_quant, lower_to_integer, plan, remove_dropout
+from qfx.passes import annotate, dropout_to_modules, fuse_bias_gelu, fuse_gelu_quantize, insert_fake_quant, lower_to_integer, plan, remove_dropout
 from qfx.passes.annotate import linear_nodes
 from qfx.targets import get_target
 
@@ -187,6 +187,31 @@ def test_fuse_bias_gelu_is_bit_exact_and_removes_gelu():
         after = first_tensor(gm(**x))
     assert aten.gelu.default not in _targets(gm)
     assert sum(1 for n in gm.graph.nodes if n.target == qops.int_linear.default and n.args[8]) == 2
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_with_gelu_is_gelu_then_quantize(dtype):
+    x = (torch.randn(5, 48, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    for bits, sym, clip in ((8, True, (None, None)), (4, False, (-0.1, 2.0))):
+        got = torch.ops.qfx.quantize(x, bits, sym, *clip, "reference", gelu=True)
+        ref = torch.ops.qfx.quantize(torch.nn.functional.gelu(x), bits, sym, *clip, "reference")
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize("cfg", [qfx.QuantConfig(8, 8), qfx.QuantConfig(4, 4, symmetric=False)])
+def test_fuse_gelu_quantize_is_bit_exact(cfg):
+    _, _, gm = _lowered(cfg)
+    x = inputs(2, 7)
+    with torch.no_grad():
+        before = first_tensor(gm(**x))
+        fuse_gelu_quantize(gm)
+        fuse_bias_gelu(gm)  # nothing left for it: every GELU fed a quantizer
+        after = first_tensor(gm(**x))
+    assert aten.gelu.default not in _targets(gm)
+    fused = [n for n in gm.graph.nodes if n.target == qops.quantize.default and n.kwargs.get("gelu")]
+    assert len(fused) == 2  # one FFN per layer
+    assert not any(n.args[8] for n in gm.graph.nodes if n.target == qops.int_linear.default)
     assert torch.equal(before, after)
 
 

@@ -33,8 +33,8 @@ __all__ = ["library", "sm_count", "device_family", "pick_config", "run_gemm", "u
 _SM_COUNT: dict[int, int] = {}
 _WORKSPACE_BYTES: dict[tuple, int] = {}
 _QUANTIZE_ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
-                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                      ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
 _ADD_LN_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                     ctypes.c_longlong, ctypes.c_longlong, ctypes.c_float, ctypes.c_int, ctypes.c_int,
                     ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
@@ -125,8 +125,9 @@ def pack_rows_int4(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip: tuple[float, float] | None,
-                  q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
-    """Token-wise quantization of contiguous ``x [rows, K]`` into preallocated outputs."""
+                  q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, gelu: bool = False) -> None:
+    """Token-wise quantization of contiguous ``x [rows, K]`` (of ``gelu(x)`` with ``gelu``) into
+    preallocated outputs."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if rows == 0:
@@ -134,7 +135,7 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip: tuple[float
     fn = library().fn("qfx_quantize_rows", argtypes=_QUANTIZE_ARGTYPES)
     lo, hi = clip if clip is not None else (0.0, 0.0)
     status = fn(x.data_ptr(), dtype_code(x.dtype), rows, k, bits, int(bool(symmetric)),
-                int(clip is not None), float(lo), float(hi), q.data_ptr(), scale.data_ptr(),
+                int(clip is not None), float(lo), float(hi), int(bool(gelu)), q.data_ptr(), scale.data_ptr(),
                 offset.data_ptr(), _stream(x.device))
     _library.check(status, "quantize")
 
@@ -142,13 +143,13 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip: tuple[float
 class QuantizeLauncher:
     """``qfx::quantize`` bound at compile time: ``(x) -> (codes, scale, offset)``."""
 
-    def __init__(self, bits: int, symmetric: bool, clip: tuple[float, float] | None) -> None:
+    def __init__(self, bits: int, symmetric: bool, clip: tuple[float, float] | None, gelu: bool = False) -> None:
         lib = library()
         if not lib.has("qfx_quantize_rows"):
             raise RuntimeError(f"{lib.path} has no quantize kernel: rebuild the native library")
         self.bits, self.symmetric, self.clip = bits, symmetric, clip
         self._fn = lib.fn("qfx_quantize_rows", argtypes=_QUANTIZE_ARGTYPES)
-        self._sym, self._has_clip = int(bool(symmetric)), int(clip is not None)
+        self._sym, self._has_clip, self._gelu = int(bool(symmetric)), int(clip is not None), int(bool(gelu))
         self._lo, self._hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
 
     def __call__(self, x: torch.Tensor):
@@ -160,7 +161,7 @@ class QuantizeLauncher:
         rows = q.numel() // k
         if rows:
             status = self._fn(x.data_ptr(), dtype_code(x.dtype), rows, k, self.bits, self._sym,
-                              self._has_clip, self._lo, self._hi, q.data_ptr(), scale.data_ptr(),
+                              self._has_clip, self._lo, self._hi, self._gelu, q.data_ptr(), scale.data_ptr(),
                               offset.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
             if status:
                 _library.check(status, "quantize")
@@ -282,7 +283,7 @@ class AddLayerNormQuantizeLauncher:
     def __init__(self, eps: float, bits: int, symmetric: bool, clip: tuple[float, float] | None) -> None:
         self._fn = library().fn("qfx_add_layer_norm_quantize", argtypes=_ADD_LN_ARGTYPES)
         self.eps, self.bits = float(eps), int(bits)
-        self._sym, self._has_clip = int(bool(symmetric)), int(clip is not None)
+        self._sym, self._has_clip, self._gelu = int(bool(symmetric)), int(clip is not None), int(bool(gelu))
         self._lo, self._hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
 
     def __call__(self, a, b, weight, bias):

@@ -197,9 +197,9 @@ def int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gel
     return out.reshape(*lead, n)
 
 
-def quantize(x, bits, symmetric, clip_lo=None, clip_hi=None):
-    """Token-wise quantization of ``x [..., K]`` in one kernel, bit-identical to
-    :func:`qfx.numerics.quantize_activation`: (int8 codes, scale [...], offset [...])."""
+def quantize(x, bits, symmetric, clip_lo=None, clip_hi=None, gelu=False):
+    """Token-wise quantization of ``x [..., K]`` (of ``gelu(x)`` with ``gelu``) in one kernel,
+    bit-identical to :func:`qfx.numerics.quantize_activation`: (int8 codes, scale [...], offset [...])."""
     if bits not in (4, 8):
         raise BadInput(f"bits={bits}: the cutlass quantize kernel takes 4 or 8")
     if isinstance(x, torch.Tensor):
@@ -212,7 +212,7 @@ def quantize(x, bits, symmetric, clip_lo=None, clip_hi=None):
     scale = torch.empty(lead, dtype=torch.float32, device=x.device)
     offset = torch.empty(lead, dtype=torch.float32, device=x.device)
     clip = None if clip_lo is None else (clip_lo, clip_hi)
-    quantize_rows(x, bits, symmetric, clip, q, scale, offset)
+    quantize_rows(x, bits, symmetric, clip, q, scale, offset, gelu)
     return q, scale, offset
 
 

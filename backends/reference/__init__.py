@@ -20,9 +20,9 @@ def _unpacked(w: torch.Tensor, w_bits: int) -> torch.Tensor:
     return numerics.unpack_int4(w) if w_bits == 4 else w
 
 
-def _quantize(x, bits, symmetric, clip_lo, clip_hi):
+def _quantize(x, bits, symmetric, clip_lo, clip_hi, gelu=False):
     clip = None if clip_lo is None else (clip_lo, clip_hi)
-    return numerics.quantize_activation(x, bits, symmetric, clip)
+    return numerics.quantize_activation(x, bits, symmetric, clip, gelu)
 
 
 def _int_matmul(a, b):

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "qfx_abi.h"
+#include "qfx_epilogue.cuh"
 
 namespace {
 
@@ -19,6 +20,20 @@ template <class T> __device__ float to_f32(T x);
 template <> __device__ float to_f32<__half>(__half x) { return __half2float(x); }
 template <> __device__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <> __device__ float to_f32<float>(float x) { return x; }
+template <class T> __device__ T from_f32(float x);
+template <> __device__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ float from_f32<float>(float x) { return x; }
+
+// The value the quantizer sees: gelu(x) in T (computed in fp32 with torch's expression, then
+// rounded to T, as torch.nn.functional.gelu on a T tensor), then the clip. With gelu the codes
+// equal those of a separate GELU kernel followed by quantize, without writing gelu(x) out.
+template <class T>
+__device__ __forceinline__ float quantizer_input(T x, bool gelu, int has_clip, float clip_lo, float clip_hi) {
+  float f = to_f32(x);
+  if (gelu) f = to_f32(from_f32<T>(qfx_gelu(f)));
+  return has_clip ? fminf(fmaxf(f, clip_lo), clip_hi) : f;
+}
 
 // The token's quantization parameters and codes, as qfx/numerics.py computes them: every float
 // operation an explicit round-to-nearest intrinsic in the module's order (no FMA contraction, a
@@ -78,16 +93,13 @@ __device__ MinMax block_min_max(float lo, float hi) {
 
 template <class T>
 __global__ void quantize_rows_kernel(T const* __restrict__ x, long long k, int bits, int symmetric,
-                                     int has_clip, float clip_lo, float clip_hi,
+                                     int has_clip, float clip_lo, float clip_hi, int gelu,
                                      int8_t* __restrict__ q, float* __restrict__ scale,
                                      float* __restrict__ offset) {
   const long long row = blockIdx.x;
   T const* xr = x + row * k;
   int8_t* qr = q + row * k;
-  auto load = [&](long long i) {
-    float v = to_f32(xr[i]);
-    return has_clip ? fminf(fmaxf(v, clip_lo), clip_hi) : v;
-  };
+  auto load = [&](long long i) { return quantizer_input(xr[i], gelu != 0, has_clip, clip_lo, clip_hi); };
   float lo = FLT_MAX, hi = -FLT_MAX;
   for (long long i = threadIdx.x; i < k; i += kThreads) {
     const float v = load(i);
@@ -122,7 +134,7 @@ template <> struct Vec<__half> { static constexpr int n = 8; using raw = uint4; 
 template <> struct Vec<__nv_bfloat16> { static constexpr int n = 8; using raw = uint4; };
 template <> struct Vec<float> { static constexpr int n = 4; using raw = uint4; };
 
-template <class T, int kMaxVecs, int kWarps>
+template <class T, int kMaxVecs, int kWarps, bool kGelu>
 __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long rows, int k, int bits,
                                           int symmetric, int has_clip, float clip_lo,
                                           float clip_hi, int8_t* __restrict__ q,
@@ -148,8 +160,7 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
       T const* e = reinterpret_cast<T const*>(&raw);
 #pragma unroll
       for (int t = 0; t < kN; ++t) {
-        float f = to_f32(e[t]);
-        f = has_clip ? fminf(fmaxf(f, clip_lo), clip_hi) : f;
+        const float f = quantizer_input(e[t], kGelu, has_clip, clip_lo, clip_hi);
         v[j][t] = f;
         if (symmetric) {
           hi = fmaxf(hi, fabsf(f));
@@ -201,7 +212,7 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
 
 // Launch the warp kernel with the fewest register vectors that hold a row; false if the row
 // does not fit it (K not a multiple of the vector, or too long).
-template <class T>
+template <class T, bool kGelu>
 bool launch_warp_rows(T const* x, long long rows, long long k, int bits, int symmetric, int has_clip,
                       float clip_lo, float clip_hi, int8_t* q, float* scale, float* offset,
                       cudaStream_t s) {
@@ -218,7 +229,7 @@ bool launch_warp_rows(T const* x, long long rows, long long k, int bits, int sym
     const dim3 block(32 * kWarpRowsPerBlock);
 #define QFX_WARP_CASE(V)                                                                          \
     if (vecs <= 32 * V) {                                                                         \
-      quantize_rows_warp_kernel<T, V, 1><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric,     \
+      quantize_rows_warp_kernel<T, V, 1, kGelu><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric,     \
           has_clip, clip_lo, clip_hi, q, scale, offset);                                          \
       return true;                                                                                \
     }
@@ -233,7 +244,7 @@ bool launch_warp_rows(T const* x, long long rows, long long k, int bits, int sym
   const dim3 block(32 * 4);
 #define QFX_ROW_CASE(V)                                                                           \
   if (vecs <= 128 * V) {                                                                          \
-    quantize_rows_warp_kernel<T, V, 4><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric,       \
+    quantize_rows_warp_kernel<T, V, 4, kGelu><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric,       \
         has_clip, clip_lo, clip_hi, q, scale, offset);                                            \
     return true;                                                                                  \
   }
@@ -248,42 +259,42 @@ bool launch_warp_rows(T const* x, long long rows, long long k, int bits, int sym
 
 }  // namespace
 
+namespace {
+// The register-held kernels where a row fits them, else the block kernel.
+template <class T>
+void quantize_rows_any(T const* x, long long rows, long long k, int bits, int symmetric, int has_clip,
+                       float clip_lo, float clip_hi, int gelu, int8_t* q, float* scale, float* offset,
+                       cudaStream_t s) {
+  const bool warp = gelu ? launch_warp_rows<T, true>(x, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, q, scale, offset, s)
+                         : launch_warp_rows<T, false>(x, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, q, scale, offset, s);
+  if (!warp) {
+    quantize_rows_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
+        x, k, bits, symmetric, has_clip, clip_lo, clip_hi, gelu, q, scale, offset);
+  }
+}
+}  // namespace
+
 // x: [rows, k] of dtype x_dtype (QfxDtype), row-major; q: int8 [rows, k]; scale, offset: f32
-// [rows] (offset is written as 0 for symmetric). bits: 4 or 8.
+// [rows] (offset is written as 0 for symmetric). bits: 4 or 8. gelu: quantize gelu(x) (exact
+// erf, rounded to x's dtype first, as torch's gelu on x), the clip after it.
 QFX_API int qfx_quantize_rows(void const* x, int x_dtype, long long rows, long long k, int bits,
-                              int symmetric, int has_clip, float clip_lo, float clip_hi, void* q,
-                              float* scale, float* offset, void* stream) {
+                              int symmetric, int has_clip, float clip_lo, float clip_hi, int gelu,
+                              void* q, float* scale, float* offset, void* stream) {
   if ((bits != 4 && bits != 8) || rows < 0 || k <= 0) return QFX_BAD_ARGUMENT;
   if (rows == 0) return QFX_OK;
   if (rows > 0x7fffffffLL) return QFX_BAD_ARGUMENT;
   auto s = static_cast<cudaStream_t>(stream);
   auto qp = static_cast<int8_t*>(q);
-  const dim3 grid(static_cast<unsigned>(rows));
   switch (x_dtype) {
-    case QFX_F16: {
-      auto xp = static_cast<__half const*>(x);
-      if (!launch_warp_rows(xp, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, qp, scale, offset, s)) {
-        quantize_rows_kernel<__half><<<grid, kThreads, 0, s>>>(xp, k, bits, symmetric, has_clip,
-                                                              clip_lo, clip_hi, qp, scale, offset);
-      }
+    case QFX_F16:
+      quantize_rows_any(static_cast<__half const*>(x), rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, gelu, qp, scale, offset, s);
       break;
-    }
-    case QFX_BF16: {
-      auto xp = static_cast<__nv_bfloat16 const*>(x);
-      if (!launch_warp_rows(xp, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, qp, scale, offset, s)) {
-        quantize_rows_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(xp, k, bits, symmetric, has_clip,
-                                                                     clip_lo, clip_hi, qp, scale, offset);
-      }
+    case QFX_BF16:
+      quantize_rows_any(static_cast<__nv_bfloat16 const*>(x), rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, gelu, qp, scale, offset, s);
       break;
-    }
-    case QFX_F32: {
-      auto xp = static_cast<float const*>(x);
-      if (!launch_warp_rows(xp, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, qp, scale, offset, s)) {
-        quantize_rows_kernel<float><<<grid, kThreads, 0, s>>>(xp, k, bits, symmetric, has_clip,
-                                                             clip_lo, clip_hi, qp, scale, offset);
-      }
+    case QFX_F32:
+      quantize_rows_any(static_cast<float const*>(x), rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, gelu, qp, scale, offset, s);
       break;
-    }
     default:
       return QFX_BAD_ARGUMENT;
   }
@@ -302,10 +313,6 @@ QFX_API int qfx_quantize_rows(void const* x, int x_dtype, long long rows, long l
 // The codes are bit-identical to quantizing this kernel's own y; y itself equals torch's
 // LayerNorm up to fp32 rounding of the mean and variance (another summation order).
 namespace {
-
-template <class T> __device__ T from_f32(float x);
-template <> __device__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 template <class T, int kMaxVecs>
 __global__ void add_ln_quantize_kernel(T const* __restrict__ a, T const* __restrict__ b,
