@@ -27,6 +27,21 @@ Ops (shapes; ``...`` are leading token dims, flattened to M inside kernels)::
 
 The semantics are those of :mod:`qfx.numerics` (``quantize_activation``,
 ``int_matmul_reference``, ``int_linear_reference``).
+
+Token layout ops (padding removal, :mod:`qfx.passes.unpad`). They move rows, never change a
+value, and are the same plain torch on every device, so they take no ``backend`` and are
+implemented here (:func:`token_rows`, :func:`gather_tokens`, :func:`scatter_tokens`; the
+runtime binds these functions directly, without the dispatcher)::
+
+    qfx::token_index(attention_mask [B, S], capacity: int?) -> (gather [T'], scatter [T'])
+        the flat indices b * S + s of the real tokens (mask != 0) in row-major order. With
+        ``capacity=None`` T' = T, the number of real tokens (a data-dependent size: one device
+        sync on a GPU), or T' = 1 when T = 0. With ``capacity=C`` (C >= T) T' = C and no sync:
+        the C - T extra entries are dummies, ``gather`` = B*S - 1 (any valid row) and
+        ``scatter`` = B*S (a trash row that repad drops).
+    qfx::pack_tokens(x [B, S, *F], gather [T']) -> [1, T', *F]       x.flatten(0, 1)[gather]
+    qfx::repad_tokens(x [1, T', *F], scatter [T'], like [B, S, ...]) -> [B, S, *F]
+        zeros, with row scatter[t] = x[0, t] (the trash row B*S is dropped)
 """
 from __future__ import annotations
 
@@ -35,11 +50,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["register_impl", "registered_backends", "OPS"]
+__all__ = ["register_impl", "registered_backends", "OPS", "TOKEN_LAYOUT_OPS", "token_rows", "gather_tokens", "scatter_tokens"]
 
 #: (op name, backend name) -> implementation with the op's signature minus ``backend``.
 _IMPLS: dict[tuple[str, str], Callable] = {}
 OPS = ("quantize", "int_matmul", "int_linear", "weight_only_linear", "add_layer_norm_quantize")
+#: the token layout ops (no backend): see the module doc
+TOKEN_LAYOUT_OPS = ("token_index", "pack_tokens", "repad_tokens")
 
 
 def register_impl(op: str, backend: str, fn: Callable) -> None:
@@ -167,3 +184,73 @@ def _(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, backend):
         a.new_empty(lead, dtype=torch.float32),
         a.new_empty(lead, dtype=torch.float32),
     )
+
+
+# -- token layout ops (padding removal) ------------------------------------------------------
+
+
+def token_rows(attention_mask: Tensor, capacity: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """(gather, scatter): flat row indices of the real tokens; see qfx::token_index."""
+    keep = attention_mask.reshape(-1) != 0
+    rows = keep.numel()
+    if capacity is None:
+        index = keep.nonzero().squeeze(1)  # the one host sync of an unbucketed call on a GPU
+        if index.numel() > 0:
+            return index, index.clone()
+        capacity = 1  # no real token at all: one dummy row keeps every kernel's M >= 1
+    if capacity < 1:
+        raise ValueError(f"token_index: capacity={capacity} must be >= 1 (or None for the exact count)")
+    # static shapes only (capturable in a CUDA graph): real token t goes to slot t; padding and
+    # tokens beyond the capacity (none when the caller sized it) go to the extra slot `capacity`
+    slot = keep.cumsum(0) - 1
+    slot = torch.where(keep & (slot < capacity), slot, capacity)
+    scatter = torch.full((capacity + 1,), rows, dtype=torch.long, device=attention_mask.device)
+    scatter.scatter_(0, slot, torch.arange(rows, device=attention_mask.device))
+    scatter = scatter[:capacity]
+    gather = scatter.clamp(max=max(rows - 1, 0))
+    return gather, scatter.clone()
+
+
+def gather_tokens(x: Tensor, gather: Tensor) -> Tensor:
+    """[B, S, *F] -> [1, T', *F]: the rows ``gather`` of ``x.flatten(0, 1)``."""
+    return x.flatten(0, 1).index_select(0, gather).unsqueeze(0)
+
+
+def scatter_tokens(x: Tensor, scatter: Tensor, like: Tensor) -> Tensor:
+    """[1, T', *F] -> [B, S, *F] (B, S from ``like``): zeros except row ``scatter[t]`` = ``x[0, t]``."""
+    b, s = like.shape[0], like.shape[1]
+    feat = x.shape[2:]
+    out = x.new_zeros((b * s + 1, *feat))  # + the trash row dummies write to
+    out.index_copy_(0, scatter, x[0])
+    return out[: b * s].view(b, s, *feat)
+
+
+@torch.library.custom_op("qfx::token_index", mutates_args=())
+def token_index(attention_mask: Tensor, capacity: Optional[int]) -> tuple[Tensor, Tensor]:
+    return token_rows(attention_mask, capacity)
+
+
+@token_index.register_fake
+def _(attention_mask, capacity):
+    rows = torch.library.get_ctx().new_dynamic_size() if capacity is None else capacity
+    return (attention_mask.new_empty((rows,), dtype=torch.long), attention_mask.new_empty((rows,), dtype=torch.long))
+
+
+@torch.library.custom_op("qfx::pack_tokens", mutates_args=())
+def pack_tokens(x: Tensor, gather: Tensor) -> Tensor:
+    return gather_tokens(x, gather)
+
+
+@pack_tokens.register_fake
+def _(x, gather):
+    return x.new_empty((1, gather.shape[0], *x.shape[2:]))
+
+
+@torch.library.custom_op("qfx::repad_tokens", mutates_args=())
+def repad_tokens(x: Tensor, scatter: Tensor, like: Tensor) -> Tensor:
+    return scatter_tokens(x, scatter, like)
+
+
+@repad_tokens.register_fake
+def _(x, scatter, like):
+    return x.new_empty((like.shape[0], like.shape[1], *x.shape[2:]))

@@ -5,7 +5,7 @@
     L1 aten graph --annotate--> L2 --insert_fake_quant--> L3 QAT graph
        --remove_dropout, lower_to_integer--> L4 integer graph (reference ops, any device)
        --fuse_bias_gelu, fuse_qkv, key_padding_attention (GPU), plan,
-         fuse_add_layer_norm_quantize (GPU)--> L5 target graph
+         fuse_add_layer_norm_quantize (GPU), remove_padding (option)--> L5 target graph
 
 Each pass is ``GraphModule -> GraphModule`` (qfx.passes); here each is wrapped to take the
 one :class:`PassContext`. :func:`run_passes` lints after every pass and, when one fails,
@@ -30,6 +30,7 @@ from qfx.passes.fuse_norm_quant import fuse_add_layer_norm_quantize
 from qfx.passes.fuse_qkv import fuse_qkv
 from qfx.passes.lower_integer import lower_to_integer
 from qfx.passes.plan import plan
+from qfx.passes.unpad import remove_padding
 from qfx.targets import Target
 
 __all__ = ["PassContext", "QAT_PASSES", "TRAIN_PASSES", "COMPILE_PASSES", "run_passes", "QfxPassError"]
@@ -42,6 +43,7 @@ class PassContext:
     target: Target | None = None
     master_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     float_dtype: torch.dtype = torch.float32  # what the float parts of the target graph run in
+    remove_padding: bool = False  # token-wise ops on the real tokens only (passes/unpad.py)
 
 
 Pass = tuple[str, Callable[[GraphModule, PassContext], GraphModule]]
@@ -73,6 +75,9 @@ COMPILE_PASSES: tuple[Pass, ...] = (
     ("plan", lambda gm, c: plan(gm, c.target)),
     ("fuse_add_layer_norm_quantize",
      lambda gm, c: fuse_add_layer_norm_quantize(gm, c.float_dtype) if c.target.device == "cuda" else gm),
+    # last: it changes the token dims of what it packs, and the passes above match on the
+    # padded graph's shapes (fuse_add_layer_norm_quantize compares them)
+    ("remove_padding", lambda gm, c: remove_padding(gm) if c.remove_padding else gm),
 )
 
 

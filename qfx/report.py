@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.fx import GraphModule
 
-from qfx.schema import INTEGER_LINEAR_OPS, LinearInfo, arg, linear_nodes
+from qfx.schema import INTEGER_LINEAR_OPS, QUANTIZE, LinearInfo, arg, is_call, linear_nodes
 
 __all__ = ["CompileReport", "LinearRow", "build_report"]
 
@@ -63,6 +63,13 @@ class CompileReport:
         return self.render()
 
 
+def _input_quantizer_has_gelu(node) -> bool:
+    """True when the codes this integer linear reads come from a quantizer that applied GELU."""
+    a = arg(node, "a") if "a" in [x.name for x in node.target._schema.arguments] else None
+    quant = a.args[0] if a is not None and getattr(a, "op", None) == "call_function" and a.args else None
+    return quant is not None and is_call(quant, QUANTIZE) and bool(arg(quant, "gelu"))
+
+
 def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: torch.dtype) -> CompileReport:
     rep = CompileReport(mode, target.name, target.int4_execution, origin, str(run_dtype).removeprefix("torch."))
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and (n.target in _INT_OPS or n in set(linear_nodes(gm)))]
@@ -74,6 +81,8 @@ def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: 
             notes = []
             if "gelu" in node.meta.get("qfx_fused", ()):
                 notes.append("bias+GELU fused")
+            if _input_quantizer_has_gelu(node):
+                notes.append("GELU of its input fused into the quantizer")
             parts = node.meta.get("qfx_parts", (info,))
             if len(parts) > 1:
                 notes.append(f"one GEMM {info.name} ({info.out_features} x {info.in_features})")

@@ -28,7 +28,8 @@ from qfx.fake_quant import integer_linear
 
 __all__ = [
     "QuantSpec", "LinearInfo", "LINEAR_OPS", "ATTENTION_OPS", "ACTIVATION_OPS",
-    "INT_LINEAR", "QUANTIZE", "WEIGHT_ONLY_LINEAR", "INTEGER_LINEAR_OPS",
+    "INT_LINEAR", "QUANTIZE", "WEIGHT_ONLY_LINEAR", "INTEGER_LINEAR_OPS", "ADD_LAYER_NORM_QUANTIZE",
+    "TOKENWISE_OPS", "ELEMENTWISE_OPS", "FEATURE_SPLIT_OPS", "TOKEN_INDEX", "PACK_TOKENS", "REPAD_TOKENS",
     "linear_nodes", "arg", "set_args", "arg_index", "weight_owner", "op_buffer", "is_call",
 ]
 
@@ -43,6 +44,38 @@ INTEGER_LINEAR_OPS = frozenset({INT_LINEAR, WEIGHT_ONLY_LINEAR})
 LINEAR_OPS = frozenset({aten.linear.default, integer_linear})
 ATTENTION_OPS = frozenset({aten.scaled_dot_product_attention.default})
 ACTIVATION_OPS = frozenset({aten.gelu.default, aten.relu.default, aten.silu.default})
+ADD_LAYER_NORM_QUANTIZE = torch.ops.qfx.add_layer_norm_quantize.default
+
+# -- token-wise ops: what padding removal (passes/unpad.py) may run on packed tokens -------------
+# An op is token-wise when each token's output row depends only on that token's input rows
+# (leading dims are tokens, the last dim(s) features), so it computes the same numbers on
+# [B, S, F] and on the real tokens packed as [1, T, F].
+
+#: the ops worth packing for (GEMMs, quantize, LayerNorm) -> their token operands (argument
+#: names of qfx ops, positions of aten ops); every other argument is a parameter (weights,
+#: scales, bias, eps) that does not depend on the token
+TOKENWISE_OPS: dict[Any, tuple[str | int, ...]] = {
+    QUANTIZE: ("x",),
+    INT_LINEAR: ("a", "a_scale", "a_offset"),
+    WEIGHT_ONLY_LINEAR: ("x",),
+    ADD_LAYER_NORM_QUANTIZE: ("a", "b"),
+    aten.linear.default: (0,),
+    aten.layer_norm.default: (0,),
+}
+#: elementwise ops: every tensor argument is a token operand or broadcasts over the tokens
+ELEMENTWISE_OPS = frozenset({
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
+    aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
+    aten.erf.default, aten.neg.default, aten.clone.default, aten.contiguous.default,
+    aten.to.dtype, aten._to_copy.default,
+})
+#: splits along a feature dim (argument 2; tokens untouched): (tensor, sizes or chunks, dim)
+FEATURE_SPLIT_OPS = frozenset({aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default})
+#: the token layout ops padding removal inserts (qfx/ops.py)
+TOKEN_INDEX = torch.ops.qfx.token_index.default
+PACK_TOKENS = torch.ops.qfx.pack_tokens.default
+REPAD_TOKENS = torch.ops.qfx.repad_tokens.default
 
 
 @dataclass(frozen=True)

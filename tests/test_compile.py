@@ -63,7 +63,8 @@ def test_report_lists_every_linear_and_every_float_part(qat_and_compiled):
     float_names = [name for name, _ in rep.float_parts]
     assert "bert.pooler.dense" in float_names and "classifier" in float_names
     text = str(rep)
-    assert "layer1.ffn_out" in text and "quantize_other=False" in text and "bias+GELU fused" in text
+    assert "layer1.ffn_out" in text and "quantize_other=False" in text
+    assert "GELU of its input fused into the quantizer" in text  # layerN.ffn_out: fuse_gelu_quantize
 
 
 def test_compiling_a_float_model_is_ptq_and_warns():

@@ -2,8 +2,9 @@
 
 A compiled GPU model replays one CUDA graph per bucket. Inputs are padded into the bucket
 (token inputs with 0, ``attention_mask`` with 0 on padded positions so no real token attends
-to them, and with 1 on padded batch rows so they stay finite), and every output is sliced back
-to the caller's batch and sequence. Dims are told apart by the symbols torch.export gave them
+to them, and with 1 on padded batch rows so they stay finite; with padding removal 0, so they
+add no token), and every output is sliced back to the caller's batch and sequence. With padding
+removal a graph is captured per (batch, seq, token bucket) (:meth:`Buckets.tokens`). Dims are told apart by the symbols torch.export gave them
 (``s0`` batch, ``s1`` seq), never by comparing sizes (a 128 x 128 call has equal sizes).
 """
 from __future__ import annotations
@@ -34,6 +35,11 @@ class Buckets:
     batch: tuple[int, ...] = _BATCH
     seq: tuple[int, ...] = _SEQ
     max_graphs: int = 32  # captured graphs kept at once (least recently used dropped)
+    #: padding removal (``remove_padding=True``): the real-token count T of a call is padded up
+    #: to a multiple of ``token_step`` (a GEMM tile's M), coarsened so that one (batch, seq)
+    #: bucket has at most ``token_buckets`` token buckets (graphs) before the last, B * S
+    token_step: int = 64
+    token_buckets: int = 8
 
     def __post_init__(self):
         for name in ("batch", "seq"):
@@ -43,12 +49,27 @@ class Buckets:
             object.__setattr__(self, name, tuple(sorted(set(values))))
         if self.max_graphs < 1:
             raise ValueError(f"Buckets(max_graphs={self.max_graphs}): keep at least 1 graph")
+        for name in ("token_step", "token_buckets"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Buckets({name}={getattr(self, name)!r}): give a positive integer, e.g. {name}=64")
 
     def limited_to(self, max_seq: int | None) -> "Buckets":
         if max_seq is None:
             return self
         seq = tuple(s for s in self.seq if s < max_seq) + (max_seq,)
-        return Buckets(self.batch, seq, self.max_graphs)
+        return Buckets(self.batch, seq, self.max_graphs, self.token_step, self.token_buckets)
+
+    def tokens(self, real: int, slots: int) -> int:
+        """The token bucket of a call with ``real`` real tokens in a (batch, seq) bucket of
+        ``slots`` = batch * seq positions: a multiple of the step, at least 1, at most ``slots``.
+
+        Example::
+
+            >>> Buckets().tokens(300, 32 * 128)      # step 512 = 4096 / 8
+            512
+        """
+        step = max(self.token_step, -(-slots // (self.token_buckets * self.token_step)) * self.token_step)
+        return min(slots, -(-max(real, 1) // step) * step)
 
     def fit(self, batch: int, seq: int | None) -> tuple[int, int | None] | None:
         """The smallest bucket holding (batch, seq), or None when none does."""

@@ -10,6 +10,10 @@ A call runs, in order:
    failed, runs by direct launch, and ``runtime_report()`` says so.
 3. Direct launch: the lean graph (:mod:`qfx.runtime.launch_plan`), whose integer ops call
    launchers bound at compile time.
+
+With ``remove_padding=True`` (:mod:`qfx.passes.unpad`) the graph runs its token-wise ops on
+the real tokens only; a replayed call first counts them (free for a CPU mask, one small sync for
+a GPU one) to choose its token bucket, a direct launch sizes them inside the graph (one sync).
 """
 from __future__ import annotations
 
@@ -96,7 +100,8 @@ class CompiledModel(nn.Module):
                 return None
             dense = self.launch_plan.dense_module
             self._graphs = GraphPool(self.launch_plan.module.forward, roles, self._buckets, self.device,
-                                     dense_forward=None if dense is None else dense.forward)
+                                     dense_forward=None if dense is None else dense.forward,
+                                     token_index=self.launch_plan.token_index)
         return self._graphs
 
     def report(self) -> CompileReport:
@@ -109,12 +114,16 @@ class CompiledModel(nn.Module):
         meta = self.graph_module.meta
         if "qfx_attention" in meta:
             lines.append(f"attention: {meta['qfx_attention']}")
+        lines.append(f"padding removal: {meta.get('qfx_unpad', 'off (remove_padding=False)')}")
         if "qfx_fused_norms" in meta:
             n, why = meta["qfx_fused_norms"]
             lines.append(f"add + LayerNorm + quantize fused at {n} site(s)" + (f"; not fused: {why}" if why else ""))
         if self._graphs is not None:
+            tokens = (f"; token buckets: multiples of {self._buckets.token_step}, at most "
+                      f"{self._buckets.token_buckets} per shape" if self._graphs.token_index is not None else "")
             lines.append(f"CUDA graphs: {len(self._graphs.graphs)} bucket(s) captured "
-                         f"{sorted(self._graphs.graphs)}; buckets batch={self._buckets.batch} seq={self._buckets.seq}")
+                         f"{sorted(self._graphs.graphs, key=str)}; buckets batch={self._buckets.batch} "
+                         f"seq={self._buckets.seq}{tokens}")
             for b, why in self._graphs.failed.items():
                 lines.append(f"  bucket {b}: direct launch, capture failed: {why}")
         else:
@@ -148,10 +157,18 @@ class CompiledModel(nn.Module):
         kwargs = self._normalize(args, kwargs)
         with torch.inference_mode():
             pool = self._pool()
-            dense = pool is not None and self._all_attended(kwargs)
+            tokens = None
+            if pool is not None and pool.token_index is not None and "attention_mask" in kwargs:
+                # the token bucket needs the real-token count on the host (before the mask is
+                # moved: free for a CPU mask, one small sync for a GPU one)
+                mask = kwargs["attention_mask"]
+                tokens = int(mask.count_nonzero())
+                dense = self._plan is not None and self._plan.dense_module is not None and tokens == mask.numel()
+            else:
+                dense = pool is not None and self._all_attended(kwargs)
             kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
             if pool is not None:
-                ok, out = pool.run(kwargs, dense)
+                ok, out = pool.run(kwargs, dense, tokens)
                 if ok:
                     return out
             return self.launch_plan.module.forward(**kwargs)

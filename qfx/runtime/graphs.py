@@ -11,6 +11,15 @@ new shape and first call (tens of seconds for BERT-base), keep their own output-
 part that is specific to us is small: pad into a bucket, replay, slice back. The capture
 itself is ``torch.cuda.CUDAGraph`` with one shared memory pool.
 
+Padding removal (``remove_padding=True``, :mod:`qfx.passes.unpad`): the graph packs the real
+tokens, T of them, and T changes from call to call while a graph needs fixed shapes. So a graph
+is captured per (batch, seq, token bucket) (:meth:`qfx.runtime.buckets.Buckets.tokens`): the
+lean graph's ``qfx::token_index`` (:class:`qfx.runtime.launch_plan.TokenIndex`) is given the
+bucket as its capacity while capturing, so the graph computes the index on the GPU with fixed
+shapes (real tokens first, dummy rows after, whose outputs land in a dropped row). The runtime
+needs T on the host to choose the bucket: counted from the caller's mask, free for a CPU mask,
+one small device sync for a GPU one. Padded batch rows get an all-zero mask (no tokens).
+
 Memory: graphs share one private pool (replays are sequential on one stream, so their
 intermediates may overlap); each keeps static inputs and outputs alive. Outputs returned to the
 caller are copies (slices of the static outputs would be overwritten by the next replay).
@@ -71,6 +80,8 @@ class GraphPool:
     #: the same graph with attention unmasked, replayed for calls with no padding at all (a
     #: fused kernel without a bias is faster); None: always the masked graph
     dense_forward: Callable[..., Any] | None = None
+    #: the lean graph's bound qfx::token_index (padding removal), else None
+    token_index: Any = None
     graphs: "OrderedDict[tuple, _Captured]" = field(default_factory=OrderedDict)
     failed: dict[tuple, str] = field(default_factory=dict)
     captures: int = 0
@@ -90,14 +101,20 @@ class GraphPool:
         # attention: the sequence length then stays exact
         return fit if self.roles.has_seq else (fit[0], first.shape[1])
 
-    def key_for(self, kwargs: dict[str, torch.Tensor], dense: bool) -> tuple | None:
+    def key_for(self, kwargs: dict[str, torch.Tensor], dense: bool, tokens: int | None = None) -> tuple | None:
         """The graph a call replays: its bucket, plus "dense" when nothing is padded (the call
-        fills its bucket exactly and ``dense`` says its attention_mask is all ones)."""
+        fills its bucket exactly and ``dense`` says its attention_mask is all ones); with
+        padding removal, plus the token bucket of its ``tokens`` real tokens otherwise."""
         bucket = self.bucket_for(kwargs)
-        if bucket is None or not dense or self.dense_forward is None:
-            return bucket
+        if bucket is None:
+            return None
         first = next(iter(kwargs.values()))
-        return (*bucket, "dense") if tuple(first.shape[:2]) == tuple(bucket) else bucket
+        if dense and self.dense_forward is not None and tuple(first.shape[:2]) == tuple(bucket):
+            return (*bucket, "dense")
+        if self.token_index is not None:
+            slots = bucket[0] * bucket[1]
+            return (*bucket, self.buckets.tokens(slots if tokens is None else tokens, slots))
+        return bucket
 
     # -- padding -------------------------------------------------------------------------
 
@@ -119,8 +136,10 @@ class GraphPool:
             region = tuple(slice(0, x.shape[i]) if r else slice(None) for i, r in enumerate(roles))
             dst.zero_()
             dst[region].copy_(x, non_blocking=True)
-            if name == "attention_mask" and roles[:1] == ("b",) and dst.shape[0] > x.shape[0]:
+            if (name == "attention_mask" and roles[:1] == ("b",) and dst.shape[0] > x.shape[0]
+                    and self.token_index is None):
                 dst[x.shape[0]:].fill_(1)  # padded rows attend to something: no NaN anywhere
+            # with padding removal padded rows stay all-zero: no packed token reads them
 
     def _slice(self, entry: _Captured, batch: int, seq: int) -> Any:
         leaves = entry.leaves
@@ -140,7 +159,17 @@ class GraphPool:
     def _capture(self, key: tuple, kwargs: dict[str, torch.Tensor]) -> _Captured:
         bucket = key[:2]
         forward = self.dense_forward if key[2:] == ("dense",) else self.forward
-        static = self._static_inputs(bucket, kwargs)
+        if self.token_index is not None:  # the graph's token index: fixed to the token bucket
+            capacity = key[2] if len(key) > 2 and isinstance(key[2], int) else bucket[0] * bucket[1]
+            try:
+                self.token_index.capacity = capacity
+                return self._capture_with(key, forward, kwargs)
+            finally:
+                self.token_index.capacity = None
+        return self._capture_with(key, forward, kwargs)
+
+    def _capture_with(self, key: tuple, forward: Callable[..., Any], kwargs: dict[str, torch.Tensor]) -> _Captured:
+        static = self._static_inputs(key[:2], kwargs)
         self._fill(static, kwargs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -155,11 +184,11 @@ class GraphPool:
         leaves, spec = pytree.tree_flatten(outputs)
         return _Captured(graph, static, outputs, leaves, _rebuilder(spec))
 
-    def run(self, kwargs: dict[str, torch.Tensor], dense: bool = False) -> tuple[bool, Any]:
+    def run(self, kwargs: dict[str, torch.Tensor], dense: bool = False, tokens: int | None = None) -> tuple[bool, Any]:
         """(True, outputs) replayed from a graph, or (False, None) when this call's shape has
         no usable bucket (the caller then launches directly). ``dense``: the caller checked that
-        attention_mask is all ones."""
-        bucket = self.key_for(kwargs, dense)
+        attention_mask is all ones; ``tokens``: its real-token count (padding removal)."""
+        bucket = self.key_for(kwargs, dense, tokens)
         self.last_key = bucket
         if bucket is None or bucket in self.failed:
             return False, None

@@ -11,6 +11,10 @@ graph over the same modules (:func:`bind_launchers`) in which
 * export's run-time guards (``_guards_fn``, ``aten._assert_tensor_metadata``) are dropped: the
   runtime checks the caller's inputs once (:func:`qfx.capture.normalize_inputs`) before the
   graph runs.
+* the token layout ops of padding removal (:mod:`qfx.passes.unpad`) call their plain torch
+  functions (:mod:`qfx.ops`) on every backend; ``qfx::token_index`` is bound to one
+  :class:`TokenIndex` per plan, whose ``capacity`` the CUDA-graph pool sets while it captures
+  a token bucket (fixed shapes, no host sync inside the graph).
 
 The L5 graph itself is kept unchanged (it is what ``report``, ``verify`` and ``torch.export``
 see); the lean graph shares its parameters and buffers.
@@ -24,9 +28,12 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule
 
-from qfx.schema import ATTENTION_OPS, INT_LINEAR, QUANTIZE, arg, is_call, op_buffer
+from qfx.ops import gather_tokens, scatter_tokens, token_rows
+from qfx.schema import (
+    ATTENTION_OPS, INT_LINEAR, PACK_TOKENS, QUANTIZE, REPAD_TOKENS, TOKEN_INDEX, arg, is_call, op_buffer,
+)
 
-__all__ = ["LaunchPlan", "bind_launchers"]
+__all__ = ["LaunchPlan", "TokenIndex", "bind_launchers"]
 
 _GUARD_OPS = {torch.ops.aten._assert_tensor_metadata.default}
 _ADD_LN_QUANTIZE = torch.ops.qfx.add_layer_norm_quantize.default
@@ -45,6 +52,20 @@ class LaunchPlan:
     dense_module: GraphModule | None = None
     bound: dict[str, str] = field(default_factory=dict)
     unbound: dict[str, str] = field(default_factory=dict)
+    #: the bound qfx::token_index (padding removal), None when the graph packs no tokens
+    token_index: "TokenIndex | None" = None
+
+
+@dataclass(eq=False)
+class TokenIndex:
+    """``qfx::token_index`` as the lean graph calls it: the exact real-token count
+    (``capacity=None``: one host sync on a GPU) or ``capacity`` rows, real tokens first and
+    dummies after (set by :class:`qfx.runtime.graphs.GraphPool` around a capture)."""
+
+    capacity: int | None = None
+
+    def __call__(self, attention_mask: torch.Tensor, _capacity=None):
+        return token_rows(attention_mask, self.capacity)
 
 
 def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
@@ -82,6 +103,13 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
             continue
         if is_call(node, _GUARD_OPS):
             graph.erase_node(node)
+            continue
+        if is_call(node, TOKEN_INDEX):
+            plan.token_index = plan.token_index or TokenIndex()
+            node.target = plan.token_index.__call__  # a bound method: fx names it in the code
+            continue
+        if is_call(node, (PACK_TOKENS, REPAD_TOKENS)):
+            node.target = gather_tokens if node.target == PACK_TOKENS else scatter_tokens
             continue
         if not is_call(node, tuple(_CALL_ARGS)):
             continue
