@@ -142,6 +142,33 @@ def test_a_cached_tune_does_not_time_again(int4_graph, monkeypatch, tmp_path):
     assert second.parts == first.parts and second.skip == first.skip
 
 
+def test_compile_applies_the_decision_through_skip(model, monkeypatch):
+    """The api glue on the CPU: the decision (modelled for sm_86, as the CPU has nothing to tune)
+    joins skip, the report carries its reasons, and the model equals the same skip by hand."""
+    from qfx.tune import select
+
+    real, decisions = select.choose_parts, []
+
+    def modelled_for_sm86(gm, target, scenario, **kw):  # fp16 float parts, as on the GPU
+        decisions.append(real(gm, "sm_86", scenario, measure=False, **dict(kw, float_dtype=torch.float16)))
+        return decisions[-1]
+    monkeypatch.setattr(select, "choose_parts", modelled_for_sm86)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 16), config=qfx.QuantConfig(4, 4))
+    tuned = qfx.compile(qat, mode="int4", target="cpu", tune=True)
+    decision, = decisions
+    assert decision.scenario.buckets == ((2, 16),)
+    assert decision.skip and len(decision.skip) < 12  # at 2 x 16 qkv stays int4, the rest goes fp16
+    report = tuned.report()
+    assert report.plan_origin.startswith("autotuner (modelled for sm_86")
+    for row in report.linears:
+        if row.role != "other":
+            assert row.note.endswith(decision.reasons[row.name])
+            assert (row.backend == "float") == (row.name in decision.skip)
+    same = qfx.compile(qat, mode="int4", target="cpu", skip=decision.skip)
+    x = inputs(3, 24, seed=1)
+    assert torch.equal(tuned(**x).last_hidden_state, same(**x).last_hidden_state)
+
+
 def test_tune_true_takes_the_example_calls_shape(int4_graph):
     assert scenario_for_compile(True, int4_graph.meta["qfx_capture"]).buckets == ((2, 16),)
     sc = Scenario.of(batch=4, seq=32)
@@ -171,7 +198,8 @@ def test_benchmark_dry_run_prints_modelled_plans(model, capsys):
     for r in rows:
         assert r["source"] == "modelled" and set(r["ms"]) == {"all-int8", "q3-only", "all-fp16", "autotuned"}
         assert r["ratio"] <= 1 + 1e-9 and set(r["plan"].values()) <= {"int8", "fp16"}
-    q3 = qfx.compile(model, mode="int8", target="cpu", example_kwargs=inputs(2, 16), skip=("qkv", "attn_out", "ffn_out"))
+    with pytest.warns(qfx.PostTrainingQuantizationWarning):
+        q3 = qfx.compile(model, mode="int8", target="cpu", example_kwargs=inputs(2, 16), skip=("qkv", "attn_out", "ffn_out"))
     assert bench.plan_of(q3) == {"qkv": "fp16", "attn_out": "fp16", "ffn_in": "int8", "ffn_out": "fp16"}
     bench.print_table(rows, "MODELLED")
     assert "| 32 x 64 |" in capsys.readouterr().out
