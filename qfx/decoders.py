@@ -113,7 +113,8 @@ class QuantizedLinear(nn.Module):
             x = nx.fake_quantize(x, self.act_bits, self.act_symmetric)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.weight_path == "fused":
-            return weight_only_linear(x, self.codes, self.code_table, self.block_scale, self.block_offset, bias)
+            return weight_only_linear(x, self.codes, self.code_table, self.block_scale, self.block_offset, bias,
+                                      signed_int=self.weight4.fmt.startswith("int4"))
         if self.weight_path == "dequant":
             w = dequantize_packed(self.codes, self.code_table, self.block_scale, self.block_offset, x.dtype)
         else:

@@ -56,6 +56,8 @@ def check_fused_against_reference(device: str) -> None:
                 xd, bd = x.to(dt), bias.to(dt)
                 y = weight_only_linear(xd, codes, table, scale, offset, bd)
                 assert y.shape == (m, n) and y.dtype == dt
+                if fmt.startswith("int4"):  # two's-complement decoding: the same values as the table
+                    assert torch.equal(weight_only_linear(xd, codes, table, scale, offset, bd, signed_int=True), y)
                 truth = F.linear(xd.double(), w64, bd.double())
                 err = (y.double() - truth).abs().max().item()
                 if dt == torch.float32:
