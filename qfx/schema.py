@@ -68,6 +68,7 @@ ELEMENTWISE_OPS = frozenset({
     aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
     aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
     aten.erf.default, aten.neg.default, aten.clone.default, aten.contiguous.default,
+    aten.pow.Tensor_Scalar, aten.exp.default, aten.sqrt.default, aten.rsqrt.default, aten.abs.default,
     aten.to.dtype, aten._to_copy.default,
 })
 #: splits along a feature dim (argument 2; tokens untouched): (tensor, sizes or chunks, dim)

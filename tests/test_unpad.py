@@ -1,0 +1,226 @@
+"""Padding removal (passes/unpad.py, compile(..., remove_padding=True)): the token layout ops,
+the pass's structure, and its invariant: at every real token the outputs equal the padded
+compile's bit for bit on the CPU; padded positions are zero. On a GPU: token-bucketed CUDA
+graphs replay what direct launch computes."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from models import inputs, make
+
+import qfx
+from qfx.capture import normalize_inputs
+from qfx.ops import token_rows
+from qfx.passes.unpad import remove_padding
+from qfx.runtime.buckets import Buckets
+from qfx.schema import ATTENTION_OPS, INTEGER_LINEAR_OPS, PACK_TOKENS, QUANTIZE, REPAD_TOKENS, TOKEN_INDEX, is_call
+
+_W4A4_ASYM = qfx.QuantConfig(4, 4, symmetric=False)
+
+
+def _compile(model, remove_padding=False, config=_W4A4_ASYM, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        return qfx.compile(model, mode=f"int{config.weight_bits}", target="cpu", example_kwargs=inputs(2, 8), config=config,
+                           remove_padding=remove_padding, **kw)
+
+
+def _mask(lengths, seq, left=()):
+    """Rows of ``lengths`` real tokens, right-padded (left-padded for rows in ``left``)."""
+    m = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if i in left:
+            m[i, seq - n:] = 1
+        else:
+            m[i, :n] = 1
+    return m
+
+
+def _count(gm, op) -> int:
+    return sum(1 for n in gm.graph.nodes if is_call(n, op))
+
+
+@pytest.fixture(scope="module")
+def bert_pair():
+    """The same BERT (with pooler) compiled W4A4-asym without and with padding removal."""
+    model = make("bert", layers=2)
+    return _compile(model), _compile(model, remove_padding=True)
+
+
+# -- the token layout ops -----------------------------------------------------------------------
+
+
+def test_token_index_lists_real_tokens_and_pads_to_a_capacity():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 1, 1]])
+    real = torch.tensor([0, 1, 9, 10, 11])
+    gather, scatter = token_rows(mask)
+    assert torch.equal(gather, real) and torch.equal(scatter, real)
+    gather, scatter = token_rows(mask, capacity=8)  # static shape: 3 dummies after the real tokens
+    assert torch.equal(gather[:5], real) and torch.equal(scatter[:5], real)
+    assert (scatter[5:] == 12).all() and (gather[5:] < 12).all()  # dummies: trash row / a valid row
+    gather, scatter = token_rows(torch.zeros(2, 3))  # no real token: one dummy row, never empty
+    assert gather.tolist() == [5] and scatter.tolist() == [6]
+    with pytest.raises(ValueError, match="capacity=0"):
+        token_rows(mask, capacity=0)
+
+
+def test_pack_then_repad_keeps_real_rows_and_zeroes_padding():
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]])
+    x = torch.randn(2, 3, 5)
+    for capacity in (None, 6):
+        gather, scatter = torch.ops.qfx.token_index(mask, capacity)
+        packed = torch.ops.qfx.pack_tokens(x, gather)
+        assert packed.shape == (1, 4 if capacity is None else 6, 5)
+        back = torch.ops.qfx.repad_tokens(packed, scatter, mask)
+        assert torch.equal(back[mask.bool()], x[mask.bool()]) and (back[~mask.bool()] == 0).all()
+
+
+def test_token_buckets_are_steps_capped_at_the_shape():
+    b = Buckets()
+    assert b.tokens(1, 16) == 16 and b.tokens(0, 4096) == 512  # 4096 slots: 8 buckets of 512
+    assert b.tokens(65, 256) == 128 and b.tokens(4096, 4096) == 4096
+    assert Buckets(token_step=16, token_buckets=64).tokens(17, 1024) == 32
+    with pytest.raises(ValueError, match="token_step"):
+        Buckets(token_step=0)
+
+
+# -- the pass -------------------------------------------------------------------------------------
+
+
+def test_pass_packs_once_at_the_embeddings_and_repads_around_attention(bert_pair):
+    padded, unpadded = bert_pair
+    gm = unpadded.graph_module
+    layers = 2
+    assert gm.meta["qfx_unpad"].startswith("on:"), gm.meta["qfx_unpad"]
+    assert _count(gm, TOKEN_INDEX) == 1
+    # embeddings' LayerNorm input, then each attention output; q/k/v before the split, and the
+    # last hidden state (read by the output and the pooler's hidden[:, 0])
+    assert _count(gm, PACK_TOKENS) == 1 + layers and _count(gm, REPAD_TOKENS) == layers + 1
+    for n in gm.graph.nodes:
+        if is_call(n, tuple(INTEGER_LINEAR_OPS) + (QUANTIZE,)):
+            assert n.meta.get("qfx_tokens") == "packed", n.name
+        if is_call(n, ATTENTION_OPS):
+            assert "qfx_tokens" not in n.meta
+    assert "padding removal: on" in unpadded.runtime_report()
+    assert "padding removal: off (remove_padding=False)" in padded.runtime_report()
+    assert "qfx_unpad" not in padded.graph_module.meta
+
+
+@given(lengths=st.lists(st.integers(0, 11), min_size=1, max_size=4), left=st.booleans())
+@example(lengths=[11, 1], left=False)  # a full row and a length-1 row
+@example(lengths=[0, 5, 11], left=True)  # an all-zero row
+def test_real_tokens_are_bit_identical_to_the_padded_compile(bert_pair, lengths, left):
+    padded, unpadded = bert_pair
+    seq = 11
+    x = inputs(len(lengths), seq, seed=sum(lengths))
+    x["attention_mask"] = _mask(lengths, seq, left=range(1, len(lengths), 2) if left else ())
+    want, got = padded(**x), unpadded(**x)
+    real = x["attention_mask"].bool()
+    assert torch.equal(got.last_hidden_state[real], want.last_hidden_state[real])
+    assert (got.last_hidden_state[~real] == 0).all()  # padded positions: zero
+    first_real = real[:, 0]  # the pooler reads position 0: equal where it is a real token
+    assert torch.equal(got.pooler_output[first_real], want.pooler_output[first_real])
+    empty = ~real.any(1)  # no real token: hidden states zero, so the pooler gives tanh(bias)
+    bias = unpadded.graph_module.get_parameter("pooler.dense.bias")
+    assert torch.equal(got.pooler_output[empty], torch.tanh(bias).expand(int(empty.sum()), -1))
+    assert torch.isfinite(got.last_hidden_state).all()
+
+
+@pytest.mark.parametrize("family", ["distilbert", "albert", "modernbert"])
+def test_families_keep_real_tokens_bit_for_bit(family):
+    """Other layer structures (DistilBERT, ALBERT's tanh-GELU chain and shared weights,
+    ModernBERT's GLU chunk and rotary attention); the pass applied to a copy of the compiled graph."""
+    cm = _compile(make(family, layers=2), config=qfx.QuantConfig(8, 8))
+    gm = remove_padding(copy.deepcopy(cm.graph_module))
+    assert gm.meta["qfx_unpad"].startswith("on:"), gm.meta["qfx_unpad"]
+    x = inputs(3, 13, seed=7)
+    x["attention_mask"] = _mask([13, 5, 1], 13, left=(1,))
+    x = normalize_inputs(cm._capture, (), x)
+    with torch.no_grad():
+        want, got = cm.graph_module(**x)[0], gm(**x)[0]
+    real = x["attention_mask"].bool()
+    assert torch.equal(got[real], want[real]) and (got[~real] == 0).all()
+
+
+def test_token_bucket_capacity_computes_the_same_real_tokens(bert_pair):
+    """What a CUDA graph of a token bucket runs (index with dummy rows, fixed shapes), on the CPU."""
+    padded, unpadded = bert_pair
+    x = normalize_inputs(unpadded._capture, (), {**inputs(3, 10, seed=2), "attention_mask": _mask([10, 3, 6], 10)})
+    plan = unpadded.launch_plan
+    assert plan.token_index is not None
+    with torch.no_grad():
+        exact = plan.module(**x).last_hidden_state
+        plan.token_index.capacity = 24  # 19 real tokens + 5 dummies
+        try:
+            bucketed = plan.module(**x).last_hidden_state
+        finally:
+            plan.token_index.capacity = None
+    assert torch.equal(bucketed, exact)
+    assert torch.equal(exact, unpadded.graph_module(**x).last_hidden_state)  # lean graph == L5 graph
+
+
+def test_save_and_load_keep_padding_removal(bert_pair, tmp_path):
+    _, unpadded = bert_pair
+    qfx.save(unpadded, tmp_path / "m.qfx.safetensors")
+    again = qfx.load(tmp_path / "m.qfx.safetensors")
+    x = {**inputs(2, 9, seed=3), "attention_mask": _mask([9, 4], 9)}
+    assert torch.equal(again(**x).last_hidden_state, unpadded(**x).last_hidden_state)
+    assert "padding removal: on" in again.runtime_report()
+
+
+def test_graphs_whose_attention_does_not_mask_padding_are_left_alone(bert_pair):
+    padded, _ = bert_pair
+    gm = copy.deepcopy(padded.graph_module)
+    for n in gm.graph.nodes:  # attention that lets padded keys through: packing would change it
+        if is_call(n, ATTENTION_OPS):
+            n.update_arg(3, None)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm = remove_padding(gm)
+    assert gm.meta["qfx_unpad"] == "off: an SDPA attention takes no mask: padded keys reach real tokens"
+    assert _count(gm, PACK_TOKENS) == 0
+    eager = _compile(make("deberta_v2", layers=1), remove_padding=True, config=qfx.QuantConfig(8, 8))
+    assert eager.graph_module.meta["qfx_unpad"].startswith("off: no SDPA attention")
+    assert "padding removal: off: no SDPA attention" in eager.runtime_report()
+
+
+# -- GPU: token-bucketed CUDA graphs ------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_gpu_unpadded_graphs_replay_what_the_padded_model_computes(mode):
+    target = qfx.detect_target().name
+    model = make("bert", layers=2, hidden=64, heads=2)
+    buckets = Buckets(batch=(4,), seq=(64,), token_step=16, token_buckets=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        kw = dict(mode=mode, target=target, example_kwargs=inputs(2, 8), buckets=buckets)
+        padded, unpadded = qfx.compile(model, **kw), qfx.compile(model, remove_padding=True, **kw)
+    x = {k: v.cuda() for k, v in inputs(3, 50, seed=5).items()}
+    x["attention_mask"] = _mask([50, 17, 1], 50).cuda()  # 68 real tokens of 256 bucket slots
+    want = padded(**x).last_hidden_state
+    got = unpadded(**x).last_hidden_state
+    assert unpadded._graphs.last_key == (4, 64, 128), unpadded.runtime_report()  # step 256/4 = 64
+    real = x["attention_mask"].bool()
+    assert (got[~real] == 0).all()
+    cos = torch.nn.functional.cosine_similarity(got[real].float().flatten(), want[real].float().flatten(), dim=0)
+    assert cos > 0.999, cos
+    with torch.inference_mode():  # the graph replays what direct launch computes (exact index)
+        direct = unpadded.launch_plan.module.forward(**normalize_inputs(unpadded._capture, (), x)).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(got[real].float().flatten(), direct[real].float().flatten(), dim=0)
+    assert cos > 0.999, cos
+    x["attention_mask"] = _mask([50, 50, 50], 50).cuda()  # 150 tokens: another token bucket
+    unpadded(**x)
+    assert unpadded._graphs.last_key == (4, 64, 192) and len(unpadded._graphs.graphs) == 2
+    report = unpadded.runtime_report()
+    assert "padding removal: on" in report and "token buckets" in report, report
+    zero = {k: v.clone() for k, v in x.items()}
+    zero["attention_mask"][0] = 0  # an all-zero row: finite, zero hidden states
+    out = unpadded(**zero).last_hidden_state
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
