@@ -10,6 +10,9 @@ One run prints, per model and batch x sequence, the median latency (ms) of
                      (CUDA graph per bucket inside the model), modes fp16 / int8 / int4
     qfx <mode> direct   the same model with cuda_graphs=False (direct launch)
     qfx <mode> replay   the model's own bucket graph replayed (what "as called" is held to)
+    qfx <mode> unpad    with --spread: the same mode compiled with remove_padding=True (token-wise
+                     ops on the real tokens only; a CUDA graph per token bucket), with its own
+                     replay / direct rows
 
 and the speedup of each over HF eager. On sm_90 int4 runs its 4-bit codes on INT8 tensor
 cores (Hopper has no INT4 tensor cores): an int4 number here is W4A4 *numerics*, not an INT4
@@ -17,7 +20,7 @@ hardware result. Timing: CUDA events around each call after a device synchronize
 counts), median of --iters calls after warm-up. Inputs are already on the GPU.
 
     python benchmarks/e2e.py [--models bert-base,bert-large,minilm-l6] [--profile] [--linear]
-                             [--compile-shapes goal|all|none] [--out e2e.json] [--plot e2e.png]
+                             [--compile-shapes goal|all|none] [--spread] [--out e2e.json] [--plot e2e.png]
 """
 from __future__ import annotations
 
@@ -203,18 +206,27 @@ def main() -> None:
         hf = float_model.to("cuda", torch.float16)
         example = batch(2, 16)
         compiled: dict[str, CompiledModel] = {}
-        for mode in modes:
+        # with --spread each mode also runs with padding removal, next to its padded twin
+        variants = [(mode, False) for mode in modes] + ([(mode, True) for mode in modes] if args.spread else [])
+        for mode, unpad in variants:
+            key = f"{mode} unpad" if unpad else mode
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
-                compiled[mode] = qfx.compile(float_model, mode=mode, target=target.name, example_kwargs=example)
-            print(f"{name}: qfx {mode} compiled in {time.perf_counter() - t0:.1f} s "
-                  f"(attention: {compiled[mode].graph_module.meta.get('qfx_attention')})", flush=True)
+                compiled[key] = qfx.compile(float_model, mode=mode, target=target.name, example_kwargs=example,
+                                            remove_padding=unpad)
+            meta = compiled[key].graph_module.meta
+            print(f"{name}: qfx {key} compiled in {time.perf_counter() - t0:.1f} s "
+                  f"(attention: {meta.get('qfx_attention')}"
+                  + (f"; padding removal: {meta.get('qfx_unpad')}" if unpad else "") + ")", flush=True)
         ao, ao_why = try_torchao(hf) if args.torchao else (None, "not requested (--torchao)")
         for bs, seq in shapes:
             if name == "minilm-l6" and seq > 512:
                 continue
             x = batch(bs, seq, args.spread)
+            if args.spread:
+                real = int(x["attention_mask"].sum())
+                print(f"{name:10s} {bs:4d}x{seq:<4d} real tokens {real} of {bs * seq} ({real / (bs * seq):.0%})", flush=True)
             res = {}
             with torch.inference_mode():
                 res["hf eager"] = median_ms(lambda: hf(**x), args.iters)
