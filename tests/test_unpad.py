@@ -224,3 +224,32 @@ def test_gpu_unpadded_graphs_replay_what_the_padded_model_computes(mode):
     zero["attention_mask"][0] = 0  # an all-zero row: finite, zero hidden states
     out = unpadded(**zero).last_hidden_state
     assert torch.isfinite(out).all() and (out[0] == 0).all()
+
+
+def test_graph_pool_keys_calls_by_token_bucket_and_leaves_padded_rows_empty():
+    """The CUDA-graph pool's bookkeeping (no capture: runs on the CPU): a call's key carries its
+    token bucket, and rows added to fill a batch bucket get no real token."""
+    from qfx.runtime.buckets import DimRoles
+    from qfx.runtime.graphs import GraphPool
+    from qfx.runtime.launch_plan import TokenIndex
+
+    def pool(token_index):
+        p = GraphPool.__new__(GraphPool)  # skips __post_init__ (a CUDA graph memory pool)
+        p.__dict__.update(forward=None, dense_forward=lambda **kw: None, token_index=token_index,
+                          roles=DimRoles({"input_ids": ("b", "s"), "attention_mask": ("b", "s")}, (), True),
+                          buckets=Buckets(batch=(4,), seq=(16,), token_step=8, token_buckets=4),
+                          device=torch.device("cpu"), graphs={}, failed={}, captures=0, last_key=None)
+        return p
+
+    x = {"input_ids": torch.ones(3, 10, dtype=torch.long), "attention_mask": _mask([10, 3, 1], 10)}
+    unpadded, padded = pool(TokenIndex()), pool(None)
+    assert unpadded.key_for(x, dense=False, tokens=14) == (4, 16, 16)  # 64 slots: steps of 16
+    assert unpadded.key_for(x, dense=False, tokens=17) == (4, 16, 32)
+    assert padded.key_for(x, dense=False) == (4, 16)
+    full = {"input_ids": torch.ones(4, 16, dtype=torch.long), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+    assert unpadded.key_for(full, dense=True, tokens=64) == (4, 16, "dense")
+    for p, filler in ((unpadded, 0), (padded, 1)):
+        static = p._static_inputs((4, 16), x)
+        p._fill(static, x)
+        assert torch.equal(static["attention_mask"][:3, :10], x["attention_mask"])
+        assert (static["attention_mask"][3] == filler).all() and (static["attention_mask"][:3, 10:] == 0).all()
