@@ -190,3 +190,50 @@ def test_quantize_decoder_on_gpu_matches_cpu():
     with torch.no_grad():
         out = g(**{k: v.cuda() for k, v in CALIB[0].items()}).logits
     assert out.is_cuda and torch.isfinite(out).all()
+
+
+def _example():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    return importlib.import_module("decoder_failure")
+
+
+def test_example_word_vocab_split_and_buckets():
+    df = _example()
+    v = df.build_word_vocab("The king and the queen. The end. The king!", 5)
+    assert v.tokens == ["<unk>", "the", ".", "king", "!"]  # by count, ties in code-point order
+    ids = v.encode("The KING, the end.")
+    assert ids.tolist() == [1, 3, 0, 1, 0, 2]  # lower-cased; "," and "end" are not in the vocabulary
+    assert v.decode(ids.tolist()) == "the king <unk> the <unk>."
+    w = df.build_word_vocab("don't stop\nnow", 10)
+    assert w.decode(w.encode("don't stop\nnow").tolist()) == "don't stop\nnow"
+    with pytest.raises(ValueError, match="--vocab-size 1"):
+        df.build_word_vocab("a b", 1)
+
+    ids = torch.arange(1000)
+    train, calib, ev = df.split_heldout(ids, 0.05, 4)
+    assert train.numel() + calib.numel() + ev.numel() == 1000 and calib.numel() == ev.numel() == 48
+    assert not set(calib.tolist()) & set(ev.tolist()) and not set(train.tolist()) & set(ev.tolist())
+    assert ev.max() == 999 and ev.min() < 250  # every chunk contributes
+    with pytest.raises(ValueError, match="--heldout 0.6"):
+        df.split_heldout(ids, 0.6, 1)
+
+    ref = torch.full((40,), 10.0)
+    q = ref.clone()
+    q[:8] = 12.0  # +20 % (+2) on the first 8 positions only
+    b = df.bucket_gaps(ref, q)
+    assert [x["bucket"] for x in b] == ["first 8", "8-32", "32+"]
+    assert b[0]["rel_pct"] == pytest.approx(20.0) and b[0]["abs"] == pytest.approx(2.0)
+    assert b[1]["rel_pct"] == 0 and b[2]["abs"] == 0 and b[2]["fp32_ppl"] == 10.0
+
+
+def test_example_presets_and_explicit_flags():
+    df = _example()
+    a = df.parse_args(["--preset", "cpu", "--d", "32", "--tokenizer", "word"])
+    assert (a.d, a.tokenizer, a.layers, a.device) == (32, "word", df.PRESETS["cpu"]["layers"], "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            df.parse_args(["--preset", "gpu"])  # --device cuda without a GPU: a clear argparse error
