@@ -16,6 +16,7 @@ import qfx
 from models import inputs, make
 from qfx.capture import capture
 from qfx.passes.annotate import annotate
+import qfx.pipeline
 from qfx.tune import Scenario
 from qfx.tune import autotune as at
 from qfx.tune.select import choose_parts, layer_parts, scenario_for_compile
@@ -38,19 +39,23 @@ def int4_graph(model):
     return _annotated(model, 4)
 
 
-def _gemm_us(prec: str, m: int) -> float:
-    """fp16 wins at small M (no quantize, no fixed cost), integer wins at large M."""
-    return 1.0 + 0.01 * m if prec == "fp16" else 4.0 + 0.002 * m
+def _gemm_us(prec: str, m: int, gelu: bool = False) -> float:
+    """fp16 wins at small M (no quantize, no fixed cost), integer wins at large M; a GELU in
+    the integer epilogue costs 1 us."""
+    return 1.0 + 0.01 * m if prec == "fp16" else 4.0 + 0.002 * m + (1.0 if gelu else 0.0)
+
+
+QUANTIZE_US, QUANTIZE_GELU_US, GELU_US, NORM_US, NORM_QUANTIZE_US = 2.0, 2.2, 1.0, 2.5, 3.0
 
 
 def _fake_gpu(monkeypatch, timed: list):
     monkeypatch.setattr(at, "_present_family", lambda: "sm80")
 
     def gemm(prec):
-        return lambda m, n, k, gelu: [(f"{prec}-kernel", ("gemm", prec, m))]
+        return lambda m, n, k, gelu: [(f"{prec}-kernel", ("gemm", prec, m, gelu))]
 
     launchers = at.Launchers(gemm={p: gemm(p) for p in ("fp16", "int8", "int4")},
-                             quantize=lambda m, k, bits: ("quantize", m),
+                             quantize=lambda m, k, bits, gelu=False: ("quantize_gelu" if gelu else "quantize", m),
                              gelu=lambda m, n: ("gelu", m),
                              norm_quantize=lambda m, k, bits: (("norm_quantize", m), ("norm", m)))
 
@@ -58,8 +63,9 @@ def _fake_gpu(monkeypatch, timed: list):
         timed.append(token)
         kind, *rest = token
         if kind == "gemm":
-            return _gemm_us(rest[0], rest[1])
-        return {"quantize": 2.0, "gelu": 1.0, "norm_quantize": 3.0, "norm": 2.5}[kind]
+            return _gemm_us(*rest)
+        return {"quantize": QUANTIZE_US, "quantize_gelu": QUANTIZE_GELU_US, "gelu": GELU_US,
+                "norm_quantize": NORM_QUANTIZE_US, "norm": NORM_US}[kind]
     return launchers, timer
 
 
@@ -98,9 +104,23 @@ def test_measured_choice_skip_reasons_and_report(model, int4_graph, monkeypatch)
     assert set(decision.skip) == {f"layer{l}.{n}" for l in (0, 1) for n in ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")}
     qkv = next(d for d in decision.parts if d.part == "qkv")
     assert qkv.fp16_us == pytest.approx(3 * _gemm_us("fp16", 16))  # three GEMMs of N = h
-    assert qkv.trained_us == pytest.approx(_gemm_us("int4", 16) + 0.5)  # one GEMM + (norm_quantize - norm)
+    assert qkv.trained_us == pytest.approx(_gemm_us("int4", 16) + NORM_QUANTIZE_US - NORM_US)  # one GEMM, quantize in the norm
+    attn_out = next(d for d in decision.parts if d.part == "attn_out")
+    assert attn_out.trained_us == pytest.approx(_gemm_us("int4", 16) + QUANTIZE_US)  # a quantize kernel of its own
+    ffn_in = next(d for d in decision.parts if d.part == "ffn_in")
     ffn_out = next(d for d in decision.parts if d.part == "ffn_out")
-    assert ffn_out.trained_us == pytest.approx(_gemm_us("int4", 16) + 2.0)  # a quantize kernel of its own
+    if any(name == "fuse_gelu_quantize" for name, _ in qfx.pipeline.COMPILE_PASSES):
+        # the FFN pair with ffn_in in fp16 (as chosen): an int4 ffn_out's quantize applies the
+        # GELU, an fp16 one leaves it to a kernel of its own
+        assert ffn_out.trained_us == pytest.approx(_gemm_us("fp16", 16) + _gemm_us("int4", 16) + QUANTIZE_GELU_US)
+        assert ffn_out.fp16_us == pytest.approx(2 * _gemm_us("fp16", 16) + GELU_US)
+        assert ffn_in.trained_us == pytest.approx(_gemm_us("int4", 16, gelu=True) + NORM_QUANTIZE_US - NORM_US)
+        assert decision.ffn_pairs[0][("int4", "int4")] == pytest.approx(
+            _gemm_us("int4", 16) + NORM_QUANTIZE_US - NORM_US + _gemm_us("int4", 16) + QUANTIZE_GELU_US)
+    else:  # the GELU stays with ffn_in: the parts are independent
+        assert not decision.ffn_pairs
+        assert ffn_out.trained_us == pytest.approx(_gemm_us("int4", 16) + QUANTIZE_US)
+        assert ffn_in.fp16_us == pytest.approx(_gemm_us("fp16", 16) + GELU_US)
     assert decision.reasons["layer0.q"] == (f"autotuner: fp16 faster at 1x16 ({qkv.fp16_us:.1f} us vs "
                                             f"{qkv.trained_us:.1f} us int4, measured)")
     assert decision.total_us() <= min(decision.total_us(r) for r in at.fixed_strategies("int4").values())

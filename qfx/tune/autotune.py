@@ -118,6 +118,16 @@ class PartSpec:
     #: the input quantize is folded into the LayerNorm before the part (the GPU pass
     #: fuse_add_layer_norm_quantize), so an integer choice costs only what that kernel adds
     quantize_in_norm: bool = False
+    #: the part's output goes through GELU here: fused into the integer epilogue, a kernel of
+    #: its own in fp16. None: the part is ``ffn_in``. False: the GELU is counted elsewhere
+    #: (in the next part's quantize, ``quantize_gelu``)
+    gelu: bool | None = None
+    #: the input quantize also applies the GELU of the part before (fuse_gelu_quantize)
+    quantize_gelu: bool = False
+
+    @property
+    def has_gelu(self) -> bool:
+        return self.part == "ffn_in" if self.gelu is None else self.gelu
 
 
 def part_specs_from_graph(gm) -> list[PartSpec]:
@@ -230,7 +240,8 @@ class Launchers:
     Attributes:
         gemm: ``precision -> (m, n, k, gelu) -> [(kernel_name, fn), ...]``; the integer ones
             include their dequant epilogue (fused or not), the fp16 one its bias.
-        quantize: ``(m, k, bits) -> fn``: the activation quantize kernel.
+        quantize: ``(m, k, bits) -> fn``: the activation quantize kernel; called with
+            ``gelu=True`` for a quantize that applies GELU first (``PartSpec.quantize_gelu``).
         gelu: ``(m, n) -> fn``: a standalone GELU (what an fp16 FFN-in adds).
 
     :meth:`default` gives fp16 through ``torch.nn.functional.linear`` and, when the
@@ -287,9 +298,9 @@ class Launchers:
             out.gemm["int8"] = integer(8)
             out.gemm["int4"] = integer(4)
 
-            def quant(m, k, bits):
+            def quant(m, k, bits, gelu=False):
                 x = torch.randn(m, k, device=device, dtype=torch.float16)
-                launcher = QuantizeLauncher(bits, True, None)
+                launcher = QuantizeLauncher(bits, True, None, gelu=gelu)
                 return lambda: launcher(x)
             out.quantize = quant
 
@@ -481,7 +492,7 @@ def _modelled_candidates(target: Target, spec: PartSpec, m: int, fused_quantize:
     out = []
     for prec in allowed_precisions(spec.trained):
         gemms = spec.fp16_gemms if prec == "fp16" else 1
-        est = cost_model.part_time(target, spec.part, m, spec.n // gemms, spec.k, prec, gelu=spec.part == "ffn_in",
+        est = cost_model.part_time(target, spec.part, m, spec.n // gemms, spec.k, prec, gelu=spec.has_gelu,
                                    fused_quantize=fused_quantize or spec.quantize_in_norm, fused_epilogue=fused_epilogue)
         kernel = est.gemm.kernel + (f" x{gemms}" if gemms > 1 else "")
         if prec == "int4" and not target.int4_tensor_cores:
@@ -492,7 +503,7 @@ def _modelled_candidates(target: Target, spec: PartSpec, m: int, fused_quantize:
 
 def _measured_candidates(target: Target, spec: PartSpec, m: int, launchers: Launchers, cache: TuneCache | None,
                          timer: Callable[[Callable[[], object]], float], progress) -> list[Candidate]:
-    gelu = spec.part == "ffn_in"
+    gelu = spec.has_gelu
 
     def timed(key: str, make: Callable[[], Callable[[], object]]) -> float:
         hit = cache.get(key) if cache is not None else None
@@ -520,7 +531,10 @@ def _measured_candidates(target: Target, spec: PartSpec, m: int, launchers: Laun
             else:
                 if launchers.quantize is None:
                     raise ValueError(f"Launchers.quantize is missing: {prec} candidates need the quantize kernel timed")
-                extra = timed(f"quantize|{bits}|{m}|{spec.k}", lambda: launchers.quantize(m, spec.k, bits))
+                if spec.quantize_gelu:
+                    extra = timed(f"quantize|{bits}|{m}|{spec.k}|gelu", lambda: launchers.quantize(m, spec.k, bits, gelu=True))
+                else:
+                    extra = timed(f"quantize|{bits}|{m}|{spec.k}", lambda: launchers.quantize(m, spec.k, bits))
         elif gelu and launchers.gelu is not None:
             extra = timed(f"gelu|{m}|{spec.n}", lambda: launchers.gelu(m, spec.n))
         kernels = None
@@ -645,26 +659,25 @@ def autotune(
         origin = (f"modelled for {target.name} ({target.gpu}): roofline from published peaks and bandwidth, "
                   "efficiencies fitted on the H100 (qfx.tune.cost_model); not measured")
 
-    unique = sorted({(s.part, s.n, s.k, s.trained, s.fp16_gemms, s.quantize_in_norm) for s in specs})
+    unique = sorted({dataclasses.replace(s, layer=None) for s in specs}, key=repr)  # one timing per GEMM kind
     bar = None
     if measure:
-        total = len(scenario.buckets) * sum(len([p for p in allowed_precisions(u[3]) if p in launchers.gemm]) for u in unique)
+        total = len(scenario.buckets) * sum(len([p for p in allowed_precisions(u.trained) if p in launchers.gemm]) for u in unique)
         bar = tqdm(total=total, desc=f"qfx autotune {target.name}", disable=not progress, unit="cand")
     buckets = []
     try:
         for batch, seq in scenario.buckets:
             m = batch * seq
-            by_shape: dict[tuple, tuple[Candidate, tuple[Candidate, ...], float]] = {}
-            for key in unique:
-                spec = PartSpec(None, *key)
+            by_shape: dict[PartSpec, tuple[Candidate, tuple[Candidate, ...], float]] = {}
+            for spec in unique:
                 tr = spec.trained
                 cands = (_measured_candidates(target, spec, m, launchers, tune_cache, timer, bar) if measure
                          else _modelled_candidates(target, spec, m, fused_quantize, fused_epilogue))
                 fp16 = min((c.us for c in cands if c.precision == "fp16"), default=float("nan"))
-                by_shape[key] = (_choose(cands, tr, margin), tuple(cands), fp16)
+                by_shape[spec] = (_choose(cands, tr, margin), tuple(cands), fp16)
             choices = []
             for s in specs:
-                best, cands, fp16 = by_shape[(s.part, s.n, s.k, s.trained, s.fp16_gemms, s.quantize_in_norm)]
+                best, cands, fp16 = by_shape[dataclasses.replace(s, layer=None)]
                 choices.append(PartChoice(s, m, best.precision, best.kernel, best.us, fp16, cands))
             fixed = {}
             for name, rule in fixed_strategies(_dominant(specs)).items():

@@ -11,18 +11,20 @@ A part is accounted as the compiled graph will run it:
 
 * ``qkv``: one integer GEMM of N = 3h reading one quantize (``fuse_qkv``), or three fp16
   GEMMs of N = h (the float graph keeps HF's separate q, k, v linears);
-* ``ffn_in``: the integer GEMM fuses bias + GELU (``fuse_bias_gelu``); in fp16 GELU is its
-  own kernel;
+* the GELU between ``ffn_in`` and ``ffn_out`` goes where the compiled graph puts it: into an
+  integer ``ffn_out``'s quantize (``fuse_gelu_quantize``), else into an integer ``ffn_in``'s
+  epilogue (``fuse_bias_gelu``), else a kernel of its own; so the two FFN parts of a layer are
+  chosen together, from the four combinations;
 * on GPUs with fp16 / bf16 float parts the quantize of ``qkv`` and ``ffn_in`` sits in the
   LayerNorm before them (``fuse_add_layer_norm_quantize``), so quantizing them costs only what
   that fused kernel adds over a plain add + LayerNorm; ``attn_out`` and ``ffn_out`` pay a
   quantize kernel.
 
 Only two precisions can be applied per part: the one it was trained for and fp16 (higher, so
-always allowed; a W4A4 part is never re-quantized to W8A8 here). Parts are independent (the
-float parts do not change with the choice), so the plan that minimises the scenario's summed
-latency is, per part, the precision with the smallest time summed over the buckets; ties keep
-the trained precision. **One graph per compiled model**: when buckets disagree, the summed
+always allowed; a W4A4 part is never re-quantized to W8A8 here). Apart from the FFN pair, parts
+are independent (the float parts do not change with the choice), so the plan that minimises
+the scenario's summed latency is, per part (per FFN pair), the choice with the smallest time
+summed over the buckets; ties keep the trained precision. **One graph per compiled model**: when buckets disagree, the summed
 choice wins and the report lists each bucket's own preference (the runtime replays one graph
 per bucket shape, but all of them are made from the same planned graph, which keeps it simple).
 
@@ -35,7 +37,7 @@ Example::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -69,7 +71,9 @@ class LayerPart:
 @dataclass(frozen=True)
 class PartDecision:
     """The choice for one layer part: times in microseconds summed over the scenario's buckets
-    (each bucket: the fastest kernel of a precision, with the work it brings)."""
+    (each bucket: the fastest kernel of a precision, with the work it brings). For the FFN
+    pair, ``ffn_in``'s times are its own with ``ffn_out`` as chosen, ``ffn_out``'s those of the
+    pair with ``ffn_in`` as chosen (an integer ``ffn_out`` takes the GELU into its quantize)."""
 
     layer: int | None
     part: str
@@ -101,6 +105,9 @@ class TuneDecision:
     reasons: dict[str, str] = field(hash=False)
     source: str
     scenario: Scenario
+    #: per layer with a coupled FFN pair: ``{(ffn_in precision, ffn_out precision): us}``
+    #: summed over the buckets
+    ffn_pairs: dict[int | None, dict[tuple[str, str], float]] = field(default_factory=dict, hash=False)
 
     def bucket_preferences(self) -> dict[tuple[int, int], dict[str, str]]:
         """Per bucket, the precision each part would get if that bucket alone were tuned for
@@ -123,9 +130,19 @@ class TuneDecision:
         own (``None``) or a fixed strategy's (``{part: "fp16" | trained}``, e.g. from
         :func:`qfx.tune.autotune.fixed_strategies`; a part runs fp16 unless its trained
         precision is asked for). Float parts are left out: no choice changes them."""
-        if precisions is None:
-            return sum(d.fp16_us if d.precision == "fp16" else d.trained_us for d in self.parts)
-        return sum(d.trained_us if precisions.get(d.part) == d.trained else d.fp16_us for d in self.parts)
+        def runs(d: PartDecision) -> str:
+            if precisions is None:
+                return d.precision
+            return d.trained if precisions.get(d.part) == d.trained else "fp16"
+
+        total = 0.0
+        ffn = {(d.layer, d.part): d for d in self.parts if d.layer in self.ffn_pairs}
+        for d in self.parts:
+            if d.layer not in self.ffn_pairs:
+                total += d.fp16_us if runs(d) == "fp16" else d.trained_us
+        for layer, table in self.ffn_pairs.items():
+            total += table[(runs(ffn[(layer, "ffn_in")]), runs(ffn[(layer, "ffn_out")]))]
+        return total
 
     def summary(self) -> str:
         """One paragraph for the report: origin, the plan, each bucket's own preference."""
@@ -142,8 +159,6 @@ class TuneDecision:
     def apply_to_report(self, report) -> None:
         """Write the reasons into a :class:`qfx.report.CompileReport` (float parts and notes of
         the integer linears) and the summary into its plan origin."""
-        from dataclasses import replace
-
         report.plan_origin = self.summary()
         rows = []
         for r in report.linears:
@@ -177,6 +192,21 @@ def _quantize_in_norm(lin: Node, k: int, target: Target, float_dtype: torch.dtyp
     return k % 8 == 0 and k <= ADD_LN_MAX_K
 
 
+def _quantize_takes_gelu(lin: Node) -> bool:
+    """Whether ``fuse_gelu_quantize`` will fold the exact GELU this linear reads into its
+    input quantize (when the linear is integer): the GELU's only reader is this linear."""
+    from qfx.pipeline import COMPILE_PASSES
+
+    # the pass is declared in the pipeline or not at all: count the GELU where it will run
+    if not any(name == "fuse_gelu_quantize" for name, _ in COMPILE_PASSES):
+        return False
+    gelu = _through(lin.args[0])
+    if not is_call(gelu, aten.gelu.default) or len(gelu.users) != 1:
+        return False
+    approximate = gelu.kwargs.get("approximate", gelu.args[1] if len(gelu.args) > 1 else "none")
+    return approximate == "none"
+
+
 def layer_parts(gm: GraphModule, target: "Target | str", float_dtype: torch.dtype = torch.float16) -> list[LayerPart]:
     """The layer parts of an annotated graph (L2 or later: ``node.meta["qfx"]`` on every linear)
     that have a choice: every linear of the part quantizes weights and activations with the
@@ -202,14 +232,20 @@ def layer_parts(gm: GraphModule, target: "Target | str", float_dtype: torch.dtyp
         trained = "int4" if w_bits == a_bits == 4 else "int8"
         k = ks.pop()
         spec = PartSpec(layer, role, sum(i.out_features for i in infos), k, trained, fp16_gemms=len(infos),
-                        quantize_in_norm=_quantize_in_norm(nodes[0], k, target, float_dtype))
+                        quantize_in_norm=_quantize_in_norm(nodes[0], k, target, float_dtype),
+                        quantize_gelu=role == "ffn_out" and _quantize_takes_gelu(nodes[0]))
         out.append(LayerPart(layer, role, tuple(i.name for i in infos), spec))
     return out
 
 
-def _best(plan: Plan, bucket: int, layer: int | None, part: str, precision: str) -> float:
-    c = plan.buckets[bucket].choice(layer, part)
+def _best(plan: Plan, bucket: int, spec: PartSpec, precision: str) -> float:
+    """The fastest candidate of ``precision`` for ``spec`` in one bucket, microseconds."""
+    c = next(c for c in plan.buckets[bucket].choices if c.spec == spec)
     return min(x.us for x in c.candidates if x.precision == precision)
+
+
+def _why(winner: str, loser: str, us: float, other_us: float, where: str, source: str, what: str = "") -> str:
+    return f"autotuner: {winner} faster at {where} ({what}{us:.1f} us vs {other_us:.1f} us {loser}, {source})"
 
 
 def choose_parts(
@@ -256,25 +292,57 @@ def choose_parts(
         wanted = {g.spec.trained for g in groups} | {"fp16"}
         launchers = Launchers({p: f for p, f in launchers.gemm.items() if p in wanted}, launchers.quantize,
                               launchers.gelu, launchers.norm_quantize)
-    plan = autotune(None, target, scenario, parts=[g.spec for g in groups], measure=measure, launchers=launchers,
-                    cache=cache, timer=timer, progress=progress)
-    where = _scenario_text(scenario)
-    decided, skip, reasons = [], [], {}
+    # the FFN pair of a layer whose GELU an integer ffn_out's quantize takes: ffn_in is also
+    # timed without its GELU (what it runs when ffn_out is integer)
+    by_part = {(g.layer, g.part): g for g in groups}
+    ffn_pairs = {g.layer: (by_part[(g.layer, "ffn_in")], g) for g in groups
+                 if g.part == "ffn_out" and g.spec.quantize_gelu and (g.layer, "ffn_in") in by_part}
+    bare = {layer: replace(fin.spec, gelu=False) for layer, (fin, _) in ffn_pairs.items()}
+    plan = autotune(None, target, scenario, parts=[g.spec for g in groups] + list(bare.values()), measure=measure,
+                    launchers=launchers, cache=cache, timer=timer, progress=progress)
+    where, source = _scenario_text(scenario), plan.source
+    buckets = list(enumerate(scenario.buckets))
+    decided: dict[tuple[int | None, str], PartDecision] = {}
+    reasons: dict[str, str] = {}
     for g in groups:
+        if g.layer in ffn_pairs and g.part in ("ffn_in", "ffn_out"):
+            continue
         trained, per = g.spec.trained, []
-        for i, (b, s) in enumerate(scenario.buckets):
-            t_us, f_us = _best(plan, i, g.layer, g.part, trained), _best(plan, i, g.layer, g.part, "fp16")
+        for i, (b, s) in buckets:
+            t_us, f_us = _best(plan, i, g.spec, trained), _best(plan, i, g.spec, "fp16")
             per.append((b, s, "fp16" if f_us < t_us else trained, t_us, f_us))
         t_sum, f_sum = sum(p[3] for p in per), sum(p[4] for p in per)
         precision = "fp16" if f_sum < t_sum else trained  # ties keep the trained precision
-        decided.append(PartDecision(g.layer, g.part, g.names, trained, precision, t_sum, f_sum, tuple(per)))
-        if precision == "fp16":
-            why = f"autotuner: fp16 faster at {where} ({f_sum:.1f} us vs {t_sum:.1f} us {trained}, {plan.source})"
-            skip += g.names
-        else:
-            why = f"autotuner: {trained} faster at {where} ({t_sum:.1f} us vs {f_sum:.1f} us fp16, {plan.source})"
+        decided[(g.layer, g.part)] = PartDecision(g.layer, g.part, g.names, trained, precision, t_sum, f_sum, tuple(per))
+        why = (_why("fp16", trained, f_sum, t_sum, where, source) if precision == "fp16"
+               else _why(trained, "fp16", t_sum, f_sum, where, source))
         reasons.update({name: why for name in g.names})
-    return TuneDecision(plan, tuple(decided), tuple(skip), reasons, plan.source, scenario)
+    pair_tables = {}
+    for layer, (fin, fout) in ffn_pairs.items():
+        t_in, t_out = fin.spec.trained, fout.spec.trained
+        combos = [(t_in, t_out), (t_in, "fp16"), ("fp16", t_out), ("fp16", "fp16")]  # ties: the first
+
+        def pair_us(i: int, p_in: str, p_out: str) -> tuple[float, float]:
+            # an integer ffn_out's quantize applies the GELU; else ffn_in's choice carries it
+            spec_in = bare[layer] if p_out != "fp16" else fin.spec
+            return _best(plan, i, spec_in, p_in), _best(plan, i, fout.spec, p_out)
+
+        table = {c: sum(sum(pair_us(i, *c)) for i, _ in buckets) for c in combos}
+        pair_tables[layer] = table
+        p_in, p_out = min(combos, key=table.__getitem__)
+        prefs = [min(combos, key=lambda c: sum(pair_us(i, *c))) for i, _ in buckets]
+        per_in = tuple((b, s, prefs[i][0], pair_us(i, t_in, p_out)[0], pair_us(i, "fp16", p_out)[0]) for i, (b, s) in buckets)
+        per_out = tuple((b, s, prefs[i][1], sum(pair_us(i, p_in, t_out)), sum(pair_us(i, p_in, "fp16"))) for i, (b, s) in buckets)
+        for g, prec, per in ((fin, p_in, per_in), (fout, p_out, per_out)):
+            t_sum, f_sum = sum(p[3] for p in per), sum(p[4] for p in per)
+            decided[(g.layer, g.part)] = PartDecision(g.layer, g.part, g.names, g.spec.trained, prec, t_sum, f_sum, per)
+            what = "" if g is fin else "ffn_in + ffn_out, an integer ffn_out's quantize applying the GELU: "
+            why = (_why("fp16", g.spec.trained, f_sum, t_sum, where, source, what) if prec == "fp16"
+                   else _why(g.spec.trained, "fp16", t_sum, f_sum, where, source, what))
+            reasons.update({name: why for name in g.names})
+    parts = tuple(decided[(g.layer, g.part)] for g in groups)
+    skip = tuple(name for d in parts if d.precision == "fp16" for name in d.names)
+    return TuneDecision(plan, parts, skip, reasons, source, scenario, pair_tables)
 
 
 def _check_limits(scenario: Scenario, max_seq: int | None) -> None:
