@@ -50,10 +50,12 @@ attention, a mask that lets padded keys through) the graph is left as it is and
 Invariant: at every real token, every output equals the padded graph's output; bit for bit on
 the CPU reference backend (token-wise ops compute each row with the same operations whatever
 the other rows: the integer GEMM is exact, its epilogue, quantize, LayerNorm and elementwise
-ops are per row; tests/test_unpad.py checks it over random lengths). A float ``aten.linear``
-(pooler, classifier, a float in-layer linear) may pick another BLAS blocking for another M;
-the pooler and classifier read ``hidden[:, 0]`` of a repadded tensor, so they see the same
-shapes. Padded positions of every ``[B, S, ...]`` output are zero. A batch row with no real
+ops are per row; tests/test_unpad.py checks it over random lengths). The one op with no such
+guarantee is a float GEMM (``aten.linear`` / weight-only linears: a BLAS may block another M
+differently); bit-identical too in every case tried on the CPU (W4A16, ELECTRA's float
+projection, fp32 and bf16). The pooler and classifier read ``hidden[:, 0]`` of a repadded
+tensor, so they see the same shapes. On a GPU the integer GEMMs are exact too; a float GEMM
+or LayerNorm kernel chosen per M may round differently. Padded positions of every ``[B, S, ...]`` output are zero. A batch row with no real
 token (all-zero mask) has no packed row: its hidden states are zero (what HF would compute from
 uniform attention over padding is not reproduced), e.g. its pooler output is ``tanh(bias)``.
 The graph's other (non-token) values are unchanged.
