@@ -66,8 +66,8 @@ PRESETS = {
                 heads=4, seq=128, batch=16, steps=400, lr=3e-3, dropout=0.0, eval_seqs=128, calib_seqs=32,
                 heldout=0.05, heldout_chunks=1, qat_steps=100, qat_lr=1e-4, throughput="auto"),
     "gpu": dict(device="cuda", precision="bf16", tokenizer="word", corpus="speeches+reviews", vocab_size=8192, d=256,
-                layers=4, heads=4, seq=256, batch=32, steps=1200, lr=1e-3, dropout=0.1, eval_seqs=256, calib_seqs=64,
-                heldout=0.06, heldout_chunks=16, qat_steps=300, qat_lr=1e-4, throughput="auto"),
+                layers=4, heads=4, seq=256, batch=32, steps=1000, lr=1e-3, dropout=0.1, eval_seqs=256, calib_seqs=64,
+                heldout=0.06, heldout_chunks=16, qat_steps=200, qat_lr=1e-4, throughput="auto"),
 }
 #: Position buckets of the gap tables: [0, 8), [8, 32), [32, T-1) (the paper's "early positions").
 BUCKET_EDGES = (8, 32)

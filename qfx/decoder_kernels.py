@@ -87,7 +87,7 @@ def dequantize_packed(codes: torch.Tensor, table: torch.Tensor, scale: torch.Ten
     k = codes.shape[-1] * 2
     g = _check_packed(codes, scale, offset, k)
     nib = torch.stack((codes & 0x0F, codes >> 4), dim=-1).reshape(codes.shape[0], k // g, g)
-    vals = table.to(codes.device)[nib.long()] * scale.float().unsqueeze(-1)
+    vals = table.to(codes.device)[nib.int()] * scale.float().unsqueeze(-1)
     if offset is not None:
         vals = vals + offset.float().unsqueeze(-1)
     return vals.reshape(codes.shape[0], k).to(dtype)

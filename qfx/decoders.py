@@ -17,6 +17,10 @@ instead be decoded at each call (unfused, or inside a Triton GEMM: :mod:`qfx.dec
 :func:`set_weight_path`). The LM head and the embeddings
 stay float (``skip``), the KV path stays float; attention scores are not quantized.
 
+QAT + KD (:func:`prepare_decoder_qat`, :func:`distill_decoder`, :func:`convert_decoder_qat`): the
+same formats and modes with trainable float weights and straight-through gradients, distilled from
+the float model (logit KL at every position + hidden-state MSE), then stored as above.
+
 This is a separate entry point from ``qfx.prepare_qat`` / ``qfx.compile`` (the graph pipeline built
 for encoders): it does not capture a graph, so it works on any decoder whose linears are modules.
 """

@@ -1,7 +1,9 @@
-"""qfx.decoders.quantize_decoder on tiny random-init GPT-2 and Llama: every mode and format runs,
-the stored codes are what the layer multiplies with, W4A4 warns, rotation helps W4A4, bad input."""
+"""qfx.decoders on tiny random-init GPT-2 and Llama: every mode and format runs, the stored codes are
+what the layer multiplies with, the weight paths agree, W4A4 warns with the gap, rotation helps
+W4A4, QAT + KD lowers the loss and converts bit for bit, bad input; the example's helpers."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -237,3 +239,17 @@ def test_example_presets_and_explicit_flags():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             df.parse_args(["--preset", "gpu"])  # --device cuda without a GPU: a clear argparse error
+
+
+@pytest.mark.gpu
+def test_qat_kd_on_gpu_converts_bit_for_bit():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    teacher = _llama(outlier=8.0).cuda()
+    student = prepare_decoder_qat(teacher, mode="w4a4", fmt="int4", block_size=32)
+    batches = [{"input_ids": CALIB[0]["input_ids"].cuda()}]
+    rows = distill_decoder(teacher, student, batches, DecoderKDConfig(steps=4, lr=1e-4))
+    assert rows[-1]["step"] == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    ids = IDS.cuda()
+    with torch.no_grad():
+        assert torch.equal(convert_decoder_qat(student)(input_ids=ids).logits, student(input_ids=ids).logits)
