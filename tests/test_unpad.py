@@ -147,6 +147,27 @@ def test_families_keep_real_tokens_bit_for_bit(family):
     assert torch.equal(got[real], want[real]) and (got[~real] == 0).all()
 
 
+def test_the_gpu_shaped_graph_packs_through_the_key_padding_bias_and_fused_norms():
+    """The GPU passes' graph, made on the CPU with the reference backend: attention reads the
+    [B, 1, 1, S] key-padding bias, LayerNorms are fused add + LayerNorm + quantize ops."""
+    from qfx.passes.attention import key_padding_attention
+    from qfx.passes.fuse_norm_quant import fuse_add_layer_norm_quantize
+
+    cm = _compile(make("bert", layers=2), config=qfx.QuantConfig(8, 8), float_dtype=torch.bfloat16)
+    gm = key_padding_attention(copy.deepcopy(cm.graph_module), torch.bfloat16)
+    gm = fuse_add_layer_norm_quantize(gm, torch.bfloat16, backend="reference", fits=lambda k, dtype: (True, ""))
+    assert gm.meta["qfx_attention"].startswith("key-padding bias") and gm.meta["qfx_fused_norms"][0] == 4
+    unpadded = remove_padding(copy.deepcopy(gm))
+    assert unpadded.meta["qfx_unpad"].startswith("on:"), unpadded.meta["qfx_unpad"]
+    fused = [n for n in unpadded.graph.nodes if is_call(n, torch.ops.qfx.add_layer_norm_quantize.default)]
+    assert fused and all(n.meta.get("qfx_tokens") == "packed" for n in fused)
+    x = normalize_inputs(cm._capture, (), {**inputs(3, 12, seed=1), "attention_mask": _mask([12, 4, 1], 12, left=(1,))})
+    with torch.no_grad():
+        want, got = gm(**x).last_hidden_state, unpadded(**x).last_hidden_state
+    real = x["attention_mask"].bool()
+    assert torch.equal(got[real], want[real]) and (got[~real] == 0).all()
+
+
 def test_token_bucket_capacity_computes_the_same_real_tokens(bert_pair):
     """What a CUDA graph of a token bucket runs (index with dummy rows, fixed shapes), on the CPU."""
     padded, unpadded = bert_pair
