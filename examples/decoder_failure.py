@@ -407,12 +407,13 @@ def render_markdown(results: dict) -> str:
                        + " | ".join(f"{b['abs']:+.3f}" for b in r["buckets"]) + f" | {bits} |")
         ref = rows[0]["buckets"]
         out.append("\nfp32 perplexity per bucket (for scale): " + ", ".join(f"{b['bucket']}: {b['fp32_ppl']:.2f}" for b in ref))
-    out.append("\nMemory per parameter (Llama model; linears measured from the stored codes and block "
-               "parameters; whole model with embeddings / head / norms counted in fp16):\n")
-    out.append("| format | bits / param (linears) | formula | model (MB) |")
-    out.append("|---|---|---|---|")
-    for r in results["memory"]:
-        out.append(f"| {r['format']} | {r['bits_linear']:.3f} | {r.get('bits_formula', '')} | {r['model_MB']:.3f} |")
+    if results.get("memory"):
+        out.append("\nMemory per parameter (Llama model; linears measured from the stored codes and block "
+                   "parameters; whole model with embeddings / head / norms counted in fp16):\n")
+        out.append("| format | bits / param (linears) | formula | model (MB) |")
+        out.append("|---|---|---|---|")
+        for r in results.get("memory", []):
+            out.append(f"| {r['format']} | {r['bits_linear']:.3f} | {r.get('bits_formula', '')} | {r['model_MB']:.3f} |")
     if results.get("throughput"):
         out.append(f"\nGreedy generation, Llama model in fp16, prompt 16 + {a.get('gen_tokens', 128)} new tokens, median of 3 "
                    "(tokens/s; fake-quant rows are simulated, not a speed claim):\n")
@@ -427,7 +428,8 @@ def render_markdown(results: dict) -> str:
             else:
                 out.append(f"| {label} | " + " | ".join(f"{cells[b]['tokens_per_s']:.0f}" if b in cells else "" for b in (1, 16)) + " |")
     if results.get("gemm"):
-        out.append("\nWeight-only GEMM (fp16 activations), microseconds, median of 50 (CUDA events):\n")
+        out.append("\nWeight-only GEMM (fp16 activations), microseconds per call, median (triton.testing.do_bench: L2 flushed "
+                   "before each call, so weights come from HBM as in a decode step):\n")
         out.append("| fmt | M | N | K | fp16 cuBLAS | dequantize + matmul | fused Triton | fused vs fp16 | fused GB/s | max abs err |")
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in results["gemm"]:
@@ -437,17 +439,18 @@ def render_markdown(results: dict) -> str:
             out.append(f"| {r['fmt']} | {r['M']} | {r['N']} | {r['K']} | {r['fp16_us']:.1f} | {r['dequant_matmul_us']:.1f} | "
                        f"{r['fused_us']:.1f} | x{r['fused_speedup_vs_fp16']:.2f} | {r['fused_weight_GBps']:.0f} | "
                        f"{r['fused_max_abs_err']:.1e} |")
-    sweep = results["sweep"]
+    sweep = results.get("sweep", {})
     labels = list(sweep)
-    out.append("\nGeneration sweep (GPT-2 model; mean duplicate content words per completion over the prompts; "
-               "stop words: scikit-learn ENGLISH_STOP_WORDS):\n")
-    out.append("| temperature | top_k | max_new_tokens | " + " | ".join(labels) + " |")
-    out.append("|---|---|---|" + "---|" * len(labels))
-    for i, r in enumerate(sweep[labels[0]]):
-        cells = " | ".join(f"{sweep[lab][i]['duplicates']:.1f}" for lab in labels)
-        out.append(f"| {r['temperature']} | {r['top_k']} | {r['max_new_tokens']} | {cells} |")
-    means = " | ".join(f"{sum(x['duplicates'] for x in sweep[lab]) / len(sweep[lab]):.2f}" for lab in labels)
-    out.append(f"| mean | | | {means} |")
+    if labels:
+        out.append("\nGeneration sweep (GPT-2 model; mean duplicate content words per completion over the prompts; "
+                   "stop words: scikit-learn ENGLISH_STOP_WORDS):\n")
+        out.append("| temperature | top_k | max_new_tokens | " + " | ".join(labels) + " |")
+        out.append("|---|---|---|" + "---|" * len(labels))
+        for i, r in enumerate(sweep[labels[0]]):
+            cells = " | ".join(f"{sweep[lab][i]['duplicates']:.1f}" for lab in labels)
+            out.append(f"| {r['temperature']} | {r['top_k']} | {r['max_new_tokens']} | {cells} |")
+        means = " | ".join(f"{sum(x['duplicates'] for x in sweep[lab]) / len(sweep[lab]):.2f}" for lab in labels)
+        out.append(f"| mean | | | {means} |")
     if results.get("phases"):
         out.append("\nWall time per phase (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["phases"].items())
                    + f"; total {results.get('wall_s', 0):.0f}.")
@@ -482,6 +485,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--qat-rep", type=float, default=1.0, help="weight of the hidden-state MSE in the KD loss")
     ap.add_argument("--throughput", choices=("auto", "on", "off"), help="tokens/s and GEMM phase (auto: on a GPU)")
     ap.add_argument("--gen-tokens", type=int, default=128, help="new tokens per generate call in the tokens/s phase")
+    ap.add_argument("--families", default="gpt2,llama",
+                    help="models to train, comma-separated (memory and tokens/s use llama, the generation sweep gpt2); "
+                         "one family per call halves the wall time of a call")
     ap.add_argument("--block", type=int, default=64, help="block / group size of every 4-bit format")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -493,6 +499,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.smoke and "--qat-steps" not in " ".join(argv if argv is not None else sys.argv):
         args.qat_steps = 2
+    args.families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    unknown = sorted(set(args.families) - {"gpt2", "llama"})
+    if unknown or not args.families:
+        ap.error(f"--families {','.join(args.families)}: expected gpt2 and/or llama, comma-separated")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible (use --device cpu)")
     return args
@@ -542,6 +552,8 @@ def main(argv=None) -> int:
     models = make_models(len(vocab), args.seq, args.d, args.layers, args.heads, args.dropout)
     trained = {}
     for family, model in models.items():
+        if family not in args.families:
+            continue
         model.to(device)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"\n== {family}: {n_params / 1e6:.2f} M parameters, training {args.steps} steps x {args.batch} x {args.seq} "
@@ -596,66 +608,68 @@ def main(argv=None) -> int:
         results["models"][family] = res
         phase_done(f"{family}: quantize + evaluate")
 
-    # Memory per parameter for every format (Table 6 analogue): measured on the Llama model's quantized
-    # linears (codes + block parameters), and the whole model with float parts in fp16.
-    log("\n== memory per parameter (llama linears; whole model with embeddings/head/norms in fp16)")
-    mem_rows = []
-    base = trained["llama"]
-    n_all = sum(p.numel() for p in base.parameters())
-    mem_rows.append({"format": "fp32", "bits_linear": 32.0, "model_MB": round(n_all * 4 / 2**20, 3)})
-    mem_rows.append({"format": "fp16", "bits_linear": 16.0, "model_MB": round(n_all * 2 / 2**20, 3)})
-    for fmt in nx.WEIGHT_FORMATS:
-        for dq in (False, True):
-            qm = quantize_decoder(base, mode="w4a16", fmt=fmt, block_size=args.block, double_quant=dq)
-            m = decoder_memory(qm, float_bytes_per_param=2)
-            mem_rows.append({"format": f"{fmt}{' +DQ' if dq else ''}", "bits_linear": round(m.bits_per_quantized_param, 3),
-                             "bits_formula": nx.weight_format_bits(fmt, args.block, dq), "model_MB": round(m.total_bytes / 2**20, 3)})
-    for r in mem_rows:
-        log(f"  {r['format']:14s} {r['bits_linear']:7.3f} bits/param (linears)   model {r['model_MB']:.3f} MB")
-    results["memory"] = mem_rows
-    phase_done("memory")
+    if "llama" in trained:
+        # Memory per parameter for every format (Table 6 analogue): measured on the Llama model's quantized
+        # linears (codes + block parameters), and the whole model with float parts in fp16.
+        log("\n== memory per parameter (llama linears; whole model with embeddings/head/norms in fp16)")
+        mem_rows = []
+        base = trained["llama"]
+        n_all = sum(p.numel() for p in base.parameters())
+        mem_rows.append({"format": "fp32", "bits_linear": 32.0, "model_MB": round(n_all * 4 / 2**20, 3)})
+        mem_rows.append({"format": "fp16", "bits_linear": 16.0, "model_MB": round(n_all * 2 / 2**20, 3)})
+        for fmt in nx.WEIGHT_FORMATS:
+            for dq in (False, True):
+                qm = quantize_decoder(base, mode="w4a16", fmt=fmt, block_size=args.block, double_quant=dq)
+                m = decoder_memory(qm, float_bytes_per_param=2)
+                mem_rows.append({"format": f"{fmt}{' +DQ' if dq else ''}", "bits_linear": round(m.bits_per_quantized_param, 3),
+                                 "bits_formula": nx.weight_format_bits(fmt, args.block, dq), "model_MB": round(m.total_bytes / 2**20, 3)})
+        for r in mem_rows:
+            log(f"  {r['format']:14s} {r['bits_linear']:7.3f} bits/param (linears)   model {r['model_MB']:.3f} MB")
+        results["memory"] = mem_rows
+        phase_done("memory")
 
-    # Tokens/s (Table 7 analogue) and the weight-only GEMM micro-benchmark: GPU timings only.
-    if args.throughput == "on" or (args.throughput == "auto" and device.type == "cuda"):
-        log(f"\n== tokens/s: greedy generation, llama in fp16, prompt 16 + {args.gen_tokens} new tokens ({device})")
-        results["throughput"] = throughput(base, args, log)
-        if device.type == "cuda":
-            log("\n== weight-only GEMM, fp16 activations: cuBLAS fp16 vs dequantize + matmul vs fused Triton (us)")
-            results["gemm"] = gemm_benchmark(log)
-        phase_done("tokens/s")
-    else:
-        log("\n(tokens/s and the GEMM benchmark: GPU only; --throughput on forces the tokens/s phase here)")
+        # Tokens/s (Table 7 analogue) and the weight-only GEMM micro-benchmark: GPU timings only.
+        if args.throughput == "on" or (args.throughput == "auto" and device.type == "cuda"):
+            log(f"\n== tokens/s: greedy generation, llama in fp16, prompt 16 + {args.gen_tokens} new tokens ({device})")
+            results["throughput"] = throughput(base, args, log)
+            if device.type == "cuda":
+                log("\n== weight-only GEMM, fp16 activations: cuBLAS fp16 vs dequantize + matmul vs fused Triton (us)")
+                results["gemm"] = gemm_benchmark(log)
+            phase_done("tokens/s")
+        else:
+            log("\n(tokens/s and the GEMM benchmark: GPU only; --throughput on forces the tokens/s phase here)")
 
-    # Generation sweep (the companion study's metric) on the GPT-2 model.
-    log("\n== generation sweep (gpt2): duplicate content words, mean over prompts")
-    sw = stop_words()
-    prompts_txt = ["HAMLET\nTo be, or not", "Thank you. Thank you so much. Tonight"]
-    prompts = [vocab.encode(p).to(device) for p in prompts_txt]
-    grid = dict(temperatures=(0.7, 1.0, 1.3), top_ks=(10, 40), max_new_tokens=(48, 88))
-    if args.smoke:
-        grid = dict(temperatures=(1.0,), top_ks=(10,), max_new_tokens=(32,))
-    g2 = trained["gpt2"]
-    sweep_models = {"fp32": g2}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DecoderQuantizationWarning)
-        for label, kw in [("nf4", dict(fmt="nf4")), ("nf4 +DQ", dict(fmt="nf4", double_quant=True)),
-                          ("fp4", dict(fmt="fp4")), ("fp4 +DQ", dict(fmt="fp4", double_quant=True)),
-                          ("int4 GPTQ", dict(fmt="int4", gptq=True)), ("W4A4 int4", dict(mode="w4a4", fmt="int4"))]:
-            if args.smoke and label not in ("nf4", "W4A4 int4"):
-                continue
-            sweep_models[label] = quantize_decoder(g2, block_size=args.block, calibration=calib if kw.get("gptq") else None, **kw)
-    sweep = {}
-    for label, m in sweep_models.items():
-        t0 = time.time()
-        rows = generation_sweep(m, prompts, vocab.decode, sw, pad_token_id=0, **grid)
-        sweep[label] = [{"temperature": r.temperature, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens,
-                         "duplicates": r.duplicates, "content_words": r.content_words} for r in rows]
-        mean_dup = sum(r.duplicates for r in rows) / len(rows)
-        log(f"  {label:10s} mean duplicates {mean_dup:6.2f}  ({time.time() - t0:.0f} s)")
-        if label == "fp32":
-            results["sample"] = rows[0].samples[0]
-    results["sweep"] = sweep
-    phase_done("generation sweep")
+    if "gpt2" in trained:
+        # Generation sweep (the companion study's metric) on the GPT-2 model.
+        log("\n== generation sweep (gpt2): duplicate content words, mean over prompts")
+        sw = stop_words()
+        prompts_txt = ["HAMLET\nTo be, or not", "Thank you. Thank you so much. Tonight"]
+        prompts = [vocab.encode(p).to(device) for p in prompts_txt]
+        grid = dict(temperatures=(0.7, 1.0, 1.3), top_ks=(10, 40), max_new_tokens=(48, 88))
+        if args.smoke:
+            grid = dict(temperatures=(1.0,), top_ks=(10,), max_new_tokens=(32,))
+        g2 = trained["gpt2"]
+        sweep_models = {"fp32": g2}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DecoderQuantizationWarning)
+            for label, kw in [("nf4", dict(fmt="nf4")), ("nf4 +DQ", dict(fmt="nf4", double_quant=True)),
+                              ("fp4", dict(fmt="fp4")), ("fp4 +DQ", dict(fmt="fp4", double_quant=True)),
+                              ("int4 GPTQ", dict(fmt="int4", gptq=True)), ("W4A4 int4", dict(mode="w4a4", fmt="int4"))]:
+                if args.smoke and label not in ("nf4", "W4A4 int4"):
+                    continue
+                sweep_models[label] = quantize_decoder(g2, block_size=args.block, calibration=calib if kw.get("gptq") else None, **kw)
+        sweep = {}
+        for label, m in sweep_models.items():
+            t0 = time.time()
+            rows = generation_sweep(m, prompts, vocab.decode, sw, pad_token_id=0, **grid)
+            sweep[label] = [{"temperature": r.temperature, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens,
+                             "duplicates": r.duplicates, "content_words": r.content_words} for r in rows]
+            mean_dup = sum(r.duplicates for r in rows) / len(rows)
+            log(f"  {label:10s} mean duplicates {mean_dup:6.2f}  ({time.time() - t0:.0f} s)")
+            if label == "fp32":
+                results["sample"] = rows[0].samples[0]
+        results["sweep"] = sweep
+        phase_done("generation sweep")
     results["curves"] = curves_all
     results["phases"] = phases
     results["wall_s"] = round(time.time() - t_start, 1)
