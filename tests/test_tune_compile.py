@@ -146,6 +146,20 @@ def test_buckets_that_disagree_get_the_summed_choice_and_each_preference(int4_gr
         assert d.precision == ("fp16" if d.fp16_us < d.trained_us else "int4")
         assert d.trained_us == pytest.approx(sum(b[3] for b in d.per_bucket))
     assert decision.chosen() == {p: "int4" for p in ("qkv", "attn_out", "ffn_in", "ffn_out")}
+    # the fixed strategies under the same times: attention parts add up, the FFN pair from its table
+    fixed = at.fixed_strategies("int4")
+    attention_fp16 = sum(d.fp16_us for d in decision.parts if d.part in ("qkv", "attn_out"))
+    ffn = {c: sum(t[c] for t in decision.ffn_pairs.values()) for c in (("int4", "fp16"), ("fp16", "fp16"))}
+    if decision.ffn_pairs:
+        assert decision.total_us(fixed["q3-only"]) == pytest.approx(attention_fp16 + ffn[("int4", "fp16")])
+        assert decision.total_us(fixed["all-fp16"]) == pytest.approx(attention_fp16 + ffn[("fp16", "fp16")])
+    else:
+        assert decision.total_us(fixed["all-fp16"]) == pytest.approx(sum(d.fp16_us for d in decision.parts))
+    # ffn_out's times are the pair's when the pair is coupled (PartDecision)
+    own = [d for d in decision.parts if not (decision.ffn_pairs and d.part == "ffn_in")]
+    assert decision.total_us() == pytest.approx(sum(d.trained_us for d in own))
+    assert decision.total_us() == pytest.approx(decision.total_us(fixed["all-int4"]))  # the plan is all-int4 here
+    assert decision.total_us() < min(decision.total_us(fixed[k]) for k in ("q3-only", "all-fp16"))
     assert "buckets disagree" in decision.summary() and "1x16: qkv fp16" in decision.summary()
 
 

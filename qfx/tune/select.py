@@ -136,9 +136,10 @@ class TuneDecision:
             return d.trained if precisions.get(d.part) == d.trained else "fp16"
 
         total = 0.0
-        ffn = {(d.layer, d.part): d for d in self.parts if d.layer in self.ffn_pairs}
+        ffn = {(d.layer, d.part): d for d in self.parts
+               if d.layer in self.ffn_pairs and d.part in ("ffn_in", "ffn_out")}
         for d in self.parts:
-            if d.layer not in self.ffn_pairs:
+            if (d.layer, d.part) not in ffn:
                 total += d.fp16_us if runs(d) == "fp16" else d.trained_us
         for layer, table in self.ffn_pairs.items():
             total += table[(runs(ffn[(layer, "ffn_in")]), runs(ffn[(layer, "ffn_out")]))]
