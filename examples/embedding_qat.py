@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     train_texts = [s.text for s in split.train]
     test = split.test[: args.eval_texts]
     support = split.dev[: args.support]
-    teacher = SentenceTransformer(str(minilm_path()), device=args.device)
+    # float32 whatever the checkpoint stores (QFX_MINILM_DIR may name an fp16 copy): QAT trains fp32 master weights
+    teacher = SentenceTransformer(str(minilm_path()), device=args.device, model_kwargs={"dtype": torch.float32})
     print(f"teacher: all-MiniLM-L6-v2 ({type(teacher[0]).__name__} + {type(teacher[1]).__name__} + {type(teacher[-1]).__name__}); "
           f"{len(train_texts)} unlabelled training texts, {len(test)} held-out, {len(support)} support", flush=True)
 

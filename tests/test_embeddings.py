@@ -191,3 +191,11 @@ def test_compiled_sentence_transformer_encodes_on_the_gpu(tiny_st):
     qat = qfx.prepare_qat(tiny_st.to("cuda"), config=qfx.QuantConfig(8, 8))
     assert qat.encode(TEXTS, convert_to_tensor=True).device.type == "cuda"
     tiny_st.to("cpu")
+
+
+def test_distill_refuses_half_precision_master_weights(tiny_st):
+    """An fp16 checkpoint loads as fp16: AdamW on fp16 weights went to NaN in two steps on the GPU."""
+    qat = qfx.prepare_qat(tiny_st, config=qfx.QuantConfig(8, 8))
+    qat.half()
+    with pytest.raises(ValueError, match="float32 master weights"):
+        distill(tiny_st, qat, TEXTS * 2, DistillConfig(steps=1, batch_size=4, progress=False))

@@ -205,6 +205,13 @@ def distill(
     t_st = _tapped_teacher(teacher, device)
     t_rec, s_rec = FeatureRecorder(encoder_of(t_st)), FeatureRecorder(gm)
     params = [p for p in student.parameters() if p.is_floating_point()]
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype != torch.float32})
+    if low:
+        raise ValueError(
+            f"student: parameters in {', '.join(low)}; QAT updates float32 master weights (AdamW steps in "
+            "half precision underflow and diverge to NaN). Load the teacher in float32, e.g. "
+            "SentenceTransformer(path, model_kwargs={'dtype': torch.float32}), or call student.float()"
+        )
     for p in params:
         p.requires_grad_(True)
     decay = [p for p in params if p.dim() >= 2]
