@@ -146,17 +146,32 @@ def _train_cfg(args, budget: Budget, phase: str, epochs: float, lr: float, n_tra
     )
 
 
+def _predictions(model, data, batch_size: int = 128) -> torch.Tensor:
+    """Predicted label per example of ``data`` (in its order)."""
+    from qfx.train.data import fit_inputs, input_names
+
+    names, preds = input_names(model), []
+    for start in range(0, len(data), batch_size):
+        inputs, _ = data.batch(list(range(start, min(start + batch_size, len(data)))), model.device)
+        preds.append(model(**fit_inputs(inputs, names)).logits.argmax(-1).cpu())
+    return torch.cat(preds)
+
+
 def _compiled_accuracy(model, mode: str, target: str, test, example) -> dict:
     """Test accuracy of ``model`` compiled for ``target``: float parts in fp32 (as in the
-    fake-quant twin) and, on a GPU, also in fp16 (the fast setting)."""
-    out = {}
+    fake-quant twin) and, on a GPU, also in fp16 (the fast setting), with the share of test
+    examples on which the fp16 model predicts what the fp32 one (= the twin) predicts."""
+    out, preds = {}, {}
     dtypes = {"compiled_acc": torch.float32} | ({"compiled_fp16_acc": torch.float16} if target != "cpu" else {})
     for key, dtype in dtypes.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
             cm = qfx.compile(model, mode=mode, target=target, example_kwargs=example, float_dtype=dtype)
         out[key] = qat.evaluate(cm, test, 128)
+        preds[key] = _predictions(cm, test)
         out.setdefault("backend", ",".join(sorted({r.backend for r in cm.report().linears if r.backend})) or "?")
+    if len(preds) == 2:
+        out["fp16_fp32_agreement"] = float((preds["compiled_acc"] == preds["compiled_fp16_acc"]).float().mean())
     return out
 
 
@@ -247,12 +262,14 @@ def _table(results: dict) -> str:
     target = results["target"]
     gpu = target != "cpu"
     head = ["model", "fake-quant (%)", f"compiled {target}, fp32 float parts (%)", *([f"compiled {target}, fp16 float parts (%)"] if gpu else []),
-            "gap to teacher (pt)", "compiled - fake (pt)", *(["fp16 compiled - fake (pt)"] if gpu else []), "steps", "wall (s)"]
+            "gap to teacher (pt)", "compiled - fake (pt)", *(["fp16 compiled - fake (pt)", "fp16 predicts as fp32 (%)"] if gpu else []),
+            "steps", "wall (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results["models"].items():
         acc, c, c16 = r["test_acc"], r.get("compiled_acc"), r.get("compiled_fp16_acc")
         row = [name, _pct(acc), _pct(c), *([_pct(c16)] if gpu else []), _pct(acc - teacher, True) if name != "teacher fp32" else "",
-               "" if c is None else _pct(c - acc, True), *(["" if c16 is None else _pct(c16 - acc, True)] if gpu else []),
+               "" if c is None else _pct(c - acc, True),
+               *(["" if c16 is None else _pct(c16 - acc, True), _pct(r.get("fp16_fp32_agreement"))] if gpu else []),
                str(r["steps"]), f"{r['wall_s']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
