@@ -10,8 +10,9 @@ torch.compile and captured in CUDA graphs.
 
 Ops (shapes; ``...`` are leading token dims, flattened to M inside kernels)::
 
-    qfx::quantize(x [..., K] float, bits, symmetric, clip_lo, clip_hi, backend)
+    qfx::quantize(x [..., K] float, bits, symmetric, clip_lo, clip_hi, backend, gelu=False)
         -> (codes [..., K] int8, scale [...] f32, offset [...] f32)
+                                     (gelu: the codes of gelu(x), GELU in x's dtype as torch's)
     qfx::int_matmul(a [M, K] int8, b [N, K] int8, backend) -> [M, N] int32
     qfx::int_linear(a [..., K] int8, a_scale [...], a_offset [...], w, w_bits,
                     w_scale [N, G], w_offset_sum [N], bias [N]?, gelu, out_dtype, a_bits, backend)
@@ -93,12 +94,13 @@ def quantize(
     clip_lo: Optional[float],
     clip_hi: Optional[float],
     backend: str,
+    gelu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl("quantize", backend)(x, bits, symmetric, clip_lo, clip_hi)
+    return _impl("quantize", backend)(x, bits, symmetric, clip_lo, clip_hi, gelu)
 
 
 @quantize.register_fake
-def _(x, bits, symmetric, clip_lo, clip_hi, backend):
+def _(x, bits, symmetric, clip_lo, clip_hi, backend, gelu=False):
     lead = x.shape[:-1]
     return (
         x.new_empty(x.shape, dtype=torch.int8),

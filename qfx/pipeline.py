@@ -4,7 +4,7 @@
 
     L1 aten graph --annotate--> L2 --insert_fake_quant--> L3 QAT graph
        --remove_dropout, lower_to_integer--> L4 integer graph (reference ops, any device)
-       --fuse_bias_gelu, fuse_qkv, key_padding_attention (GPU), plan,
+       --fuse_gelu_quantize, fuse_bias_gelu, fuse_qkv, key_padding_attention (GPU), plan,
          fuse_add_layer_norm_quantize (GPU), remove_padding (option)--> L5 target graph
 
 Each pass is ``GraphModule -> GraphModule`` (qfx.passes); here each is wrapped to take the
@@ -24,7 +24,7 @@ from qfx.passes.annotate import annotate
 from qfx.passes.dropout import dropout_to_modules, remove_dropout
 from qfx.passes.expose_features import expose_features
 from qfx.passes.fake_quant import insert_fake_quant
-from qfx.passes.fuse_gelu import fuse_bias_gelu
+from qfx.passes.fuse_gelu import fuse_bias_gelu, fuse_gelu_quantize
 from qfx.passes.attention import key_padding_attention
 from qfx.passes.fuse_norm_quant import fuse_add_layer_norm_quantize
 from qfx.passes.fuse_qkv import fuse_qkv
@@ -69,6 +69,7 @@ COMPILE_PASSES: tuple[Pass, ...] = (
     _FAKE_QUANT,
     ("remove_dropout", lambda gm, c: remove_dropout(gm)),
     ("lower_to_integer", lambda gm, c: lower_to_integer(gm, c.master_weights)),
+    ("fuse_gelu_quantize", lambda gm, c: fuse_gelu_quantize(gm)),
     ("fuse_bias_gelu", lambda gm, c: fuse_bias_gelu(gm)),
     ("fuse_qkv", lambda gm, c: fuse_qkv(gm)),
     ("key_padding_attention", lambda gm, c: key_padding_attention(gm, c.float_dtype) if c.target.device == "cuda" else gm),

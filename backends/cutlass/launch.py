@@ -283,7 +283,7 @@ class AddLayerNormQuantizeLauncher:
     def __init__(self, eps: float, bits: int, symmetric: bool, clip: tuple[float, float] | None) -> None:
         self._fn = library().fn("qfx_add_layer_norm_quantize", argtypes=_ADD_LN_ARGTYPES)
         self.eps, self.bits = float(eps), int(bits)
-        self._sym, self._has_clip, self._gelu = int(bool(symmetric)), int(clip is not None), int(bool(gelu))
+        self._sym, self._has_clip = int(bool(symmetric)), int(clip is not None)
         self._lo, self._hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
 
     def __call__(self, a, b, weight, bias):

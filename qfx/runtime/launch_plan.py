@@ -78,7 +78,7 @@ def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
     if is_call(node, QUANTIZE):
         clip = arg(node, "clip_lo")
         clip = None if clip is None else (clip, arg(node, "clip_hi"))
-        launcher = QuantizeLauncher(arg(node, "bits"), arg(node, "symmetric"), clip)
+        launcher = QuantizeLauncher(arg(node, "bits"), arg(node, "symmetric"), clip, bool(arg(node, "gelu")))
         return launcher.__call__
     if is_call(node, INT_LINEAR):
         launcher = LinearLauncher(
