@@ -140,6 +140,8 @@ def compile(
     float_dtype: torch.dtype | None = None,
     cuda_graphs: bool | None = None,
     buckets: Buckets | None = None,
+    tune: Any = None,
+    remove_padding: bool = False,
 ) -> CompiledModel:
     """Compile a float or QAT-prepared encoder to integer ops for ``target``.
 
@@ -160,6 +162,18 @@ def compile(
             ``False``: every call launches its kernels directly).
         buckets: the :class:`qfx.Buckets` calls are padded into (default: batch 1..256,
             seq 16..512 in tensor-core-friendly steps, capped at the model's maximum).
+        remove_padding: run the token-wise ops (GEMMs, quantize, LayerNorm, GELU, residual
+            adds) on the real tokens of a padded batch only, packed from ``attention_mask``,
+            and give attention its padded layout back around it (:mod:`qfx.passes.unpad`).
+            Outputs at real tokens are unchanged (bit for bit on the CPU); padded positions of
+            ``[batch, seq, ...]`` outputs are zero. Default off until measured on the GPU;
+            ``runtime_report()`` says whether it is on and why not where it cannot apply.
+        tune: per layer part (qkv, attn_out, ffn_in, ffn_out), keep the trained precision or
+            run fp16, whichever is faster for the scenario: ``None`` (no tuning), ``True`` (the
+            example call's batch x seq) or a :class:`qfx.tune.Scenario` (several buckets: the
+            summed latency decides; one graph per model). Measured on a GPU of the target's
+            family (cached on disk), else modelled; the report gives each part's reason
+            (:mod:`qfx.tune.select`).
 
     Example::
 
@@ -174,6 +188,10 @@ def compile(
     if _is_sentence_transformer(model):  # sentence-transformers in and out (qfx.embeddings)
         from qfx.embeddings import st as _st
 
+        if tune is not None:
+            raise ValueError("tune=... is not supported for a SentenceTransformer yet; compile its transformer module")
+        if remove_padding:
+            raise ValueError("remove_padding=True is not supported for a SentenceTransformer yet; compile its transformer module")
         return _st.compile_sentence_transformer(model, mode, target, example_args, example_kwargs, config, skip, float_dtype)
     tgt = get_target(target)
     cfg, trained_skip, origin = _resolve_config(model, mode, config)
@@ -198,7 +216,15 @@ def compile(
     moved_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in example_args)
     moved_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in (example_kwargs or {}).items()}
     gm = capture(runner, moved_args, moved_kwargs)
-    ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype)
+    decision = None
+    if tune is not None:  # parts where fp16 is faster join skip (qfx/tune/select.py)
+        from qfx.tune.select import tune_for_compile
+        decision = tune_for_compile(gm, tune, tgt, cfg, skip, run_dtype)
+        skip = tuple(skip) + decision.skip
+    ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype,
+                      remove_padding=bool(remove_padding))
     gm = run_passes(gm, COMPILE_PASSES, ctx)
     report = build_report(gm, mode=mode, target=tgt, origin=origin, run_dtype=run_dtype)
+    if decision is not None:
+        decision.apply_to_report(report)
     return CompiledModel(gm, report, gm.meta["qfx_capture"], device, cuda_graphs=cuda_graphs, buckets=buckets, target=tgt)
