@@ -287,8 +287,8 @@ def remove_padding(gm: GraphModule) -> GraphModule:
     Example::
 
         >>> gm = remove_padding(gm)           # an L5 graph of a BERT-like encoder
-        >>> gm.meta["qfx_unpad"]
-        'on: 2 layer(s) of token-wise ops on real tokens only (3 pack, 3 repad)'
+        >>> gm.meta["qfx_unpad"]                # BERT, 2 layers
+        'on: 21 token-wise op(s) run on the real tokens only (3 pack, 3 repad, index from attention_mask)'
     """
     graph = gm.graph
     mask_input = next((n for n in graph.nodes if n.op == "placeholder" and n.name == _MASK_INPUT), None)
@@ -325,10 +325,11 @@ def remove_padding(gm: GraphModule) -> GraphModule:
         elif is_call(node, _METADATA_OPS) and not {"size", "stride"} & set(node.kwargs):
             continue
         lay.repad_inputs(node)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code()  # also the token index when nothing was packed
     graph.lint()
     gm.recompile()
     work = sum(1 for n in lay.packed if is_call(n, tokenwise))
     gm.meta["qfx_unpad"] = (f"on: {work} token-wise op(s) run on the real tokens only "
-                            f"({len(lay.packs)} pack, {len(lay.repads)} repad, index from attention_mask)")
+                            f"({len(lay.packs)} pack, {len(lay.repads)} repad, index from attention_mask)" if work
+                            else "off: no GEMM, quantize or LayerNorm reads a [batch, seq, features] tensor")
     return gm
