@@ -282,6 +282,17 @@ def main() -> None:
         peer = f"{r['best_peer_ms'] / ms['qfx int8']:.2f}x" if "qfx int8" in ms else "-"
         print(f"| {r['model']} | {r['bs']} x {r['seq']} | " + " | ".join(f"{ms.get(k, float('nan')):.3f}" for k in rows[0]["ms"])
               + f" | {ratio('qfx int8')} | {peer} |")
+    if args.spread:  # what padding removal buys per mode, as called and replayed
+        print("\n| model | bs x seq | mode | padded ms | unpadded ms | speedup | replay speedup |")
+        for r in rows:
+            ms = r["ms"]
+            for mode in modes:
+                a, b = ms.get(f"qfx {mode}"), ms.get(f"qfx {mode} unpad")
+                if a is None or b is None:
+                    continue
+                ra, rb = ms.get(f"qfx {mode} replay"), ms.get(f"qfx {mode} unpad replay")
+                replay = f"{ra / rb:.2f}x" if ra and rb else "-"
+                print(f"| {r['model']} | {r['bs']} x {r['seq']} | {mode} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {replay} |")
     for key, prof in profiles.items():
         print(f"kernels, {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])))
     for n in notes:
