@@ -166,6 +166,15 @@ def test_the_gpu_shaped_graph_packs_through_the_key_padding_bias_and_fused_norms
         want, got = gm(**x).last_hidden_state, unpadded(**x).last_hidden_state
     real = x["attention_mask"].bool()
     assert torch.equal(got[real], want[real]) and (got[~real] == 0).all()
+    # calls with no padding replay the unmasked graph, where packing is a view and no index is made
+    from qfx.runtime.launch_plan import bind_launchers
+
+    plan = bind_launchers(unpadded)
+    dense = plan.dense_module
+    assert dense is not None and not [n for n in dense.graph.nodes if n.target == plan.token_index.__call__]
+    full = normalize_inputs(cm._capture, (), inputs(2, 12, seed=4, pad=False))
+    with torch.no_grad():
+        assert torch.equal(dense(**full).last_hidden_state, plan.module(**full).last_hidden_state)
 
 
 def test_token_bucket_capacity_computes_the_same_real_tokens(bert_pair):

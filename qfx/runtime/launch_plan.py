@@ -48,7 +48,7 @@ class LaunchPlan:
 
     module: GraphModule
     #: the same graph with every attention unmasked (only when the mask is a key-padding bias);
-    #: exact for calls whose attention_mask is all ones
+    #: exact for calls whose attention_mask is all ones (token packing there is a view)
     dense_module: GraphModule | None = None
     bound: dict[str, str] = field(default_factory=dict)
     unbound: dict[str, str] = field(default_factory=dict)
@@ -137,8 +137,20 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
     return plan
 
 
+def _pack_all(x: torch.Tensor, _gather: torch.Tensor) -> torch.Tensor:
+    """gather_tokens when every token is real (gather = 0 .. B*S-1): a view."""
+    return x.flatten(0, 1).unsqueeze(0)
+
+
+def _repad_all(x: torch.Tensor, _scatter: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """scatter_tokens when every token is real: a view."""
+    return x.view(like.shape[0], like.shape[1], *x.shape[2:])
+
+
 def _unmasked(lean: GraphModule) -> GraphModule:
-    """``lean`` with ``attn_mask=None`` on every SDPA (the launchers are shared, not copied)."""
+    """``lean`` with ``attn_mask=None`` on every SDPA (the launchers are shared, not copied);
+    with padding removal, packing and repadding become views (every token is real), and the
+    token index is dropped."""
     graph = copy.deepcopy(lean.graph)
     for node in graph.nodes:
         if is_call(node, ATTENTION_OPS):
@@ -146,6 +158,10 @@ def _unmasked(lean: GraphModule) -> GraphModule:
                 node.update_kwarg("attn_mask", None)
             elif len(node.args) > 3:
                 node.update_arg(3, None)
+        elif node.op == "call_function" and node.target is gather_tokens:
+            node.target, node.args = _pack_all, (node.args[0], None)
+        elif node.op == "call_function" and node.target is scatter_tokens:
+            node.target, node.args = _repad_all, (node.args[0], None, node.args[2])
     graph.eliminate_dead_code()
     dense = GraphModule(lean, graph, class_name="QfxLaunchPlanDense")
     for attr in ("_in_spec", "_out_spec"):
