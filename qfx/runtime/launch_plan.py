@@ -144,7 +144,7 @@ def _pack_all(x: torch.Tensor, _gather: torch.Tensor) -> torch.Tensor:
 
 def _repad_all(x: torch.Tensor, _scatter: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """scatter_tokens when every token is real: a view."""
-    return x.view(like.shape[0], like.shape[1], *x.shape[2:])
+    return x.reshape(like.shape[0], like.shape[1], *x.shape[2:])
 
 
 def _unmasked(lean: GraphModule) -> GraphModule:
