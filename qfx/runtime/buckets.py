@@ -30,6 +30,8 @@ class Buckets:
     Example::
 
         >>> qfx.compile(model, mode="int8", target="sm_90", buckets=qfx.Buckets(batch=(1, 8, 32), seq=(128,)))
+        >>> qfx.compile(model, mode="int8", target="sm_90", remove_padding=True,   # graphs per token bucket
+        ...             buckets=qfx.Buckets(seq=(128,), token_step=128, token_buckets=4))
     """
 
     batch: tuple[int, ...] = _BATCH
@@ -37,7 +39,7 @@ class Buckets:
     max_graphs: int = 32  # captured graphs kept at once (least recently used dropped)
     #: padding removal (``remove_padding=True``): the real-token count T of a call is padded up
     #: to a multiple of ``token_step`` (a GEMM tile's M), coarsened so that one (batch, seq)
-    #: bucket has at most ``token_buckets`` token buckets (graphs) before the last, B * S
+    #: bucket has at most ``token_buckets`` token buckets (graphs), the last one B * S
     token_step: int = 64
     token_buckets: int = 8
 
