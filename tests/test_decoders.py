@@ -253,3 +253,14 @@ def test_qat_kd_on_gpu_converts_bit_for_bit():
     ids = IDS.cuda()
     with torch.no_grad():
         assert torch.equal(convert_decoder_qat(student)(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+def test_example_text_from_a_directory(tmp_path):
+    df = _example()
+    (tmp_path / "hamlet.txt").write_text("HAMLET\n  To be,   or not\n\n")
+    (tmp_path / "political_data.json").write_text('[{"speeches": ["Thank you.\\nGood night."]}, {"speeches": []}]')
+    assert df.load_text(tmp_path) == "HAMLET\nTo be, or not\nThank you.\nGood night."
+    with pytest.raises(FileNotFoundError, match="rotten_tomatoes_corpus_full.csv.bz2"):
+        df.load_text(tmp_path, "speeches+reviews")
+    with pytest.raises(ValueError, match="--corpus 'poems'"):
+        df.load_text(tmp_path, "poems")
