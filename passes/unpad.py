@@ -155,10 +155,10 @@ def _why_not(gm: GraphModule, mask_input: Node | None) -> str:
     sdpas = [n for n in gm.graph.nodes if is_call(n, ATTENTION_OPS)]
     if not sdpas:
         return "no SDPA attention (eager attention is not checked for key padding)"
-    for sdpa in sdpas:
-        mask = _mask_of(sdpa)
-        if mask is None:
-            return "an SDPA attention takes no mask: padded keys reach real tokens"
+    masks = [_mask_of(sdpa) for sdpa in sdpas]
+    if None in masks:
+        return "an SDPA attention takes no mask: padded keys reach real tokens"
+    for mask in dict.fromkeys(masks):  # each distinct mask once (layers usually share one)
         ok, why = _blocks_padded_keys(mask, mask_input)
         if not ok:
             return why
