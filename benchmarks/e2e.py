@@ -224,8 +224,8 @@ def main() -> None:
             if name == "minilm-l6" and seq > 512:
                 continue
             x = batch(bs, seq, args.spread)
+            real = int(x["attention_mask"].sum())
             if args.spread:
-                real = int(x["attention_mask"].sum())
                 print(f"{name:10s} {bs:4d}x{seq:<4d} real tokens {real} of {bs * seq} ({real / (bs * seq):.0%})", flush=True)
             res = {}
             with torch.inference_mode():
@@ -266,7 +266,7 @@ def main() -> None:
                         profiles[f"{name} {bs}x{seq} qfx {mode} as called"] = kernel_breakdown(lambda: compiled[mode](**x))
             base = res["hf eager"]
             best_peer = min(v for k, v in res.items() if not k.startswith("qfx") and v == v)
-            rows.append({"model": name, "bs": bs, "seq": seq, "ms": res, "best_peer_ms": best_peer})
+            rows.append({"model": name, "bs": bs, "seq": seq, "real_tokens": real, "ms": res, "best_peer_ms": best_peer})
             cells = "  ".join(f"{k}={v:.3f}({base / v:.2f}x)" for k, v in res.items())
             print(f"{name:10s} {bs:4d}x{seq:<4d} {cells}", flush=True)
         for mode, cm in compiled.items():
