@@ -39,8 +39,8 @@ from torch import nn
 
 from qfx import numerics as nx
 from qfx.decoder_kernels import HAS_TRITON, code_table, dequantize_packed, weight_only_linear
-from qfx.train.losses import KDWeights, kd_loss
 from qfx.gptq import GPTQConfig, collect_hessians, gptq_quantize_weight, linear_weight, target_linears
+from qfx.train.losses import KDWeights, kd_loss
 
 __all__ = ["MODES", "WEIGHT_PATHS", "DecoderQuantizationWarning", "QuantizedLinear", "set_weight_path", "quantize_decoder",
            "MemoryReport", "decoder_memory", "QATLinear", "prepare_decoder_qat", "convert_decoder_qat", "DecoderKDConfig",
