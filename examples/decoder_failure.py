@@ -545,11 +545,26 @@ def main(argv=None) -> int:
 
     phases: dict[str, float] = {}
     t_start = t_phase = time.time()
+    curves_all: dict = {}
+
+    saved: dict = {}  # {"results": the results dict} once it exists
+
+    def save() -> None:
+        """Write results.json and results.md with what is done so far (a run cut short by a time
+        limit keeps its finished phases)."""
+        results = saved.get("results")
+        if results is None:
+            return
+        results.update(curves=curves_all, phases=phases, wall_s=round(time.time() - t_start, 1),
+                       cpu_s=round(time.process_time(), 1))
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        (args.out / "results.md").write_text(render_markdown(results))
 
     def phase_done(name: str) -> None:
         nonlocal t_phase
         phases[name] = round(time.time() - t_phase, 1)
         log(f"[phase] {name}: {phases[name]:.1f} s wall")
+        save()
         t_phase = time.time()
 
     wheel = args.data if args.data is not None and args.data.is_dir() else rt.find_corpus(args.data)
@@ -567,7 +582,7 @@ def main(argv=None) -> int:
 
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}, "unit": vocab.unit,
                      "vocab": len(vocab), "device": str(device)}
-    curves_all = {}
+    saved["results"] = results
     models = make_models(len(vocab), args.seq, args.d, args.layers, args.heads, args.dropout)
     trained = {}
     for family, model in models.items():
@@ -689,12 +704,7 @@ def main(argv=None) -> int:
                 results["sample"] = rows[0].samples[0]
         results["sweep"] = sweep
         phase_done("generation sweep")
-    results["curves"] = curves_all
-    results["phases"] = phases
-    results["wall_s"] = round(time.time() - t_start, 1)
-    results["cpu_s"] = round(time.process_time(), 1)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(render_markdown(results))
+    save()
     log(f"\nwall time {results['wall_s']} s, process CPU time {results['cpu_s']} s "
         f"({torch.get_num_threads()} threads); results in {args.out}")
     log("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
