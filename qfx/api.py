@@ -213,8 +213,15 @@ def compile(
         raise ValueError(f"float_dtype={float_dtype!r}: use torch.float16, torch.bfloat16 or torch.float32")
     master = {k: v.detach().float().clone() for k, v in source.named_parameters()}
     runner = copy.deepcopy(source).to(device=device, dtype=run_dtype).eval()
-    moved_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in example_args)
-    moved_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in (example_kwargs or {}).items()}
+    # float example inputs (features, inputs_embeds) take the float parts' dtype, as the model does;
+    # token ids and masks keep theirs
+    def _example(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.to(device=device, dtype=run_dtype) if v.is_floating_point() else v.to(device)
+
+    moved_args = tuple(_example(a) for a in example_args)
+    moved_kwargs = {k: _example(v) for k, v in (example_kwargs or {}).items()}
     gm = capture(runner, moved_args, moved_kwargs)
     decision = None
     if tune is not None:  # parts where fp16 is faster join skip (qfx/tune/select.py)

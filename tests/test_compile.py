@@ -173,3 +173,17 @@ def test_float_dtype_sets_the_precision_of_the_float_parts(qat_and_compiled):
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), qat(**x).logits, atol=0.1)
     with pytest.raises(ValueError, match="float_dtype"):
         qfx.compile(qat, mode="int4", target="cpu", float_dtype=torch.int8)
+
+
+def test_float_inputs_are_captured_in_the_float_parts_dtype():
+    """A model taking float inputs compiled with fp16 float parts is called with fp16 inputs (the
+    benchmark's Linear table compiled from an fp32 example and then refused fp16 calls)."""
+    lin = torch.nn.Sequential(torch.nn.Linear(32, 16)).eval()
+    with pytest.warns(qfx.PostTrainingQuantizationWarning):
+        cm = qfx.compile(lin, mode="int8", target="cpu", example_args=(torch.randn(2, 8, 32),), float_dtype=torch.float16,
+                         config=qfx.QuantConfig(8, 8, quantize_other=True))
+    x = torch.randn(3, 8, 32)
+    out = cm(x.half())
+    assert out.dtype == torch.float16 and out.shape == (3, 8, 16)
+    with pytest.raises(ValueError, match="float16"):
+        cm(x)  # fp32 given to an fp16 model: a clear error, never a silent cast
