@@ -26,6 +26,7 @@ import qfx
 from qfx.schema import INT_LINEAR, arg, is_call, op_buffer
 
 from e2e import batch, load  # noqa: E402  (run from benchmarks/ or with it on sys.path)
+from gemm import _time_graph  # noqa: E402
 
 ROLES = ("qkv", "attn_out", "ffn_in", "ffn_out")
 
@@ -43,28 +44,6 @@ def _gemm_kernels(fn) -> list[tuple[str, float]]:
     events.sort(key=lambda e: e.time_range.start)
     return [(e.name, e.time_range.elapsed_us()) for e in events
             if "gemm" in e.name.lower() or "cutlass" in e.name.lower() or "qfx_sm" in e.name.lower()]
-
-
-def _graph_time_us(call, iters: int = 20, repeats: int = 7) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            call(0)
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(iters):
-            call(i)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / iters)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -105,18 +84,14 @@ def main() -> None:
         scale = torch.rand(n_cold, m, dtype=torch.float32, device="cuda") * 0.01
         offset = torch.randint(-8, 8, (n_cold, m), device="cuda").float() if arg(node, "a_offset") is not None else None
 
-        def call(i, launcher=launcher, cold=True):
-            j = i % n_cold if cold else 0
-            return launcher(a[j], scale[j], None if offset is None else offset[j])
-
-        warm = _graph_time_us(lambda i: call(i, cold=False))
-        cold = _graph_time_us(call)
+        sets = [(a[j], scale[j], None if offset is None else offset[j]) for j in range(n_cold)]
+        warm = _time_graph(launcher, sets[:1], reps=7, min_calls=20) * 1e6
+        cold = _time_graph(launcher, sets, reps=7, min_calls=20) * 1e6
         row = dict(role=role, n=launcher.n, k=k, m=m, kernel=names, in_model_us=round(in_model, 2),
                    alone_warm_us=round(warm, 2), alone_cold_us=round(cold, 2))
         if arg(node, "gelu"):
             plain = LinearLauncher(gelu=False, **common)
-            row["no_gelu_cold_us"] = round(_graph_time_us(lambda i: plain(a[i % n_cold], scale[i % n_cold],
-                                                                          None if offset is None else offset[i % n_cold])), 2)
+            row["no_gelu_cold_us"] = round(_time_graph(plain, sets, reps=7, min_calls=20) * 1e6, 2)
         rows.append(row)
     print(f"{torch.cuda.get_device_name()}, {args.model} {args.bs}x{args.seq} {args.mode}, {layers} layers, M = {m}")
     print(f"{'part':<9} {'N x K':>12} {'in model':>9} {'alone warm':>11} {'alone cold':>11} {'no GELU':>8}  kernel")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from qfx.schema import ATTENTION_OPS, is_call
+from qfx.schema import ATTENTION_OPS, ancestors, is_call, sdpa_mask
 
 __all__ = ["key_padding_attention"]
 
@@ -41,24 +41,9 @@ _MASK_INPUT = "attention_mask"  # the HF input convention: 1 = attend, 0 = paddi
 _PROBE = ((1, 1, 1, 1, 1, 1), (1, 1, 1, 0, 0, 0), (0, 1, 1, 1, 1, 0))
 
 
-def _mask_arg(sdpa: Node) -> Node | None:
-    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
-    return mask if isinstance(mask, Node) else None
-
-
-def _ancestors(node: Node) -> list[Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return [n for n in node.graph.nodes if n in seen]  # graph order
-
-
 def _is_key_padding(gm: GraphModule, mask: Node, placeholders: dict[str, Node]) -> tuple[bool, str]:
     """Evaluate ``mask``'s sub-graph on a probe and compare with the key-padding form."""
-    nodes = _ancestors(mask)
+    nodes = ancestors(mask)
     if any(n.op in ("call_module", "get_attr") for n in nodes):
         return False, "the mask depends on module state, not only on attention_mask"
     sub = Graph()
@@ -102,7 +87,7 @@ def key_padding_attention(gm: GraphModule, dtype: torch.dtype) -> GraphModule:
     if _MASK_INPUT not in placeholders:
         gm.meta["qfx_attention"] = "kept as captured: the model takes no attention_mask"
         return gm
-    masks = {m for m in (_mask_arg(n) for n in sdpas) if m is not None}
+    masks = {m for m in (sdpa_mask(n) for n in sdpas) if m is not None}
     if not masks:
         gm.meta["qfx_attention"] = "no mask: fused kernels take it as captured"
         return gm
@@ -125,7 +110,7 @@ def key_padding_attention(gm: GraphModule, dtype: torch.dtype) -> GraphModule:
         bias = graph.call_function(aten.unsqueeze.default, (bias3, 1))
     bias.name = "key_padding_bias"
     for n in sdpas:
-        if _mask_arg(n) is None:
+        if sdpa_mask(n) is None:
             continue
         if "attn_mask" in n.kwargs:
             n.update_kwarg("attn_mask", bias)

@@ -75,7 +75,7 @@ from torch.fx.node import map_arg
 
 from qfx.schema import (
     ATTENTION_OPS, ELEMENTWISE_OPS, FEATURE_SPLIT_OPS, PACK_TOKENS, REPAD_TOKENS, TOKEN_INDEX, TOKENWISE_OPS,
-    arg, is_call,
+    ancestors, arg, is_call, sdpa_mask,
 )
 
 __all__ = ["remove_padding"]
@@ -97,25 +97,10 @@ def _val(node: Any) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _ancestors(node: Node) -> list[Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return [n for n in node.graph.nodes if n in seen]
-
-
-def _mask_of(sdpa: Node) -> Node | None:
-    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
-    return mask if isinstance(mask, Node) else None
-
-
 def _blocks_padded_keys(mask: Node, mask_input: Node) -> tuple[bool, str]:
     """Evaluate ``mask``'s sub-graph on the probe: every real query must be refused every
     padded key (boolean False, or an additive bias at the dtype's minimum)."""
-    nodes = _ancestors(mask)
+    nodes = ancestors(mask)
     if any(n.op in ("call_module", "get_attr") for n in nodes):
         return False, "an attention mask depends on module state, not only on attention_mask"
     sub, env = Graph(), {}
@@ -155,7 +140,7 @@ def _why_not(gm: GraphModule, mask_input: Node | None) -> str:
     sdpas = [n for n in gm.graph.nodes if is_call(n, ATTENTION_OPS)]
     if not sdpas:
         return "no SDPA attention (eager attention is not checked for key padding)"
-    masks = [_mask_of(sdpa) for sdpa in sdpas]
+    masks = [sdpa_mask(sdpa) for sdpa in sdpas]
     if None in masks:
         return "an SDPA attention takes no mask: padded keys reach real tokens"
     for mask in dict.fromkeys(masks):  # each distinct mask once (layers usually share one)

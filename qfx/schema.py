@@ -31,6 +31,7 @@ __all__ = [
     "INT_LINEAR", "QUANTIZE", "WEIGHT_ONLY_LINEAR", "INTEGER_LINEAR_OPS", "ADD_LAYER_NORM_QUANTIZE",
     "TOKENWISE_OPS", "ELEMENTWISE_OPS", "FEATURE_SPLIT_OPS", "TOKEN_INDEX", "PACK_TOKENS", "REPAD_TOKENS",
     "linear_nodes", "arg", "set_args", "arg_index", "weight_owner", "op_buffer", "is_call",
+    "ancestors", "sdpa_mask",
 ]
 
 aten = torch.ops.aten
@@ -185,3 +186,20 @@ def op_buffer(gm: GraphModule, node: Node, name: str) -> torch.Tensor | None:
     owner, _, leaf = str(src.target).rpartition(".")
     mod = gm.get_submodule(owner) if owner else gm
     return getattr(mod, leaf)
+
+
+def ancestors(node: Node) -> list[Node]:
+    """``node`` and every node it depends on, in graph order."""
+    seen, stack = {node}, [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def sdpa_mask(sdpa: Node) -> Node | None:
+    """The ``attn_mask`` node of an ``aten.scaled_dot_product_attention`` call (None: no mask)."""
+    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+    return mask if isinstance(mask, Node) else None
