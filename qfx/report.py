@@ -1,9 +1,11 @@
 """The compile report: every linear with its role, precision and backend; every float part
-with the reason it stays float; where the plan came from."""
+with the reason it stays float; where the plan came from; for a tuned compile
+(``qfx.compile(..., tune=...)``) the per-part table of the autotuner (``report.tuning``)."""
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
@@ -11,6 +13,9 @@ from rich.table import Table
 from torch.fx import GraphModule
 
 from qfx.schema import INTEGER_LINEAR_OPS, QUANTIZE, LinearInfo, arg, is_call, linear_nodes
+
+if TYPE_CHECKING:
+    from qfx.tune.select import TuningTable
 
 __all__ = ["CompileReport", "LinearRow", "build_report"]
 
@@ -38,6 +43,8 @@ class CompileReport:
     linears: list[LinearRow] = field(default_factory=list)
     float_parts: list[tuple[str, str]] = field(default_factory=list)
     plan_origin: str = "rule: first backend in priority order that can implement the op"
+    #: a tuned compile's per-part table as data (set by ``TuneDecision.apply_to_report``); None untuned
+    tuning: "TuningTable | None" = None
 
     @property
     def quantized(self) -> list[LinearRow]:
@@ -57,6 +64,10 @@ class CompileReport:
             for name, why in self.float_parts:
                 f.add_row(name, why)
             con.print(f)
+        if self.tuning is not None:
+            from qfx.tune.plan_report import print_tuning  # the plan's table printer, shared
+
+            print_tuning(con, self.tuning)
         return buf.getvalue()
 
     def __str__(self) -> str:

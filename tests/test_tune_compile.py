@@ -203,6 +203,118 @@ def test_compile_applies_the_decision_through_skip(model, monkeypatch):
     assert torch.equal(tuned(**x).last_hidden_state, same(**x).last_hidden_state)
 
 
+def _tuned_on_fake_sm86(model, monkeypatch, scenario, skip=()):
+    """qfx.compile(..., tune=scenario) on the CPU, the decision measured on the fake sm80-family
+    GPU (fake launchers and timer) for sm_86 with fp16 float parts; returns (compiled, decision)."""
+    from qfx.tune import select
+
+    launchers, timer = _fake_gpu(monkeypatch, [])
+    real, decisions = select.choose_parts, []
+
+    def measured_for_sm86(gm, target, scenario, **kw):
+        kw = dict(kw, float_dtype=torch.float16, launchers=launchers, timer=timer, cache=False, progress=False)
+        decisions.append(real(gm, "sm_86", scenario, **kw))
+        return decisions[-1]
+    monkeypatch.setattr(select, "choose_parts", measured_for_sm86)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 16), config=qfx.QuantConfig(4, 4))
+    tuned = qfx.compile(qat, mode="int4", target="cpu", tune=scenario, skip=skip)
+    decision, = decisions
+    return tuned, decision
+
+
+def test_tuned_report_prints_the_per_part_table(model, monkeypatch, tmp_path):
+    from qfx.backends.cutlass.configs import CONFIGS
+    from qfx.backends.cutlass.dispatch import choose
+    from qfx.targets import get_target
+    from qfx.tune.select import FP16_KERNEL, TuningTable, runtime_kernel
+
+    scenario = Scenario.of(buckets=[(1, 16), (64, 64)])  # M = 16 wants fp16, M = 4096 the int4 GEMMs
+    tuned, decision = _tuned_on_fake_sm86(model, monkeypatch, scenario)
+    report = tuned.report()
+    table = report.tuning
+    assert isinstance(table, TuningTable) and table is decision.table
+    assert (table.target, table.source, table.layers) == ("sm_86", "measured", 2)
+    text = report.render(width=140)
+    for column in ("layer", "part", "batch", "GEMM M x N x K", "trained", "chosen", "kernel", "int4 us", "fp16 us",
+                   "measured", "speedup"):
+        assert column in text.split("autotuner per-part plan")[1]
+    assert "predicted latency of the tuned parts at 1 x 16" in text and "left out of these sums: embeddings" in text
+
+    rows = table.rows()
+    # BERT: every layer's part has the same shape and choice: one row per part and bucket
+    assert [(r["layer"], r["part"], r["m"]) for r in rows] == [
+        ("all 2 layers", p, m) for p in ("qkv", "attn_out", "ffn_in", "ffn_out") for m in (16, 4096)]
+    assert all(r["layer"] in text for r in rows) and "4096 x 192 x 64" in text
+    chosen = decision.chosen()
+    assert chosen == {p: "int4" for p in ("qkv", "attn_out", "ffn_in", "ffn_out")}  # the summed choice
+    sm86 = get_target("sm_86")
+    for r in rows:
+        assert r["precision"] == chosen[r["part"]] and set(r["times"]) == {"int4", "fp16"}
+        assert r["us"] == r["times"][r["precision"]] and r["speedup"] == pytest.approx(r["fp16_us"] / r["us"])
+        # the kernel the launch layer picks for this (N, K, M): an INT4 (s4) config of the sm80 family
+        cfg = choose("sm80", "s4", r["m"], r["n"], r["k"], {c.name for c in CONFIGS})
+        assert r["kernel"].startswith(cfg.name) and r["kernel"] == runtime_kernel(sm86, "int4", r["m"], r["n"], r["k"])
+        assert f"{r['speedup']:.2f}x" in text and r["kernel"] in text
+    # the times are the timer's, with the work each choice brings
+    attn_out = {r["m"]: r for r in rows if r["part"] == "attn_out"}
+    assert attn_out[16]["times"] == pytest.approx({"int4": _gemm_us("int4", 16) + QUANTIZE_US, "fp16": _gemm_us("fp16", 16)})
+    assert attn_out[16]["speedup"] < 1 < attn_out[4096]["speedup"]  # int4 is slower at M = 16, kept for the sum
+    qkv = next(r for r in rows if r["part"] == "qkv" and r["m"] == 4096)
+    assert qkv["times"]["fp16"] == pytest.approx(3 * _gemm_us("fp16", 4096))  # HF's three q, k, v GEMMs
+    assert runtime_kernel(sm86, "fp16", 4096, 64, 64, fp16_gemms=3) == FP16_KERNEL + " x3"
+    # the chosen times add up to the tuner's totals, per bucket and over the scenario
+    fixed = at.fixed_strategies("int4")
+    for i, total in enumerate(table.totals):
+        per_layer = [r for r in table.rows(per_layer=True) if (r["batch"], r["seq"]) == scenario.buckets[i]]
+        assert len(per_layer) == 8
+        assert total.chosen_us == pytest.approx(sum(r["us"] for r in per_layer))
+        assert total.chosen_us == pytest.approx(decision.total_us(bucket=i))
+        for name, rule in fixed.items():
+            assert total.strategies[name] == pytest.approx(decision.total_us(rule, bucket=i))
+        assert total.speedup == pytest.approx(total.fp16_us / total.chosen_us)
+        assert f"{total.chosen_us:.1f} us as chosen vs {total.fp16_us:.1f} us all-fp16 ({total.speedup:.2f}x)" in text
+    assert sum(t.chosen_us for t in table.totals) == pytest.approx(decision.total_us())
+    if decision.ffn_pairs:  # fuse_gelu_quantize: the GELU moves with ffn_out's choice, counted with ffn_out
+        assert table.ffn_coupled and "ffn_in and ffn_out are chosen together" in text
+        m, norm_quantize = 4096, NORM_QUANTIZE_US - NORM_US
+        ffn_in, ffn_out = (next(r for r in rows if r["part"] == p and r["m"] == m) for p in ("ffn_in", "ffn_out"))
+        # ffn_in with ffn_out int4 as chosen: no GELU of its own in either precision
+        assert ffn_in["times"] == pytest.approx({"int4": _gemm_us("int4", m) + norm_quantize, "fp16": _gemm_us("fp16", m)})
+        # ffn_out int4: its quantize applies the GELU; fp16: the GELU goes back into ffn_in's int4 epilogue
+        assert ffn_out["times"] == pytest.approx({"int4": _gemm_us("int4", m) + QUANTIZE_GELU_US,
+                                                  "fp16": _gemm_us("fp16", m) + (_gemm_us("int4", m, gelu=True) - _gemm_us("int4", m))})
+    # the report keeps the table through qfx.save / qfx.load (plain data)
+    loaded = qfx.load(qfx.save(tuned, tmp_path / "tuned.qfx.safetensors"))
+    assert loaded.report().tuning == table and str(loaded.report()) == str(report)
+
+
+def test_tuned_report_rows_merge_only_equal_layers(model, monkeypatch):
+    from qfx.tune.select import PartTiming, TuningTable
+
+    def timing(layer, n, precision="int8"):
+        return PartTiming(layer, "ffn_in", 32, 128, n, 768, "int8", precision, "k", {"int8": 10.0, "fp16": 12.0})
+    equal = TuningTable("sm_90", "modelled", "o", 3, tuple(timing(l, 3072) for l in range(3)), ())
+    assert [r["layer"] for r in equal.rows()] == ["all 3 layers"]
+    assert [r["layer"] for r in equal.rows(per_layer=True)] == ["0", "1", "2"]
+    shapes_differ = TuningTable("sm_90", "modelled", "o", 3, (timing(0, 3072), timing(1, 1024), timing(2, 3072)), ())
+    assert [(r["layer"], r["n"]) for r in shapes_differ.rows()] == [("0,2", 3072), ("1", 1024)]
+    choice_differs = TuningTable("sm_90", "modelled", "o", 3, (timing(0, 3072), timing(1, 3072), timing(2, 3072, "fp16")), ())
+    assert [(r["layer"], r["precision"], r["speedup"]) for r in choice_differs.rows()] == [("0-1", "int8", 1.2), ("2", "fp16", 1.0)]
+    # a part left float by the user in one layer: the others' row names them
+    tuned, decision = _tuned_on_fake_sm86(model, monkeypatch, Scenario.of(batch=64, seq=64), skip=("layer1.ffn_out",))
+    rows = tuned.report().tuning.rows()
+    assert [r["layer"] for r in rows if r["part"] == "ffn_out"] == ["0"]
+    assert {r["layer"] for r in rows if r["part"] in ("qkv", "attn_out")} == {"all 2 layers"}
+    assert len({(d.layer, d.part) for d in decision.parts}) == 7
+
+
+def test_no_tuning_table_without_tune(model):
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 16), config=qfx.QuantConfig(4, 4))
+    report = qfx.compile(qat, mode="int4", target="cpu").report()
+    assert report.tuning is None
+    assert "autotuner" not in str(report) and "predicted latency" not in str(report)
+
+
 def test_tune_true_takes_the_example_calls_shape(int4_graph):
     assert scenario_for_compile(True, int4_graph.meta["qfx_capture"]).buckets == ((2, 16),)
     sc = Scenario.of(batch=4, seq=32)

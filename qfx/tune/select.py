@@ -45,10 +45,11 @@ from torch.fx import GraphModule, Node
 
 from qfx.schema import is_call, linear_nodes
 from qfx.targets import Target, get_target
-from qfx.tune.autotune import PartSpec, Plan, Scenario, TuneCache, Launchers, autotune
+from qfx.tune.autotune import PRECISIONS, PartSpec, Plan, Scenario, TuneCache, Launchers, autotune, fixed_strategies
 
-__all__ = ["LayerPart", "PartDecision", "TuneDecision", "layer_parts", "choose_parts", "scenario_for_compile",
-           "tune_for_compile"]
+__all__ = ["LayerPart", "PartDecision", "PartTiming", "BucketTotal", "TuningTable", "TuneDecision", "layer_parts",
+           "choose_parts", "scenario_for_compile", "tune_for_compile", "runtime_kernel", "FP16_KERNEL",
+           "FAMILY_DEFAULT"]
 
 _TUNED_ROLES = ("qkv", "attn_out", "ffn_in", "ffn_out")
 aten = torch.ops.aten
@@ -87,6 +88,174 @@ class PartDecision:
 
 
 @dataclass(frozen=True)
+class PartTiming:
+    """One layer part in one scenario bucket, as the report's tuning table shows it.
+
+    ``times``: microseconds per candidate (the trained precision and fp16), each with the work
+    it brings (quantize, GELU), measured or modelled (:attr:`TuningTable.source`). For the
+    FFN pair (``TuneDecision.ffn_pairs``), ``ffn_in``'s times are its own with ``ffn_out`` as
+    chosen, and ``ffn_out``'s the pair's time minus ``ffn_in``'s as chosen: ffn_out's choice
+    also moves the GELU (into its quantize, or back to ffn_in), so that work is counted with it.
+    Either way the chosen times of a bucket add up to the tuner's total for that bucket.
+    ``kernel``: what the runtime launches for the chosen precision at this M
+    (:func:`runtime_kernel`).
+    """
+
+    layer: int | None
+    part: str
+    batch: int
+    seq: int
+    n: int
+    k: int
+    trained: str
+    precision: str
+    kernel: str
+    times: dict[str, float] = field(hash=False)
+
+    @property
+    def m(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def us(self) -> float:
+        return self.times[self.precision]
+
+    @property
+    def fp16_us(self) -> float:
+        return self.times["fp16"]
+
+    @property
+    def speedup(self) -> float:
+        """fp16 time over the chosen time (1.0 when fp16 is chosen)."""
+        return self.fp16_us / self.us
+
+
+@dataclass(frozen=True)
+class BucketTotal:
+    """The tuned parts' summed time in one bucket, microseconds: the decision's (``chosen_us``)
+    and each fixed strategy's under the same times (``strategies``: ``"all-fp16"``,
+    ``"all-int4"`` / ``"all-int8"``, ``"q3-only"``; :func:`qfx.tune.autotune.fixed_strategies`)."""
+
+    batch: int
+    seq: int
+    chosen_us: float
+    strategies: dict[str, float] = field(hash=False)
+
+    @property
+    def fp16_us(self) -> float:
+        return self.strategies["all-fp16"]
+
+    @property
+    def speedup(self) -> float:
+        """all-fp16 time over the chosen plan's time."""
+        return self.fp16_us / self.chosen_us
+
+
+#: what an fp16 part runs (the float graph's linears; cuBLAS under the hood on a GPU)
+FP16_KERNEL = "cuBLAS (torch.nn.functional.linear)"
+
+#: marks a kernel named from the config table, no library for the target's family being loaded here
+FAMILY_DEFAULT = " *"
+
+#: what the tuning table leaves out of the predicted latency: work the choice does not change
+LEFT_OUT = ("embeddings, LayerNorms (a quantize folded into one is counted: only what it adds), attention "
+            "(scores, softmax, context), residual adds, the linears outside the tuned parts (pooler, classifier, "
+            "skipped parts), and host time outside a CUDA graph: the same in every plan, so the whole model's "
+            "ratio to all-fp16 is nearer 1 than this")
+
+
+@dataclass(frozen=True)
+class TuningTable:
+    """What a tuned compile's report prints, as plain data: ``compiled.report().tuning``.
+
+    Example::
+
+        >>> t = compiled.report().tuning
+        >>> [(r["layer"], r["part"], r["precision"], round(r["speedup"], 2)) for r in t.rows()][:1]
+        [('all 12 layers', 'qkv', 'int8', 1.31)]
+        >>> t.totals[0].chosen_us, t.totals[0].fp16_us
+
+    Attributes:
+        target: the target tuned for (``"sm_90"``).
+        source: ``"measured"`` or ``"modelled"`` (every time in the table).
+        origin: one line on where the times come from.
+        layers: the model's encoder layers (rows merge layers that agree: "all 12 layers").
+        timings: one :class:`PartTiming` per layer part and bucket.
+        totals: one :class:`BucketTotal` per bucket.
+        ffn_coupled: the FFN pair was chosen together (see :class:`PartTiming`).
+        left_out: what the predicted latency does not include.
+    """
+
+    target: str
+    source: str
+    origin: str
+    layers: int
+    timings: tuple[PartTiming, ...]
+    totals: tuple[BucketTotal, ...]
+    ffn_coupled: bool = False
+    left_out: str = LEFT_OUT
+
+    def rows(self, per_layer: bool = False) -> list[dict]:
+        """One dict per (layer group, part, bucket), in layer-part order then bucket order.
+        Layers whose part has the same shape, choice, kernels and times in every bucket are
+        merged (``layer``: ``"all 12 layers"``, ``"0-5"``, ``"3"``) unless ``per_layer``.
+        Keys: layer, part, batch, seq, m, n, k, trained, precision, kernel, times, us,
+        fp16_us, speedup (the keys of :func:`qfx.tune.plan_report.plan_rows`)."""
+        per_part: dict[tuple[int | None, str], list[PartTiming]] = {}
+        for t in self.timings:
+            per_part.setdefault((t.layer, t.part), []).append(t)
+        groups: dict[tuple, list[tuple[int | None, list[PartTiming]]]] = {}
+        for (layer, part), ts in per_part.items():
+            key = (part, tuple((t.n, t.k, t.trained, t.precision, t.kernel, tuple(sorted(t.times.items()))) for t in ts))
+            groups.setdefault((layer,) + key if per_layer else key, []).append((layer, ts))
+        out = []
+        for members in groups.values():
+            layers = [layer for layer, _ in members]
+            known = sorted(x for x in layers if x is not None)
+            label = (f"all {self.layers} layers" if self.layers > 1 and known == list(range(self.layers))
+                     else _layers_text(layers))
+            for t in members[0][1]:
+                out.append(dict(layer=label, part=t.part, batch=t.batch, seq=t.seq, m=t.m, n=t.n, k=t.k,
+                                trained=t.trained, precision=t.precision, kernel=t.kernel, times=dict(t.times),
+                                us=t.us, fp16_us=t.fp16_us, speedup=t.speedup))
+        return out
+
+
+def _layers_text(layers: Sequence[int | None]) -> str:
+    from qfx.tune.plan_report import layers_text  # one spelling of layer ranges
+
+    return layers_text(list(layers))
+
+
+def runtime_kernel(target: Target, precision: str, m: int, n: int, k: int, fp16_gemms: int = 1) -> str:
+    """The kernel a compiled model runs for one GEMM of a part at ``m`` rows.
+
+    fp16: :data:`FP16_KERNEL` (``x3`` for HF's separate q, k, v). Integer: the CUTLASS config
+    the launch layer picks (:func:`qfx.backends.cutlass.dispatch.choose`, tuned table first)
+    among the configs of the loaded library when it was built for the target's kernel family;
+    otherwise among every config of the family in the table (what a library built for it would
+    pick, marked with :data:`FAMILY_DEFAULT`); ``"modelled"`` when no config fits.
+    """
+    if precision == "fp16":
+        return FP16_KERNEL + (f" x{fp16_gemms}" if fp16_gemms > 1 else "")
+    from qfx.backends.cutlass import _library
+    from qfx.backends.cutlass.configs import CONFIGS
+    from qfx.backends.cutlass.dispatch import choose
+
+    family = target.family
+    # LinearLauncher's operand: packed int4 only on INT4 tensor cores (the sm80 family); int4
+    # codes run sign-extended on the s8 kernels elsewhere
+    operand = "s4" if precision == "int4" and target.int4_tensor_cores else "s8"
+    of_family = {c.name for c in CONFIGS if c.arch == family and c.operand == operand}
+    lib, _ = _library.load()
+    built = of_family & lib.configs if lib is not None else set()
+    cfg = choose(family, operand, m, n, k, built or of_family)
+    if cfg is None:
+        return "modelled"
+    return cfg.name if built else cfg.name + FAMILY_DEFAULT
+
+
+@dataclass(frozen=True)
 class TuneDecision:
     """What :func:`choose_parts` decided; ``skip`` and ``reasons`` go into ``qfx.compile``.
 
@@ -97,6 +266,7 @@ class TuneDecision:
         reasons: linear name -> the report's reason (float and quantized linears alike).
         source: ``"measured"`` or ``"modelled"``.
         scenario: the buckets tuned for.
+        table: the report's per-part table as data (:class:`TuningTable`).
     """
 
     plan: Plan
@@ -108,6 +278,9 @@ class TuneDecision:
     #: per layer with a coupled FFN pair: ``{(ffn_in precision, ffn_out precision): us}``
     #: summed over the buckets
     ffn_pairs: dict[int | None, dict[tuple[str, str], float]] = field(default_factory=dict, hash=False)
+    #: the same per bucket (scenario order)
+    ffn_pair_buckets: dict[int | None, tuple[dict[tuple[str, str], float], ...]] = field(default_factory=dict, hash=False)
+    table: TuningTable | None = None
 
     def bucket_preferences(self) -> dict[tuple[int, int], dict[str, str]]:
         """Per bucket, the precision each part would get if that bucket alone were tuned for
@@ -125,11 +298,12 @@ class TuneDecision:
             out.setdefault(d.part, d.precision)
         return out
 
-    def total_us(self, precisions: dict[str, str] | None = None) -> float:
-        """The tuned parts' time summed over layers and buckets, microseconds: the decision's
-        own (``None``) or a fixed strategy's (``{part: "fp16" | trained}``, e.g. from
-        :func:`qfx.tune.autotune.fixed_strategies`; a part runs fp16 unless its trained
-        precision is asked for). Float parts are left out: no choice changes them."""
+    def total_us(self, precisions: dict[str, str] | None = None, bucket: int | None = None) -> float:
+        """The tuned parts' time summed over layers and buckets (or in one ``bucket``, an index
+        into the scenario), microseconds: the decision's own (``None``) or a fixed strategy's
+        (``{part: "fp16" | trained}``, e.g. from :func:`qfx.tune.autotune.fixed_strategies`; a
+        part runs fp16 unless its trained precision is asked for). Float parts are left out:
+        no choice changes them."""
         def runs(d: PartDecision) -> str:
             if precisions is None:
                 return d.precision
@@ -140,8 +314,12 @@ class TuneDecision:
                if d.layer in self.ffn_pairs and d.part in ("ffn_in", "ffn_out")}
         for d in self.parts:
             if (d.layer, d.part) not in ffn:
-                total += d.fp16_us if runs(d) == "fp16" else d.trained_us
+                if bucket is None:
+                    total += d.fp16_us if runs(d) == "fp16" else d.trained_us
+                else:
+                    total += d.per_bucket[bucket][4 if runs(d) == "fp16" else 3]
         for layer, table in self.ffn_pairs.items():
+            table = table if bucket is None else self.ffn_pair_buckets[layer][bucket]
             total += table[(runs(ffn[(layer, "ffn_in")]), runs(ffn[(layer, "ffn_out")]))]
         return total
 
@@ -159,8 +337,10 @@ class TuneDecision:
 
     def apply_to_report(self, report) -> None:
         """Write the reasons into a :class:`qfx.report.CompileReport` (float parts and notes of
-        the integer linears) and the summary into its plan origin."""
+        the integer linears), the summary into its plan origin and the per-part table into
+        ``report.tuning``."""
         report.plan_origin = self.summary()
+        report.tuning = self.table
         rows = []
         for r in report.linears:
             why = self.reasons.get(r.name)
@@ -299,12 +479,21 @@ def choose_parts(
     ffn_pairs = {g.layer: (by_part[(g.layer, "ffn_in")], g) for g in groups
                  if g.part == "ffn_out" and g.spec.quantize_gelu and (g.layer, "ffn_in") in by_part}
     bare = {layer: replace(fin.spec, gelu=False) for layer, (fin, _) in ffn_pairs.items()}
+    model_layers = _layer_count(parts if isinstance(parts, GraphModule) else groups)
     plan = autotune(None, target, scenario, parts=[g.spec for g in groups] + list(bare.values()), measure=measure,
                     launchers=launchers, cache=cache, timer=timer, progress=progress)
     where, source = _scenario_text(scenario), plan.source
     buckets = list(enumerate(scenario.buckets))
     decided: dict[tuple[int | None, str], PartDecision] = {}
     reasons: dict[str, str] = {}
+    timings: dict[tuple[int | None, str], list[PartTiming]] = {}
+
+    def timed(g: LayerPart, precision: str, per_bucket_times: list[dict[str, float]]) -> None:
+        timings[(g.layer, g.part)] = [
+            PartTiming(g.layer, g.part, b, s, g.spec.n, g.spec.k, g.spec.trained, precision,
+                       runtime_kernel(target, precision, b * s, g.spec.n if precision != "fp16" else g.spec.n // g.spec.fp16_gemms,
+                                      g.spec.k, g.spec.fp16_gemms), times)
+            for (b, s), times in zip(scenario.buckets, per_bucket_times)]
     for g in groups:
         if g.layer in ffn_pairs and g.part in ("ffn_in", "ffn_out"):
             continue
@@ -315,10 +504,11 @@ def choose_parts(
         t_sum, f_sum = sum(p[3] for p in per), sum(p[4] for p in per)
         precision = "fp16" if f_sum < t_sum else trained  # ties keep the trained precision
         decided[(g.layer, g.part)] = PartDecision(g.layer, g.part, g.names, trained, precision, t_sum, f_sum, tuple(per))
+        timed(g, precision, [{trained: p[3], "fp16": p[4]} for p in per])
         why = (_why("fp16", trained, f_sum, t_sum, where, source) if precision == "fp16"
                else _why(trained, "fp16", t_sum, f_sum, where, source))
         reasons.update({name: why for name in g.names})
-    pair_tables = {}
+    pair_tables, pair_bucket_tables = {}, {}
     for layer, (fin, fout) in ffn_pairs.items():
         t_in, t_out = fin.spec.trained, fout.spec.trained
         combos = [(t_in, t_out), (t_in, "fp16"), ("fp16", t_out), ("fp16", "fp16")]  # ties: the first
@@ -328,7 +518,9 @@ def choose_parts(
             spec_in = bare[layer] if p_out != "fp16" else fin.spec
             return _best(plan, i, spec_in, p_in), _best(plan, i, fout.spec, p_out)
 
-        table = {c: sum(sum(pair_us(i, *c)) for i, _ in buckets) for c in combos}
+        per_bucket_tables = tuple({c: sum(pair_us(i, *c)) for c in combos} for i, _ in buckets)
+        pair_bucket_tables[layer] = per_bucket_tables
+        table = {c: sum(t[c] for t in per_bucket_tables) for c in combos}
         pair_tables[layer] = table
         p_in, p_out = min(combos, key=table.__getitem__)
         prefs = [min(combos, key=lambda c: sum(pair_us(i, *c))) for i, _ in buckets]
@@ -341,9 +533,42 @@ def choose_parts(
             why = (_why("fp16", g.spec.trained, f_sum, t_sum, where, source, what) if prec == "fp16"
                    else _why(g.spec.trained, "fp16", t_sum, f_sum, where, source, what))
             reasons.update({name: why for name in g.names})
+        # the table: ffn_in as in its PartDecision; ffn_out what the pair adds to ffn_in as chosen
+        in_chosen = [pair_us(i, p_in, p_out)[0] for i, _ in buckets]
+        timed(fin, p_in, [{t_in: p[3], "fp16": p[4]} for p in per_in])
+        timed(fout, p_out, [{t_out: p[3] - in_chosen[i], "fp16": p[4] - in_chosen[i]} for i, p in enumerate(per_out)])
     parts = tuple(decided[(g.layer, g.part)] for g in groups)
     skip = tuple(name for d in parts if d.precision == "fp16" for name in d.names)
-    return TuneDecision(plan, parts, skip, reasons, source, scenario, pair_tables)
+    decision = TuneDecision(plan, parts, skip, reasons, source, scenario, pair_tables, pair_bucket_tables)
+    return replace(decision, table=_tuning_table(decision, target, [t for g in groups for t in timings[(g.layer, g.part)]],
+                                                 model_layers))
+
+
+def _layer_count(parts: "GraphModule | Sequence[LayerPart]") -> int:
+    """The model's encoder layers: every layer index of an annotated graph's linears (tuned or
+    not), or of the parts given."""
+    if isinstance(parts, GraphModule):
+        layers = {n.meta["qfx"].layer for n in linear_nodes(parts) if "qfx" in n.meta}
+    else:
+        layers = {p.layer for p in parts}
+    known = [x for x in layers if x is not None]
+    return max(known) + 1 if known else 0
+
+
+def _tuning_table(decision: TuneDecision, target: Target, timings: list[PartTiming], layers: int) -> TuningTable:
+    """The report's table: the timings and, per bucket, the decision's total next to the fixed
+    strategies' under the same times (:meth:`TuneDecision.total_us`)."""
+    strategies = fixed_strategies(_dominant_trained(decision))
+    totals = tuple(BucketTotal(b, s, decision.total_us(bucket=i),
+                               {name: decision.total_us(rule, bucket=i) for name, rule in strategies.items()})
+                   for i, (b, s) in enumerate(decision.scenario.buckets))
+    return TuningTable(target.name, decision.source, decision.plan.origin, layers, tuple(timings), totals,
+                       ffn_coupled=bool(decision.ffn_pairs))
+
+
+def _dominant_trained(decision: TuneDecision) -> str:
+    """The lowest trained precision of the tuned parts (what "all-int*" quantizes to)."""
+    return min((d.trained for d in decision.parts), key=PRECISIONS.index)
 
 
 def _check_limits(scenario: Scenario, max_seq: int | None) -> None:
