@@ -239,6 +239,7 @@ def test_tuned_report_prints_the_per_part_table(model, monkeypatch, tmp_path):
                    "measured", "speedup"):
         assert column in text.split("autotuner per-part plan")[1]
     assert "predicted latency of the tuned parts at 1 x 16" in text and "left out of these sums: embeddings" in text
+    assert "x seq" in next(line for line in text.splitlines() if "GEMM M x N x K" in line)  # the bucket column
 
     rows = table.rows()
     # BERT: every layer's part has the same shape and choice: one row per part and bucket
@@ -255,6 +256,10 @@ def test_tuned_report_prints_the_per_part_table(model, monkeypatch, tmp_path):
         cfg = choose("sm80", "s4", r["m"], r["n"], r["k"], {c.name for c in CONFIGS})
         assert r["kernel"].startswith(cfg.name) and r["kernel"] == runtime_kernel(sm86, "int4", r["m"], r["n"], r["k"])
         assert f"{r['speedup']:.2f}x" in text and r["kernel"] in text
+    # per layer, the table's choice is what the compiled graph runs
+    backends = {(r.layer, r.role): r.backend for r in report.linears if r.role != "other"}
+    assert {(int(r["layer"]), r["part"]): r["precision"] for r in table.rows(per_layer=True)} == {
+        part: "fp16" if backend == "float" else "int4" for part, backend in backends.items()}
     # the times are the timer's, with the work each choice brings
     attn_out = {r["m"]: r for r in rows if r["part"] == "attn_out"}
     assert attn_out[16]["times"] == pytest.approx({"int4": _gemm_us("int4", 16) + QUANTIZE_US, "fp16": _gemm_us("fp16", 16)})
@@ -289,7 +294,7 @@ def test_tuned_report_prints_the_per_part_table(model, monkeypatch, tmp_path):
 
 
 def test_tuned_report_rows_merge_only_equal_layers(model, monkeypatch):
-    from qfx.tune.select import PartTiming, TuningTable
+    from qfx.tune.select import FP16_KERNEL, PartTiming, TuningTable
 
     def timing(layer, n, precision="int8"):
         return PartTiming(layer, "ffn_in", 32, 128, n, 768, "int8", precision, "k", {"int8": 10.0, "fp16": 12.0})
@@ -300,12 +305,20 @@ def test_tuned_report_rows_merge_only_equal_layers(model, monkeypatch):
     assert [(r["layer"], r["n"]) for r in shapes_differ.rows()] == [("0,2", 3072), ("1", 1024)]
     choice_differs = TuningTable("sm_90", "modelled", "o", 3, (timing(0, 3072), timing(1, 3072), timing(2, 3072, "fp16")), ())
     assert [(r["layer"], r["precision"], r["speedup"]) for r in choice_differs.rows()] == [("0-1", "int8", 1.2), ("2", "fp16", 1.0)]
-    # a part left float by the user in one layer: the others' row names them
-    tuned, decision = _tuned_on_fake_sm86(model, monkeypatch, Scenario.of(batch=64, seq=64), skip=("layer1.ffn_out",))
-    rows = tuned.report().tuning.rows()
+    # a part left float by the user in one layer: the others' row names them. At 1 x 16 fp16 wins everywhere
+    tuned, decision = _tuned_on_fake_sm86(model, monkeypatch, Scenario.of(batch=1, seq=16), skip=("layer1.ffn_out",))
+    report = tuned.report()
+    rows = report.tuning.rows()
     assert [r["layer"] for r in rows if r["part"] == "ffn_out"] == ["0"]
     assert {r["layer"] for r in rows if r["part"] in ("qkv", "attn_out")} == {"all 2 layers"}
-    assert len({(d.layer, d.part) for d in decision.parts}) == 7
+    assert len({(d.layer, d.part) for d in decision.parts}) == 7 == len(report.tuning.rows(per_layer=True))
+    for r in rows:
+        assert r["precision"] == "fp16" and r["speedup"] == 1.0
+        assert r["kernel"] == FP16_KERNEL + (" x3" if r["part"] == "qkv" else "")
+    assert {(r.layer, r.role) for r in report.linears if r.backend == "float" and r.role != "other"} == {
+        (int(r["layer"]), r["part"]) for r in report.tuning.rows(per_layer=True)} | {(1, "ffn_out")}
+    header = next(line for line in str(report).splitlines() if "GEMM M x N x K" in line)
+    assert "x seq" not in header and "scenario 1x16 (batch x seq)" in str(report)  # one bucket: no bucket column
 
 
 def test_no_tuning_table_without_tune(model):
@@ -367,3 +380,18 @@ def test_tune_true_on_the_gpu_equals_the_same_skip(model, monkeypatch, tmp_path)
     same = qfx.compile(qat, mode="int8", target=target, skip=skip)
     x = {k: v.cuda() for k, v in inputs(3, 24, seed=1).items()}
     assert torch.equal(tuned(**x).last_hidden_state, same(**x).last_hidden_state)
+    # the per-part table: measured, and names the config the launch layer runs for each integer part
+    from qfx.backends.cutlass.launch import device_family, library, pick_config
+    from qfx.tune.select import FP16_KERNEL
+
+    table = tuned.report().tuning
+    assert table.source == "measured" and "MEASURED" in str(tuned.report())
+    lib = library()
+    family = device_family(torch.device("cuda"), lib)
+    float_parts = {(r.layer, r.role) for r in rows if r.backend == "float" and r.role != "other"}
+    for r in table.rows(per_layer=True):
+        assert (r["precision"] == "fp16") == ((int(r["layer"]), r["part"]) in float_parts)
+        if r["precision"] == "fp16":
+            assert r["kernel"].startswith(FP16_KERNEL)
+        else:
+            assert r["kernel"] == pick_config(lib, family, "s8", r["m"], r["n"], r["k"]).name

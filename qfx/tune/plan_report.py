@@ -17,16 +17,14 @@ Example::
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from qfx.tune.autotune import PRECISIONS, Plan, PartChoice
-
-if TYPE_CHECKING:
-    from qfx.tune.select import TuningTable
+from qfx.tune.select import FAMILY_DEFAULT, TuningTable
 
 __all__ = ["render_plan", "plan_rows", "part_table", "print_tuning", "layers_text"]
 
@@ -117,7 +115,7 @@ def render_plan(plan: Plan, bucket: int | None = None, per_layer: bool = False, 
     return buf.getvalue()
 
 
-def print_tuning(con: Console, table: "TuningTable") -> None:
+def print_tuning(con: Console, table: TuningTable) -> None:
     """A tuned compile's section of ``compiled.report()``: the per-part table (one row per
     merged layer group, part and bucket), then per bucket the predicted latency of the tuned
     parts as chosen vs all-fp16 and the other fixed strategies, and what that sum leaves out."""
@@ -127,8 +125,6 @@ def print_tuning(con: Console, table: "TuningTable") -> None:
     rows = table.rows()
     con.print(part_table(rows, table.source))
     con.print(SPEEDUP_LEGEND)
-    from qfx.tune.select import FAMILY_DEFAULT
-
     if any(r["kernel"].endswith(FAMILY_DEFAULT) for r in rows):
         con.print(f"{FAMILY_DEFAULT.strip()} no native library for {table.target}'s kernel family is loaded here: the config the "
                   "backend's table gives that shape and M (what a library built for it runs)")

@@ -28,6 +28,12 @@ summed over the buckets; ties keep the trained precision. **One graph per compil
 choice wins and the report lists each bucket's own preference (the runtime replays one graph
 per bucket shape, but all of them are made from the same planned graph, which keeps it simple).
 
+The report prints the decision as a per-part table (:class:`TuningTable`, kept as plain data in
+``compiled.report().tuning``): per part and bucket the GEMM shape, the trained and chosen
+precision, the kernel the runtime launches (:func:`runtime_kernel`), every candidate's time
+and the speedup over fp16; then per bucket the tuned parts' summed time as chosen, all-fp16
+and the other fixed strategies, and what that sum leaves out.
+
 Example::
 
     >>> decision = choose_parts(annotated_gm, "sm_86", Scenario.of(batch=1, seq=128))
@@ -45,7 +51,7 @@ from torch.fx import GraphModule, Node
 
 from qfx.schema import is_call, linear_nodes
 from qfx.targets import Target, get_target
-from qfx.tune.autotune import PRECISIONS, PartSpec, Plan, Scenario, TuneCache, Launchers, autotune, fixed_strategies
+from qfx.tune.autotune import PartSpec, Plan, Scenario, TuneCache, Launchers, _dominant, autotune, fixed_strategies
 
 __all__ = ["LayerPart", "PartDecision", "PartTiming", "BucketTotal", "TuningTable", "TuneDecision", "layer_parts",
            "choose_parts", "scenario_for_compile", "tune_for_compile", "runtime_kernel", "FP16_KERNEL",
@@ -171,9 +177,9 @@ class TuningTable:
     Example::
 
         >>> t = compiled.report().tuning
-        >>> [(r["layer"], r["part"], r["precision"], round(r["speedup"], 2)) for r in t.rows()][:1]
-        [('all 12 layers', 'qkv', 'int8', 1.31)]
-        >>> t.totals[0].chosen_us, t.totals[0].fp16_us
+        >>> for r in t.rows():   # one per part and bucket, layers merged ("all 12 layers")
+        ...     print(r["layer"], r["part"], r["m"], r["precision"], r["kernel"], f"{r['speedup']:.2f}x")
+        >>> t.totals[0].chosen_us, t.totals[0].fp16_us   # the tuned parts' summed time: as chosen, all-fp16
 
     Attributes:
         target: the target tuned for (``"sm_90"``).
@@ -238,7 +244,7 @@ def runtime_kernel(target: Target, precision: str, m: int, n: int, k: int, fp16_
     """
     if precision == "fp16":
         return FP16_KERNEL + (f" x{fp16_gemms}" if fp16_gemms > 1 else "")
-    from qfx.backends.cutlass import _library
+    from qfx.backends.cutlass import _library  # the manifest of the built configs, without a GPU
     from qfx.backends.cutlass.configs import CONFIGS
     from qfx.backends.cutlass.dispatch import choose
 
@@ -488,12 +494,14 @@ def choose_parts(
     reasons: dict[str, str] = {}
     timings: dict[tuple[int | None, str], list[PartTiming]] = {}
 
-    def timed(g: LayerPart, precision: str, per_bucket_times: list[dict[str, float]]) -> None:
+    def tabulate(g: LayerPart, precision: str, times_per_bucket: list[dict[str, float]]) -> None:
+        """The report's rows of one part, with the kernel the runtime launches per bucket."""
+        n = g.spec.n // g.spec.fp16_gemms if precision == "fp16" else g.spec.n  # fp16: HF's separate q, k, v
         timings[(g.layer, g.part)] = [
             PartTiming(g.layer, g.part, b, s, g.spec.n, g.spec.k, g.spec.trained, precision,
-                       runtime_kernel(target, precision, b * s, g.spec.n if precision != "fp16" else g.spec.n // g.spec.fp16_gemms,
-                                      g.spec.k, g.spec.fp16_gemms), times)
-            for (b, s), times in zip(scenario.buckets, per_bucket_times)]
+                       runtime_kernel(target, precision, b * s, n, g.spec.k, g.spec.fp16_gemms), times)
+            for (b, s), times in zip(scenario.buckets, times_per_bucket)]
+
     for g in groups:
         if g.layer in ffn_pairs and g.part in ("ffn_in", "ffn_out"):
             continue
@@ -504,7 +512,7 @@ def choose_parts(
         t_sum, f_sum = sum(p[3] for p in per), sum(p[4] for p in per)
         precision = "fp16" if f_sum < t_sum else trained  # ties keep the trained precision
         decided[(g.layer, g.part)] = PartDecision(g.layer, g.part, g.names, trained, precision, t_sum, f_sum, tuple(per))
-        timed(g, precision, [{trained: p[3], "fp16": p[4]} for p in per])
+        tabulate(g, precision, [{trained: p[3], "fp16": p[4]} for p in per])
         why = (_why("fp16", trained, f_sum, t_sum, where, source) if precision == "fp16"
                else _why(trained, "fp16", t_sum, f_sum, where, source))
         reasons.update({name: why for name in g.names})
@@ -535,13 +543,13 @@ def choose_parts(
             reasons.update({name: why for name in g.names})
         # the table: ffn_in as in its PartDecision; ffn_out what the pair adds to ffn_in as chosen
         in_chosen = [pair_us(i, p_in, p_out)[0] for i, _ in buckets]
-        timed(fin, p_in, [{t_in: p[3], "fp16": p[4]} for p in per_in])
-        timed(fout, p_out, [{t_out: p[3] - in_chosen[i], "fp16": p[4] - in_chosen[i]} for i, p in enumerate(per_out)])
+        tabulate(fin, p_in, [{t_in: p[3], "fp16": p[4]} for p in per_in])
+        tabulate(fout, p_out, [{t_out: p[3] - in_chosen[i], "fp16": p[4] - in_chosen[i]} for i, p in enumerate(per_out)])
     parts = tuple(decided[(g.layer, g.part)] for g in groups)
     skip = tuple(name for d in parts if d.precision == "fp16" for name in d.names)
     decision = TuneDecision(plan, parts, skip, reasons, source, scenario, pair_tables, pair_bucket_tables)
-    return replace(decision, table=_tuning_table(decision, target, [t for g in groups for t in timings[(g.layer, g.part)]],
-                                                 model_layers))
+    in_order = [t for g in groups for t in timings[(g.layer, g.part)]]
+    return replace(decision, table=_tuning_table(decision, target, in_order, model_layers))
 
 
 def _layer_count(parts: "GraphModule | Sequence[LayerPart]") -> int:
@@ -558,17 +566,12 @@ def _layer_count(parts: "GraphModule | Sequence[LayerPart]") -> int:
 def _tuning_table(decision: TuneDecision, target: Target, timings: list[PartTiming], layers: int) -> TuningTable:
     """The report's table: the timings and, per bucket, the decision's total next to the fixed
     strategies' under the same times (:meth:`TuneDecision.total_us`)."""
-    strategies = fixed_strategies(_dominant_trained(decision))
+    strategies = fixed_strategies(_dominant(decision.parts))  # as the plan's, from the lowest trained precision
     totals = tuple(BucketTotal(b, s, decision.total_us(bucket=i),
                                {name: decision.total_us(rule, bucket=i) for name, rule in strategies.items()})
                    for i, (b, s) in enumerate(decision.scenario.buckets))
     return TuningTable(target.name, decision.source, decision.plan.origin, layers, tuple(timings), totals,
                        ffn_coupled=bool(decision.ffn_pairs))
-
-
-def _dominant_trained(decision: TuneDecision) -> str:
-    """The lowest trained precision of the tuned parts (what "all-int*" quantizes to)."""
-    return min((d.trained for d in decision.parts), key=PRECISIONS.index)
 
 
 def _check_limits(scenario: Scenario, max_seq: int | None) -> None:
