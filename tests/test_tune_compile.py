@@ -321,6 +321,27 @@ def test_tuned_report_rows_merge_only_equal_layers(model, monkeypatch):
     assert "x seq" not in header and "scenario 1x16 (batch x seq)" in str(report)  # one bucket: no bucket column
 
 
+def test_the_plan_table_names_the_runtime_kernel_too():
+    """python -m qfx plan (no GPU): the same printer, the kernel a library built for the target runs."""
+    from qfx.backends.cutlass.configs import CONFIGS
+    from qfx.backends.cutlass.dispatch import choose
+    from qfx.tune import MODEL_SHAPES
+    from qfx.tune.plan_report import plan_rows, render_plan
+    from qfx.tune.select import FAMILY_DEFAULT, FP16_KERNEL
+
+    plan = at.autotune(MODEL_SHAPES["bert-large"], "sm_86", Scenario.of(batch=96, seq=128), "int4", fused_epilogue=True)
+    rows = plan_rows(plan)
+    assert {r["precision"] for r in rows} == {"int4", "fp16"}  # modelled: both kinds of row
+    for r in rows:
+        if r["precision"] == "fp16":
+            assert r["kernel"] == FP16_KERNEL
+        else:
+            cfg = choose("sm80", "s4", r["m"], r["n"], r["k"], {c.name for c in CONFIGS})
+            assert r["kernel"] in (cfg.name, cfg.name + FAMILY_DEFAULT)  # marked unless a library for sm80 is loaded
+        assert r["speedup"] == pytest.approx(r["times"]["fp16"] / r["times"][r["precision"]])
+    assert "sm80_s4_" in render_plan(plan, width=160)
+
+
 def test_no_tuning_table_without_tune(model):
     qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 16), config=qfx.QuantConfig(4, 4))
     report = qfx.compile(qat, mode="int4", target="cpu").report()

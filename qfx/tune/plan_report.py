@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from qfx.tune.autotune import PRECISIONS, Plan, PartChoice
-from qfx.tune.select import FAMILY_DEFAULT, TuningTable
+from qfx.targets import get_target
+from qfx.tune.select import FAMILY_DEFAULT, TuningTable, runtime_kernel
 
 __all__ = ["render_plan", "plan_rows", "part_table", "print_tuning", "layers_text"]
 
@@ -42,7 +43,12 @@ def layers_text(layers: list[int | None]) -> str:
 def plan_rows(plan: Plan, bucket: int = 0, per_layer: bool = False) -> list[dict]:
     """The table's rows as dicts (layer, part, m, n, k, trained, precision, kernel, times, us,
     fp16_us, speedup, extra_us), merging layers with the same shape and choice unless
-    ``per_layer``. ``times``: the fastest candidate of each precision, microseconds."""
+    ``per_layer``. ``times``: the fastest candidate of each precision, microseconds.
+    ``kernel``: the chosen candidate's when it names a backend config, else what the runtime
+    would launch for it (:func:`qfx.tune.select.runtime_kernel`)."""
+    from qfx.backends.cutlass.configs import CONFIGS
+
+    target, configs = get_target(plan.target), {cfg.name for cfg in CONFIGS}
     groups: dict[tuple, list[PartChoice]] = {}
     for c in plan.buckets[bucket].choices:
         key = (c.spec.layer,) if per_layer else ()
@@ -56,7 +62,10 @@ def plan_rows(plan: Plan, bucket: int = 0, per_layer: bool = False) -> list[dict
                  for p in PRECISIONS if any(x.precision == p for x in c.candidates)}
         times[c.precision] = c.us  # the chosen kernel (the fastest of its precision unless a margin kept it)
         rows.append(dict(layer=layers_text([x.spec.layer for x in cs]), part=c.spec.part, m=c.m, n=c.spec.n, k=c.spec.k,
-                         trained=c.spec.trained, precision=c.precision, kernel=c.kernel, times=times, us=c.us,
+                         trained=c.spec.trained, precision=c.precision, times=times, us=c.us,
+                         kernel=c.kernel if c.kernel in configs else runtime_kernel(
+                             target, c.precision, c.m, c.spec.n // (c.spec.fp16_gemms if c.precision == "fp16" else 1),
+                             c.spec.k, c.spec.fp16_gemms),
                          extra_us=chosen.extra_us, fp16_us=c.fp16_us, speedup=c.speedup))
     return rows
 
@@ -86,8 +95,14 @@ def part_table(rows: Sequence[dict], source: str) -> Table:
 
 
 #: the legend under every per-part table
-SPEEDUP_LEGEND = ("speedup vs fp16: the fp16 time over the chosen time, each with the quantize / epilogue / GELU work "
-                  "it brings")
+SPEEDUP_LEGEND = ("times: one layer's part, microseconds, each with the quantize / epilogue / GELU work it brings; "
+                  "speedup vs fp16: the fp16 time over the chosen time")
+
+
+def _family_default_note(con: Console, rows: Sequence[dict], target: str) -> None:
+    if any(r["kernel"].endswith(FAMILY_DEFAULT) for r in rows):
+        con.print(f"{FAMILY_DEFAULT.strip()} no native library for {target}'s kernel family is loaded here: the config the "
+                  "backend's table gives that shape and M (what a library built for it runs)")
 
 
 def _console(buf: io.StringIO, width: int) -> Console:
@@ -104,8 +119,10 @@ def render_plan(plan: Plan, bucket: int | None = None, per_layer: bool = False, 
         b = plan.buckets[i]
         con.print(f"qfx plan: {plan.model} on {plan.target} ({plan.gpu}), batch {b.batch} x seq {b.seq} -- {tag}")
         con.print(f"times: {plan.origin}")
-        con.print(part_table(plan_rows(plan, i, per_layer), plan.source))
+        rows = plan_rows(plan, i, per_layer)
+        con.print(part_table(rows, plan.source))
         con.print(SPEEDUP_LEGEND)
+        _family_default_note(con, rows, plan.target)
         best_fixed = min(b.fixed_us.items(), key=lambda kv: kv[1]) if b.fixed_us else None
         line = f"predicted whole-model latency: {b.latency_us / 1000:.3f} ms ({plan.source} GEMMs, modelled float parts)"
         if best_fixed:
@@ -125,9 +142,7 @@ def print_tuning(con: Console, table: TuningTable) -> None:
     rows = table.rows()
     con.print(part_table(rows, table.source))
     con.print(SPEEDUP_LEGEND)
-    if any(r["kernel"].endswith(FAMILY_DEFAULT) for r in rows):
-        con.print(f"{FAMILY_DEFAULT.strip()} no native library for {table.target}'s kernel family is loaded here: the config the "
-                  "backend's table gives that shape and M (what a library built for it runs)")
+    _family_default_note(con, rows, table.target)
     if table.ffn_coupled:
         con.print("ffn_in and ffn_out are chosen together: an integer ffn_out's quantize applies the GELU, else "
                   "ffn_in's epilogue or a kernel of its own does; ffn_in's times are its own with ffn_out as chosen, "
