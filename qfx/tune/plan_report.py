@@ -23,8 +23,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from qfx.tune.autotune import PRECISIONS, Plan, PartChoice
 from qfx.targets import get_target
+from qfx.tune.autotune import PRECISIONS, Plan, PartChoice
 from qfx.tune.select import FAMILY_DEFAULT, TuningTable, runtime_kernel
 
 __all__ = ["render_plan", "plan_rows", "part_table", "print_tuning", "layers_text"]
