@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from qfx.embeddings.st import EncoderAdapter, _replace_encoder, encoder_of, example_inputs, require_sentence_transformers
+from qfx.train.loop import adamw_with_warmup
 
 __all__ = ["EmbeddingKDWeights", "DistillConfig", "DistillResult", "distill", "embedding_kd_loss"]
 
@@ -214,13 +215,7 @@ def distill(
         )
     for p in params:
         p.requires_grad_(True)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    warm = max(int(cfg.warmup * cfg.steps), 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(cfg.steps - warm, 1))
-    )
+    opt, sched = adamw_with_warmup(params, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup)
     from tqdm.auto import tqdm
 
     result, t0 = DistillResult(), time.perf_counter()

@@ -198,17 +198,24 @@ def evaluate(model: Callable, data: EncodedData, batch_size: int = 128, device: 
 # --------------------------------------------------------------------------- the loop
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    params = [p for p in model.parameters() if p.requires_grad]
+def adamw_with_warmup(params, lr: float, weight_decay: float, steps: int,
+                      warmup: float) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (weight decay on matrices only) with a linear warmup over ``warmup`` of ``steps``,
+    then a linear decay to 0: the schedule of every encoder trainer in qfx."""
+    params = list(params)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    warm = max(int(cfg.warmup * cfg.steps), 1)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    warm = max(int(warmup * steps), 1)
 
-    def lr_at(step: int) -> float:  # linear warmup, then linear decay to 0
-        return (step + 1) / warm if step < warm else max(0.0, (cfg.steps - step) / max(cfg.steps - warm, 1))
+    def lr_at(step: int) -> float:
+        return (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(steps - warm, 1))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    return adamw_with_warmup((p for p in model.parameters() if p.requires_grad), cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup)
 
 
 @dataclass
