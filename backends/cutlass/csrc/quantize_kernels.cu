@@ -224,42 +224,28 @@ bool launch_warp_rows(T const* x, long long rows, long long k, int bits, int sym
   const int ki = static_cast<int>(k);
   // Rows of up to 4 vectors a lane run a warp per row; longer rows (BERT's FFN-out input,
   // K = 3072 / 4096) run 4 warps per row, keeping registers per lane (and so occupancy) low.
-  if (vecs <= 32 * 4) {
-    const dim3 grid(static_cast<unsigned>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
-    const dim3 block(32 * kWarpRowsPerBlock);
-#define QFX_WARP_CASE(V)                                                                          \
-    if (vecs <= 32 * V) {                                                                         \
-      quantize_rows_warp_kernel<T, V, 1, kGelu><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric,     \
-          has_clip, clip_lo, clip_hi, q, scale, offset);                                          \
-      return true;                                                                                \
-    }
-    QFX_WARP_CASE(1)
-    QFX_WARP_CASE(2)
-    QFX_WARP_CASE(3)
-    QFX_WARP_CASE(4)
-#undef QFX_WARP_CASE
-  }
-  if (rows > 0x7fffffffLL) return false;
-  const dim3 grid(static_cast<unsigned>(rows));
-  const dim3 block(32 * 4);
-#define QFX_ROW_CASE(V)                                                                           \
-  if (vecs <= 128 * V) {                                                                          \
-    quantize_rows_warp_kernel<T, V, 4, kGelu><<<grid, block, 0, s>>>(x, rows, ki, bits, symmetric,       \
-        has_clip, clip_lo, clip_hi, q, scale, offset);                                            \
+  // W warps per row (a block of 4 rows when W == 1), V vectors a lane: the first that holds the row.
+#define QFX_WARP_CASE(W, V)                                                                       \
+  if (vecs <= 32LL * (W) * (V)) {                                                                 \
+    const unsigned blocks = (W) == 1 ? (rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock : rows; \
+    quantize_rows_warp_kernel<T, V, W, kGelu><<<blocks, 32 * ((W) == 1 ? kWarpRowsPerBlock : (W)), \
+        0, s>>>(x, rows, ki, bits, symmetric, has_clip, clip_lo, clip_hi, q, scale, offset);        \
     return true;                                                                                  \
   }
-  QFX_ROW_CASE(2)
-  QFX_ROW_CASE(3)
-  QFX_ROW_CASE(4)
-  QFX_ROW_CASE(6)
-  QFX_ROW_CASE(8)
-#undef QFX_ROW_CASE
+  QFX_WARP_CASE(1, 1)
+  QFX_WARP_CASE(1, 2)
+  QFX_WARP_CASE(1, 3)
+  QFX_WARP_CASE(1, 4)
+  if (rows > 0x7fffffffLL) return false;
+  QFX_WARP_CASE(4, 2)
+  QFX_WARP_CASE(4, 3)
+  QFX_WARP_CASE(4, 4)
+  QFX_WARP_CASE(4, 6)
+  QFX_WARP_CASE(4, 8)
+#undef QFX_WARP_CASE
   return false;
 }
 
-}  // namespace
-
-namespace {
 // The register-held kernels where a row fits them, else the block kernel.
 template <class T>
 void quantize_rows_any(T const* x, long long rows, long long k, int bits, int symmetric, int has_clip,
