@@ -20,40 +20,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from e2e import graphed, median_ms  # noqa: E402  (run from benchmarks/)
+
 SHAPES = [(1, 128, 12, 64), (32, 128, 12, 64), (128, 128, 12, 64), (32, 384, 16, 64)]
 
 
-def replay_ms(fn, iters=50) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times), g
+def replay_ms(fn, iters=50):
+    """(median ms of one replay, the replay) of ``fn`` captured in a CUDA graph (e2e.py's helpers)."""
+    replay = graphed(fn)
+    return median_ms(replay, iters), replay
 
 
-def kernels_of(graph) -> list[str]:
+def kernels_of(replay) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
     return sorted(set(n[:70] for n in names))
