@@ -4,6 +4,7 @@ with the reason it stays float; where the plan came from; for a tuned compile
 from __future__ import annotations
 
 import io
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.fx import GraphModule
 
-from qfx.schema import INTEGER_LINEAR_OPS, QUANTIZE, LinearInfo, arg, is_call, linear_nodes
+from qfx.schema import INT_LINEAR, INTEGER_LINEAR_OPS, QUANTIZE, LinearInfo, arg, is_call, linear_nodes
 
 if TYPE_CHECKING:
     from qfx.tune.select import TuningTable
@@ -76,9 +77,11 @@ class CompileReport:
 
 def _input_quantizer_has_gelu(node) -> bool:
     """True when the codes this integer linear reads come from a quantizer that applied GELU."""
-    a = arg(node, "a") if "a" in [x.name for x in node.target._schema.arguments] else None
-    quant = a.args[0] if a is not None and getattr(a, "op", None) == "call_function" and a.args else None
-    return quant is not None and is_call(quant, QUANTIZE) and bool(arg(quant, "gelu"))
+    if not is_call(node, INT_LINEAR):
+        return False
+    codes = arg(node, "a")  # getitem(quantize(...), 0)
+    quant = codes.args[0] if is_call(codes, operator.getitem) else None
+    return is_call(quant, QUANTIZE) and bool(arg(quant, "gelu"))
 
 
 def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: torch.dtype) -> CompileReport:
