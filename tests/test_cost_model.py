@@ -72,15 +72,29 @@ def test_refit_reproduces_the_committed_factors(h100):
 
 
 def test_whole_model_h100_within_25_percent():
-    rows = json.loads((ROOT / "benchmarks" / "e2e_h100_fuse_qkv.json").read_text())["rows"]
-    shapes = {"minilm-l6": cm.MODEL_SHAPES["minilm"], "bert-base": cm.MODEL_SHAPES["bert-base"]}
+    """Every measured whole-model row, M = 128 .. 16384 (the goal asks for M >= 2048): fp16 graphs
+    (their pipeline has not changed since that run) and int8 graphs of the current pipeline (fused
+    add + LayerNorm + quantize, GELU in the quantizer; session 4), none of them used in a fit."""
+    shapes = {"minilm-l6": cm.MODEL_SHAPES["minilm"], "bert-base": cm.MODEL_SHAPES["bert-base"],
+              "bert-large": cm.MODEL_SHAPES["bert-large"]}
+    fp16_rows = json.loads((ROOT / "benchmarks" / "e2e_h100_fuse_qkv.json").read_text())["rows"]
+    int8_rows = json.loads((ROOT / "benchmarks" / "results" / "e2e_h100_gelu_quantize.json").read_text())["rows"]
     checked = 0
-    for r in rows:  # every row, M = 128 .. 16384 (the goal asks for M >= 2048)
-        for prec, key in (("fp16", "qfx fp16 graph"), ("int8", "qfx int8 graph")):
+    for rows, prec, key in ((fp16_rows, "fp16", "qfx fp16 graph"), (int8_rows, "int8", "qfx int8 replay")):
+        for r in rows:
             t, _ = cm.model_latency("sm_90", shapes[r["model"]], r["bs"], r["seq"], prec)
             assert abs(t / 1000 / r["ms"][key] - 1) <= 0.25, (r["model"], r["bs"], prec, t / 1000, r["ms"][key])
             checked += 1
     assert checked == 12
+
+
+def test_separate_quantize_kernel_matches_its_profile():
+    """The quantize fit against the profiled kernel time (ms per forward) it was fitted to."""
+    prof = json.loads((ROOT / "benchmarks" / "results" / "e2e_h100_gelu_quantize.json").read_text())["profiles"]
+    for key, m, ks, layers in (("bert-base 128x128 qfx int8 as called", 16384, (768, 3072), 12),
+                               ("bert-large 32x384 qfx int8 as called", 12288, (1024, 4096), 24)):
+        modelled = layers * sum(cm.quantize_time("sm_90", m, k, 8) for k in ks) / 1000
+        assert abs(modelled / prof[key]["quantize"] - 1) <= 0.10, (key, modelled, prof[key]["quantize"])
 
 
 def test_bad_input():

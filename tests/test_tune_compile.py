@@ -329,7 +329,7 @@ def test_the_plan_table_names_the_runtime_kernel_too():
     from qfx.tune.plan_report import plan_rows, render_plan
     from qfx.tune.select import FAMILY_DEFAULT, FP16_KERNEL
 
-    plan = at.autotune(MODEL_SHAPES["bert-large"], "sm_86", Scenario.of(batch=96, seq=128), "int4", fused_epilogue=True)
+    plan = at.autotune(MODEL_SHAPES["bert-large"], "sm_86", Scenario.of(batch=2, seq=128), "int4", fused_epilogue=True)
     rows = plan_rows(plan)
     assert {r["precision"] for r in rows} == {"int4", "fp16"}  # modelled: both kinds of row
     for r in rows:
