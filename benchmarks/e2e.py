@@ -6,6 +6,7 @@ One run prints, per model and batch x sequence, the median latency (ms) of
     hf graph         the same model replayed from a CUDA graph the caller builds
     torch.compile    torch.compile(hf fp16, mode="reduce-overhead") (goal shapes by default)
     torchao int8     torchao int8 dynamic quantization + torch.compile, where torchao installs
+                     (the torch.compile shapes only: each shape is a fresh inductor compile)
     qfx <mode>       qfx.compile(model, mode) called as users call it: compiled(**batch)
                      (CUDA graph per bucket inside the model), modes fp16 / int8 / int4
     qfx <mode> direct   the same model with cuda_graphs=False (direct launch)
@@ -97,6 +98,7 @@ def graphed(fn):
 
 
 _CATEGORIES = (  # (category, substrings of kernel names), first match wins
+    ("add+LN+quantize", ("add_ln_quantize",)),
     ("quantize", ("quantize_rows",)),
     ("int GEMM", ("qfx_", "i8", "s8", "imma", "dequant_epilogue", "unpack_int4")),
     ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn")),
@@ -129,15 +131,22 @@ def kernel_breakdown(fn) -> dict[str, float]:
 
 def try_torchao(hf):
     try:
-        import torchao  # noqa: F401
-        from torchao.quantization import int8_dynamic_activation_int8_weight, quantize_
+        import torchao
+        from torchao.quantization import quantize_
     except Exception as e:  # noqa: BLE001
-        return None, f"torchao not installed ({type(e).__name__})"
+        return None, f"torchao not installed ({type(e).__name__}: {e})"
     import copy
 
+    try:  # torchao >= 0.9 names the recipe by a config class; older releases by a function
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig as recipe
+    except ImportError:
+        from torchao.quantization import int8_dynamic_activation_int8_weight as recipe
     m = copy.deepcopy(hf)
-    quantize_(m, int8_dynamic_activation_int8_weight())
-    return torch.compile(m, mode="max-autotune-no-cudagraphs"), ""
+    try:
+        quantize_(m, recipe())
+    except Exception as e:  # noqa: BLE001 - a torchao built for another torch
+        return None, f"torchao {torchao.__version__} failed to quantize: {type(e).__name__}: {e}"
+    return torch.compile(m, dynamic=False), f"torchao {torchao.__version__}"
 
 
 LINEAR_SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024)]  # (K, N): BERT FFN in / out
@@ -246,9 +255,13 @@ def main() -> None:
                 notes.append(f"{name} {bs}x{seq}: torch.compile first calls took {time.perf_counter() - t0:.0f} s")
                 with torch.inference_mode():
                     res["torch.compile"] = median_ms(lambda: tc(**x), args.iters)
-            if ao is not None:
-                with torch.inference_mode():
-                    res["torchao int8"] = median_ms(lambda: ao(**x), args.iters)
+            if ao is not None and want_compile:  # a fresh inductor compile per shape: peers' shapes only
+                try:
+                    with torch.inference_mode():
+                        res["torchao int8"] = median_ms(lambda: ao(**x), args.iters)
+                except Exception as e:  # noqa: BLE001 - e.g. torch._int_mm needs more than 16 rows
+                    res["torchao int8"] = float("nan")
+                    notes.append(f"{name} {bs}x{seq}: torchao int8 failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             for mode, cm in compiled.items():
                 res[f"qfx {mode}"] = median_ms(lambda: cm(**x), args.iters)
                 pool = cm._graphs
@@ -271,16 +284,16 @@ def main() -> None:
             print(f"{name:10s} {bs:4d}x{seq:<4d} {cells}", flush=True)
         for mode, cm in compiled.items():
             print(f"{name} qfx {mode} runtime: {cm.runtime_report().splitlines()[0]}")
-        del hf, compiled
+        notes.append(f"{name} torchao int8: {ao_why}")
+        del hf, compiled, ao
         torch.cuda.empty_cache()
-    if ao is None:
-        notes.append(f"torchao int8: {ao_why}")
-    print("\n| model | bs x seq | " + " | ".join(k for k in rows[0]["ms"]) + " | qfx int8 / hf eager | qfx int8 / best peer |")
+    columns = list(dict.fromkeys(k for r in rows for k in r["ms"]))
+    print("\n| model | bs x seq | " + " | ".join(columns) + " | qfx int8 / hf eager | qfx int8 / best peer |")
     for r in rows:
         ms = r["ms"]
         ratio = lambda m: f"{ms['hf eager'] / ms[m]:.2f}x" if m in ms else "-"  # noqa: E731
         peer = f"{r['best_peer_ms'] / ms['qfx int8']:.2f}x" if "qfx int8" in ms else "-"
-        print(f"| {r['model']} | {r['bs']} x {r['seq']} | " + " | ".join(f"{ms.get(k, float('nan')):.3f}" for k in rows[0]["ms"])
+        print(f"| {r['model']} | {r['bs']} x {r['seq']} | " + " | ".join(f"{ms.get(k, float('nan')):.3f}" for k in columns)
               + f" | {ratio('qfx int8')} | {peer} |")
     if args.spread:  # what padding removal buys per mode, as called and replayed
         print("\n| model | bs x seq | mode | padded ms | unpadded ms | speedup | replay speedup |")
@@ -313,7 +326,8 @@ def plot(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [k for k in rows[0]["ms"] if k != "hf eager" and not k.endswith(("replay", "direct"))]
+    series = list(dict.fromkeys(k for r in rows for k in r["ms"]
+                                if k != "hf eager" and not k.endswith(("replay", "direct"))))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4))
     width = 0.8 / len(series)
     for i, key in enumerate(series):

@@ -301,6 +301,30 @@ def test_quantize_kernel_is_bit_identical_to_numerics(dtype, bits, symmetric, cl
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits, symmetric", [(8, True), (8, False), (4, True), (4, False)])
+def test_quantize_kernel_rounds_near_half_integer_quotients_like_true_division(bits, symmetric):
+    """Codes of quotients within a few ulp of k + 1/2 (ties included, where rint rounds half to
+    even) equal numerics.py's correctly rounded division, over millions of such elements: the
+    kernels must not replace the true division by a multiply with the reciprocal."""
+    if not qc.available()[0] or not _library.load()[0].has("qfx_quantize_rows"):
+        pytest.skip("native library without the quantize kernel")
+    gen = torch.Generator().manual_seed(11 * bits + symmetric)
+    rows, k = 4096, 768
+    half = 2 ** (bits - 1)
+    step = torch.rand(rows, 1, generator=gen, dtype=torch.float64) * 3 + 1e-3
+    base = torch.randint(-half, half - 1, (rows, k), generator=gen).double() + 0.5
+    jitter = torch.randint(-3, 4, (rows, k), generator=gen).double() * 2.0 ** -22
+    x = ((base + jitter * base.abs()) * step).float()
+    x[:, 0] = (half - 1) * step[:, 0]  # the row's max|x| fixes the scale near `step`
+    x[:, 1] = -half * step[:, 0]
+    for name, xs in (("near ties", x), ("scaled", x * 0.7)):
+        q, s, c = qc.quantize(xs.cuda(), bits, symmetric)
+        rq, rs, rc = numerics.quantize_activation(xs, bits, symmetric)
+        assert torch.equal(s.cpu(), rs) and torch.equal(c.cpu(), rc), name
+        assert torch.equal(q.cpu(), rq), (name, int((q.cpu() != rq).sum()))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits, symmetric, clip", [(4, True, None), (8, False, None), (4, False, (-0.2, 3.0))])
 def test_quantize_kernel_with_gelu_equals_torch_gelu_then_quantize(dtype, bits, symmetric, clip):

@@ -71,6 +71,26 @@ def test_launch_plan_drops_export_guards_and_keeps_outputs():
         assert torch.equal(cm(**x).logits, cm.graph_module(**x).logits)
 
 
+def test_positional_and_keyword_calls_share_the_input_check_memo():
+    """A repeated call skips normalize_inputs whether its inputs come by position or keyword;
+    calls that leave inputs to defaults or change a shape still go through the checks."""
+    cm = _ptq(make("bert_cls", layers=1))
+    x = inputs(2, 8)
+    x["token_type_ids"] = torch.zeros_like(x["input_ids"])
+    names = list(cm._capture.input_names)  # the order of BertForSequenceClassification.forward
+    args = tuple(x[n] for n in names)
+    by_kw = cm(**x).logits
+    assert torch.equal(cm(*args).logits, by_kw) and torch.equal(cm(*args).logits, by_kw)  # 2nd: memo hit
+    assert tuple(cm._checked.values()) == ((), tuple(names))
+    head, rest = args[:1], {n: x[n] for n in names[1:]}
+    assert torch.equal(cm(*head, **rest).logits, by_kw)
+    assert torch.equal(cm(*head, **rest).logits, by_kw)
+    assert cm(x["input_ids"]).logits.shape == by_kw.shape  # defaults filled: not memoised
+    assert len(cm._checked) == 3
+    with pytest.raises(ValueError):
+        cm(*args[:-1], args[-1].float())  # another dtype: checked again, refused
+
+
 def test_cuda_graphs_on_a_cpu_target_is_a_clear_error():
     with pytest.raises(ValueError, match="cuda_graphs=True needs a GPU"):
         _ptq(make("bert_cls", layers=1), cuda_graphs=True)
