@@ -284,7 +284,8 @@ def main() -> None:
             print(f"{name:10s} {bs:4d}x{seq:<4d} {cells}", flush=True)
         for mode, cm in compiled.items():
             print(f"{name} qfx {mode} runtime: {cm.runtime_report().splitlines()[0]}")
-        notes.append(f"{name} torchao int8: {ao_why}")
+        if args.torchao:
+            notes.append(f"{name} torchao int8: {ao_why}")
         del hf, compiled, ao
         torch.cuda.empty_cache()
     columns = list(dict.fromkeys(k for r in rows for k in r["ms"]))
