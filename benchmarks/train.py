@@ -21,6 +21,10 @@ numbers beside this run's and adds the scaling efficiency ex/s(N) / (N x ex/s(1)
     python benchmarks/train.py --json benchmarks/train_1gpu.json
     torchrun --nproc-per-node 2 benchmarks/train.py --json benchmarks/train_2gpu.json --compare benchmarks/train_1gpu.json
 
+A mode with the suffix ``+c`` (``ft+c``, ``w4a4+c``) trains with ``TrainConfig(compile=True)``:
+the training forward through torch.compile (Inductor; not bit-identical to eager, see
+TrainConfig). "vs ft step" is always against the eager ``ft`` row of the same model.
+
 ``--accumulator fp64`` times the QAT modes with the old float64 accumulator (what the twin
 computed before torch._int_mm), for comparison.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import datetime, timezone
 
@@ -58,6 +63,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--accumulator", default="int8", choices=("int8", "fp64"), help="QAT twin's exact accumulator")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--compare", default=None, help="a --json file of a 1-GPU run: print it beside this one")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile the timed steps (torch.profiler) and write one op table per model and mode into DIR")
     return p.parse_args(argv)
 
 
@@ -68,10 +75,12 @@ def _data(seq: int, n: int, vocab: int) -> kd.EncodedData:
 
 
 class _Clock:
-    """post_step hook: synchronize and time from the end of warm-up to the last step."""
+    """post_step hook: synchronize and time from the end of warm-up to the last step;
+    with ``profile`` the timed steps also run under torch.profiler (times then include its cost)."""
 
-    def __init__(self, warmup: int, total: int, device: torch.device) -> None:
+    def __init__(self, warmup: int, total: int, device: torch.device, profile: bool = False) -> None:
         self.warmup, self.total, self.device, self.done, self.t0, self.t1 = warmup, total, device, 0, None, None
+        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) if profile else None
 
     def __call__(self) -> None:
         self.done += 1
@@ -80,36 +89,59 @@ class _Clock:
             if self.done == self.warmup:
                 self.t0 = time.perf_counter()
                 torch.cuda.reset_peak_memory_stats(self.device)
+                if self.prof is not None:
+                    self.prof.__enter__()
             else:
                 self.t1 = time.perf_counter()
+                if self.prof is not None:
+                    self.prof.__exit__(None, None, None)
+
+
+def _write_profile(prof, path: str, steps: int) -> dict:
+    """The op table (self CUDA time) and the per-step GPU busy time of one profiled run."""
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events) / steps
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / steps
+    with open(path, "w") as f:
+        f.write(f"per step: GPU busy {gpu_us / 1e3:.1f} ms, {kernels:.0f} GPU kernels/copies\n\n")
+        f.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=60))
+        f.write("\n\nby CPU time:\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    return {"gpu_busy_ms": gpu_us / 1e3, "gpu_kernels_per_step": kernels}
 
 
 def _run(name: str, mode: str, args, device: torch.device, world: int) -> dict:
     cfg_kw, seq = CONFIGS[name]
+    base, compiled = mode.removesuffix("+c"), mode.endswith("+c")
+    if base not in MODES:
+        raise SystemExit(f"--modes: unknown mode {mode!r}; use {', '.join(MODES)}, each optionally with +c (torch.compile)")
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(num_labels=2, max_position_embeddings=512, **cfg_kw)).to(device).train()
     total = args.warmup + args.steps
     gbatch = PER_GPU_BATCH * world
     data = _data(seq, gbatch * 4, model.config.vocab_size)
     tcfg = kd.TrainConfig(steps=total, batch_size=gbatch, lr=1e-5, eval_every=10**9, keep_best=False, progress=False,
-                          precision=args.precision, sharding=args.sharding, log_every=10**9)
-    clock = _Clock(args.warmup, total, device)
+                          precision=args.precision, sharding=args.sharding, log_every=10**9, compile=compiled)
+    clock = _Clock(args.warmup, total, device, profile=bool(args.profile))
     row = {"model": name, "mode": mode, "batch": PER_GPU_BATCH, "seq": seq, "gpus": world, "precision": args.precision}
     try:
-        if MODES[mode] is None:
+        if MODES[base] is None:
             kd.finetune(model, data, None, tcfg, post_step=clock)
         else:
             example = data.batch([0, 1], device)[0]
             if name not in _TEACHERS:  # same seed, same weights: one capture serves every QAT mode
                 _TEACHERS[name] = kd.make_teacher(model, example)
             teacher = _TEACHERS[name]
-            student = kd.make_student(model, MODES[mode], example)
+            student = kd.make_student(model, MODES[base], example)
             del model
             kd.distill(teacher, student, data, None, tcfg, kd.KDWeights(), post_step=clock)
     except torch.OutOfMemoryError as e:
         row["error"] = str(e).splitlines()[0]
         return row
     secs = clock.t1 - clock.t0
+    if clock.prof is not None:
+        os.makedirs(args.profile, exist_ok=True)
+        row.update(_write_profile(clock.prof, os.path.join(args.profile, f"{name}_{mode}.txt"), args.steps))
     row.update(step_ms=1e3 * secs / args.steps, ex_per_s=gbatch * args.steps / secs,
                peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
     return row

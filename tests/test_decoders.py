@@ -227,15 +227,63 @@ def test_example_word_vocab_split_and_buckets():
     q = ref.clone()
     q[:8] = 12.0  # +20 % (+2) on the first 8 positions only
     b = df.bucket_gaps(ref, q)
-    assert [x["bucket"] for x in b] == ["first 8", "8-32", "32+"]
-    assert b[0]["rel_pct"] == pytest.approx(20.0) and b[0]["abs"] == pytest.approx(2.0)
-    assert b[1]["rel_pct"] == 0 and b[2]["abs"] == 0 and b[2]["fp32_ppl"] == 10.0
+    assert [x["bucket"] for x in b] == ["pos 0", "first 8", "8-32", "32+"]  # pos 0 alone, then the partition
+    assert b[0]["rel_pct"] == pytest.approx(20.0) and b[1]["abs"] == pytest.approx(2.0)
+    assert b[2]["rel_pct"] == 0 and b[3]["abs"] == 0 and b[3]["fp32_ppl"] == 10.0
+    assert [x["bucket"] for x in df.bucket_gaps(ref, q, pos0=False)] == ["first 8", "8-32", "32+"]
+
+    r = torch.ones(10)
+    r[0], r[5] = 6.0, float("nan")  # position 0 six times the median of the later (non-NaN) positions
+    assert df.range_ratio_pos0({"0.mlp.down_proj": r, "flat": torch.ones(4)}) == {"0.mlp.down_proj": 6.0, "flat": 1.0}
+
+
+def test_example_bos_vocab_and_windows():
+    """--bos: BOS has an id of its own after the text tokens, no text encodes to it, the text ids are
+    unchanged; every window (training, evaluation) is BOS + seq - 1 text tokens, so BOS is never a
+    next-token label; without BOS the windows are as before."""
+    df = _example()
+    text = "The king and the queen. The end. The king!\n" * 30 + "<bos> ?<"
+    cv, cb = df.CharVocab(text), df.CharVocab(text, bos=True)
+    assert cv.bos_id is None and cb.bos_id == len(cb) - 1 == len(cv) and cb.chars[cb.bos_id] == df.BOS
+    assert torch.equal(cv.encode(text), cb.encode(text)) and cb.bos_id not in cb.encode(text).tolist()
+    assert cb.decode([cb.bos_id] + cb.encode("the king").tolist()) == "the king"
+    wv, wb = df.build_word_vocab(text, 6), df.build_word_vocab(text, 6, bos=True)
+    assert wb.bos_id == 6 == len(wb) - 1 and wb.tokens[:6] == wv.tokens and wb.tokens[6] == df.BOS
+    enc = wb.encode(text + " <bos>")
+    assert torch.equal(enc[:-3], wv.encode(text + " <bos>")[:-3]) and wb.bos_id not in enc.tolist()
+    assert wb.decode([wb.bos_id] + wb.encode("the king").tolist()) == "the king"
+    with pytest.raises(ValueError, match="reserved"):
+        df.WordVocab(["a", df.BOS])
+
+    ids = torch.arange(1, 1001)  # 0 is <unk>; BOS below is 1001
+    plain = next(df.random_windows(ids, 8, 16, 0, "cpu"))["input_ids"]
+    with_bos = next(df.random_windows(ids, 8, 16, 0, "cpu", bos=1001))["input_ids"]
+    assert plain.shape == with_bos.shape == (8, 16)
+    assert (with_bos[:, 0] == 1001).all() and (with_bos[:, 1:] != 1001).all()
+    assert torch.equal(with_bos[:, 1:], plain[:, :15])  # the same random starts, one text token fewer
+    assert torch.equal(plain[:, 1:] - plain[:, :1], torch.arange(1, 16).expand(8, -1))  # contiguous text
+    ev = df.make_eval_batches(ids, 16, 100, 32, "cpu", bos=1001)
+    x = torch.cat([b["input_ids"] for b in ev])
+    assert x.shape == (66, 16) and (x[:, 0] == 1001).all() and (x[:, 1:] != 1001).all()
+    assert torch.equal(x[:, 1:].reshape(-1), ids[: 66 * 15])  # non-overlapping, in order
+    assert torch.equal(torch.cat([b["input_ids"] for b in df.make_eval_batches(ids, 16, 100, 32, "cpu")]),
+                       ids[:992].reshape(62, 16))  # no BOS: as before
+    with pytest.raises(ValueError, match="fewer than one window"):
+        df.make_eval_batches(ids[:10], 16, 4, 4, "cpu", bos=1001)
 
 
 def test_example_presets_and_explicit_flags():
     df = _example()
     a = df.parse_args(["--preset", "cpu", "--d", "32", "--tokenizer", "word"])
     assert (a.d, a.tokenizer, a.layers, a.device) == (32, "word", df.PRESETS["cpu"]["layers"], "cpu")
+    assert a.bos is False and a.phases == df.PHASES
+    g = df.parse_args(["--preset", "gpu", "--device", "cpu"])
+    assert g.bos is True and df.parse_args(["--preset", "gpu", "--device", "cpu", "--no-bos"]).bos is False
+    assert df.parse_args(["--bos", "--phases", "memory, evaluate"]).phases == ("evaluate", "memory")
+    assert df.parse_args(["--phases", "none"]).phases == ()
+    for bad in (["--phases", "evaluate,tokens"], ["--bos", "--seq", "1"]):
+        with pytest.raises(SystemExit):
+            df.parse_args(bad)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             df.parse_args(["--preset", "gpu"])  # --device cuda without a GPU: a clear argparse error
@@ -264,3 +312,46 @@ def test_example_text_from_a_directory(tmp_path):
         df.load_text(tmp_path, "speeches+reviews")
     with pytest.raises(ValueError, match="--corpus 'poems'"):
         df.load_text(tmp_path, "poems")
+
+
+def test_example_smoke_run_bos_short_phases(tmp_path):
+    """The whole script on a tiny synthetic corpus: --bos with --phases evaluate trains both models,
+    makes only the float / round-to-nearest rows, records BOS and the skipped phases; a second call
+    with --no-bos retrains (the checkpoints were made with BOS) and the markdown renders without rows."""
+    import json
+    import random
+
+    df = _example()
+    rnd = random.Random(0)
+    words = "the king queen and of to a my lord good night thank you so much tonight be or not".split()
+    lines = [" ".join(rnd.choice(words) for _ in range(12)) + "." for _ in range(600)]
+    (tmp_path / "hamlet.txt").write_text("\n".join(lines[:300]))
+    (tmp_path / "political_data.json").write_text(json.dumps([{"speeches": ["\n".join(lines[300:])]}]))
+    out = tmp_path / "out"
+    tiny = ["--data", str(tmp_path), "--out", str(out), "--steps", "2", "--smoke", "--eval-seqs", "4", "--calib-seqs", "4",
+            "--seq", "40", "--d", "64", "--block", "32", "--layers", "2", "--heads", "2", "--batch", "4", "--threads", "1"]
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        assert df.main(tiny + ["--bos", "--phases", "evaluate"]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["bos"] is True and res["bos_id"] == res["vocab"] - 1
+        assert res["phases_skipped"] == ["gptq", "qat", "memory", "throughput", "sweep"]
+        for family in ("gpt2", "llama"):
+            m = res["models"][family]
+            labels = [r["variant"] for r in m["rows"]]
+            assert labels[0] == "fp32" and "W4A4 int4 RTN" in labels
+            assert not any("GPTQ" in x or "QAT" in x for x in labels)
+            assert m["rows"][0]["buckets"][0]["bucket"] == "pos 0" and m["act_range_pos0_ratio"]
+        assert ("rot W4A4 int4 RTN" in [r["variant"] for r in res["models"]["llama"]["rows"]])
+        assert "memory" not in res and "sweep" not in res
+        md = (out / "results.md").read_text()
+        assert "Phases skipped (--phases evaluate)" in md and "Position-0 / median range ratio" in md and "BOS (id" in md
+
+        assert df.main(tiny + ["--no-bos", "--phases", "none"]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["bos"] is False and res["bos_id"] is None and res["models"]["gpt2"]["rows"] == []
+        assert "retraining" in (out / "log.txt").read_text()
+        assert "No perplexity rows" in df.render_markdown(res)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)

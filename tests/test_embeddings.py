@@ -86,6 +86,36 @@ def test_agreement_identical_and_permuted():
         metrics.agreement(ref, ref[:10])
 
 
+def test_blockwise_top1_identical_permuted_and_short_sets():
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(450, 16, generator=g)
+    same = metrics.agreement(ref, ref * 2.0)
+    assert same["top1_200"] == 1.0 and metrics.blockwise_top1(ref, ref) == 1.0
+    # block 0 keeps its geometry; block 1 is shuffled (rows 200..399 get other rows' embeddings);
+    # the 50 rows after the last full block never count
+    emb = ref.clone()
+    perm = torch.randperm(200, generator=g) + 200
+    emb[200:400] = ref[perm]
+    emb[400:] = torch.randn(50, 16, generator=g)
+    block1 = metrics.agreement(ref[200:400], emb[200:400])["top1"]
+    assert block1 < 0.2
+    out = metrics.agreement(ref, emb)
+    assert out["top1_200"] == pytest.approx((1.0 + block1) / 2, abs=1e-6)
+    assert metrics.blockwise_top1(ref[:400], emb[:400]) == pytest.approx(out["top1_200"], abs=1e-6)  # remainder dropped
+    # a known small case, blocks of 4: pairs (0, 1) and (2, 3) are each other's nearest neighbours;
+    # in block 0 rows 1 and 2 trade embeddings, so the pairs become (0, 2) and (1, 3): no text
+    # keeps its neighbour there (0 / 4), block 1 is unchanged (4 / 4)
+    pts = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    swapped = pts[[0, 2, 1, 3]]
+    two = torch.cat([swapped, pts])
+    assert metrics.blockwise_top1(torch.cat([pts, pts]), two, block=4) == pytest.approx((0.0 + 1.0) / 2)
+    # fewer texts than one block: no key (and keys of the full-set metrics unchanged)
+    short = metrics.agreement(ref[:199], ref[:199])
+    assert "top1_200" not in short and set(short) == {"cos_mean", "cos_min", "top1", "top10"}
+    assert metrics.blockwise_top1(ref[:199], ref[:199]) is None
+    assert metrics.agreement(ref[:200], emb[:200])["top1_200"] == 1.0
+
+
 def test_nearest_centroid_separable_clusters():
     g = torch.Generator().manual_seed(1)
     centers = torch.tensor([[5.0, 0, 0], [0, 5.0, 0]])
@@ -102,6 +132,11 @@ def test_kd_weights_and_config_validate():
         EmbeddingKDWeights(0, 0, 0)
     with pytest.raises(ValueError, match="steps"):
         DistillConfig(steps=0)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="att"):
+            EmbeddingKDWeights(att=bad)
+    assert EmbeddingKDWeights().att == 0.0 and not EmbeddingKDWeights(rep=0).needs_features
+    assert EmbeddingKDWeights(0, 0, 0, 1.0).needs_features  # att alone is a valid loss
 
 
 def test_kd_loss_is_zero_for_identical_student():
@@ -116,6 +151,50 @@ def test_kd_loss_is_zero_for_identical_student():
     for x in moved:
         x[:, 3:] += 10
     assert float(embedding_kd_loss(e, e, h, moved, mask, EmbeddingKDWeights(rep=1, emb=0, sim=0))[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_loss_attention_term_masks_padding_and_vanishes_for_the_teacher():
+    g = torch.Generator().manual_seed(4)
+    e, h = torch.randn(2, 8, generator=g), [torch.randn(2, 5, 8, generator=g)]
+    t_att = [torch.randn(2, 2, 5, 5, generator=g) for _ in range(3)]  # [B, H, S, S] scores per layer
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    w = EmbeddingKDWeights(emb=1, sim=0, rep=0, att=1)
+    loss, parts = embedding_kd_loss(e, e, h, h, mask, w, [a.clone() for a in t_att], t_att)
+    assert set(parts) == {"emb", "att"} and parts["att"] == pytest.approx(0.0, abs=1e-7)
+    s_att = [a + 0.5 for a in t_att]
+    s_att[0].requires_grad_(True)
+    loss, parts = embedding_kd_loss(e, e, h, h, mask, w, s_att, t_att)
+    assert parts["att"] == pytest.approx(3 * 0.25, rel=1e-5)  # sum over layers of the MSE
+    loss.backward()
+    assert s_att[0].grad is not None and float(s_att[0].grad[1, :, 3:, :].abs().sum()) == 0.0  # padded queries
+    assert float(s_att[0].grad[1, :, :, 3:].abs().sum()) == 0.0  # padded keys
+    moved = [a.clone() for a in t_att]
+    for a in moved:
+        a[1, :, :, 3:] += 10  # padded keys do not count
+    assert embedding_kd_loss(e, e, h, h, mask, w, moved, t_att)[1]["att"] == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="Att loss"):
+        embedding_kd_loss(e, e, h, h, mask, w, t_att[:2], t_att)
+
+
+def test_example_only_and_loss_flags_parse():
+    from pathlib import Path
+
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    sys.path.insert(0, examples)
+    try:
+        import embedding_qat
+    finally:
+        sys.path.remove(examples)
+    parse = embedding_qat._args
+    assert parse([]).only == ("ptq8", "qat8", "ptq4", "qat4")
+    args = parse(["--only", "qat4, PTQ8", "--w-att", "2", "--eval-every", "5", "--tag", "att2"])
+    assert args.only == ("ptq8", "qat4")  # table order, case-insensitive
+    assert (args.w_emb, args.w_sim, args.w_rep, args.w_att, args.eval_every, args.tag) == (4.0, 4.0, 1.0, 2.0, 5, "att2")
+    assert embedding_qat.parse_only("all") == parse([]).only
+    for bad in (["--only", "qat5"], ["--only", ","], ["--w-att", "-1"], ["--w-emb", "0", "--w-sim", "0", "--w-rep", "0"], ["--eval-every", "-1"]):
+        with pytest.raises(SystemExit):
+            parse(bad)
 
 
 # --------------------------------------------------------------------------- sentence-transformers in and out
@@ -169,6 +248,16 @@ def test_distill_lowers_the_kd_loss_and_keeps_the_teacher(tiny_st):
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     assert 0.9 < result.history[-1]["cos_mean"] <= 1.0 + 1e-6
     assert type(tiny_st[0].model if hasattr(tiny_st[0], "model") else tiny_st[0].auto_model).__name__ == "BertModel"  # teacher untouched
+
+
+def test_distill_with_the_attention_term(tiny_st):
+    """att > 0: the teacher's taps give q/k too; the term is logged, finite and positive."""
+    qat = qfx.prepare_qat(tiny_st, config=qfx.QuantConfig(4, 4, symmetric=False))
+    cfg = DistillConfig(steps=2, batch_size=8, lr=3e-3, progress=False, eval_every=1)
+    result = distill(tiny_st, qat, TEXTS, cfg, EmbeddingKDWeights(emb=1, sim=1, rep=1, att=1), eval_texts=TEXTS[:4])
+    atts = [row["att"] for row in result.history]
+    assert len(atts) == 2 and all(np.isfinite(a) and a > 0 for a in atts), atts
+    assert all(np.isfinite(row["cos_mean"]) for row in result.history)
 
 
 def test_packaged_minilm_folder_compiles_as_sentence_transformer(minilm_path):

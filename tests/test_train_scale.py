@@ -133,7 +133,7 @@ def test_bf16_distill_keeps_fp32_master_weights_and_compiles_to_its_twin():
     assert torch.equal(got, twin)
 
 
-@pytest.mark.parametrize("bad", [dict(precision="fp8"), dict(sharding="zero"), dict(log_every=0)])
+@pytest.mark.parametrize("bad", [dict(precision="fp8"), dict(sharding="zero"), dict(log_every=0), dict(compile="yes")])
 def test_train_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         _cfg(**bad)
@@ -263,6 +263,26 @@ def test_gpu_mixed_precision_distill_then_compile(precision):
     res = kd.distill(teacher, student, data, data, _cfg(precision=precision, keep_best=False))
     assert res.steps_done == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
     assert all(p.dtype == torch.float32 for p in student.parameters())
+    cm = qfx.compile(student.eval(), mode="int4", target=qfx.detect_target().name, float_dtype=torch.float32)
+    x = _cuda(toy_data(6, seed=3).batch(list(range(6)))[0])
+    with torch.no_grad():
+        assert torch.equal(cm(**x).logits, student(**x).logits)
+
+
+@pytest_gpu
+def test_gpu_compiled_training_forward_trains_and_leaves_an_eager_twin():
+    """TrainConfig(compile=True): the KD losses (taps read through forward hooks) still reach
+    the student under torch.compile, the weights move, and the returned graph is the eager
+    twin that the compiled integer model reproduces bit for bit."""
+    dev = torch.device("cuda")
+    teacher, data = tiny_classifier(dropout=0.0).to(dev), toy_data(32)
+    student = kd.make_student(teacher, W4A4, toy_data(4).batch([0, 1, 2, 3], dev)[0])
+    before = _params(student)
+    res = kd.distill(teacher, student, data, data, _cfg(precision="bf16", keep_best=False, compile=True, steps=6, eval_every=6))
+    assert res.steps_done == 6 and all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    after = _params(student)
+    assert any(not torch.equal(before[k], v) for k, v in after.items())
+    assert type(student).__name__ != "OptimizedModule" and not hasattr(student, "_orig_mod")
     cm = qfx.compile(student.eval(), mode="int4", target=qfx.detect_target().name, float_dtype=torch.float32)
     x = _cuda(toy_data(6, seed=3).batch(list(range(6)))[0])
     with torch.no_grad():

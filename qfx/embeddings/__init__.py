@@ -20,7 +20,7 @@ Example::
     >>> qfx.embeddings.agreement(st.encode(test), int4.encode(test))["top1"]
 """
 from qfx.embeddings.kd import DistillConfig, DistillResult, EmbeddingKDWeights, distill, embedding_kd_loss
-from qfx.embeddings.metrics import agreement, nearest_centroid_accuracy, neighbours
+from qfx.embeddings.metrics import agreement, blockwise_top1, nearest_centroid_accuracy, neighbours
 from qfx.embeddings.st import (
     EXTRA,
     EncoderAdapter,
@@ -43,6 +43,7 @@ __all__ = [
     "distill",
     "embedding_kd_loss",
     "agreement",
+    "blockwise_top1",
     "nearest_centroid_accuracy",
     "neighbours",
 ]

@@ -3,14 +3,18 @@
 The student is ``qfx.prepare_qat(st)`` (a SentenceTransformer whose encoder is the QAT graph
 with feature taps); the teacher is the fp32 ``st``. Per batch of texts, with ``e`` the pooled
 (and, when the model normalizes, normalized) sentence embedding computed by the model's own
-Pooling / Normalize modules and ``h[l]`` the hidden state after layer ``l`` (0 = embeddings)::
+Pooling / Normalize modules, ``h[l]`` the hidden state after layer ``l`` (0 = embeddings)
+and ``a[l]`` the pre-softmax attention scores ``scale * q k^T`` of layer ``l`` (``[B, H, S, S]``)::
 
     loss = emb * mean_i (1 - cos(e_s[i], e_t[i]))                       embedding direction
          + sim * mean_ij (cos(e_s[i], e_s[j]) - cos(e_t[i], e_t[j]))^2   in-batch geometry
          + rep * sum_l MSE(h_s[l], h_t[l])  over real (unpadded) tokens  "Rep" (the paper's 3.1)
+         + att * sum_l MSE(a_s[l], a_t[l])  over valid (query, key) pairs "Att*" (the paper's 3.1)
 
 ``emb`` aligns each text with its teacher embedding; ``sim`` keeps the neighbourhood
-structure that retrieval reads; ``rep`` guides every layer. No labels are used.
+structure that retrieval reads; ``rep`` guides every layer; ``att`` (off by default) matches
+every layer's attention scores, the term of the classification KD (:mod:`qfx.train.losses`,
+whose helpers compute it here too). No labels are used.
 
 This is its own short loop (one process, no checkpoints): embedding models train in minutes
 and the KD trainer of :mod:`qfx.qat` is built around classification logits.
@@ -33,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from qfx.embeddings.st import EncoderAdapter, _replace_encoder, encoder_of, example_inputs, require_sentence_transformers
+from qfx.train.losses import _attention
+from qfx.train.losses import _masked_mse as _masked_mse_bcast
 from qfx.train.loop import adamw_with_warmup
 
 __all__ = ["EmbeddingKDWeights", "DistillConfig", "DistillResult", "distill", "embedding_kd_loss"]
@@ -40,19 +46,29 @@ __all__ = ["EmbeddingKDWeights", "DistillConfig", "DistillResult", "distill", "e
 
 @dataclass(frozen=True)
 class EmbeddingKDWeights:
-    """Weights of the loss terms (see the module docstring); each finite and >= 0, not all 0."""
+    """Weights of the loss terms (see the module docstring); each finite and >= 0, not all 0.
+
+    ``att`` (pre-softmax attention scores, default 0: off) is the 4th field, so positional
+    ``EmbeddingKDWeights(emb, sim, rep)`` keeps its meaning.
+    """
 
     emb: float = 1.0
     sim: float = 1.0
     rep: float = 1.0
+    att: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("emb", "sim", "rep"):
+        for name in ("emb", "sim", "rep", "att"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"EmbeddingKDWeights({name}={v!r}) must be a finite weight >= 0")
-        if self.emb + self.sim + self.rep == 0:
-            raise ValueError("EmbeddingKDWeights: all weights are 0; set at least one of emb / sim / rep")
+        if self.emb + self.sim + self.rep + self.att == 0:
+            raise ValueError("EmbeddingKDWeights: all weights are 0; set at least one of emb / sim / rep / att")
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether the loss reads the feature taps (Rep or Att)."""
+        return bool(self.rep or self.att)
 
 
 @dataclass(frozen=True)
@@ -113,12 +129,17 @@ def embedding_kd_loss(
     t_hidden: Sequence[torch.Tensor],
     attention_mask: torch.Tensor,
     weights: EmbeddingKDWeights,
+    s_att: Sequence[torch.Tensor] = (),
+    t_att: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one batch (module docstring) and the float value of each term.
 
     Args:
         s_emb, t_emb: ``[B, D]`` sentence embeddings. s_hidden, t_hidden: ``[B, S, D]`` hidden
             states per layer (same count). attention_mask: ``[B, S]``, 1 on real tokens.
+        s_att, t_att: ``[B, H, S, S]`` pre-softmax attention scores per layer (same count;
+            ``FeatureRecorder.scores(l)``), needed when ``weights.att`` > 0. Only pairs of a
+            real query and a real key count, as in :func:`qfx.train.losses.kd_loss`.
     """
     if s_emb.shape != t_emb.shape:
         raise ValueError(f"student embeddings {tuple(s_emb.shape)} and teacher embeddings {tuple(t_emb.shape)} differ: different models")
@@ -133,6 +154,12 @@ def embedding_kd_loss(
             raise ValueError(f"Rep loss: the student has {len(s_hidden)} hidden states and the teacher {len(t_hidden)}")
         valid = attention_mask.bool()
         terms["rep"] = sum(_masked_mse(s.float(), t.float().detach(), valid) for s, t in zip(s_hidden, t_hidden))
+    if weights.att:
+        if len(s_att) != len(t_att) or not s_att:
+            raise ValueError(f"Att loss: the student has {len(s_att)} attention layers and the teacher {len(t_att)}")
+        valid = attention_mask.bool()
+        pair = valid[:, None, None, :] & valid[:, None, :, None]  # [B, 1, S(query), S(key)]
+        terms["att"] = sum(_masked_mse_bcast(s, t.detach(), pair) for s, t in zip(s_att, t_att))
     total = sum(getattr(weights, k) * v for k, v in terms.items())
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -160,6 +187,12 @@ def _embed(st, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _hidden(rec) -> list[torch.Tensor]:
     return [rec.hidden[i] for i in sorted(rec.hidden)]
+
+
+def _scores(rec, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Pre-softmax attention scores of every layer, as the classification KD reads them."""
+    key = attention_mask.bool()[:, None, None, :]
+    return [_attention(rec, layer, key, "scores") for layer in sorted(rec.q)]
 
 
 @torch.no_grad()
@@ -197,8 +230,8 @@ def distill(
     gm = encoder_of(student)
     if not is_qat_model(gm):
         raise ValueError("student: expected qfx.prepare_qat(teacher) (a SentenceTransformer holding a QAT graph), got a model without one")
-    if weights.rep and not feature_taps(gm):
-        raise ValueError("student: its QAT graph has no feature taps for the Rep loss; prepare it with qfx.prepare_qat(st) (taps are on by default)")
+    if weights.needs_features and not feature_taps(gm):
+        raise ValueError("student: its QAT graph has no feature taps for the Rep / Att loss; prepare it with qfx.prepare_qat(st) (taps are on by default)")
     texts = [t for t in texts if t and t.strip()]
     if len(texts) < 2:
         raise ValueError(f"texts: need at least 2 non-empty texts to distil on, got {len(texts)}")
@@ -228,13 +261,16 @@ def distill(
             batch = [texts[i] for i in perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].tolist()]
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, when on, is a function of the step
             inputs = example_inputs(teacher, batch, device=device)
+            mask = inputs["attention_mask"]
             with torch.no_grad(), t_rec:
                 t_emb = _embed(t_st, inputs)
                 t_hidden = _hidden(t_rec)
+                t_att = _scores(t_rec, mask) if weights.att else []
             with s_rec:
                 s_emb = _embed(student, inputs)
                 s_hidden = _hidden(s_rec)
-            loss, parts = embedding_kd_loss(s_emb, t_emb, s_hidden, t_hidden, inputs["attention_mask"], weights)
+                s_att = _scores(s_rec, mask) if weights.att else []
+            loss, parts = embedding_kd_loss(s_emb, t_emb, s_hidden, t_hidden, mask, weights, s_att, t_att)
             t_rec.clear(), s_rec.clear()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -60,6 +60,13 @@ class TrainConfig:
     ``sharding``: "ddp" (replicas) or "fsdp" (FSDP2: parameters, gradients and optimizer state
     sharded; for models whose optimizer state does not fit one GPU). ``log_every``: steps
     between progress-bar loss updates (each one a host sync).
+
+    ``compile``: run the training forward (and its backward) of the trained model through
+    ``torch.compile`` (Inductor). Off by default because it is not bit-identical to eager:
+    Inductor fuses the float parts (LayerNorm and softmax reductions tiled differently, bf16
+    chains kept in fp32), so a last-bit change can move a 4-bit activation code. It only
+    changes what training computes: evaluation, ``keep_best``, checkpoints and the returned
+    QAT graph stay eager, and that twin is what ``qfx.compile`` reproduces bit for bit.
     """
 
     steps: int
@@ -80,6 +87,7 @@ class TrainConfig:
     precision: str = "fp32"
     sharding: str = "ddp"
     log_every: int = 10
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "ckpt_every", "log_every"):
@@ -92,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig(precision={self.precision!r}): use one of {tuple(PRECISIONS)}")
         if self.sharding not in ddp.SHARDING:
             raise ValueError(f"TrainConfig(sharding={self.sharding!r}): use one of {ddp.SHARDING}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"TrainConfig(compile={self.compile!r}) must be True or False")
 
 
 @dataclass
@@ -205,7 +215,11 @@ def adamw_with_warmup(params, lr: float, weight_decay: float, steps: int,
     params = list(params)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    # One fused kernel per step on CUDA (the foreach path launches ~4 kernels per tensor group
+    # and was 6.5 ms of a 48 ms BERT-base step on an H100); same update rule.
+    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                            fused=fused or None)
     warm = max(int(warmup * steps), 1)
 
     def lr_at(step: int) -> float:
@@ -377,6 +391,8 @@ def _train(
         ddp.wrap_frozen(m, cfg.sharding)
     run = _Run(ddp.wrap(model, device, cfg.sharding), cfg, device, fp)
     net = run.net
+    # The compiled module shares net's parameters; only the training forward goes through it.
+    train_net = torch.compile(net) if cfg.compile else net
     state = run.resume()
     resumed = state.step
     if state.finished:  # a finished run: its final weights are loaded, nothing to do
@@ -397,7 +413,7 @@ def _train(
             inputs, labels = batches.get(state.step)
             oom = False
             try:
-                loss, parts = step_loss(net, inputs, labels, run.autocast)
+                loss, parts = step_loss(train_net, inputs, labels, run.autocast)
                 run.opt.zero_grad(set_to_none=True)
                 run.scaler.scale(loss).backward()
             except Exception as e:  # noqa: BLE001 (only OOM is handled; the rest re-raises)
