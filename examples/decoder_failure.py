@@ -141,6 +141,15 @@ def load_text(source: Path, corpus: str = "speeches") -> str:
 BOS = "<bos>"
 
 
+def _reserve_bos(symbols: list[str], bos: bool) -> int | None:
+    """Append :data:`BOS` to a vocabulary's symbol list (after its text symbols, so their ids are
+    those of a run without BOS) and return its id; None without ``bos``."""
+    if not bos:
+        return None
+    symbols.append(BOS)
+    return len(symbols) - 1
+
+
 class CharVocab:
     """Characters seen at least ``min_count`` times; the rest map to id 0 ("?"). With ``bos``,
     :data:`BOS` gets the last id (``bos_id``): only an input, never produced by :meth:`encode`,
@@ -154,10 +163,7 @@ class CharVocab:
             counts[ch] = counts.get(ch, 0) + 1
         self.chars = ["?"] + sorted(c for c, n in counts.items() if n >= min_count and c != "?")
         self.index = {c: i for i, c in enumerate(self.chars)}  # text symbols only: BOS is not in it
-        self.bos_id = None
-        if bos:
-            self.bos_id = len(self.chars)
-            self.chars.append(BOS)
+        self.bos_id = _reserve_bos(self.chars, bos)
 
     def __len__(self) -> int:
         return len(self.chars)
@@ -194,10 +200,7 @@ class WordVocab:
                 raise ValueError(f"{reserved!r} is reserved (<unk> is id 0, <bos> the last id)")
         self.tokens = [self.UNK] + list(tokens)
         self.index = {t: i for i, t in enumerate(self.tokens)}  # text tokens only: BOS is not in it
-        self.bos_id = None
-        if bos:
-            self.bos_id = len(self.tokens)
-            self.tokens.append(BOS)
+        self.bos_id = _reserve_bos(self.tokens, bos)
 
     def __len__(self) -> int:
         return len(self.tokens)

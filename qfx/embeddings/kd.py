@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from qfx.embeddings.st import EncoderAdapter, _replace_encoder, encoder_of, example_inputs, require_sentence_transformers
-from qfx.train.losses import _attention
-from qfx.train.losses import _masked_mse as _masked_mse_bcast
+from qfx.train.losses import _masked_mse
 from qfx.train.loop import adamw_with_warmup
 
 __all__ = ["EmbeddingKDWeights", "DistillConfig", "DistillResult", "distill", "embedding_kd_loss"]
@@ -116,12 +115,6 @@ class DistillResult:
     wall_s: float = 0.0
 
 
-def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (a - b)^2 over the tokens where ``mask`` ([B, S]) is true; a, b: [B, S, D]."""
-    m = mask[..., None].to(a.dtype).expand_as(a)
-    return ((a - b.to(a.dtype)) ** 2 * m).sum() / m.sum().clamp_min(1)
-
-
 def embedding_kd_loss(
     s_emb: torch.Tensor,
     t_emb: torch.Tensor,
@@ -153,13 +146,13 @@ def embedding_kd_loss(
         if len(s_hidden) != len(t_hidden) or not s_hidden:
             raise ValueError(f"Rep loss: the student has {len(s_hidden)} hidden states and the teacher {len(t_hidden)}")
         valid = attention_mask.bool()
-        terms["rep"] = sum(_masked_mse(s.float(), t.float().detach(), valid) for s, t in zip(s_hidden, t_hidden))
+        terms["rep"] = sum(_masked_mse(s, t.detach(), valid[..., None]) for s, t in zip(s_hidden, t_hidden))
     if weights.att:
         if len(s_att) != len(t_att) or not s_att:
             raise ValueError(f"Att loss: the student has {len(s_att)} attention layers and the teacher {len(t_att)}")
         valid = attention_mask.bool()
         pair = valid[:, None, None, :] & valid[:, None, :, None]  # [B, 1, S(query), S(key)]
-        terms["att"] = sum(_masked_mse_bcast(s, t.detach(), pair) for s, t in zip(s_att, t_att))
+        terms["att"] = sum(_masked_mse(s, t.detach(), pair) for s, t in zip(s_att, t_att))
     total = sum(getattr(weights, k) * v for k, v in terms.items())
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -189,10 +182,9 @@ def _hidden(rec) -> list[torch.Tensor]:
     return [rec.hidden[i] for i in sorted(rec.hidden)]
 
 
-def _scores(rec, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-    """Pre-softmax attention scores of every layer, as the classification KD reads them."""
-    key = attention_mask.bool()[:, None, None, :]
-    return [_attention(rec, layer, key, "scores") for layer in sorted(rec.q)]
+def _scores(rec) -> list[torch.Tensor]:
+    """Pre-softmax attention scores of every layer (fp32), as the classification KD's Att* reads them."""
+    return [rec.scores(layer).float() for layer in sorted(rec.q)]
 
 
 @torch.no_grad()
@@ -265,11 +257,11 @@ def distill(
             with torch.no_grad(), t_rec:
                 t_emb = _embed(t_st, inputs)
                 t_hidden = _hidden(t_rec)
-                t_att = _scores(t_rec, mask) if weights.att else []
+                t_att = _scores(t_rec) if weights.att else []
             with s_rec:
                 s_emb = _embed(student, inputs)
                 s_hidden = _hidden(s_rec)
-                s_att = _scores(s_rec, mask) if weights.att else []
+                s_att = _scores(s_rec) if weights.att else []
             loss, parts = embedding_kd_loss(s_emb, t_emb, s_hidden, t_hidden, mask, weights, s_att, t_att)
             t_rec.clear(), s_rec.clear()
             opt.zero_grad(set_to_none=True)
