@@ -187,7 +187,8 @@ def linear_table(modes, iters: int, target) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert-base,bert-large,minilm-l6")
-    ap.add_argument("--modes", default="fp16,int8,int4")
+    ap.add_argument("--modes", default="fp16,int8,int4",
+                    help="comma list of fp16, int8, int4; a suffix +rotB (int4+rot128) adds QuantConfig(rotation=B)")
     ap.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES))
     ap.add_argument("--compile-shapes", choices=("goal", "all", "none"), default="goal")
     ap.add_argument("--torchao", action="store_true", help="also time torchao int8 dynamic (where it installs)")
@@ -222,8 +223,10 @@ def main() -> None:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
-                compiled[key] = qfx.compile(float_model, mode=mode, target=target.name, example_kwargs=example,
-                                            remove_padding=unpad)
+                base, _, rot = mode.partition("+rot")  # "int4+rot128": QuantConfig(rotation=128)
+                config = qfx.config.config_for_mode(base).with_(rotation=int(rot)) if rot else None
+                compiled[key] = qfx.compile(float_model, mode=base, target=target.name, example_kwargs=example,
+                                            remove_padding=unpad, config=config)
             meta = compiled[key].graph_module.meta
             print(f"{name}: qfx {key} compiled in {time.perf_counter() - t0:.1f} s "
                   f"(attention: {meta.get('qfx_attention')}"

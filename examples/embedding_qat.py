@@ -99,12 +99,21 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--w-att", type=float, default=0.0, help="KD weight of the pre-softmax attention-score MSE 'Att*' (both QAT runs; 0: off)")
     ap.add_argument("--eval-every", type=int, default=0,
                     help="every N QAT steps log the student's mean cosine to the teacher on the dev support texts (0: off)")
+    ap.add_argument("--rotation", type=int, default=None, metavar="B",
+                    help="rotate every quantized linear's input by a block-Hadamard rotation of blocks B, e.g. 128 "
+                         "(QuantConfig(rotation=B): the outlier channels of LayerNorm outputs spread before 4-bit "
+                         "quantization; default off)")
+    ap.add_argument("--group4", type=int, default=None, metavar="G",
+                    help="weight quantization groups of G input channels for the W4A4 rows (QuantConfig(weight_group=G); "
+                         "default: one scale per output row). The CUTLASS kernels take per-row scales only: evaluate "
+                         "with --target cpu (the exact reference backend)")
     ap.add_argument("--tag", default="", help="label of this variant, written into results.json and the table caption")
     args = ap.parse_args(argv)
     if args.eval_every < 0:
         ap.error("--eval-every must be >= 0")
     try:
         kd.EmbeddingKDWeights(args.w_emb, args.w_sim, args.w_rep, args.w_att)
+        qfx.QuantConfig(4, 4, rotation=args.rotation, weight_group="row" if args.group4 is None else args.group4)
     except ValueError as e:
         ap.error(str(e))
     full = args.full
@@ -222,31 +231,39 @@ def main(argv=None) -> int:
     rows = {"fp32": fp32}
     print(f"fp32           sentiment {fp32['sentiment_acc']:.1%}  {ms32:.1f} ms/text", flush=True)
     precisions = {n: (w, a, sym) for n, w, a, sym in PRECISIONS}
+    rot = f" rot{args.rotation}" if args.rotation else ""
+
+    def config(wb, ab, sym):
+        group = args.group4 if (wb == 4 and args.group4) else "row"
+        return qfx.QuantConfig(wb, ab, symmetric=sym, rotation=args.rotation, weight_group=group)
+
+    def label(method, name, wb):
+        return f"{method} {name}{' g' + str(args.group4) if (wb == 4 and args.group4) else ''}{rot}"
     for key, method, name in ROWS:  # PTQ rows first (fast), then QAT
         if key not in args.only or method != "PTQ":
             continue
         wb, ab, sym = precisions[name]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
-            ptq = qfx.compile(teacher, mode=f"int{wb}", target=args.target, config=qfx.QuantConfig(wb, ab, symmetric=sym))
-        rows[key] = _evaluate(f"PTQ {name}", ptq, ref, ref_sup, test, support)
+            ptq = qfx.compile(teacher, mode=f"int{wb}", target=args.target, config=config(wb, ab, sym))
+        rows[key] = _evaluate(label("PTQ", name, wb), ptq, ref, ref_sup, test, support)
     for key, method, name in ROWS:
         if key not in args.only or method != "QAT":
             continue
         wb, ab, sym = precisions[name]
         steps = args.steps8 if wb == 8 else args.steps4
-        student = qfx.prepare_qat(teacher, config=qfx.QuantConfig(wb, ab, symmetric=sym))
+        student = qfx.prepare_qat(teacher, config=config(wb, ab, sym))
         lr = args.lr8 if wb == 8 else args.lr4
         cfg = kd.DistillConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, desc=f"QAT {name}",
                                eval_every=args.eval_every)
         result = kd.distill(teacher, student, train_texts, cfg, weights, eval_texts=dev_texts)
         compiled = qfx.compile(student, mode=f"int{wb}", target=args.target)
-        rows[key] = _evaluate(f"QAT {name}", compiled, ref, ref_sup, test, support, result.wall_s, steps)
+        rows[key] = _evaluate(label("QAT", name, wb), compiled, ref, ref_sup, test, support, result.wall_s, steps)
         rows[key]["history"] = result.history  # per evaluation: step, loss terms, dev cos_mean (with --eval-every)
     rows = [rows[k] for k in ("fp32", *(k for k, _, _ in ROWS)) if k in rows]  # fp32, W8A8 PTQ / QAT, W4A4 PTQ / QAT
     meta = {"tag": args.tag, "n_test": len(test), "n_support": len(support), "n_train": len(train_texts),
             "n_dev_eval": len(dev_texts or []), "wall_s": time.perf_counter() - t_start, "kd_weights": _weights(args),
-            "precisions": {n: f"W{w}A{a}-{'sym' if s else 'asym'}" for n, w, a, s in PRECISIONS}, "args": vars(args),
+            "precisions": {n: config(w, a, s).tag for n, w, a, s in PRECISIONS}, "args": vars(args),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     table = _table(rows, args, meta)
     (out / "results.md").write_text(table + f"\nwall time {meta['wall_s']:.0f} s\n")

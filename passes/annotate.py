@@ -361,6 +361,11 @@ def annotate(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] 
                     f"QuantConfig(weight_group={spec.group_size}) does not divide K={k} of "
                     f"linear {name}; choose a divisor of {k}"
                 )
+            if spec.rotation is not None and k % spec.rotation:
+                raise ValueError(
+                    f"QuantConfig(rotation={spec.rotation}) does not divide K={k} of linear {name}; "
+                    f"choose a power of two that divides {k} (or rotation=None)"
+                )
         info = LinearInfo(name, r.layer, r.role, r.part, weight, k, n_out, spec, reason)
         shared = tuple(u for u in uses[weight] if u != name)
         if shared:

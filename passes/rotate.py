@@ -43,15 +43,9 @@ import math
 import torch
 from torch import nn
 
+from qfx.numerics import hadamard_matrix
+
 __all__ = ["rotate_decoder", "random_hadamard", "ScalelessRMSNorm", "RotatedInput"]
-
-
-def _hadamard(n: int) -> torch.Tensor:
-    """Sylvester's Hadamard matrix ``[n, n]`` (entries +-1), ``n`` a power of two."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
 
 
 def random_hadamard(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -69,7 +63,7 @@ def random_hadamard(n: int, generator: torch.Generator | None = None) -> torch.T
         raise ValueError(f"n={n!r}: a rotation needs a positive dimension")
     if n & (n - 1) == 0:
         signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
-        return _hadamard(n) * signs.unsqueeze(0) / math.sqrt(n)
+        return hadamard_matrix(n) * signs.unsqueeze(0) / math.sqrt(n)
     q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 

@@ -228,8 +228,9 @@ def compile(
         from qfx.tune.select import tune_for_compile
         decision = tune_for_compile(gm, tune, tgt, cfg, skip, run_dtype)
         skip = tuple(skip) + decision.skip
+    rotated = dict(model.meta.get("qfx_rotated", {})) if is_qat_model(model) else None  # trained as W R
     ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype,
-                      remove_padding=bool(remove_padding))
+                      remove_padding=bool(remove_padding), rotated_weights=rotated)
     gm = run_passes(gm, COMPILE_PASSES, ctx)
     report = build_report(gm, mode=mode, target=tgt, origin=origin, run_dtype=run_dtype)
     if decision is not None:

@@ -29,6 +29,13 @@ class QuantConfig:
         roles: which layer parts are quantized (subset of ``ROLES``); the others stay float
             and the compile report says so.
         quantize_other: also quantize linears outside the encoder layers (pooler, heads).
+        rotation: ``None`` (off) or a power-of-two block size ``b`` such as 128: every quantized
+            linear reads its input rotated by a fixed orthogonal ``R`` (random signs times a
+            block-diagonal Hadamard matrix of blocks ``b``; :mod:`qfx.passes.rotate_inputs`),
+            its weight rotated to match (``W R``), so the float function is unchanged while
+            outlier channels are spread before the token-wise quantizer sees them. Costs one
+            fast Walsh-Hadamard transform (one Triton kernel on a GPU) per distinct linear
+            input. ``b`` must divide every quantized linear's K.
 
     Example::
 
@@ -43,6 +50,7 @@ class QuantConfig:
     act_clip: tuple[float, float] | None = None
     roles: tuple[str, ...] = field(default=ROLES)
     quantize_other: bool = False
+    rotation: int | None = None
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8):
@@ -80,6 +88,12 @@ class QuantConfig:
                     f"QuantConfig(act_clip={self.act_clip!r}) must be None or finite (lo, hi) "
                     "with lo < hi"
                 )
+        rot = self.rotation
+        if rot is not None and (isinstance(rot, bool) or not isinstance(rot, int) or rot < 2 or rot & (rot - 1)):
+            raise ValueError(
+                f"QuantConfig(rotation={rot!r}): use None (no rotation) or a power-of-two block "
+                "size such as 64 or 128 that divides every quantized linear's input dimension"
+            )
         bad = [r for r in self.roles if r not in ROLES]
         if bad:
             raise ValueError(f"QuantConfig(roles=...) has unknown roles {bad}; choose from {ROLES}")
@@ -97,19 +111,23 @@ class QuantConfig:
     @property
     def tag(self) -> str:
         """Short name such as ``W4A4-asym`` used in reports and plots."""
-        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size, sep="-")
+        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size, sep="-", rotation=self.rotation)
 
     def with_(self, **changes) -> "QuantConfig":
         return replace(self, **changes)
 
 
-def precision_tag(weight_bits: int, act_bits: int, symmetric: bool, group_size: int | None, sep: str = " ") -> str:
-    """``W4A4-asym-g64`` (sep="-") or ``W4A4 asym g64``: the one spelling of a precision."""
+def precision_tag(weight_bits: int, act_bits: int, symmetric: bool, group_size: int | None, sep: str = " ",
+                  rotation: int | None = None) -> str:
+    """``W4A4-asym-g64`` (sep="-") or ``W4A4 asym g64`` (``rot128`` appended for a rotated
+    input): the one spelling of a precision."""
     parts = [f"W{weight_bits}A{act_bits}"]
     if act_bits < 16:
         parts.append("sym" if symmetric else "asym")
     if group_size is not None:
         parts.append(f"g{group_size}")
+    if rotation is not None:
+        parts.append(f"rot{rotation}")
     return sep.join(parts)
 
 

@@ -29,6 +29,12 @@ Ops (shapes; ``...`` are leading token dims, flattened to M inside kernels)::
 The semantics are those of :mod:`qfx.numerics` (``quantize_activation``,
 ``int_matmul_reference``, ``int_linear_reference``).
 
+Input rotation (:mod:`qfx.passes.rotate_inputs`), plain torch on every device, no ``backend``::
+
+    qfx::rotate(x [..., K] float, signs [K] f32, block: int) -> [..., K] x.dtype
+        x @ R with R = diag(signs) blockdiag(H_block) / sqrt(block) (qfx.numerics.rotate_blocks,
+        the same bits at any batch size); trains (its gradient is g @ R^T)
+
 Token layout ops (padding removal, :mod:`qfx.passes.unpad`). They move rows, never change a
 value, and are the same plain torch on every device, so they take no ``backend`` and are
 implemented here (:func:`token_rows`, :func:`gather_tokens`, :func:`scatter_tokens`; the
@@ -51,13 +57,18 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["register_impl", "registered_backends", "OPS", "TOKEN_LAYOUT_OPS", "token_rows", "gather_tokens", "scatter_tokens"]
+from qfx.numerics import rotate_blocks
+from qfx.rotation_kernel import rotate as _rotate_tokens
+
+__all__ = ["register_impl", "registered_backends", "OPS", "TOKEN_LAYOUT_OPS", "FLOAT_OPS", "token_rows", "gather_tokens", "scatter_tokens"]
 
 #: (op name, backend name) -> implementation with the op's signature minus ``backend``.
 _IMPLS: dict[tuple[str, str], Callable] = {}
 OPS = ("quantize", "int_matmul", "int_linear", "weight_only_linear", "add_layer_norm_quantize")
 #: the token layout ops (no backend): see the module doc
 TOKEN_LAYOUT_OPS = ("token_index", "pack_tokens", "repad_tokens")
+#: plain-torch float ops of qfx (no backend): the online input rotation
+FLOAT_OPS = ("rotate",)
 
 
 def register_impl(op: str, backend: str, fn: Callable) -> None:
@@ -186,6 +197,37 @@ def _(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, backend):
         a.new_empty(lead, dtype=torch.float32),
         a.new_empty(lead, dtype=torch.float32),
     )
+
+
+# -- input rotation (QuaRot-style; passes/rotate_inputs.py) -----------------------------------
+# The same function on every device (a fast Walsh-Hadamard transform, qfx.numerics.rotate_blocks;
+# on a GPU one Triton kernel of the same additions, qfx.rotation_kernel), so it takes no
+# backend; differentiable, because the QAT graph trains through it (the gradient of x R is
+# g R^T: the same blocks, transposed).
+
+
+@torch.library.custom_op("qfx::rotate", mutates_args=())
+def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
+    return _rotate_tokens(x, signs, block)  # one Triton kernel on a GPU, the same bits as rotate_blocks
+
+
+@rotate.register_fake
+def _(x, signs, block):
+    return torch.empty_like(x)
+
+
+def _rotate_setup(ctx, inputs, output) -> None:
+    _, signs, block = inputs
+    ctx.save_for_backward(signs)
+    ctx.block = block
+
+
+def _rotate_backward(ctx, grad):
+    (signs,) = ctx.saved_tensors
+    return rotate_blocks(grad, signs, ctx.block, transpose=True), None, None
+
+
+rotate.register_autograd(_rotate_backward, setup_context=_rotate_setup)
 
 
 # -- token layout ops (padding removal) ------------------------------------------------------

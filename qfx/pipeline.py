@@ -2,7 +2,7 @@
 
 ::
 
-    L1 aten graph --annotate--> L2 --insert_fake_quant--> L3 QAT graph
+    L1 aten graph --annotate, rotate_inputs--> L2 --insert_fake_quant--> L3 QAT graph
        --remove_dropout, lower_to_integer--> L4 integer graph (reference ops, any device)
        --fuse_gelu_quantize, fuse_bias_gelu, fuse_qkv, key_padding_attention (GPU), plan,
          fuse_add_layer_norm_quantize (GPU), remove_padding (option)--> L5 target graph
@@ -30,6 +30,7 @@ from qfx.passes.fuse_norm_quant import fuse_add_layer_norm_quantize
 from qfx.passes.fuse_qkv import fuse_qkv
 from qfx.passes.lower_integer import lower_to_integer
 from qfx.passes.plan import plan
+from qfx.passes.rotate_inputs import rotate_inputs
 from qfx.passes.unpad import remove_padding
 from qfx.targets import Target
 
@@ -44,16 +45,21 @@ class PassContext:
     master_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     float_dtype: torch.dtype = torch.float32  # what the float parts of the target graph run in
     remove_padding: bool = False  # token-wise ops on the real tokens only (passes/unpad.py)
+    #: compiling a QAT model whose weights prepare_qat rotated (weight name -> block): only the
+    #: inputs are rotated again (passes/rotate_inputs.py)
+    rotated_weights: dict[str, int] | None = None
 
 
 Pass = tuple[str, Callable[[GraphModule, PassContext], GraphModule]]
 
 _ANNOTATE: Pass = ("annotate", lambda gm, c: annotate(gm, c.config, c.skip))
 _FAKE_QUANT: Pass = ("insert_fake_quant", lambda gm, c: insert_fake_quant(gm))
+_ROTATE: Pass = ("rotate_inputs", lambda gm, c: rotate_inputs(gm, c.master_weights, c.rotated_weights))
 
 #: capture -> QAT graph (L3), trainable
 QAT_PASSES: tuple[Pass, ...] = (
     _ANNOTATE,
+    _ROTATE,
     _FAKE_QUANT,
     ("dropout_to_modules", lambda gm, c: dropout_to_modules(gm)),
 )
@@ -66,6 +72,7 @@ TRAIN_PASSES: tuple[Pass, ...] = (("expose_features", lambda gm, c: expose_featu
 #: capture -> target graph (L5), for inference
 COMPILE_PASSES: tuple[Pass, ...] = (
     _ANNOTATE,
+    _ROTATE,
     _FAKE_QUANT,
     ("remove_dropout", lambda gm, c: remove_dropout(gm)),
     ("lower_to_integer", lambda gm, c: lower_to_integer(gm, c.master_weights)),

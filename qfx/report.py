@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.fx import GraphModule
 
-from qfx.schema import INT_LINEAR, INTEGER_LINEAR_OPS, QUANTIZE, LinearInfo, arg, is_call, linear_nodes
+from qfx.schema import INT_LINEAR, INTEGER_LINEAR_OPS, QUANTIZE, ROTATE, LinearInfo, arg, is_call, linear_nodes
 
 if TYPE_CHECKING:
     from qfx.tune.select import TuningTable
@@ -112,4 +112,12 @@ def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: 
             rep.linears.append(LinearRow(info.name, info.layer, info.role, shape, rep.run_dtype, "float", info.float_reason))
             rep.float_parts.append((info.name, info.float_reason))
     rep.float_parts.append(("embeddings, LayerNorm, softmax/attention, residual adds", f"not quantized by qfx (run in {rep.run_dtype})"))
+    rotations = [n for n in gm.graph.nodes if is_call(n, ROTATE)]
+    if rotations:
+        blocks = sorted({n.args[2] for n in rotations})
+        rep.float_parts.append((
+            f"input rotations ({len(rotations)} qfx::rotate)",
+            f"block-Hadamard rotation (blocks of {', '.join(map(str, blocks))}) of the linears' inputs before they are "
+            f"quantized (QuantConfig(rotation=...)); computed in fp32, stored in {rep.run_dtype}",
+        ))
     return rep

@@ -28,7 +28,7 @@ from qfx.fake_quant import integer_linear
 
 __all__ = [
     "QuantSpec", "LinearInfo", "LINEAR_OPS", "ATTENTION_OPS", "ACTIVATION_OPS",
-    "INT_LINEAR", "QUANTIZE", "WEIGHT_ONLY_LINEAR", "INTEGER_LINEAR_OPS", "ADD_LAYER_NORM_QUANTIZE",
+    "INT_LINEAR", "QUANTIZE", "WEIGHT_ONLY_LINEAR", "ROTATE", "INTEGER_LINEAR_OPS", "ADD_LAYER_NORM_QUANTIZE",
     "TOKENWISE_OPS", "ELEMENTWISE_OPS", "FEATURE_SPLIT_OPS", "TOKEN_INDEX", "PACK_TOKENS", "REPAD_TOKENS",
     "linear_nodes", "arg", "set_args", "arg_index", "weight_owner", "op_buffer", "is_call",
     "ancestors", "sdpa_mask",
@@ -46,6 +46,8 @@ LINEAR_OPS = frozenset({aten.linear.default, integer_linear})
 ATTENTION_OPS = frozenset({aten.scaled_dot_product_attention.default})
 ACTIVATION_OPS = frozenset({aten.gelu.default, aten.relu.default, aten.silu.default})
 ADD_LAYER_NORM_QUANTIZE = torch.ops.qfx.add_layer_norm_quantize.default
+#: the online input rotation (passes/rotate_inputs.py): token-wise, float in and out
+ROTATE = torch.ops.qfx.rotate.default
 
 # -- token-wise ops: what padding removal (passes/unpad.py) may run on packed tokens -------------
 # An op is token-wise when each token's output row depends only on that token's input rows
@@ -60,6 +62,7 @@ TOKENWISE_OPS: dict[Any, tuple[str | int, ...]] = {
     INT_LINEAR: ("a", "a_scale", "a_offset"),
     WEIGHT_ONLY_LINEAR: ("x",),
     ADD_LAYER_NORM_QUANTIZE: ("a", "b"),
+    ROTATE: ("x",),
     aten.linear.default: (0,),
     aten.layer_norm.default: (0,),
 }
@@ -89,10 +92,12 @@ class QuantSpec:
     symmetric: bool
     group_size: int | None
     act_clip: tuple[float, float] | None
+    #: block size of the online input rotation (passes/rotate_inputs.py), None: not rotated
+    rotation: int | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "QuantSpec":
-        return cls(cfg.weight_bits, cfg.act_bits, cfg.symmetric, cfg.group_size, cfg.act_clip)
+        return cls(cfg.weight_bits, cfg.act_bits, cfg.symmetric, cfg.group_size, cfg.act_clip, cfg.rotation)
 
     @property
     def quantizes_activations(self) -> bool:
@@ -100,7 +105,7 @@ class QuantSpec:
 
     @property
     def precision(self) -> str:
-        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size)
+        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size, rotation=self.rotation)
 
 
 @dataclass(frozen=True)

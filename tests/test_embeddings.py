@@ -192,7 +192,10 @@ def test_example_only_and_loss_flags_parse():
     assert args.only == ("ptq8", "qat4")  # table order, case-insensitive
     assert (args.w_emb, args.w_sim, args.w_rep, args.w_att, args.eval_every, args.tag) == (4.0, 4.0, 1.0, 2.0, 5, "att2")
     assert embedding_qat.parse_only("all") == parse([]).only
-    for bad in (["--only", "qat5"], ["--only", ","], ["--w-att", "-1"], ["--w-emb", "0", "--w-sim", "0", "--w-rep", "0"], ["--eval-every", "-1"]):
+    assert (parse([]).rotation, parse([]).group4) == (None, None)
+    assert (parse(["--rotation", "128", "--group4", "64"]).rotation, parse(["--group4", "64"]).group4) == (128, 64)
+    for bad in (["--only", "qat5"], ["--only", ","], ["--w-att", "-1"], ["--w-emb", "0", "--w-sim", "0", "--w-rep", "0"], ["--eval-every", "-1"],
+                ["--rotation", "100"], ["--group4", "0"]):
         with pytest.raises(SystemExit):
             parse(bad)
 

@@ -38,8 +38,8 @@ SENTENCES = (
     "Quantizing weights to four bits shrinks the model eightfold.",
     "GPU kernels fuse the scale and bias into the matrix multiply.",
 )
-#: the one command that recovers W4A4 quality (QAT with distillation on unlabelled text)
-QAT_COMMAND = "python examples/embedding_qat.py --out out/embedding_qat"
+#: the one command that recovers W4A4 quality (QAT with distillation on unlabelled text, rotated inputs)
+QAT_COMMAND = "python examples/embedding_qat.py --rotation 128 --out out/embedding_qat"
 
 
 @dataclass

@@ -15,6 +15,8 @@ graph over the same modules (:func:`bind_launchers`) in which
   functions (:mod:`qfx.ops`) on every backend; ``qfx::token_index`` is bound to one
   :class:`TokenIndex` per plan, whose ``capacity`` the CUDA-graph pool sets while it captures
   a token bucket (fixed shapes, no host sync inside the graph).
+* the input rotation ``qfx::rotate`` (:mod:`qfx.passes.rotate_inputs`) calls
+  :func:`qfx.rotation_kernel.rotate` directly.
 
 The L5 graph itself is kept unchanged (it is what ``report``, ``verify`` and ``torch.export``
 see); the lean graph shares its parameters and buffers.
@@ -28,9 +30,10 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule
 
+from qfx.rotation_kernel import rotate as rotate_tokens
 from qfx.ops import gather_tokens, scatter_tokens, token_rows
 from qfx.schema import (
-    ATTENTION_OPS, INT_LINEAR, PACK_TOKENS, QUANTIZE, REPAD_TOKENS, TOKEN_INDEX, arg, is_call, op_buffer,
+    ATTENTION_OPS, INT_LINEAR, PACK_TOKENS, QUANTIZE, REPAD_TOKENS, ROTATE, TOKEN_INDEX, arg, is_call, op_buffer,
 )
 
 __all__ = ["LaunchPlan", "TokenIndex", "bind_launchers"]
@@ -107,6 +110,9 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
         if is_call(node, TOKEN_INDEX):
             plan.token_index = plan.token_index or TokenIndex()
             node.target = plan.token_index.__call__  # a bound method: fx names it in the code
+            continue
+        if is_call(node, ROTATE):  # the function itself, without the dispatcher
+            node.target = rotate_tokens
             continue
         if is_call(node, (PACK_TOKENS, REPAD_TOKENS)):
             node.target = gather_tokens if node.target == PACK_TOKENS else scatter_tokens
