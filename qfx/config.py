@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 __all__ = ["QuantConfig", "ROLES", "MODES", "config_for_mode", "precision_tag", "parse_mode", "mode_of"]
 
@@ -12,6 +12,8 @@ ROLES = ("qkv", "attn_out", "ffn_in", "ffn_out")
 OTHER_ROLE = "other"
 
 MODES = ("int4", "int8", "fp16")
+#: QuantConfig fields newer than the checkpoint fingerprint: in its repr only when not default
+_SHOWN_WHEN_SET = ("rotation",)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,13 @@ class QuantConfig:
 
     def with_(self, **changes) -> "QuantConfig":
         return replace(self, **changes)
+
+    def __repr__(self) -> str:
+        # Fields added after checkpoints began to record ``repr(config)`` (qfx.train.checkpoint's
+        # fingerprint) are shown only when set, so a run saved before them still resumes.
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                 if not (f.name in _SHOWN_WHEN_SET and getattr(self, f.name) == f.default)]
+        return f"QuantConfig({', '.join(parts)})"
 
 
 def precision_tag(weight_bits: int, act_bits: int, symmetric: bool, group_size: int | None, sep: str = " ",

@@ -94,6 +94,20 @@ def test_a_rotation_block_that_does_not_divide_k_is_refused_with_the_linear_name
         qfx.prepare_qat(_tiny(), example_kwargs=inputs(2, 8), config=qfx.QuantConfig(4, 4, rotation=256))
 
 
+def test_checkpoints_saved_before_rotation_existed_still_resume():
+    """The training checkpoint's fingerprint records repr(QuantConfig); a new field shows there
+    only when set, so an older run's fingerprint matches, and a rotated run's does not."""
+    from qfx.train.checkpoint import check_fingerprint
+
+    legacy = ("QuantConfig(weight_bits=8, act_bits=8, symmetric=True, weight_group='row', act_granularity='token', "
+              "act_clip=None, roles=('qkv', 'attn_out', 'ffn_in', 'ffn_out'), quantize_other=False)")
+    assert repr(qfx.QuantConfig(8, 8)) == legacy
+    run = {"run": {}, "params": []}
+    check_fingerprint("ckpt", {**run, "quant": legacy}, {**run, "quant": repr(qfx.QuantConfig(8, 8))})
+    with pytest.raises(ValueError, match="rotation=128"):
+        check_fingerprint("ckpt", {**run, "quant": legacy}, {**run, "quant": repr(qfx.QuantConfig(8, 8, rotation=128))})
+
+
 def test_the_tag_names_the_rotation():
     assert qfx.QuantConfig(4, 4, symmetric=False, rotation=128).tag == "W4A4-asym-rot128"
     assert qfx.QuantConfig(4, 4).tag == "W4A4-sym"
