@@ -291,3 +291,24 @@ def test_distill_refuses_half_precision_master_weights(tiny_st):
     qat.half()
     with pytest.raises(ValueError, match="float32 master weights"):
         distill(tiny_st, qat, TEXTS * 2, DistillConfig(steps=1, batch_size=4, progress=False))
+
+
+def test_plot_embedding_runs_reads_results_and_names_a_missing_folder(tmp_path):
+    from pathlib import Path
+
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    sys.path.insert(0, examples)
+    try:
+        import plot_embedding_runs
+    finally:
+        sys.path.remove(examples)
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"model": "fp32", "cos_mean": 1.0, "top1": 1.0}, {"model": "QAT W4A4 rot128", "cos_mean": 0.97, "top1": 0.7},
+            {"model": "PTQ W8A8", "cos_mean": 0.997, "top1": 0.9}]
+    (run / "results.json").write_text(json.dumps({"rows": rows, "meta": {"tag": "t"}}))
+    got = plot_embedding_runs.rows([str(run)])
+    assert [r["model"] for r in got] == ["QAT W4A4 rot128", "PTQ W8A8"] and {r["run"] for r in got} == {"t"}
+    assert plot_embedding_runs.main([str(run), "--out", str(tmp_path / "p.png")]) == 0 and (tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="embedding_qat.py --out"):
+        plot_embedding_runs.rows([str(tmp_path / "nope")])
