@@ -10,7 +10,7 @@ bit), untrained, against the fp32 model: mean cosine and top-1 neighbour agreeme
 * W4A16 / W4A4 with GPTQ-rounded weights (:func:`qfx.gptq.gptq_init`, ``--gptq-texts`` unlabelled
   training texts) instead of round-to-nearest.
 
-Run (CPU, about 6-8 min on 2 cores for 300 texts)::
+Run (CPU, about 10 min on 2 cores for 300 texts, two GPTQ calibrations included)::
 
     python examples/embedding_sensitivity.py [--texts 300] [--rotation 0 128] [--gptq-texts 256] [--corpus <csv.bz2>]
 """
