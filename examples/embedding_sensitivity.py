@@ -34,18 +34,19 @@ from qfx.models import minilm_path  # noqa: E402
 from rotten_tomatoes import find_corpus, load_snippets, split_by_movie  # noqa: E402
 
 
-def variants(rotation: int | None) -> list[tuple[str, dict]]:
-    """(label, QuantConfig keyword arguments) per row, asymmetric activations as the W4A4 QAT uses."""
+def variants(rotation: int | None) -> list[tuple[str, dict, bool]]:
+    """(label, QuantConfig keyword arguments, GPTQ-rounded weights?) per row, asymmetric activations
+    as the W4A4 QAT uses."""
     rot = {"rotation": rotation} if rotation else {}
     tag = f" rot{rotation}" if rotation else ""
-    rows = [(f"W4A4{tag}", dict(weight_bits=4, act_bits=4, **rot)),
-            (f"W8A4{tag}", dict(weight_bits=8, act_bits=4, **rot)),
-            (f"W4A16{tag}", dict(weight_bits=4, act_bits=16, **rot)),
-            (f"W4A4 g64{tag}", dict(weight_bits=4, act_bits=4, weight_group=64, **rot)),
-            (f"W4A8{tag} +GPTQ", dict(weight_bits=4, act_bits=8, **rot)),
-            (f"W4A4{tag} +GPTQ", dict(weight_bits=4, act_bits=4, **rot))]
+    rows = [(f"W4A4{tag}", dict(weight_bits=4, act_bits=4, **rot), False),
+            (f"W8A4{tag}", dict(weight_bits=8, act_bits=4, **rot), False),
+            (f"W4A16{tag}", dict(weight_bits=4, act_bits=16, **rot), False),
+            (f"W4A4 g64{tag}", dict(weight_bits=4, act_bits=4, weight_group=64, **rot), False),
+            (f"W4A8{tag} +GPTQ", dict(weight_bits=4, act_bits=8, **rot), True),
+            (f"W4A4{tag} +GPTQ", dict(weight_bits=4, act_bits=4, **rot), True)]
     for role in ROLES:
-        rows.append((f"W4A4{tag}, {role} in float", dict(weight_bits=4, act_bits=4, roles=tuple(r for r in ROLES if r != role), **rot)))
+        rows.append((f"W4A4{tag}, {role} in float", dict(weight_bits=4, act_bits=4, roles=tuple(r for r in ROLES if r != role), **rot), False))
     return rows
 
 
@@ -72,11 +73,11 @@ def main(argv=None) -> int:
     print("| variant | cos to fp32 mean | top-1 neighbour same |\n|---|---|---|")
     start = time.perf_counter()
     for rotation in args.rotation:
-        for label, kwargs in variants(rotation or None):
+        for label, kwargs, gptq in variants(rotation or None):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 student = qfx.prepare_qat(teacher, config=qfx.QuantConfig(symmetric=False, **kwargs))
-            if label.endswith("+GPTQ"):
+            if gptq:
                 gptq_init(student, calibration)
             student.eval()
             with torch.no_grad():

@@ -1,10 +1,20 @@
 """Helpers shared by the passes that add or remove module attributes of a GraphModule."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
 
-__all__ = ["submodule_at", "drop_unused_attrs"]
+__all__ = ["submodule_at", "drop_unused_attrs", "param_or_buffer"]
+
+
+def param_or_buffer(gm: GraphModule, name: str) -> torch.Tensor:
+    """The parameter called ``name`` (a linear's weight), or the buffer of that name (captures of
+    frozen models hold weights as buffers); looked up by path, without listing every parameter."""
+    try:
+        return gm.get_parameter(name)
+    except AttributeError:
+        return gm.get_buffer(name)
 
 
 def submodule_at(gm: GraphModule, path: str) -> nn.Module:

@@ -49,6 +49,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx.config import OTHER_ROLE, QuantConfig
+from qfx.passes._attrs import param_or_buffer
 from qfx.schema import ATTENTION_OPS, LINEAR_OPS, LinearInfo, QuantSpec, linear_nodes
 
 __all__ = ["annotate", "attention_cores", "AttentionCore", "LinearInfo", "QuantSpec", "LINEAR_OPS", "linear_nodes"]
@@ -303,7 +304,7 @@ def _param_name(node: Node) -> str:
 
 
 def _shape(gm: GraphModule, weight: str) -> tuple[int, int]:
-    w = gm.get_parameter(weight) if weight in dict(gm.named_parameters()) else gm.get_buffer(weight)
+    w = param_or_buffer(gm, weight)
     if w.dim() != 2:
         raise ValueError(f"linear weight {weight} has shape {tuple(w.shape)}, expected 2-D")
     return int(w.shape[0]), int(w.shape[1])

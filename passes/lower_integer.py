@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 
 from qfx import numerics
 from qfx.fake_quant import ActFakeQuant, WeightFakeQuant
-from qfx.passes._attrs import drop_unused_attrs, submodule_at
+from qfx.passes._attrs import drop_unused_attrs, param_or_buffer, submodule_at
 from qfx.schema import LinearInfo, linear_nodes
 
 __all__ = ["lower_to_integer"]
@@ -70,7 +70,7 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
         if info is None or info.spec is None or w_mod is None:
             continue
         spec = info.spec
-        w_param = gm.get_parameter(info.weight) if info.weight in dict(gm.named_parameters()) else gm.get_buffer(info.weight)
+        w_param = param_or_buffer(gm, info.weight)
         w_src = w_param if master_weights is None else master_weights[info.weight].to(w_param.device)
         key = (info.weight, spec.weight_bits, spec.group_size)
         if key not in stored:

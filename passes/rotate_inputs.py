@@ -14,9 +14,12 @@ copy) and written back in place; a weight several linears share is rotated once.
 
 Why online and not folded (QuaRot folds ``R`` into the previous layer): in a post-LN encoder the
 rotated tensors are LayerNorm outputs (also the residual stream) and GELU outputs; neither
-commutes with a rotation, so ``x R`` is computed where it is read. The cost is ``b``
-multiply-adds per element (a batched ``[.., K/b, b] @ [b, b]`` GEMM), against ``N`` for the
-linear itself.
+commutes with a rotation, so ``x R`` is computed where it is read: ``qfx::rotate``, a fast
+Walsh-Hadamard transform in fp32 (:func:`qfx.numerics.rotate_blocks`; one Triton kernel on a
+GPU), ``log2(b)`` additions per element in one pass over the tensor, against ``N`` multiply-adds
+for the linear itself. Not a GEMM by ``R``: a GEMM's summation order depends on the row count,
+so a token would round differently in the QAT graph's batch and in the compiled model's padded
+bucket; the transform gives the same bits at any row count, which keeps the two bit-identical.
 
 ``already_rotated`` (weight name -> block) is for compiling a QAT model: its trained weights
 already are ``W R`` (this pass rotated them at ``prepare_qat``), so only the inputs are rotated,
@@ -33,16 +36,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx import numerics
+from qfx.passes._attrs import param_or_buffer
 from qfx.schema import ROTATE, LinearInfo, linear_nodes
 
 __all__ = ["rotate_inputs"]
 
 aten = torch.ops.aten
-
-
-def _tensor(gm: GraphModule, name: str) -> torch.Tensor:
-    params = dict(gm.named_parameters())
-    return params[name] if name in params else gm.get_buffer(name)
 
 
 def _rotation_node(gm: GraphModule, x: Node, k: int, block: int, like: torch.Tensor) -> Node:
@@ -82,9 +81,8 @@ def rotate_inputs(
             continue
         if node.target is not aten.linear.default:
             raise ValueError(f"rotate_inputs runs on the annotated float graph (L2); linear {info.name} is already {node.target}")
-        x, w = node.args[0], node.args[1]
-        k = info.in_features
-        weight = _tensor(gm, info.weight)
+        x, k = node.args[0], info.in_features
+        weight = param_or_buffer(gm, info.weight)
         key = (x, k, block)
         if key not in inputs:
             inputs[key] = _rotation_node(gm, x, k, block, weight)

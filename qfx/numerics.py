@@ -57,6 +57,7 @@ which equals ``x_hat @ w_hat.T + bias`` in exact arithmetic. In fp32 the order i
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -792,6 +793,13 @@ def rotation_matrix(k: int, block: int) -> torch.Tensor:
     return rotation_signs(k).double().unsqueeze(1) * torch.block_diag(*([h] * (k // block)))
 
 
+@functools.lru_cache(maxsize=None)
+def rotation_scale(block: int) -> float:
+    """``1/sqrt(block)`` rounded to fp32 (returned as the Python float of that fp32 value): the
+    one normalisation both :func:`rotate_blocks` and the GPU kernel multiply by."""
+    return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
+
+
 def _walsh_hadamard(y: torch.Tensor, b: int) -> torch.Tensor:
     """``H_b`` applied to every consecutive block of ``b`` in the last dim (unnormalized), by
     log2(b) butterfly stages: at stride ``h`` the pair ``(u, v)`` becomes ``(u + v, u - v)``."""
@@ -816,7 +824,7 @@ def rotate_blocks(x: torch.Tensor, signs: torch.Tensor, block: int, transpose: b
         raise ValueError(f"block={block!r} must be a power of two dividing the last dim {x.shape[-1]}")
     work = torch.promote_types(x.dtype, torch.float32)
     s = signs.to(work)
-    scale = torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32).to(work)
+    scale = rotation_scale(block)  # an fp32 value: exact in fp32 and in fp64
     y = x.to(work)
     if transpose:
         y = _walsh_hadamard(y, block) * scale * s
@@ -825,4 +833,4 @@ def rotate_blocks(x: torch.Tensor, signs: torch.Tensor, block: int, transpose: b
     return y.to(x.dtype)
 
 
-__all__ += ["rotation_signs", "hadamard_matrix", "rotation_matrix", "rotate_blocks"]
+__all__ += ["rotation_signs", "hadamard_matrix", "rotation_matrix", "rotation_scale", "rotate_blocks"]

@@ -60,15 +60,13 @@ from torch import Tensor
 from qfx.numerics import rotate_blocks
 from qfx.rotation_kernel import rotate as _rotate_tokens
 
-__all__ = ["register_impl", "registered_backends", "OPS", "TOKEN_LAYOUT_OPS", "FLOAT_OPS", "token_rows", "gather_tokens", "scatter_tokens"]
+__all__ = ["register_impl", "registered_backends", "OPS", "TOKEN_LAYOUT_OPS", "token_rows", "gather_tokens", "scatter_tokens"]
 
 #: (op name, backend name) -> implementation with the op's signature minus ``backend``.
 _IMPLS: dict[tuple[str, str], Callable] = {}
 OPS = ("quantize", "int_matmul", "int_linear", "weight_only_linear", "add_layer_norm_quantize")
 #: the token layout ops (no backend): see the module doc
 TOKEN_LAYOUT_OPS = ("token_index", "pack_tokens", "repad_tokens")
-#: plain-torch float ops of qfx (no backend): the online input rotation
-FLOAT_OPS = ("rotate",)
 
 
 def register_impl(op: str, backend: str, fn: Callable) -> None:

@@ -13,17 +13,13 @@ Triton is optional (it comes with CUDA builds of torch): without it, or on the C
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import math
-
 import torch
 
-from qfx.numerics import rotate_blocks
+from qfx.decoder_kernels import HAS_TRITON
+from qfx.numerics import rotate_blocks, rotation_scale
 
 __all__ = ["HAS_TRITON", "rotate", "rotate_triton"]
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 _KERNEL = None
 #: rows per program: 32 rows x 128 fp32 channels = 16 KiB of registers per program over 4 warps
 BLOCK_M = 32
@@ -71,26 +67,15 @@ def rotate_triton(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Ten
     out = torch.empty_like(flat)
     m = flat.shape[0]
     if m:
-        grid = (triton_cdiv(m, BLOCK_M), k // block)
+        grid = (-(-m // BLOCK_M), k // block)
         _kernel()[grid](flat, signs.to(device=x.device, dtype=torch.float32).contiguous(), out, m, k,
-                        _scale(block), B=block, LOG_B=block.bit_length() - 1, BLOCK=BLOCK_M)
+                        rotation_scale(block), B=block, LOG_B=block.bit_length() - 1, BLOCK=BLOCK_M)
     return out.reshape(x.shape)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@functools.lru_cache(maxsize=None)
-def _scale(block: int) -> float:
-    """``1/sqrt(block)`` rounded to fp32 once, as rotate_blocks rounds it (Triton passes a Python
-    float argument to the kernel as fp32; this value is exactly representable there)."""
-    return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
 
 
 def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     """``x @ R`` by the kernel on a GPU (when Triton is there), else by :func:`rotate_blocks`:
     the same bits either way."""
-    if x.is_cuda and HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and block >= 2:
+    if x.is_cuda and HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
         return rotate_triton(x, signs, block)
     return rotate_blocks(x, signs, block)
