@@ -111,6 +111,9 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gptq-init", type=int, default=0, metavar="N",
                     help="GPTQ-round the W4A4 rows' 4-bit weights on N unlabelled training texts first (qfx.gptq.gptq_init): "
                          "the PTQ row becomes GPTQ post-training, the QAT student starts from the GPTQ weights (default 0: off)")
+    ap.add_argument("--precision4", default="W4A4", choices=("W4A4", "W8A4", "W4A8"),
+                    help="precision of the two 4-bit rows (default W4A4). W8A4 (8-bit weights) bounds what 4-bit "
+                         "activations alone allow; W4A8 is the next step up when W4A4 loses too much")
     ap.add_argument("--tag", default="", help="label of this variant, written into results.json and the table caption")
     args = ap.parse_args(argv)
     if args.eval_every < 0:
@@ -237,11 +240,17 @@ def main(argv=None) -> int:
     rows = {"fp32": fp32}
     print(f"fp32           sentiment {fp32['sentiment_acc']:.1%}  {ms32:.1f} ms/text", flush=True)
     precisions = {n: (w, a, sym) for n, w, a, sym in PRECISIONS}
+    if args.precision4 != "W4A4":  # the "4" rows at another precision (symmetric activations at 8 bits, as W8A8)
+        wb4, ab4 = int(args.precision4[1]), int(args.precision4[3])
+        precisions["W4A4"] = (wb4, ab4, ab4 == 8)
     rot = f" rot{args.rotation}" if args.rotation else ""
 
     def config(wb, ab, sym):
         group = args.group4 if (wb == 4 and args.group4) else "row"
         return qfx.QuantConfig(wb, ab, symmetric=sym, rotation=args.rotation, weight_group=group)
+
+    def _shown(name):  # the "4" rows are named by the precision they ran at
+        return args.precision4 if name == "W4A4" else name
 
     def label(method, name, wb):
         gptq = " +GPTQ" if (wb == 4 and args.gptq_init) else ""
@@ -265,24 +274,24 @@ def main(argv=None) -> int:
                 ptq = qfx.compile(gptq(qfx.prepare_qat(teacher, config=config(wb, ab, sym)), wb), mode=f"int{wb}", target=args.target)
             else:
                 ptq = qfx.compile(teacher, mode=f"int{wb}", target=args.target, config=config(wb, ab, sym))
-        rows[key] = _evaluate(label("PTQ", name, wb), ptq, ref, ref_sup, test, support)
+        rows[key] = _evaluate(label("PTQ", _shown(name), wb), ptq, ref, ref_sup, test, support)
     for key, method, name in ROWS:
         if key not in args.only or method != "QAT":
             continue
         wb, ab, sym = precisions[name]
-        steps = args.steps8 if wb == 8 else args.steps4
+        steps = args.steps8 if key == "qat8" else args.steps4
         student = gptq(qfx.prepare_qat(teacher, config=config(wb, ab, sym)), wb)
-        lr = args.lr8 if wb == 8 else args.lr4
-        cfg = kd.DistillConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, desc=f"QAT {name}",
+        lr = args.lr8 if key == "qat8" else args.lr4
+        cfg = kd.DistillConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, desc=f"QAT {_shown(name)}",
                                eval_every=args.eval_every)
         result = kd.distill(teacher, student, train_texts, cfg, weights, eval_texts=dev_texts)
         compiled = qfx.compile(student, mode=f"int{wb}", target=args.target)
-        rows[key] = _evaluate(label("QAT", name, wb), compiled, ref, ref_sup, test, support, result.wall_s, steps)
+        rows[key] = _evaluate(label("QAT", _shown(name), wb), compiled, ref, ref_sup, test, support, result.wall_s, steps)
         rows[key]["history"] = result.history  # per evaluation: step, loss terms, dev cos_mean (with --eval-every)
     rows = [rows[k] for k in ("fp32", *(k for k, _, _ in ROWS)) if k in rows]  # fp32, W8A8 PTQ / QAT, W4A4 PTQ / QAT
     meta = {"tag": args.tag, "n_test": len(test), "n_support": len(support), "n_train": len(train_texts),
             "n_dev_eval": len(dev_texts or []), "wall_s": time.perf_counter() - t_start, "kd_weights": _weights(args),
-            "precisions": {n: config(w, a, s).tag for n, w, a, s in PRECISIONS}, "args": vars(args),
+            "precisions": {_shown(n): config(*p).tag for n, p in precisions.items()}, "args": vars(args),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     table = _table(rows, args, meta)
     (out / "results.md").write_text(table + f"\nwall time {meta['wall_s']:.0f} s\n")

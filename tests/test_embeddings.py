@@ -194,9 +194,10 @@ def test_example_only_and_loss_flags_parse():
     assert embedding_qat.parse_only("all") == parse([]).only
     assert (parse([]).rotation, parse([]).group4, parse([]).gptq_init) == (None, None, 0)
     assert parse(["--gptq-init", "256"]).gptq_init == 256
+    assert (parse([]).precision4, parse(["--precision4", "W8A4"]).precision4) == ("W4A4", "W8A4")
     assert (parse(["--rotation", "128", "--group4", "64"]).rotation, parse(["--group4", "64"]).group4) == (128, 64)
     for bad in (["--only", "qat5"], ["--only", ","], ["--w-att", "-1"], ["--w-emb", "0", "--w-sim", "0", "--w-rep", "0"], ["--eval-every", "-1"],
-                ["--rotation", "100"], ["--group4", "0"], ["--gptq-init", "-1"]):
+                ["--rotation", "100"], ["--group4", "0"], ["--gptq-init", "-1"], ["--precision4", "W2A2"]):
         with pytest.raises(SystemExit):
             parse(bad)
 
@@ -306,10 +307,13 @@ def test_plot_embedding_runs_reads_results_and_names_a_missing_folder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     rows = [{"model": "fp32", "cos_mean": 1.0, "top1": 1.0}, {"model": "QAT W4A4 rot128", "cos_mean": 0.97, "top1": 0.7},
-            {"model": "PTQ W8A8", "cos_mean": 0.997, "top1": 0.9}]
+            {"model": "PTQ W8A8", "cos_mean": 0.997, "top1": 0.9}, {"model": "QAT W8A4 rot128", "cos_mean": 0.98, "top1": 0.71}]
     (run / "results.json").write_text(json.dumps({"rows": rows, "meta": {"tag": "t"}}))
     got = plot_embedding_runs.rows([str(run)])
-    assert [r["model"] for r in got] == ["QAT W4A4 rot128", "PTQ W8A8"] and {r["run"] for r in got} == {"t"}
+    assert [r["model"] for r in got] == ["QAT W4A4 rot128", "PTQ W8A8", "QAT W8A4 rot128"] and {r["run"] for r in got} == {"t"}
+    assert plot_embedding_runs._colour("QAT W8A4 rot128") != plot_embedding_runs._colour("QAT W4A4 rot128")
+    with pytest.raises(ValueError, match="names no precision"):
+        plot_embedding_runs._colour("QAT W2A2")
     assert plot_embedding_runs.main([str(run), "--out", str(tmp_path / "p.png")]) == 0 and (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="embedding_qat.py --out"):
         plot_embedding_runs.rows([str(tmp_path / "nope")])
