@@ -13,6 +13,18 @@ Pattern (the two LayerNorms of every BERT layer and the embeddings' one)::
 
 One pass over the row instead of three kernels (7 bytes moved per element instead of 13).
 
+Rotated readers (``QuantConfig(rotation=b)``, :mod:`qfx.passes.rotate_inputs`)::
+
+    s = aten.add(a, b)?;  y = aten.layer_norm(s, ...)
+    r = qfx::rotate(y, signs, b)               (r read by the quantize alone)
+    q, scale, offset = qfx::quantize(r, ...)
+    ->
+    y, q, scale, offset = qfx::add_layer_norm_rotate_quantize(a, b, weight, bias, eps, signs, b,
+                                                              bits, symmetric, clip_lo, clip_hi, backend)
+
+one kernel where four ran (:mod:`qfx.rotation_quant_kernels`); its codes are exactly
+``quantize(rotate(y))`` of the ``y`` it returns.
+
 Invariant: the codes are exactly ``quantize(y)`` of the ``y`` the graph carries on (the
 residual stream reads the same ``y``), so the integer linears see codes consistent with the
 float path. ``y`` equals torch's LayerNorm up to fp32 rounding of the mean and variance
@@ -20,7 +32,8 @@ float path. ``y`` equals torch's LayerNorm up to fp32 rounding of the mean and v
 bf16 (the compiled model then is the twin up to float-part rounding already); with
 ``float_dtype=torch.float32`` the graph keeps torch's LayerNorm and stays bit-identical to its
 QAT twin. A LayerNorm whose row the kernel cannot hold (K > 1024 or not a multiple of 8) is
-left as it is, and ``gm.meta["qfx_fused_norms"]`` says how many were fused and why others not.
+left as it is, and ``gm.meta["qfx_fused_norms"]`` says how many were fused (rotated readers
+included; ``gm.meta["qfx_fused_rotated_norms"]`` counts those) and why others not.
 """
 from __future__ import annotations
 
@@ -29,12 +42,13 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.schema import QUANTIZE, arg, is_call
+from qfx.schema import QUANTIZE, ROTATE, arg, is_call
 
 __all__ = ["fuse_add_layer_norm_quantize"]
 
 aten = torch.ops.aten
 _FUSED = torch.ops.qfx.add_layer_norm_quantize.default
+_FUSED_ROTATED = torch.ops.qfx.add_layer_norm_rotate_quantize.default
 
 
 def _val(n) -> torch.Tensor | None:
@@ -48,21 +62,26 @@ def _same_shape(a: Node, b: Node) -> bool:
 
 
 def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, backend: str = "cutlass",
-                                 fits=None) -> GraphModule:
-    """Fuse every add -> layer_norm -> quantize(backend) chain; see the module doc.
+                                 fits=None, fits_rotated=None) -> GraphModule:
+    """Fuse every add -> layer_norm -> [rotate ->] quantize(backend) chain; see the module doc.
 
     ``fits(k, dtype) -> (ok, why)`` says whether the backend's kernel takes a row (default: the
-    CUTLASS library's answer); tests pass another backend and predicate.
+    CUTLASS library's answer), ``fits_rotated(k, dtype, block)`` the same for the rotated form
+    (default: :func:`qfx.rotation_quant_kernels.fits`); tests pass another backend and predicates.
     """
     if float_dtype not in (torch.float16, torch.bfloat16):
         gm.meta["qfx_fused_norms"] = (0, f"float parts in {float_dtype}: torch's LayerNorm kept")
         return gm
     if fits is None:
         from qfx.backends.cutlass.launch import add_layer_norm_fits as fits
+    if fits_rotated is None:
+        from qfx.rotation_quant_kernels import fits as fits_rotated
     graph = gm.graph
-    fused, refused = 0, set()
+    fused, fused_rotated, refused = 0, 0, set()
     for q in [n for n in graph.nodes if is_call(n, QUANTIZE) and arg(n, "backend") == backend]:
-        ln = arg(q, "x")
+        ln, rot = arg(q, "x"), None
+        if is_call(ln, ROTATE) and len(ln.users) == 1 and not arg(q, "gelu"):
+            rot, ln = ln, ln.args[0]
         if not is_call(ln, aten.layer_norm.default):
             continue
         x, shape = ln.args[0], ln.args[1]
@@ -73,7 +92,7 @@ def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, back
         if weight is None or bias is None or y_val is None or len(shape) != 1:
             continue
         k = int(y_val.shape[-1])
-        ok, why = fits(k, y_val.dtype)
+        ok, why = fits(k, y_val.dtype) if rot is None else fits_rotated(k, y_val.dtype, rot.args[2])
         if not ok:
             refused.add(why)
             continue
@@ -81,17 +100,23 @@ def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, back
         if (is_call(x, aten.add.Tensor) and len(x.users) == 1 and not x.kwargs
                 and all(isinstance(t, Node) and _same_shape(t, ln) for t in x.args[:2])):
             a, b = x.args[0], x.args[1]
-        with graph.inserting_before(ln):
-            node = graph.call_function(_FUSED, (a, b, weight, bias, float(eps), arg(q, "bits"), arg(q, "symmetric"),
-                                                arg(q, "clip_lo"), arg(q, "clip_hi"), backend))
+        quant = (arg(q, "bits"), arg(q, "symmetric"), arg(q, "clip_lo"), arg(q, "clip_hi"), backend)
+        # rotated: at the rotate, after its signs (a get_attr rotate_inputs placed right after the LayerNorm)
+        with graph.inserting_before(ln if rot is None else rot):
+            if rot is None:
+                node = graph.call_function(_FUSED, (a, b, weight, bias, float(eps), *quant))
+            else:
+                node = graph.call_function(_FUSED_ROTATED, (a, b, weight, bias, float(eps), rot.args[1], rot.args[2], *quant))
             outs = [graph.call_function(operator.getitem, (node, i)) for i in range(4)]
         outs[0].meta["val"] = y_val
         ln.replace_all_uses_with(outs[0])
         for user in list(q.users):  # getitem(q, i) -> getitem(fused, i + 1)
             user.replace_all_uses_with(outs[user.args[1] + 1])
         fused += 1
+        fused_rotated += rot is not None
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     gm.meta["qfx_fused_norms"] = (fused, "; ".join(sorted(refused)))
+    gm.meta["qfx_fused_rotated_norms"] = fused_rotated
     return gm

@@ -25,6 +25,11 @@ Ops (shapes; ``...`` are leading token dims, flattened to M inside kernels)::
                                  symmetric, clip_lo, clip_hi, backend)
         -> (y = layer_norm(a + b) [..., K] a.dtype, codes, scale [...], offset [...])
                                      (the codes are those of quantize(y): a fused producer)
+    qfx::add_layer_norm_rotate_quantize(a, b?, weight, bias, eps, signs [K] f32, block, bits,
+                                        symmetric, clip_lo, clip_hi, backend)
+        -> (y = layer_norm(a + b), codes, scale, offset)
+                                     (the codes are those of quantize(rotate(y, signs, block)):
+                                      the fused producer of a rotated LayerNorm reader)
 
 The semantics are those of :mod:`qfx.numerics` (``quantize_activation``,
 ``int_matmul_reference``, ``int_linear_reference``).
@@ -64,7 +69,8 @@ __all__ = ["register_impl", "registered_backends", "OPS", "TOKEN_LAYOUT_OPS", "t
 
 #: (op name, backend name) -> implementation with the op's signature minus ``backend``.
 _IMPLS: dict[tuple[str, str], Callable] = {}
-OPS = ("quantize", "int_matmul", "int_linear", "weight_only_linear", "add_layer_norm_quantize")
+OPS = ("quantize", "int_matmul", "int_linear", "weight_only_linear", "add_layer_norm_quantize",
+       "add_layer_norm_rotate_quantize")
 #: the token layout ops (no backend): see the module doc
 TOKEN_LAYOUT_OPS = ("token_index", "pack_tokens", "repad_tokens")
 
@@ -188,6 +194,36 @@ def add_layer_norm_quantize(
 
 @add_layer_norm_quantize.register_fake
 def _(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, backend):
+    lead = a.shape[:-1]
+    return (
+        torch.empty_like(a),
+        a.new_empty(a.shape, dtype=torch.int8),
+        a.new_empty(lead, dtype=torch.float32),
+        a.new_empty(lead, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("qfx::add_layer_norm_rotate_quantize", mutates_args=())
+def add_layer_norm_rotate_quantize(
+    a: Tensor,
+    b: Optional[Tensor],
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    signs: Tensor,
+    block: int,
+    bits: int,
+    symmetric: bool,
+    clip_lo: Optional[float],
+    clip_hi: Optional[float],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _impl("add_layer_norm_rotate_quantize", backend)(a, b, weight, bias, eps, signs, block, bits, symmetric,
+                                                            clip_lo, clip_hi)
+
+
+@add_layer_norm_rotate_quantize.register_fake
+def _(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo, clip_hi, backend):
     lead = a.shape[:-1]
     return (
         torch.empty_like(a),

@@ -29,6 +29,7 @@ from qfx.fake_quant import integer_linear
 __all__ = [
     "QuantSpec", "LinearInfo", "LINEAR_OPS", "ATTENTION_OPS", "ACTIVATION_OPS",
     "INT_LINEAR", "QUANTIZE", "WEIGHT_ONLY_LINEAR", "ROTATE", "INTEGER_LINEAR_OPS", "ADD_LAYER_NORM_QUANTIZE",
+    "ADD_LAYER_NORM_ROTATE_QUANTIZE",
     "TOKENWISE_OPS", "ELEMENTWISE_OPS", "FEATURE_SPLIT_OPS", "TOKEN_INDEX", "PACK_TOKENS", "REPAD_TOKENS",
     "linear_nodes", "arg", "set_args", "arg_index", "weight_owner", "op_buffer", "is_call",
     "ancestors", "sdpa_mask",
@@ -46,6 +47,8 @@ LINEAR_OPS = frozenset({aten.linear.default, integer_linear})
 ATTENTION_OPS = frozenset({aten.scaled_dot_product_attention.default})
 ACTIVATION_OPS = frozenset({aten.gelu.default, aten.relu.default, aten.silu.default})
 ADD_LAYER_NORM_QUANTIZE = torch.ops.qfx.add_layer_norm_quantize.default
+#: its rotated form: the codes are those of rotate(layer_norm(a + b)) (passes/fuse_norm_quant.py)
+ADD_LAYER_NORM_ROTATE_QUANTIZE = torch.ops.qfx.add_layer_norm_rotate_quantize.default
 #: the online input rotation (passes/rotate_inputs.py): token-wise, float in and out
 ROTATE = torch.ops.qfx.rotate.default
 
@@ -62,6 +65,7 @@ TOKENWISE_OPS: dict[Any, tuple[str | int, ...]] = {
     INT_LINEAR: ("a", "a_scale", "a_offset"),
     WEIGHT_ONLY_LINEAR: ("x",),
     ADD_LAYER_NORM_QUANTIZE: ("a", "b"),
+    ADD_LAYER_NORM_ROTATE_QUANTIZE: ("a", "b"),
     ROTATE: ("x",),
     aten.linear.default: (0,),
     aten.layer_norm.default: (0,),

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 from ._validate import BadInput
 from .capability import available, can_implement, family_for
-from .ops import add_layer_norm_quantize, int_linear, int_matmul, quantize, unpack_int4
+from .ops import add_layer_norm_quantize, add_layer_norm_rotate_quantize, int_linear, int_matmul, quantize, unpack_int4
 
 __all__ = ["available", "can_implement", "int_matmul", "int_linear", "quantize", "unpack_int4",
-           "add_layer_norm_quantize",
+           "add_layer_norm_quantize", "add_layer_norm_rotate_quantize",
            "family_for", "BadInput", "register"]
 
 
@@ -43,6 +43,7 @@ def register() -> None:
     qfx_ops.register_impl("int_linear", "cutlass", int_linear)
     qfx_ops.register_impl("quantize", "cutlass", quantize)
     qfx_ops.register_impl("add_layer_norm_quantize", "cutlass", add_layer_norm_quantize)
+    qfx_ops.register_impl("add_layer_norm_rotate_quantize", "cutlass", add_layer_norm_rotate_quantize)
 
 
 register()

@@ -18,7 +18,7 @@ from .configs import by_name
 from .launch import (AddLayerNormQuantizeLauncher, add_layer_norm_fits, device_family, dtype_code, library, pack_rows_int4, pick_config, quantize_rows,
                      run_gemm, sm_count, unpack_int4_into)
 
-__all__ = ["int_matmul", "int_linear", "quantize", "unpack_int4", "add_layer_norm_quantize"]
+__all__ = ["int_matmul", "int_linear", "quantize", "unpack_int4", "add_layer_norm_quantize", "add_layer_norm_rotate_quantize"]
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -237,3 +237,32 @@ def add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo=No
         raise BadInput("clip_lo and clip_hi go together: pass both or neither")
     clip = None if clip_lo is None else (clip_lo, clip_hi)
     return AddLayerNormQuantizeLauncher(eps, bits, symmetric, clip)(a, b, weight, bias)
+
+
+def add_layer_norm_rotate_quantize(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo=None, clip_hi=None):
+    """``y = layer_norm(a + b)`` and the token-wise codes of ``rotate(y)`` in one kernel (Triton,
+    :mod:`qfx.rotation_quant_kernels`); the codes equal :func:`quantize` of ``rotate(y)`` for the
+    returned ``y``."""
+    from qfx.rotation_quant_kernels import AddLayerNormRotateQuantizeLauncher, fits
+
+    if bits not in (4, 8):
+        raise BadInput(f"bits={bits}: the fused kernel takes 4 or 8")
+    k = a.shape[-1]
+    ok, why = fits(k, a.dtype, block)
+    if not ok:
+        raise BadInput(why)
+    for name, t in (("a", a), ("b", b), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(t.contiguous(), name, (a.dtype,))
+    check_tensor(signs.contiguous(), "signs", _OUT_DTYPES)  # +-1: exact in any float dtype
+    if b is not None and b.shape != a.shape:
+        raise BadInput(f"b has shape {tuple(b.shape)}; expected a's shape {tuple(a.shape)}")
+    if tuple(weight.shape) != (k,) or tuple(bias.shape) != (k,) or tuple(signs.shape) != (k,):
+        raise BadInput(f"weight / bias / signs have shapes {tuple(weight.shape)} / {tuple(bias.shape)} / "
+                       f"{tuple(signs.shape)}; expected ({k},)")
+    check_same_device(a=a, b=b, weight=weight, bias=bias, signs=signs)
+    if (clip_lo is None) != (clip_hi is None):
+        raise BadInput("clip_lo and clip_hi go together: pass both or neither")
+    clip = None if clip_lo is None else (clip_lo, clip_hi)
+    return AddLayerNormRotateQuantizeLauncher(eps, signs, block, bits, symmetric, clip)(
+        a, b, weight.contiguous(), bias.contiguous())

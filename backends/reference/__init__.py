@@ -58,7 +58,14 @@ def _add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo, 
     return (y, *_quantize(y, bits, symmetric, clip_lo, clip_hi))
 
 
+def _add_layer_norm_rotate_quantize(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo, clip_hi):
+    s = a if b is None else a + b
+    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return (y, *_quantize(numerics.rotate_blocks(y, signs, block), bits, symmetric, clip_lo, clip_hi))
+
+
 register_impl("quantize", NAME, _quantize)
+register_impl("add_layer_norm_rotate_quantize", NAME, _add_layer_norm_rotate_quantize)
 register_impl("add_layer_norm_quantize", NAME, _add_layer_norm_quantize)
 register_impl("int_matmul", NAME, _int_matmul)
 register_impl("int_linear", NAME, _int_linear)

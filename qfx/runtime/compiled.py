@@ -117,7 +117,9 @@ class CompiledModel(nn.Module):
         lines.append(f"padding removal: {meta.get('qfx_unpad', 'off (remove_padding=False)')}")
         if "qfx_fused_norms" in meta:
             n, why = meta["qfx_fused_norms"]
-            lines.append(f"add + LayerNorm + quantize fused at {n} site(s)" + (f"; not fused: {why}" if why else ""))
+            rotated = meta.get("qfx_fused_rotated_norms", 0)
+            lines.append(f"add + LayerNorm + quantize fused at {n} site(s)"
+                         + (f" ({rotated} with the input rotation)" if rotated else "") + (f"; not fused: {why}" if why else ""))
         if self._graphs is not None:
             tokens = (f"; token buckets: multiples of {self._buckets.token_step}, at most "
                       f"{self._buckets.token_buckets} per shape" if self._graphs.token_index is not None else "")

@@ -16,7 +16,10 @@ graph over the same modules (:func:`bind_launchers`) in which
   :class:`TokenIndex` per plan, whose ``capacity`` the CUDA-graph pool sets while it captures
   a token bucket (fixed shapes, no host sync inside the graph).
 * the input rotation ``qfx::rotate`` (:mod:`qfx.passes.rotate_inputs`) calls
-  :func:`qfx.rotation_kernel.rotate` directly.
+  :func:`qfx.rotation_kernel.rotate` directly; a rotation read only by a ``cutlass``
+  ``qfx::quantize`` is bound with it as one kernel (:class:`qfx.rotation_quant_kernels.RotateQuantizeLauncher`:
+  the same codes as the two ops, bit for bit), and ``qfx::add_layer_norm_rotate_quantize`` to
+  its Triton launcher.
 
 The L5 graph itself is kept unchanged (it is what ``report``, ``verify`` and ``torch.export``
 see); the lean graph shares its parameters and buffers.
@@ -40,9 +43,10 @@ __all__ = ["LaunchPlan", "TokenIndex", "bind_launchers"]
 
 _GUARD_OPS = {torch.ops.aten._assert_tensor_metadata.default}
 _ADD_LN_QUANTIZE = torch.ops.qfx.add_layer_norm_quantize.default
+_ADD_LN_ROTATE_QUANTIZE = torch.ops.qfx.add_layer_norm_rotate_quantize.default
 #: op -> the activation arguments its launcher takes per call (the rest is bound once)
 _CALL_ARGS = {QUANTIZE: ("x",), INT_LINEAR: ("a", "a_scale", "a_offset"),
-              _ADD_LN_QUANTIZE: ("a", "b", "weight", "bias")}
+              _ADD_LN_QUANTIZE: ("a", "b", "weight", "bias"), _ADD_LN_ROTATE_QUANTIZE: ("a", "b", "weight", "bias")}
 
 
 @dataclass
@@ -74,6 +78,13 @@ class TokenIndex:
 def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
     from qfx.backends.cutlass.launch import AddLayerNormQuantizeLauncher, LinearLauncher, QuantizeLauncher
 
+    if is_call(node, _ADD_LN_ROTATE_QUANTIZE):
+        from qfx.rotation_quant_kernels import AddLayerNormRotateQuantizeLauncher
+
+        clip = arg(node, "clip_lo")
+        clip = None if clip is None else (clip, arg(node, "clip_hi"))
+        return AddLayerNormRotateQuantizeLauncher(arg(node, "eps"), op_buffer(gm, node, "signs"), arg(node, "block"),
+                                                  arg(node, "bits"), arg(node, "symmetric"), clip).__call__
     if is_call(node, _ADD_LN_QUANTIZE):
         clip = arg(node, "clip_lo")
         clip = None if clip is None else (clip, arg(node, "clip_hi"))
@@ -96,10 +107,35 @@ def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
 BINDERS: dict[str, Callable] = {"cutlass": _cutlass_binder}
 
 
+def _bind_rotate_quantize(gm: GraphModule, graph, plan: "LaunchPlan") -> None:
+    """Pattern: ``r = qfx::rotate(x, signs, b)`` read only by ``qfx::quantize(r, ..., "cutlass",
+    gelu=False)`` -> the quantize calls ``RotateQuantizeLauncher(x)`` (one Triton kernel, the
+    same codes bit for bit); the rotate is left dead. Only where the kernel takes the row."""
+    from qfx.rotation_quant_kernels import RotateQuantizeLauncher, fits
+
+    for node in list(graph.nodes):
+        if not (is_call(node, QUANTIZE) and arg(node, "backend") == "cutlass" and not arg(node, "gelu")):
+            continue
+        rot = arg(node, "x")
+        if not (is_call(rot, ROTATE) and len(rot.users) == 1):
+            continue
+        x, block = arg(rot, "x"), arg(rot, "block")
+        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or not fits(val.shape[-1], val.dtype, block)[0]:
+            continue
+        clip = arg(node, "clip_lo")
+        clip = None if clip is None else (clip, arg(node, "clip_hi"))
+        launcher = RotateQuantizeLauncher(op_buffer(gm, rot, "signs"), block, arg(node, "bits"), arg(node, "symmetric"), clip)
+        name = node.meta["qfx"].name if "qfx" in node.meta else node.name
+        node.target, node.args, node.kwargs = launcher.__call__, (x,), {}
+        plan.bound[name] = "cutlass+rotate"
+
+
 def bind_launchers(gm: GraphModule) -> LaunchPlan:
     """A copy of ``gm``'s graph (same modules) with integer ops bound to launchers."""
     graph = copy.deepcopy(gm.graph)
     plan = LaunchPlan(module=None)  # type: ignore[arg-type]
+    _bind_rotate_quantize(gm, graph, plan)
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
