@@ -38,8 +38,17 @@ from qfx.numerics import rotation_scale
 __all__ = ["HAS_TRITON", "MAX_K", "rotate_quantize", "add_layer_norm_rotate_quantize", "RotateQuantizeLauncher",
            "AddLayerNormRotateQuantizeLauncher", "fits"]
 
-#: fp32 values one program holds (rows x padded row length)
-TILE_VALUES = 8192
+#: Launch configuration (H100 sweep, benchmarks/RESULTS.md "Fused rotate + quantize"): fp32 values one
+#: program holds (rows x padded row length; a longer row is held alone), and warps per program for
+#: tensors up to / above SMALL_VALUES elements
+TILE_VALUES = 1024
+SMALL_VALUES = 1 << 18
+NUM_WARPS_SMALL, NUM_WARPS_LARGE = 4, 2
+#: above SMALL_VALUES: "unfused" (the rotation kernel, then the backend's quantize kernel: faster
+#: there) or "held" (this module's kernel at every size)
+LARGE = "unfused"
+#: warps of the add + LayerNorm + rotate + quantize kernel (one value for every M: see its launcher)
+LN_WARPS = 2
 #: the longest row a program holds whole (BERT-large's FFN input, 4096, fits with one row)
 MAX_K = 4096
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -138,10 +147,11 @@ if HAS_TRITON:  # module level: Triton resolves the helpers a kernel calls among
                               SYMMETRIC, HAS_CLIP)
 
 
+
 def _tile(k: int, block: int) -> tuple[int, int]:
     """(NB, BLOCK_M): blocks per row rounded up to a power of two, rows per program."""
     nb = 1 << max(0, (k // block - 1).bit_length())
-    return nb, max(1, min(32, TILE_VALUES // (nb * block)))
+    return nb, max(1, min(64, TILE_VALUES // (nb * block)))
 
 
 def fits(k: int, dtype: torch.dtype, block: int) -> tuple[bool, str]:
@@ -158,11 +168,19 @@ def fits(k: int, dtype: torch.dtype, block: int) -> tuple[bool, str]:
 
 
 class RotateQuantizeLauncher:
-    """``quantize(rotate(x))`` bound at compile time: ``(x) -> (codes, scale, offset)``, one kernel.
-    Lean per call (it runs inside CUDA graphs): the caller made ``x`` (fp16 / bf16 / fp32, K fits)."""
+    """``quantize(rotate(x))`` bound at compile time: ``(x) -> (codes, scale, offset)``.
+    Lean per call (it runs inside CUDA graphs): the caller made ``x`` (fp16 / bf16 / fp32, K fits).
+
+    ``unfused`` (optional, ``x -> (codes, scale, offset)``): the two-kernel path (the rotation
+    kernel, then the backend's quantize kernel) used for tensors above :data:`SMALL_VALUES`
+    elements, where it is faster than this kernel (H100: 21.6 vs 29.0 us at 16384 x 384, 137.5 vs
+    248.7 us at 16384 x 3072; a streamed variant holding one [rows, b] tile at a time was no faster);
+    the codes are the same either way (both equal the numerics definition, tested on the GPU). Below
+    it the fused kernel saves a launch and a round trip (3.6 vs 4.4 us at 128 x 384)."""
 
     def __init__(self, signs: torch.Tensor, block: int, bits: int, symmetric: bool,
-                 clip: tuple[float, float] | None) -> None:
+                 clip: tuple[float, float] | None, unfused=None) -> None:
+        self.unfused = unfused
         self.signs = signs.to(torch.float32).contiguous()
         self.block, self.bits, self.symmetric, self.clip = int(block), int(bits), bool(symmetric), clip
         self._consts = dict(EPS=numerics.EPS, B=self.block, LOG_B=self.block.bit_length() - 1, BITS=self.bits,
@@ -176,13 +194,17 @@ class RotateQuantizeLauncher:
         if not flat.is_contiguous():
             flat = flat.contiguous()
         m = flat.shape[0]
+        large = m * k > SMALL_VALUES
+        if large and LARGE == "unfused" and self.unfused is not None:
+            return self.unfused(x)
         q = torch.empty(flat.shape, dtype=torch.int8, device=x.device)
         scale = torch.empty(m, dtype=torch.float32, device=x.device)
         offset = torch.empty(m, dtype=torch.float32, device=x.device)
         if m:
             nb, bm = _tile(k, self.block)
-            _rotate_quantize_rows[(triton.cdiv(m, bm),)](flat, self.signs, q, scale, offset, m, k, self._scale, self._lo, self._hi,
-                                              NB=nb, BLOCK=bm, **self._consts)
+            warps = NUM_WARPS_SMALL if not large else NUM_WARPS_LARGE
+            _rotate_quantize_rows[(triton.cdiv(m, bm),)](flat, self.signs, q, scale, offset, m, k, self._scale, self._lo,
+                                                         self._hi, NB=nb, BLOCK=bm, num_warps=warps, **self._consts)
         lead = x.shape[:-1]
         return q.reshape(x.shape), scale.reshape(lead), offset.reshape(lead)
 
@@ -211,10 +233,12 @@ class AddLayerNormRotateQuantizeLauncher:
         scale = torch.empty(m, dtype=torch.float32, device=a.device)
         offset = torch.empty(m, dtype=torch.float32, device=a.device)
         if m:
+            # one configuration per K whatever M is: a row's mean and variance are then summed in the same
+            # order in every bucket (the same y for a token at any batch size)
             nb, bm = _tile(k, self.block)
-            _add_layer_norm_rotate_quantize_rows[(triton.cdiv(m, bm),)](fa, fa if fb is None else fb, weight, bias, y, self.signs, q, scale,
-                                                offset, m, k, self.eps, self._scale, self._lo, self._hi,
-                                                HAS_B=fb is not None, NB=nb, BLOCK=bm, **self._consts)
+            _add_layer_norm_rotate_quantize_rows[(triton.cdiv(m, bm),)](
+                fa, fa if fb is None else fb, weight, bias, y, self.signs, q, scale, offset, m, k, self.eps, self._scale,
+                self._lo, self._hi, HAS_B=fb is not None, NB=nb, BLOCK=bm, num_warps=LN_WARPS, **self._consts)
         lead = a.shape[:-1]
         return y.reshape(a.shape), q.reshape(a.shape), scale.reshape(lead), offset.reshape(lead)
 

@@ -157,7 +157,8 @@ def test_fused_kernels_and_their_binding_under_the_triton_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gpu_fused_kernels_are_the_unfused_ops_bit_for_bit(dtype):
+def test_gpu_fused_kernels_are_the_unfused_ops_bit_for_bit(dtype, monkeypatch):
+    import qfx.rotation_quant_kernels as rqk
     from qfx.rotation_kernel import rotate_triton
     from qfx.rotation_quant_kernels import add_layer_norm_rotate_quantize, rotate_quantize
 
@@ -171,6 +172,11 @@ def test_gpu_fused_kernels_are_the_unfused_ops_bit_for_bit(dtype):
         got = rotate_quantize(x, s, b, bits, sym)
         assert all(torch.equal(g, r) for g, r in zip(got, ref)), (k, b, rows, bits, sym)
         assert all(torch.equal(g, r[:1]) for g, r in zip(rotate_quantize(x[:1], s, b, bits, sym), ref))  # row-count invariant
+        launcher = rqk.RotateQuantizeLauncher(s, b, bits, sym, None, unfused=lambda t: (None,) * 3)
+        monkeypatch.setattr(rqk, "SMALL_VALUES", rows * k)  # the largest tensor the fused kernel takes
+        assert all(torch.equal(g, r) for g, r in zip(launcher(x), ref))
+        assert launcher(torch.cat([x, x[:1]])) == (None,) * 3  # one row more: the two-kernel path
+        monkeypatch.undo()
         if k <= 1024 and dtype != torch.float32:
             w, bias = torch.rand(k, device="cuda").to(dtype) + 0.5, (torch.randn(k, device="cuda") * 0.1).to(dtype)
             other = torch.randn_like(x)
@@ -194,6 +200,8 @@ def test_gpu_rotated_model_runs_the_fused_kernels():
         twin = qat(**x).last_hidden_state
         exact = qfx.compile(qat, mode="int4", target=target.name, float_dtype=torch.float32)
         assert torch.equal(exact(**x).last_hidden_state, twin)
+        big = {k: v.cuda() for k, v in inputs(128, 64, seed=6).items()}  # 8,192 tokens: the large-tensor path
+        assert torch.equal(exact(**big).last_hidden_state, qat(**big).last_hidden_state)
         bound = exact.launch_plan.bound
         fast = qfx.compile(qat, mode="int4", target=target.name)
         for _ in range(3):

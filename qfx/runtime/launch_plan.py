@@ -109,8 +109,9 @@ BINDERS: dict[str, Callable] = {"cutlass": _cutlass_binder}
 
 def _bind_rotate_quantize(gm: GraphModule, graph, plan: "LaunchPlan") -> None:
     """Pattern: ``r = qfx::rotate(x, signs, b)`` read only by ``qfx::quantize(r, ..., "cutlass",
-    gelu=False)`` -> the quantize calls ``RotateQuantizeLauncher(x)`` (one Triton kernel, the
-    same codes bit for bit); the rotate is left dead. Only where the kernel takes the row."""
+    gelu=False)`` -> the quantize calls ``RotateQuantizeLauncher(x)`` (one Triton kernel for small
+    tensors, the rotation and quantize kernels for large ones: the same codes bit for bit); the
+    rotate is left dead. Only where the kernel takes the row."""
     from qfx.rotation_quant_kernels import RotateQuantizeLauncher, fits
 
     for node in list(graph.nodes):
@@ -125,7 +126,13 @@ def _bind_rotate_quantize(gm: GraphModule, graph, plan: "LaunchPlan") -> None:
             continue
         clip = arg(node, "clip_lo")
         clip = None if clip is None else (clip, arg(node, "clip_hi"))
-        launcher = RotateQuantizeLauncher(op_buffer(gm, rot, "signs"), block, arg(node, "bits"), arg(node, "symmetric"), clip)
+        signs = op_buffer(gm, rot, "signs")
+        try:  # the two-kernel path, for large tensors (None where the native library is missing)
+            quantize = _cutlass_binder(gm, node)
+            unfused = lambda t, q=quantize, s=signs, b=block: q(rotate_tokens(t, s, b))  # noqa: E731
+        except (RuntimeError, OSError):
+            unfused = None
+        launcher = RotateQuantizeLauncher(signs, block, arg(node, "bits"), arg(node, "symmetric"), clip, unfused=unfused)
         name = node.meta["qfx"].name if "qfx" in node.meta else node.name
         node.target, node.args, node.kwargs = launcher.__call__, (x,), {}
         plan.bound[name] = "cutlass+rotate"
