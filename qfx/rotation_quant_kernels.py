@@ -233,8 +233,8 @@ class AddLayerNormRotateQuantizeLauncher:
         scale = torch.empty(m, dtype=torch.float32, device=a.device)
         offset = torch.empty(m, dtype=torch.float32, device=a.device)
         if m:
-            # one configuration per K whatever M is: a row's mean and variance are then summed in the same
-            # order in every bucket (the same y for a token at any batch size)
+            # one configuration per K whatever M is, so the reduction layout, and with it the order in which
+            # a row's mean and variance are summed, does not change with the bucket (not tested on the GPU)
             nb, bm = _tile(k, self.block)
             _add_layer_norm_rotate_quantize_rows[(triton.cdiv(m, bm),)](
                 fa, fa if fb is None else fb, weight, bias, y, self.signs, q, scale, offset, m, k, self.eps, self._scale,
