@@ -192,8 +192,8 @@ def add_layer_norm_quantize(
     return _impl("add_layer_norm_quantize", backend)(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi)
 
 
-@add_layer_norm_quantize.register_fake
-def _(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, backend):
+def _layer_norm_codes_fake(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, codes, scale, offset) of a fused LayerNorm producer over ``a [..., K]``."""
     lead = a.shape[:-1]
     return (
         torch.empty_like(a),
@@ -201,6 +201,11 @@ def _(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, backend):
         a.new_empty(lead, dtype=torch.float32),
         a.new_empty(lead, dtype=torch.float32),
     )
+
+
+@add_layer_norm_quantize.register_fake
+def _(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, backend):
+    return _layer_norm_codes_fake(a)
 
 
 @torch.library.custom_op("qfx::add_layer_norm_rotate_quantize", mutates_args=())
@@ -224,13 +229,7 @@ def add_layer_norm_rotate_quantize(
 
 @add_layer_norm_rotate_quantize.register_fake
 def _(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo, clip_hi, backend):
-    lead = a.shape[:-1]
-    return (
-        torch.empty_like(a),
-        a.new_empty(a.shape, dtype=torch.int8),
-        a.new_empty(lead, dtype=torch.float32),
-        a.new_empty(lead, dtype=torch.float32),
-    )
+    return _layer_norm_codes_fake(a)
 
 
 # -- input rotation (QuaRot-style; passes/rotate_inputs.py) -----------------------------------

@@ -26,32 +26,13 @@ BLOCK_M = 32
 
 
 def _kernel():
+    """The Triton kernel, imported on first use (qfx.rotation_quant_kernels holds every rotation kernel
+    at module level, where Triton finds the butterflies they share)."""
     global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    import triton
-    import triton.language as tl
+    if _KERNEL is None:
+        from qfx.rotation_quant_kernels import fwht_rows
 
-    @triton.jit
-    def fwht_rows(x_ptr, s_ptr, y_ptr, M, K, scale, B: tl.constexpr, LOG_B: tl.constexpr, BLOCK: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
-        cols = pid_k * B + tl.arange(0, B)
-        mask = (rows < M)[:, None]
-        offs = rows[:, None].to(tl.int64) * K + cols[None, :]
-        y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = y * tl.load(s_ptr + cols)[None, :]
-        for stage in tl.static_range(LOG_B):
-            # stride h = 2^stage: element j pairs with j + h inside each group of 2h
-            y = tl.reshape(y, (BLOCK, B // (2 << stage), 2, 1 << stage))
-            u, v = tl.split(tl.permute(y, (0, 1, 3, 2)))
-            y = tl.permute(tl.join(u + v, u - v), (0, 1, 3, 2))
-            y = tl.reshape(y, (BLOCK, B))
-        y = y * scale
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    _KERNEL = fwht_rows
+        _KERNEL = fwht_rows
     return _KERNEL
 
 

@@ -59,6 +59,41 @@ if HAS_TRITON:  # module level: Triton resolves the helpers a kernel calls among
     import triton.language as tl
 
     @triton.jit
+    def _fwht_stages(y, ROWS: tl.constexpr, B: tl.constexpr, LOG_B: tl.constexpr):
+        """The butterflies of qfx.numerics.rotate_blocks on ``y [ROWS, B]`` fp32, in its order: at stride
+        h = 2^stage element j pairs with j + h inside each group of 2h, (u, v) -> (u + v, u - v). The one
+        Triton definition (every kernel here calls it), so their sums are the same."""
+        for stage in tl.static_range(LOG_B):
+            y = tl.reshape(y, (ROWS, B // (2 << stage), 2, 1 << stage))
+            u, v = tl.split(tl.permute(y, (0, 1, 3, 2)))
+            y = tl.permute(tl.join(u + v, u - v), (0, 1, 3, 2))
+            y = tl.reshape(y, (ROWS, B))
+        return y
+
+    @triton.jit
+    def fwht_rows(x_ptr, s_ptr, y_ptr, M, K, scale, B: tl.constexpr, LOG_B: tl.constexpr, BLOCK: tl.constexpr):
+        """qfx::rotate: a [BLOCK, B] tile per program, grid (rows, K / B) (qfx/rotation_kernel.py)."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.program_id(1) * B + tl.arange(0, B)
+        mask = (rows < M)[:, None]
+        offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+        y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _fwht_stages(y * tl.load(s_ptr + cols)[None, :], BLOCK, B, LOG_B) * scale
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _row_tile(M, K, B: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's whole rows as a [BLOCK, NB, B] tile: row ids, column ids [NB, B], masks and offsets."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        blk = tl.arange(0, NB)
+        cols = blk[:, None] * B + tl.arange(0, B)[None, :]
+        colmask = (blk < K // B)[:, None]
+        rowmask = rows < M
+        mask = rowmask[:, None, None] & colmask[None, :, :]
+        offs = rows[:, None, None].to(tl.int64) * K + cols[None, :, :]
+        return rows, cols, colmask, rowmask, mask, offs
+
+    @triton.jit
     def _rint(v):
         # round half to even from floor: v - floor(v) is exact for |v| < 2^23
         t = tl.floor(v)
@@ -71,14 +106,9 @@ if HAS_TRITON:  # module level: Triton resolves the helpers a kernel calls among
                               rscale, clip_lo, clip_hi, OUT_T: tl.constexpr, EPS: tl.constexpr, B: tl.constexpr,
                               LOG_B: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
                               SYMMETRIC: tl.constexpr, HAS_CLIP: tl.constexpr):
-        # y: [BLOCK, NB, B] fp32. The rotation: fwht_rows' stages (qfx/rotation_kernel.py)
+        # y: [BLOCK, NB, B] fp32; every (row, block) pair is one row of the butterflies
         y = y * tl.load(s_ptr + cols, mask=colmask, other=0.0)[None, :, :]
-        y = tl.reshape(y, (BLOCK * NB, B))
-        for stage in tl.static_range(LOG_B):
-            y = tl.reshape(y, (BLOCK * NB, B // (2 << stage), 2, 1 << stage))
-            u, v = tl.split(tl.permute(y, (0, 1, 3, 2)))
-            y = tl.permute(tl.join(u + v, u - v), (0, 1, 3, 2))
-            y = tl.reshape(y, (BLOCK * NB, B))
+        y = _fwht_stages(tl.reshape(y, (BLOCK * NB, B)), BLOCK * NB, B, LOG_B)
         y = tl.reshape(y * rscale, (BLOCK, NB, B))
         y = y.to(OUT_T).to(tl.float32)  # the unfused graph stores the rotated tensor in x.dtype
         if HAS_CLIP:
@@ -106,13 +136,7 @@ if HAS_TRITON:  # module level: Triton resolves the helpers a kernel calls among
     def _rotate_quantize_rows(x_ptr, s_ptr, q_ptr, scale_ptr, offset_ptr, M, K, rscale, clip_lo, clip_hi,
                               EPS: tl.constexpr, B: tl.constexpr, LOG_B: tl.constexpr, NB: tl.constexpr,
                               BLOCK: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CLIP: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        blk = tl.arange(0, NB)
-        cols = blk[:, None] * B + tl.arange(0, B)[None, :]
-        colmask = (blk < K // B)[:, None]
-        rowmask = rows < M
-        mask = rowmask[:, None, None] & colmask[None, :, :]
-        offs = rows[:, None, None].to(tl.int64) * K + cols[None, :, :]
+        rows, cols, colmask, rowmask, mask, offs = _row_tile(M, K, B, NB, BLOCK)
         y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         _rotate_then_quantize(y, mask, rowmask, s_ptr, cols, colmask, q_ptr, offs, scale_ptr, offset_ptr, rows, rscale,
                               clip_lo, clip_hi, x_ptr.dtype.element_ty, EPS, B, LOG_B, NB, BLOCK, BITS, SYMMETRIC, HAS_CLIP)
@@ -123,13 +147,7 @@ if HAS_TRITON:  # module level: Triton resolves the helpers a kernel calls among
                                              EPS: tl.constexpr, B: tl.constexpr, LOG_B: tl.constexpr, NB: tl.constexpr,
                                              BLOCK: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
                                              HAS_CLIP: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        blk = tl.arange(0, NB)
-        cols = blk[:, None] * B + tl.arange(0, B)[None, :]
-        colmask = (blk < K // B)[:, None]
-        rowmask = rows < M
-        mask = rowmask[:, None, None] & colmask[None, :, :]
-        offs = rows[:, None, None].to(tl.int64) * K + cols[None, :, :]
+        rows, cols, colmask, rowmask, mask, offs = _row_tile(M, K, B, NB, BLOCK)
         s = tl.load(a_ptr + offs, mask=mask, other=0.0)
         if HAS_B:  # a + b rounded to the activation dtype, as torch's add
             s = (s.to(tl.float32) + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(a_ptr.dtype.element_ty)

@@ -107,6 +107,13 @@ _INTERPRETED = textwrap.dedent('''
             ln = torch.nn.functional.layer_norm((x if other is None else x + other).float(), (k,), w.float(), bias.float(), 1e-12)
             assert torch.allclose(y.float(), ln, atol=2e-2, rtol=2e-3), (y.float() - ln).abs().max()
 
+    # the rotation kernel (it shares the butterflies) is still rotate_blocks
+    from qfx.rotation_kernel import rotate_triton
+    for dtype in (torch.float16, torch.float32):
+        x = (torch.randn(37, 384) * 4).to(dtype)
+        s = numerics.rotation_signs(384)
+        assert torch.equal(rotate_triton(x, s, 128), numerics.rotate_blocks(x, s, 128)), dtype
+
     # 2. the launch plan binds rotate -> quantize to one kernel: the whole model output is unchanged
     warnings.simplefilter("ignore")
     def compiled(dtype):
