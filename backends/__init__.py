@@ -10,6 +10,11 @@ import importlib
 from dataclasses import dataclass
 
 from qfx.backends.reference import ReferenceBackend
+from qfx.backends.triton import rotation as _triton_rotation
+from qfx.ops import register_rotate_forward
+
+# qfx::rotate runs the Triton kernel on a GPU (the same bits as the definition elsewhere)
+register_rotate_forward(_triton_rotation.rotate)
 
 __all__ = ["LinearWork", "backends_for", "CutlassBackend", "ReferenceBackend"]
 

@@ -1,5 +1,5 @@
 """Kernel times of the rotated linears' input path (one GPU): quantize alone, rotation kernel + quantize
-kernel, the fused rotate + quantize kernel (qfx/rotation_quant_kernels.py), and for LayerNorm readers
+kernel, the fused rotate + quantize kernel (backends/triton/rotation_quant.py), and for LayerNorm readers
 add + LayerNorm + quantize (unrotated), its rotated four-kernel form and the fused kernel.
 
     python benchmarks/rotate_quantize_sweep.py
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-import qfx.rotation_quant_kernels as rqk
+import qfx.backends.triton.rotation_quant as rqk
 from qfx import numerics
 from qfx.backends.cutlass.launch import AddLayerNormQuantizeLauncher, QuantizeLauncher
-from qfx.rotation_kernel import rotate_triton
+from qfx.backends.triton.rotation import rotate_triton
 
 
 def bench(fn, iters: int = 200) -> float:

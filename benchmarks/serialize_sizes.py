@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
 import qfx
-from qfx import serialize
+from qfx.runtime import serialize
 
 
 def main(argv=None) -> int:

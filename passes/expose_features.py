@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from qfx.fake_quant import ActFakeQuant
+from qfx.numerics.fake_quant import ActFakeQuant
 from qfx.passes.annotate import annotate
 from qfx.schema import ATTENTION_OPS, LinearInfo, linear_nodes
 

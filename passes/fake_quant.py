@@ -6,7 +6,7 @@ Pattern: every ``aten.linear(x, W, b)`` whose ``node.meta["qfx"].spec`` is set. 
                          integer_linear(<name>.act_fq(x, codes), <name>.weight_fq(W), b, codes, W, weight)
     linear(x, W, b)  ->  linear(x, <name>.weight_fq(W), b)          (weight-only: act_bits=16)
 
-:func:`qfx.fake_quant.integer_linear` computes its forward as the integer path does (codes,
+:func:`qfx.numerics.fake_quant.integer_linear` computes its forward as the integer path does (codes,
 exact accumulation, the fp32 epilogue of qfx.numerics) and its backward as
 ``linear(x_hat, w_hat, b)``; ``act``/``weight`` are the fake-quant modules' settings.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
-from qfx.fake_quant import ActFakeQuant, WeightFakeQuant, activation_codes, integer_linear
+from qfx.numerics.fake_quant import ActFakeQuant, WeightFakeQuant, activation_codes, integer_linear
 from qfx.schema import LinearInfo, linear_nodes
 
 __all__ = ["insert_fake_quant", "fake_quant_module_name"]

@@ -22,7 +22,7 @@ Rotated readers (``QuantConfig(rotation=b)``, :mod:`qfx.passes.rotate_inputs`)::
     y, q, scale, offset = qfx::add_layer_norm_rotate_quantize(a, b, weight, bias, eps, signs, b,
                                                               bits, symmetric, clip_lo, clip_hi, backend)
 
-one kernel where four ran (:mod:`qfx.rotation_quant_kernels`); its codes are exactly
+one kernel where four ran (:mod:`qfx.backends.triton.rotation_quant`); its codes are exactly
 ``quantize(rotate(y))`` of the ``y`` it returns.
 
 Invariant: the codes are exactly ``quantize(y)`` of the ``y`` the graph carries on (the
@@ -67,7 +67,7 @@ def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, back
 
     ``fits(k, dtype) -> (ok, why)`` says whether the backend's kernel takes a row (default: the
     CUTLASS library's answer), ``fits_rotated(k, dtype, block)`` the same for the rotated form
-    (default: :func:`qfx.rotation_quant_kernels.fits`); tests pass another backend and predicates.
+    (default: :func:`qfx.backends.triton.rotation_quant.fits`); tests pass another backend and predicates.
     """
     if float_dtype not in (torch.float16, torch.bfloat16):
         gm.meta["qfx_fused_norms"] = (0, f"float parts in {float_dtype}: torch's LayerNorm kept")
@@ -75,7 +75,7 @@ def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, back
     if fits is None:
         from qfx.backends.cutlass.launch import add_layer_norm_fits as fits
     if fits_rotated is None:
-        from qfx.rotation_quant_kernels import fits as fits_rotated
+        from qfx.backends.triton.rotation_quant import fits as fits_rotated
     graph = gm.graph
     fused, fused_rotated, refused = 0, 0, set()
     for q in [n for n in graph.nodes if is_call(n, QUANTIZE) and arg(n, "backend") == backend]:

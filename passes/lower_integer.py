@@ -25,7 +25,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from qfx import numerics
-from qfx.fake_quant import ActFakeQuant, WeightFakeQuant
+from qfx.numerics.fake_quant import ActFakeQuant, WeightFakeQuant
 from qfx.passes._attrs import drop_unused_attrs, param_or_buffer, submodule_at
 from qfx.schema import LinearInfo, linear_nodes
 

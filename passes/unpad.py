@@ -50,7 +50,7 @@ attention, a mask that lets padded keys through) the graph is left as it is and
 Invariant: at every real token, every output equals the padded graph's output; bit for bit on
 the CPU reference backend (token-wise ops compute each row with the same operations whatever
 the other rows: the integer GEMM is exact, its epilogue, quantize, LayerNorm and elementwise
-ops are per row; tests/test_unpad.py checks it over random lengths). The one op with no such
+ops are per row; tests/passes/test_unpad.py checks it over random lengths). The one op with no such
 guarantee is a float GEMM (``aten.linear`` / weight-only linears: a BLAS may block another M
 differently); bit-identical too in every case tried on the CPU (W4A16, ELECTRA's float
 projection, fp32 and bf16). The pooler and classifier read ``hidden[:, 0]`` of a repadded

@@ -8,17 +8,17 @@ Example::
     >>> compiled = qfx.compile(qat, mode="int4", target="cpu")
     >>> print(compiled.report())
 """
-from qfx import numerics, ops  # noqa: F401  (ops registers the torch.library ops)
+from qfx._version import __version__
+from qfx import models, numerics, ops  # noqa: F401  (ops registers the torch.library ops)
 from qfx import backends  # noqa: F401  (registers the reference implementations)
 from qfx.api import PostTrainingQuantizationWarning, compile, is_qat_model, prepare_qat
 from qfx.capture import QfxCaptureError, capture
 from qfx.config import QuantConfig
 from qfx.runtime import Buckets, CompiledModel
 from qfx.targets import TARGETS, detect_target, get_target
-from qfx.serialize import load, save
+from qfx.runtime.serialize import load, save
 from qfx import embeddings  # noqa: F401,E402  (qfx.embeddings.distill etc.; sentence-transformers stays optional)
 
-__version__ = "0.1.0"
 
 __all__ = [
     "capture",

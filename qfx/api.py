@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 from qfx.capture import capture, capture_info
 from qfx.config import QuantConfig, config_for_mode, parse_mode
 from qfx.pipeline import COMPILE_PASSES, QAT_PASSES, PassContext, run_passes
-from qfx.report import build_report
+from qfx.runtime.report import build_report
 from qfx.runtime import Buckets, CompiledModel
 from qfx.targets import get_target
 
@@ -54,7 +54,7 @@ def prepare_qat(
     The result trains with any torch optimizer (straight-through gradients reach the float
     weights), returns what ``model`` returns, and prints readable module names such as
     ``layer3.ffn_in.weight_fq``. ``model`` itself is left untouched. Its quantized linears
-    compute the integer path itself (:func:`qfx.fake_quant.integer_linear`), so
+    compute the integer path itself (:func:`qfx.numerics.fake_quant.integer_linear`), so
     ``qfx.compile`` of it reproduces its outputs bit for bit on the same device when the float
     parts keep its dtype. It runs on the device it was captured on: move ``model`` and the
     example inputs there first.

@@ -63,7 +63,6 @@ import torch
 from torch import Tensor
 
 from qfx.numerics import rotate_blocks
-from qfx.rotation_kernel import rotate as _rotate_tokens
 
 __all__ = ["register_impl", "registered_backends", "OPS", "TOKEN_LAYOUT_OPS", "token_rows", "gather_tokens", "scatter_tokens"]
 
@@ -234,14 +233,26 @@ def _(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo, clip_hi, 
 
 # -- input rotation (QuaRot-style; passes/rotate_inputs.py) -----------------------------------
 # The same function on every device (a fast Walsh-Hadamard transform, qfx.numerics.rotate_blocks;
-# on a GPU one Triton kernel of the same additions, qfx.rotation_kernel), so it takes no
+# on a GPU one Triton kernel of the same additions, qfx.backends.triton.rotation), so it takes no
 # backend; differentiable, because the QAT graph trains through it (the gradient of x R is
 # g R^T: the same blocks, transposed).
 
 
+#: The forward of qfx::rotate. The definition (:func:`rotate_blocks`) until a backend registers a
+#: kernel of the same bits (qfx.backends registers the Triton one); an extension point, so that
+#: this ground-floor module imports no kernel.
+_rotate_forward: Callable[[Tensor, Tensor, int], Tensor] = rotate_blocks
+
+
+def register_rotate_forward(fn: Callable[[Tensor, Tensor, int], Tensor]) -> None:
+    """Make ``fn`` (bit-identical to :func:`qfx.numerics.rotate_blocks`) the forward of qfx::rotate."""
+    global _rotate_forward
+    _rotate_forward = fn
+
+
 @torch.library.custom_op("qfx::rotate", mutates_args=())
 def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
-    return _rotate_tokens(x, signs, block)  # one Triton kernel on a GPU, the same bits as rotate_blocks
+    return _rotate_forward(x, signs, block)
 
 
 @rotate.register_fake

@@ -24,7 +24,7 @@ from torch.fx import GraphModule, Node
 
 from qfx import ops as _ops  # noqa: F401  (declares torch.ops.qfx.*)
 from qfx.config import precision_tag
-from qfx.fake_quant import integer_linear
+from qfx.numerics.fake_quant import integer_linear
 
 __all__ = [
     "QuantSpec", "LinearInfo", "LINEAR_OPS", "ATTENTION_OPS", "ACTIVATION_OPS",

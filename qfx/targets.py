@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-__all__ = ["Target", "GPU", "TARGETS", "GPUS", "get_target", "detect_target", "family_of"]
+__all__ = ["Target", "GPU", "TARGETS", "GPUS", "get_target", "detect_target", "family_of", "mma_operand",
+           "INT4_MMA_FAMILIES"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,18 @@ GPUS: dict[str, tuple[GPU, ...]] = {
 _LAUNCH_US = 3.0
 
 
+#: kernel families whose tensor cores multiply int4 operands natively (``mma ... s4``); the
+#: others run int4 codes sign-extended on int8 MMA (bit-identical int32 accumulators)
+INT4_MMA_FAMILIES = frozenset({"sm80"})
+
+
+def mma_operand(family: str | None, w_bits: int, a_bits: int) -> str:
+    """The integer MMA operand (``"s4"`` or ``"s8"``) a W{w_bits}A{a_bits} GEMM runs on in
+    ``family``: native s4 only where the family has INT4 tensor cores *and* both operands are
+    4-bit codes (an s4 x s8 MMA does not exist); s8 otherwise. The one owner of this rule."""
+    return "s4" if family in INT4_MMA_FAMILIES and w_bits == a_bits == 4 else "s8"
+
+
 def family_of(sm: int | None) -> str | None:
     """Kernel family of the CUTLASS backend for compute capability ``sm`` (86 -> ``"sm80"``),
     ``None`` when no family serves it (or for the CPU)."""
@@ -137,6 +150,10 @@ class Target:
     @property
     def is_gpu(self) -> bool:
         return self.device == "cuda"
+
+    def mma_operand(self, w_bits: int, a_bits: int) -> str:
+        """:func:`mma_operand` of this target's kernel family."""
+        return mma_operand(self.family, w_bits, a_bits)
 
     def execution_precision(self, precision: str) -> str:
         """The tensor-core precision that runs ``precision`` here: ``"int4"`` -> ``"int8"`` on

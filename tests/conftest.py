@@ -3,6 +3,7 @@ hypothesis profiles, and the rule that GPU tests skip cleanly without CUDA."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("QFX_HYPOTHESIS_PROFILE", "ci"))
+# the test folders (units/, passes/, kernels/, e2e/) share tests/models.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -71,7 +71,7 @@ def make(family: str, layers=LAYERS, hidden=HIDDEN, heads=HEADS, seed=0, attn: s
 
 #: the families the capture and pass tests sweep (SDPA attention, 6 linears per layer)
 FAMILIES = ("bert", "bert_cls", "roberta", "distilbert", "bart_encoder")
-#: every family qfx supports (tests/test_families.py): BERT-like and beyond
+#: every family qfx supports (tests/e2e/test_families.py): BERT-like and beyond
 ALL_FAMILIES = ("bert", "bert_cls", "roberta", "xlm_roberta", "distilbert", "electra", "albert",
                 "deberta_v2", "mpnet", "modernbert", "bart_encoder")
 

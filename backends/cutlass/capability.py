@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from qfx.targets import mma_operand
+
 from . import _library
 from .configs import ARCH_GROUPS
 
@@ -89,7 +91,7 @@ def can_implement(m, n: int | None = None, k: int | None = None, w_bits: int = 8
         return False, why
     if getattr(target, "family", None) not in (None, family):  # a qfx Target carries its family
         return False, f"target {target.name} is kernel family {target.family}, the library serves {family}"
-    k_align = 32 if (family == "sm80" and w_bits == a_bits == 4) else 16
+    k_align = 32 if mma_operand(family, w_bits, a_bits) == "s4" else 16
     if k % k_align:
         return False, f"K={k} is not a multiple of {k_align} (16-byte rows of A and B)"
     if n % 8:

@@ -19,6 +19,8 @@ import ctypes
 
 import torch
 
+from qfx.targets import mma_operand
+
 from . import _library
 from ._validate import BadInput
 from .capability import family_for
@@ -186,7 +188,7 @@ class LinearLauncher:
         self._lib = lib
         device = w.device
         self.family = device_family(device, lib)
-        self.operand = "s4" if (self.family == "sm80" and w_bits == a_bits == 4) else "s8"
+        self.operand = mma_operand(self.family, w_bits, a_bits)
         self.n = w.shape[0]
         self.k = w.shape[1] * (2 if w_bits == 4 else 1)
         if self.operand == "s8" and w_bits == 4:

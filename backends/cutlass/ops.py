@@ -11,6 +11,8 @@ import weakref
 
 import torch
 
+from qfx.targets import mma_operand
+
 from . import _library
 from ._validate import BadInput, check_multiple, check_same_device, check_tensor
 from .capability import MAX_EXACT_K
@@ -43,7 +45,7 @@ def _family_and_operand(device, lib, config: str | None, w_bits: int, a_bits: in
     """Kernel family and operand type: INT4 tensor cores only where native (sm_8x) and asked."""
     if config is None:
         family = device_family(device, lib)
-        return family, ("s4" if family == "sm80" and w_bits == a_bits == 4 else "s8")
+        return family, mma_operand(family, w_bits, a_bits)
     cfg = by_name(config)
     if cfg.operand == "s4" and not w_bits == a_bits == 4:
         raise BadInput(f"config {config!r} is an INT4 x INT4 kernel; it needs 4-bit codes on both "
@@ -241,9 +243,9 @@ def add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo=No
 
 def add_layer_norm_rotate_quantize(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo=None, clip_hi=None):
     """``y = layer_norm(a + b)`` and the token-wise codes of ``rotate(y)`` in one kernel (Triton,
-    :mod:`qfx.rotation_quant_kernels`); the codes equal :func:`quantize` of ``rotate(y)`` for the
+    :mod:`qfx.backends.triton.rotation_quant`); the codes equal :func:`quantize` of ``rotate(y)`` for the
     returned ``y``."""
-    from qfx.rotation_quant_kernels import AddLayerNormRotateQuantizeLauncher, fits
+    from qfx.backends.triton.rotation_quant import AddLayerNormRotateQuantizeLauncher, fits
 
     if bits not in (4, 8):
         raise BadInput(f"bits={bits}: the fused kernel takes 4 or 8")

@@ -17,7 +17,7 @@ every layer's attention scores, the term of the classification KD (:mod:`qfx.tra
 whose helpers compute it here too). No labels are used.
 
 This is its own short loop (one process, no checkpoints): embedding models train in minutes
-and the KD trainer of :mod:`qfx.qat` is built around classification logits.
+and the KD trainer of :mod:`qfx.train` is built around classification logits.
 
 Example::
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from qfx.capture import CaptureInfo, normalize_inputs
-from qfx.report import CompileReport
+from qfx.runtime.report import CompileReport
 from qfx.runtime.buckets import Buckets, dim_roles
 from qfx.runtime.graphs import GraphPool
 from qfx.runtime.launch_plan import LaunchPlan, bind_launchers

@@ -16,8 +16,8 @@ graph over the same modules (:func:`bind_launchers`) in which
   :class:`TokenIndex` per plan, whose ``capacity`` the CUDA-graph pool sets while it captures
   a token bucket (fixed shapes, no host sync inside the graph).
 * the input rotation ``qfx::rotate`` (:mod:`qfx.passes.rotate_inputs`) calls
-  :func:`qfx.rotation_kernel.rotate` directly; a rotation read only by a ``cutlass``
-  ``qfx::quantize`` is bound with it as one kernel (:class:`qfx.rotation_quant_kernels.RotateQuantizeLauncher`:
+  :func:`qfx.backends.triton.rotation.rotate` directly; a rotation read only by a ``cutlass``
+  ``qfx::quantize`` is bound with it as one kernel (:class:`qfx.backends.triton.rotation_quant.RotateQuantizeLauncher`:
   the same codes as the two ops, bit for bit), and ``qfx::add_layer_norm_rotate_quantize`` to
   its Triton launcher.
 
@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule
 
-from qfx.rotation_kernel import rotate as rotate_tokens
+from qfx.backends.triton.rotation import rotate as rotate_tokens
 from qfx.ops import gather_tokens, scatter_tokens, token_rows
 from qfx.schema import (
     ATTENTION_OPS, INT_LINEAR, PACK_TOKENS, QUANTIZE, REPAD_TOKENS, ROTATE, TOKEN_INDEX, arg, is_call, op_buffer,
@@ -79,7 +79,7 @@ def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
     from qfx.backends.cutlass.launch import AddLayerNormQuantizeLauncher, LinearLauncher, QuantizeLauncher
 
     if is_call(node, _ADD_LN_ROTATE_QUANTIZE):
-        from qfx.rotation_quant_kernels import AddLayerNormRotateQuantizeLauncher
+        from qfx.backends.triton.rotation_quant import AddLayerNormRotateQuantizeLauncher
 
         clip = arg(node, "clip_lo")
         clip = None if clip is None else (clip, arg(node, "clip_hi"))
@@ -112,7 +112,7 @@ def _bind_rotate_quantize(gm: GraphModule, graph, plan: "LaunchPlan") -> None:
     gelu=False)`` -> the quantize calls ``RotateQuantizeLauncher(x)`` (one Triton kernel for small
     tensors, the rotation and quantize kernels for large ones: the same codes bit for bit); the
     rotate is left dead. Only where the kernel takes the row."""
-    from qfx.rotation_quant_kernels import RotateQuantizeLauncher, fits
+    from qfx.backends.triton.rotation_quant import RotateQuantizeLauncher, fits
 
     for node in list(graph.nodes):
         if not (is_call(node, QUANTIZE) and arg(node, "backend") == "cutlass" and not arg(node, "gelu")):

@@ -506,9 +506,9 @@ def distill(
         >>> distill(teacher, make_student(teacher, qfx.QuantConfig(4, 4), batch), train, dev, TrainConfig(steps=1000))
     """
     if not is_qat_model(student):
-        raise ValueError("student must be a qfx.prepare_qat graph (use qfx.qat.make_student)")
+        raise ValueError("student must be a qfx.prepare_qat graph (use qfx.train.make_student)")
     if weights.needs_features and not feature_taps(student):
-        raise ValueError("student has no feature taps; build it with qfx.qat.make_student (or run expose_features)")
+        raise ValueError("student has no feature taps; build it with qfx.train.make_student (or run expose_features)")
     _check_labels(student, train_data)
     device = _device_of(student)
     if not feature_taps(teacher):

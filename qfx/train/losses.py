@@ -123,7 +123,7 @@ def check_pair(s_rec: FeatureRecorder | None, t_rec: FeatureRecorder | None, lay
     if len(layer_map) != s_rec.num_layers or max(layer_map) >= t_rec.num_layers:
         raise ValueError(
             f"the student has {s_rec.num_layers} layers and the teacher {t_rec.num_layers}; layer_map={tuple(layer_map)} "
-            "must give one teacher layer per student layer (see qfx.compose.reduce_layers)"
+            "must give one teacher layer per student layer (see qfx.train.compose.reduce_layers)"
         )
     for i, j in [(0, 0)] + [(l + 1, t + 1) for l, t in enumerate(layer_map)]:
         if s_rec.hidden[i].shape != t_rec.hidden[j].shape:

@@ -104,7 +104,7 @@ class KernelFit:
 #: build (benchmarks/results/e2e_h100_gelu_quantize.json, "quantize" per forward: bert-base
 #: 128x128 1.357 ms = 12 x (K=768 + K=3072), bert-large 32x384 2.895 ms = 24 x (K=1024 +
 #: K=4096)): ~50 % of DRAM bandwidth + 4 us, 120.8 us modelled per layer vs 113.1 / 120.6
-#: measured. The whole-model rows are not used to fit it, so they check it (tests/test_cost_model.py).
+#: measured. The whole-model rows are not used to fit it, so they check it (tests/units/test_cost_model.py).
 FIT: dict[str, KernelFit] = {
     "int": KernelFit(1.0, 1.0, 1.187, 4.899, 1.717),
     "fp16": KernelFit(0.808, 0.969, 1.666, 3.722, 0.0),

@@ -249,9 +249,8 @@ def runtime_kernel(target: Target, precision: str, m: int, n: int, k: int, fp16_
     from qfx.backends.cutlass.dispatch import choose
 
     family = target.family
-    # LinearLauncher's operand: packed int4 only on INT4 tensor cores (the sm80 family); int4
-    # codes run sign-extended on the s8 kernels elsewhere
-    operand = "s4" if precision == "int4" and target.int4_tensor_cores else "s8"
+    bits = 4 if precision == "int4" else 8
+    operand = target.mma_operand(bits, bits)  # LinearLauncher's operand
     of_family = {c.name for c in CONFIGS if c.arch == family and c.operand == operand}
     lib, _ = _library.load()
     built = of_family & lib.configs if lib is not None else set()
@@ -342,7 +341,7 @@ class TuneDecision:
         return "\n".join(lines)
 
     def apply_to_report(self, report) -> None:
-        """Write the reasons into a :class:`qfx.report.CompileReport` (float parts and notes of
+        """Write the reasons into a :class:`qfx.runtime.report.CompileReport` (float parts and notes of
         the integer linears), the summary into its plan origin and the per-part table into
         ``report.tuning``."""
         report.plan_origin = self.summary()
