@@ -186,7 +186,7 @@ def test_resume_rejects_other_settings(tmp_path):
 _KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {e2e!r}]  # tests/ (models.py) and tests/e2e/ (this file)
     from test_qat_kd import tiny_classifier, toy_data, _cfg, _example, W4A4
     from qfx import train as qat
     torch.set_num_threads({threads})  # as the parent: same float reduction order
@@ -201,7 +201,7 @@ _KILL_SCRIPT = textwrap.dedent(
 def test_sigkill_mid_run_then_resume_loses_no_finished_step(tmp_path):
     ckpt = tmp_path / "ckpt"
     script = tmp_path / "train.py"
-    script.write_text(_KILL_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1]), ckpt=str(ckpt), threads=torch.get_num_threads()))
+    script.write_text(_KILL_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1]), e2e=str(Path(__file__).resolve().parent), ckpt=str(ckpt), threads=torch.get_num_threads()))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     try:
