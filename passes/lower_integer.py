@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from qfx import numerics
+import qfx.numerics as numerics
 from qfx.numerics.fake_quant import ActFakeQuant, WeightFakeQuant
 from qfx.passes._attrs import drop_unused_attrs, param_or_buffer, submodule_at
 from qfx.schema import LinearInfo, linear_nodes

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx import numerics
+import qfx.numerics as numerics
 from qfx.passes._attrs import param_or_buffer
 from qfx.schema import ROTATE, LinearInfo, linear_nodes
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx import ops as _ops  # noqa: F401  (declares torch.ops.qfx.*)
+import qfx.ops as _ops  # noqa: F401  (declares torch.ops.qfx.*)
 from qfx.config import precision_tag
 from qfx.numerics.fake_quant import integer_linear
 

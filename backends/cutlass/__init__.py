@@ -25,6 +25,8 @@ Example::
 """
 from __future__ import annotations
 
+from qfx.ops import register_impl
+
 from ._validate import BadInput
 from .capability import available, can_implement, family_for
 from .ops import add_layer_norm_quantize, add_layer_norm_rotate_quantize, int_linear, int_matmul, quantize, unpack_int4
@@ -37,13 +39,11 @@ __all__ = ["available", "can_implement", "int_matmul", "int_linear", "quantize",
 def register() -> None:
     """Plug the checked ops into ``qfx.ops`` as backend "cutlass" (no library load here: a
     missing library or kernel is reported when an op first runs, and by ``available()``)."""
-    from qfx import ops as qfx_ops
-
-    qfx_ops.register_impl("int_matmul", "cutlass", lambda a, b: int_matmul(a, b))
-    qfx_ops.register_impl("int_linear", "cutlass", int_linear)
-    qfx_ops.register_impl("quantize", "cutlass", quantize)
-    qfx_ops.register_impl("add_layer_norm_quantize", "cutlass", add_layer_norm_quantize)
-    qfx_ops.register_impl("add_layer_norm_rotate_quantize", "cutlass", add_layer_norm_rotate_quantize)
+    register_impl("int_matmul", "cutlass", lambda a, b: int_matmul(a, b))
+    register_impl("int_linear", "cutlass", int_linear)
+    register_impl("quantize", "cutlass", quantize)
+    register_impl("add_layer_norm_quantize", "cutlass", add_layer_norm_quantize)
+    register_impl("add_layer_norm_rotate_quantize", "cutlass", add_layer_norm_rotate_quantize)
 
 
 register()

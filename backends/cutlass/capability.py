@@ -10,7 +10,7 @@ import torch
 
 from qfx.targets import mma_operand
 
-from . import _library
+import qfx.backends.cutlass._library as _library
 from .configs import ARCH_GROUPS
 
 __all__ = ["available", "can_implement", "family_for", "MAX_EXACT_K"]

@@ -21,7 +21,7 @@ import torch
 
 from qfx.targets import mma_operand
 
-from . import _library
+import qfx.backends.cutlass._library as _library
 from ._validate import BadInput
 from .capability import family_for
 from .configs import KernelConfig, by_name
