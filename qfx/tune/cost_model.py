@@ -22,7 +22,7 @@ today — backends/cutlass/__init__.py).
 The peaks, bandwidth and SM count come from :mod:`qfx.targets` (vendor data sheets); only the
 efficiency factors in :data:`FIT` are fitted, on the H100 measurements of the repository
 (``qfx/tune/data/h100_gemm.json``, transcribed from benchmarks/RESULTS.md and
-benchmarks/gemm_h100_rn_epilogue.json), by :func:`fit_gemm` (log-error least squares,
+tests/units/data/h100_gemm_rn_epilogue.json), by :func:`fit_gemm` (log-error least squares,
 Nelder-Mead, all 48 BERT-base/large shapes, M = 128..65536):
 
 * int (qfx int8 wgmma + fused dequant): eff_c 1.00, eff_m 1.00, alpha 1.19, fixed 4.9 us,
@@ -95,23 +95,58 @@ class KernelFit:
     tile_overhead_steps: float = 0.0
 
 
-#: "int" and "fp16": fitted by :func:`fit_gemm` on qfx/tune/data/h100_gemm.json (all M).
+#: Efficiency factors per kernel family (``Target.family``), each validated on its own evidence.
+#: "sm90a" ("int" and "fp16"): fitted by :func:`fit_gemm` on qfx/tune/data/h100_gemm.json (all M).
 #: "memory" (LayerNorm, adds, copies, unfused epilogue) and "attention": assumed, not fitted
 #: (80 % of DRAM bandwidth, 2 us per kernel; SDPA at 25 % of the fp16 peak); the qfx fp16
-#: whole-model rows of benchmarks/e2e_h100_fuse_qkv.json check them (-21 % .. +2 %).
-#: "quantize": the separate token-wise quantize kernel (the attention-out input, and the FFN-out
-#: input with its GELU: fuse_gelu_quantize), fitted to its profiled kernel time in the session-4
-#: build (benchmarks/results/e2e_h100_gelu_quantize.json, "quantize" per forward: bert-base
-#: 128x128 1.357 ms = 12 x (K=768 + K=3072), bert-large 32x384 2.895 ms = 24 x (K=1024 +
-#: K=4096)): ~50 % of DRAM bandwidth + 4 us, 120.8 us modelled per layer vs 113.1 / 120.6
-#: measured. The whole-model rows are not used to fit it, so they check it (tests/units/test_cost_model.py).
-FIT: dict[str, KernelFit] = {
-    "int": KernelFit(1.0, 1.0, 1.187, 4.899, 1.717),
-    "fp16": KernelFit(0.808, 0.969, 1.666, 3.722, 0.0),
-    "memory": KernelFit(1.0, 0.80, 1.0, 2.0),
-    "attention": KernelFit(0.25, 0.80, 1.0, 4.0),
-    "quantize": KernelFit(1.0, 0.50, 1.0, 4.0),
+#: whole-model rows of tests/units/data/h100_e2e_fuse_qkv.json check them (-21 % .. +2 %).
+#: "quantize": the separate token-wise quantize kernel, fitted to its profiled kernel time in the
+#: session-4 build (tests/units/data/h100_e2e_gelu_quantize.json: bert-base 128x128 1.357 ms =
+#: 12 x (K=768 + K=3072), bert-large 32x384 2.895 ms = 24 x (K=1024 + K=4096)): ~50 % of DRAM
+#: bandwidth + 4 us, 120.8 us per layer vs 113.1 / 120.6 measured.
+#: "sm80" (sm_80/86/89: CUTLASS 2.x multistage integer GEMMs, cuBLAS fp16): no H100 number is
+#: transferred. Chosen by :func:`qfx.tune.evidence.fit_sm80` on the published A100 rows of
+#: qfx/tune/data/published_ampere.json (TensorRT demoBERT, BERT-base/large) and the paper's two
+#: Figure 1 ratios, and checked against every other row (L4, L40S, A10, A6000, FasterTransformer):
+#: ``evidence.check_published()``; tests/units/test_cost_model.py holds each row to 25 %.
+FIT: dict[str, dict[str, KernelFit]] = {
+    "sm90a": {
+        "int": KernelFit(1.0, 1.0, 1.187, 4.899, 1.717),
+        "fp16": KernelFit(0.808, 0.969, 1.666, 3.722, 0.0),
+        "memory": KernelFit(1.0, 0.80, 1.0, 2.0),
+        "attention": KernelFit(0.25, 0.80, 1.0, 4.0),
+        "quantize": KernelFit(1.0, 0.50, 1.0, 4.0),
+    },
+    "sm80": {
+        "int": KernelFit(0.80, 0.85, 2.0, 4.0, 1.0),
+        "fp16": KernelFit(0.80, 0.85, 2.0, 4.0, 1.0),
+        "memory": KernelFit(1.0, 0.80, 1.0, 2.0),
+        "attention": KernelFit(0.25, 0.80, 1.0, 4.0),
+        "quantize": KernelFit(1.0, 0.50, 1.0, 4.0),
+    },
 }
+
+#: output tiles the model chooses from per family: the sm90 table's shapes
+#: (backends/cutlass/configs.py), and the CUTLASS 2.x profiler's tensor-op tiles for sm80
+TILES_BY_FAMILY: dict[str, tuple[tuple[int, int], ...]] = {
+    "sm90a": TILES,
+    "sm80": ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128)),
+}
+
+
+def fit_for(target: Target, kind: str) -> KernelFit:
+    """The :data:`FIT` factors of ``kind`` ("int", "fp16", "memory", "attention", "quantize")
+    for ``target``'s kernel family."""
+    if target.family not in FIT:
+        raise ValueError(f"target {target.name}: the cost model has no factors for kernel family {target.family!r}")
+    return FIT[target.family][kind]
+
+
+def codes_bytes(target: Target, bits: int) -> float:
+    """Bytes per activation code in memory: packed nibbles only where the target's MMA takes
+    s4 operands (:meth:`Target.mma_operand`), else one int8 byte per code."""
+    return 0.5 if target.mma_operand(bits, bits) == "s4" else 1.0
+
 
 #: qfx's backend today: the sm90a kernels fuse the dequant epilogue (fp16 out); the sm80
 #: family writes int32 and runs the epilogue as a second kernel.
@@ -139,7 +174,7 @@ def _check_gpu(target: Target) -> None:
 
 
 def gemm_time(target: "Target | str", m: int, n: int, k: int, precision: str, *, out_bytes: float | None = None,
-              fit: KernelFit | None = None, tiles: Iterable[tuple[int, int]] = TILES,
+              fit: KernelFit | None = None, tiles: Iterable[tuple[int, int]] | None = None,
               fused_epilogue: bool | None = None) -> GemmEstimate:
     """Modelled time of ``[M, K] @ [N, K]^T`` in ``precision`` ("fp16", "int8", "int4") on ``target``.
 
@@ -160,7 +195,8 @@ def gemm_time(target: "Target | str", m: int, n: int, k: int, precision: str, *,
     if min(m, n, k) <= 0:
         raise ValueError(f"GEMM shape M={m}, N={n}, K={k}: every dimension must be positive")
     run = target.execution_precision(precision)
-    fit = fit or FIT[_kind(run)]
+    fit = fit or fit_for(target, _kind(run))
+    tiles = tiles or TILES_BY_FAMILY[target.family]
     peak = target.peak_for(run) * 1e6  # ops per microsecond
     per_sm = peak / target.sm_count
     # the per-tile overhead is counted in MMA steps of this GPU's SM (fitted on the H100's)
@@ -172,7 +208,8 @@ def gemm_time(target: "Target | str", m: int, n: int, k: int, precision: str, *,
     ab = BYTES_PER_ELEMENT[run]
     memory = (m * k * ab + n * k * ab + m * n * out_bytes) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
     best: GemmEstimate | None = None
-    kernel = "cuBLAS fp16" if run == "fp16" else f"cutlass {target.family} {'s4' if run == 'int4' else 's8'}"
+    bits = 4 if precision == "int4" else 8
+    kernel = "cuBLAS fp16" if run == "fp16" else f"cutlass {target.family} {target.mma_operand(bits, bits)}"
     for tm, tn in tiles:
         tiles_n = math.ceil(m / tm) * math.ceil(n / tn)
         waves = math.ceil(tiles_n / target.sm_count)
@@ -187,7 +224,7 @@ def elementwise_time(target: "Target | str", bytes_moved: float) -> float:
     """A memory-bound kernel moving ``bytes_moved`` bytes (LayerNorm, add, copy), microseconds."""
     target = get_target(target)
     _check_gpu(target)
-    fit = FIT["memory"]
+    fit = fit_for(target, "memory")
     return fit.fixed_us + bytes_moved / (fit.eff_memory * target.bandwidth_gbs * 1e3)
 
 
@@ -196,9 +233,8 @@ def quantize_time(target: "Target | str", m: int, k: int, bits: int, in_bytes: f
     packed nibbles on INT4 tensor cores) and a scale and offset per token, microseconds."""
     target = get_target(target)
     _check_gpu(target)
-    fit = FIT["quantize"]
-    code_bytes = 0.5 if (bits == 4 and target.int4_tensor_cores) else 1.0
-    return fit.fixed_us + (m * k * (in_bytes + code_bytes) + 8 * m) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
+    fit = fit_for(target, "quantize")
+    return fit.fixed_us + (m * k * (in_bytes + codes_bytes(target, bits)) + 8 * m) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
 
 
 def epilogue_time(target: "Target | str", m: int, n: int) -> float:
@@ -206,14 +242,16 @@ def epilogue_time(target: "Target | str", m: int, n: int) -> float:
     return elementwise_time(target, m * n * (4 + 2) + 12 * n)
 
 
-def attention_time(target: "Target | str", batch: int, seq: int, hidden: int) -> float:
-    """fp16 SDPA with a padding mask (q, k, v, output and the mask read once), microseconds."""
+def attention_time(target: "Target | str", batch: int, seq: int, hidden: int, precision: str = "fp16") -> float:
+    """SDPA with a padding mask (q, k, v, output and the mask read once), microseconds: fp16
+    (qfx), or "int8" (TensorRT's fused MHA with INT8 I/O: int8 MMA, one byte per element)."""
     target = get_target(target)
     _check_gpu(target)
-    fit = FIT["attention"]
+    fit = fit_for(target, "attention")
     flops = 4.0 * batch * seq * seq * hidden
-    compute = flops / (fit.eff_compute * target.peak_for("fp16") * 1e6)
-    memory = (4 * batch * seq * hidden * 2 + batch * seq * seq * 2) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
+    io = BYTES_PER_ELEMENT[precision]
+    compute = flops / (fit.eff_compute * target.peak_for(precision) * 1e6)
+    memory = (4 * batch * seq * hidden * io + batch * seq * seq * 2) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
     return fit.fixed_us + (compute**fit.alpha + memory**fit.alpha) ** (1 / fit.alpha)
 
 
@@ -247,23 +285,24 @@ def fused_quantize_time(target: "Target | str", m: int, k: int, bits: int) -> fl
     pipeline does: only the codes and per-token parameters are written, no launch."""
     target = get_target(target)
     _check_gpu(target)
-    code_bytes = 0.5 if (bits == 4 and target.int4_tensor_cores) else 1.0
-    return (m * k * code_bytes + 8 * m) / (FIT["memory"].eff_memory * target.bandwidth_gbs * 1e3)
+    return (m * k * codes_bytes(target, bits) + 8 * m) / (fit_for(target, "memory").eff_memory * target.bandwidth_gbs * 1e3)
 
 
 def part_time(target: "Target | str", part: str, m: int, n: int, k: int, precision: str, *, gelu: bool = False,
               quantize_input: bool = True, fused_quantize: bool = False,
-              fused_epilogue: bool | None = None) -> PartEstimate:
+              fused_epilogue: bool | None = None, out_bytes: float | None = None) -> PartEstimate:
     """Time of one layer part (``qkv``/``attn_out``/``ffn_in``/``ffn_out``) in ``precision``,
     counting the quantize of its input, an unfused epilogue and an unfused GELU honestly.
 
     ``fused_quantize``: cost the quantize as folded into the previous kernel (a fused
     LayerNorm, or the paper's pipeline), else a separate quantize kernel. ``fused_epilogue``:
-    None = the backend of today (:data:`FUSED_EPILOGUE`), True = the dequant in the GEMM."""
+    None = the backend of today (:data:`FUSED_EPILOGUE`), True = the dequant in the GEMM.
+    ``out_bytes``: of the integer GEMM's output (1: int8 codes, as TensorRT's INT8 engines write)."""
     target = get_target(target)
     if fused_epilogue is None:
         fused_epilogue = FUSED_EPILOGUE.get(target.family, True)
-    g = gemm_time(target, m, n, k, precision, fused_epilogue=fused_epilogue)
+    g = gemm_time(target, m, n, k, precision, fused_epilogue=fused_epilogue,
+                  out_bytes=out_bytes if precision != "fp16" else None)
     bits = 4 if precision == "int4" else 8
     quant = 0.0
     if precision != "fp16" and quantize_input:
@@ -327,10 +366,23 @@ MODEL_SHAPES = {
 #: the FFN block's feeds the next layer's q/k/v)
 QUANTIZE_IN_NORM = ("qkv", "ffn_in")
 
+#: :func:`model_latency` settings of the engines whose published timings check the model:
+#: "qfx" (the backend of today), "paper" (quantize folded into LayerNorm/GELU, dequant in the
+#: GEMM), "trt-int8" (TensorRT demoBERT's INT8 engine built with -iln -imh, and its fp16 engine),
+#: "ft-int8-v2" (FasterTransformer int8_mode 2: int8-output GEMMs, quantized residual) and
+#: "ft-int8-v1" (int8_mode 1: int32-output GEMMs dequantized by the next kernel, fp16 residual).
+PIPELINES: dict[str, dict[str, bool]] = {
+    "qfx": {},
+    "paper": {"fused_quantize": True, "fused_epilogue": True},
+    "trt-int8": {"int8_io": True, "fp16_fused": True},
+    "ft-int8-v2": {"int8_io": True},
+    "ft-int8-v1": {"fused_quantize": True, "fused_epilogue": False},
+}
+
 
 def model_latency(target: "Target | str", shape: ModelShape, batch: int, seq: int,
                   precisions: dict[str, str] | str, *, fused_quantize: bool = False,
-                  fused_epilogue: bool | None = None,
+                  fused_epilogue: bool | None = None, int8_io: bool = False, fp16_fused: bool = False,
                   quantize_in_norm: tuple[str, ...] = QUANTIZE_IN_NORM) -> tuple[float, list[PartEstimate]]:
     """Predicted forward latency (microseconds, under a CUDA graph) of the whole encoder.
 
@@ -341,28 +393,37 @@ def model_latency(target: "Target | str", shape: ModelShape, batch: int, seq: in
     integer part in ``quantize_in_norm`` (qfx's GPU pipeline: q/k/v and FFN-in) has its
     quantize and its LayerNorm folded into the residual add: one kernel writing y and the codes.
     ``fused_quantize``: every quantize folded into its producer (the paper's pipeline).
+    ``int8_io`` (all parts integer; TensorRT's INT8 engine, FasterTransformer int8_mode 2):
+    the GEMMs write int8 codes, attention and the residual LayerNorms read and write int8, so
+    no quantize kernel runs and activations move one byte per element. ``fp16_fused``: the fp16
+    parts as TensorRT builds them (q/k/v one GEMM, GELU in the FFN-in GEMM's epilogue).
+    :data:`PIPELINES` names these settings per published engine.
     Returns the total and one :class:`PartEstimate` per part of one layer.
     """
     target = get_target(target)
     if isinstance(precisions, str):
         precisions = {p: precisions for p, _, _ in shape.parts()}
     m, h = batch * seq, shape.hidden
+    if int8_io and any(precisions.get(p, "fp16") == "fp16" for p, _, _ in shape.parts()):
+        raise ValueError("int8_io=True describes an engine whose every GEMM is integer; got fp16 parts in precisions")
+    io = 1 if int8_io else 2  # bytes per activation element between kernels
     parts, norm_sites = [], 0.0
     for part, n, k in shape.parts():
         prec = precisions.get(part, "fp16")
         in_norm = part in quantize_in_norm and prec != "fp16"
         if part in quantize_in_norm:  # the residual add + LayerNorm feeding it: one kernel or two
-            norm_sites += elementwise_time(target, 3 * m * h * 2) + (0.0 if in_norm else elementwise_time(target, 2 * m * h * 2))
-        if part == "qkv" and prec == "fp16":
+            norm_sites += elementwise_time(target, 3 * m * h * io) + (0.0 if in_norm else elementwise_time(target, 2 * m * h * 2))
+        if part == "qkv" and prec == "fp16" and not fp16_fused:
             one = part_time(target, part, m, n // 3, k, prec)
             parts.append(PartEstimate(part, prec, m, n, k, GemmEstimate(3 * one.gemm.us, one.gemm.kernel + " x3",
                                                                          3 * one.gemm.compute_us, 3 * one.gemm.memory_us, "fp16"), 0.0, 0.0))
         else:
-            parts.append(part_time(target, part, m, n, k, prec, gelu=(part == "ffn_in"), fused_quantize=fused_quantize or in_norm,
-                                   fused_epilogue=fused_epilogue))
+            parts.append(part_time(target, part, m, n, k, prec, gelu=(part == "ffn_in" and not fp16_fused),
+                                   quantize_input=not int8_io, fused_quantize=fused_quantize or in_norm,
+                                   fused_epilogue=True if int8_io else fused_epilogue, out_bytes=1.0 if int8_io else None))
     per_layer_float = (
-        attention_time(target, batch, seq, h)
-        + elementwise_time(target, 2 * m * h * 2)  # attention output transpose/contiguous copy
+        attention_time(target, batch, seq, h, "int8" if int8_io else "fp16")
+        + elementwise_time(target, 2 * m * h * io)  # attention output transpose/contiguous copy
         + norm_sites  # residual adds and LayerNorms
     )
     embeddings = 3 * elementwise_time(target, m * h * 2) + elementwise_time(target, 2 * m * h * 2)
@@ -399,7 +460,7 @@ def fit_gemm(rows: list[dict], column: str, precision: str, start: KernelFit | N
     """
     from scipy.optimize import minimize
 
-    start = start or FIT[_kind(precision)]
+    start = start or FIT["sm90a"][_kind(precision)]
 
     def loss(x):
         ec, em, alpha, t0, ct = x
