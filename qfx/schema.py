@@ -33,6 +33,9 @@ __all__ = [
     "TOKENWISE_OPS", "ELEMENTWISE_OPS", "FEATURE_SPLIT_OPS", "TOKEN_INDEX", "PACK_TOKENS", "REPAD_TOKENS",
     "linear_nodes", "arg", "set_args", "arg_index", "weight_owner", "op_buffer", "is_call",
     "ancestors", "sdpa_mask",
+    "META_LINEAR", "META_PARTS", "META_PLAN", "META_FUSED", "META_FAKE_QUANT", "META_TOKENS", "META_CAPTURE",
+    "META_STAGE", "META_CONFIG", "META_SKIP", "META_ROTATED", "META_PASSES", "META_ATTENTION", "META_UNPAD",
+    "META_FUSED_NORMS", "META_FUSED_ROTATED_NORMS",
 ]
 
 aten = torch.ops.aten
@@ -51,6 +54,38 @@ ADD_LAYER_NORM_QUANTIZE = torch.ops.qfx.add_layer_norm_quantize.default
 ADD_LAYER_NORM_ROTATE_QUANTIZE = torch.ops.qfx.add_layer_norm_rotate_quantize.default
 #: the online input rotation (passes/rotate_inputs.py): token-wise, float in and out
 ROTATE = torch.ops.qfx.rotate.default
+
+# -- metadata keys: every key qfx writes into ``node.meta`` / ``gm.meta``, declared once here ------
+# (the values' types are documented where they are written; serialize keeps every "qfx*" key)
+#: node.meta of a linear: its :class:`LinearInfo` (passes/annotate.py)
+META_LINEAR = "qfx"
+#: node.meta of a fused linear: the :class:`LinearInfo` of each linear it computes (passes/fuse_qkv.py)
+META_PARTS = "qfx_parts"
+#: node.meta of an integer op: the backend the planner bound and the ones it refused (passes/plan.py)
+META_PLAN = "qfx_plan"
+#: node.meta: what a fusion folded into the op, e.g. ``("gelu",)`` (passes/fuse_gelu.py)
+META_FUSED = "qfx_fused"
+#: node.meta of a fake-quantized linear: the fake-quant module's target (passes/fake_quant.py)
+META_FAKE_QUANT = "qfx_fq"
+#: node.meta: ``"packed"`` on a node that runs on the real tokens only (passes/unpad.py)
+META_TOKENS = "qfx_tokens"
+#: gm.meta: the :class:`qfx.capture.CaptureInfo`
+META_CAPTURE = "qfx_capture"
+#: gm.meta of a QAT model: the stage tag, its QuantConfig and its skip list (qfx.api.prepare_qat)
+META_STAGE = "qfx_stage"
+META_CONFIG = "qfx_config"
+META_SKIP = "qfx_skip"
+#: gm.meta: the weights whose linears read a rotated input, by block (passes/rotate_inputs.py)
+META_ROTATED = "qfx_rotated"
+#: gm.meta: the names of the passes run, in order (qfx.pipeline.run_passes)
+META_PASSES = "qfx_passes"
+#: gm.meta: the attention path taken, or why it was kept (passes/attention.py)
+META_ATTENTION = "qfx_attention"
+#: gm.meta: padding removal done, or why not (passes/unpad.py)
+META_UNPAD = "qfx_unpad"
+#: gm.meta: ``(fused, why others not)`` and the rotated count (passes/fuse_norm_quant.py)
+META_FUSED_NORMS = "qfx_fused_norms"
+META_FUSED_ROTATED_NORMS = "qfx_fused_rotated_norms"
 
 # -- token-wise ops: what padding removal (passes/unpad.py) may run on packed tokens -------------
 # An op is token-wise when each token's output row depends only on that token's input rows
@@ -98,10 +133,14 @@ class QuantSpec:
     act_clip: tuple[float, float] | None
     #: block size of the online input rotation (passes/rotate_inputs.py), None: not rotated
     rotation: int | None = None
+    #: block-scaled activations: one scale per token per block of this many input channels
+    #: (QuantConfig(act_block=...)), None: token-wise
+    act_block: int | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "QuantSpec":
-        return cls(cfg.weight_bits, cfg.act_bits, cfg.symmetric, cfg.group_size, cfg.act_clip, cfg.rotation)
+        return cls(cfg.weight_bits, cfg.act_bits, cfg.symmetric, cfg.group_size, cfg.act_clip, cfg.rotation,
+                   getattr(cfg, "act_block", None))
 
     @property
     def quantizes_activations(self) -> bool:
@@ -109,7 +148,8 @@ class QuantSpec:
 
     @property
     def precision(self) -> str:
-        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size, rotation=self.rotation)
+        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size, rotation=self.rotation,
+                             act_block=getattr(self, "act_block", None))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from .configs import KernelConfig, by_name
 from .dispatch import choose
 
 __all__ = ["library", "sm_count", "device_family", "pick_config", "run_gemm", "unpack_int4_into",
-           "pack_rows_int4", "quantize_rows", "LinearLauncher", "QuantizeLauncher",
+           "add_layer_norm_row_fits", "ADD_LN_DTYPES", "pack_rows_int4", "quantize_rows", "LinearLauncher", "QuantizeLauncher",
            "AddLayerNormQuantizeLauncher", "add_layer_norm_fits", "BadInput"]
 
 
@@ -43,6 +43,8 @@ _ADD_LN_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_
                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
 #: the fused add + LayerNorm + quantize kernel holds a row in one warp's registers
 ADD_LN_MAX_K = 1024
+#: the float dtypes the fused add + LayerNorm + quantize kernel reads
+ADD_LN_DTYPES = (torch.float16, torch.bfloat16)
 _UNPACK_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p]
 
 
@@ -264,12 +266,24 @@ class LinearLauncher:
         return out
 
 
-def add_layer_norm_fits(k: int, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether the fused add + LayerNorm + quantize kernel takes rows of ``k`` ``dtype`` values."""
-    if dtype not in (torch.float16, torch.bfloat16):
+def add_layer_norm_row_fits(k: int, dtype: torch.dtype) -> tuple[bool, str]:
+    """The fused add + LayerNorm + quantize kernel's row rule, without loading the library (the
+    planner asks it with no GPU): fp16 / bf16 rows (torch's LayerNorm is kept in fp32, where the
+    compiled model must stay bit-identical to its twin) of K a multiple of 8 up to
+    :data:`ADD_LN_MAX_K`."""
+    if dtype not in ADD_LN_DTYPES:
         return False, f"float parts in {dtype}: the fused kernel reads fp16 / bf16"
     if k % 8 or k > ADD_LN_MAX_K:
         return False, f"K={k}: the fused kernel takes K a multiple of 8 up to {ADD_LN_MAX_K}"
+    return True, ""
+
+
+def add_layer_norm_fits(k: int, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether the fused add + LayerNorm + quantize kernel takes rows of ``k`` ``dtype`` values
+    here: :func:`add_layer_norm_row_fits` and a library that has the kernel."""
+    ok, why = add_layer_norm_row_fits(k, dtype)
+    if not ok:
+        return ok, why
     lib, why = _library.load()
     if lib is None:
         return False, why

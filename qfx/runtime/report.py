@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import operator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from rich.console import Console
@@ -15,8 +15,13 @@ from torch.fx import GraphModule
 
 from qfx.schema import INT_LINEAR, INTEGER_LINEAR_OPS, QUANTIZE, ROTATE, LinearInfo, arg, is_call, linear_nodes
 
-if TYPE_CHECKING:
-    from qfx.tune.select import TuningTable
+
+class ReportSection(Protocol):
+    """An extra section the report prints as it is handed (e.g. a tuned compile's per-part table,
+    :class:`qfx.tune.plan_report.TuningTable`); the report knows nothing of what made it."""
+
+    def print_to(self, con: Console) -> None: ...
+
 
 __all__ = ["CompileReport", "LinearRow", "build_report"]
 
@@ -45,7 +50,7 @@ class CompileReport:
     float_parts: list[tuple[str, str]] = field(default_factory=list)
     plan_origin: str = "rule: first backend in priority order that can implement the op"
     #: a tuned compile's per-part table as data (set by ``TuneDecision.apply_to_report``); None untuned
-    tuning: "TuningTable | None" = None
+    tuning: ReportSection | None = None
 
     @property
     def quantized(self) -> list[LinearRow]:
@@ -66,9 +71,7 @@ class CompileReport:
                 f.add_row(name, why)
             con.print(f)
         if self.tuning is not None:
-            from qfx.tune.plan_report import print_tuning  # the plan's table printer, shared
-
-            print_tuning(con, self.tuning)
+            self.tuning.print_to(con)
         return buf.getvalue()
 
     def __str__(self) -> str:

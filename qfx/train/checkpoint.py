@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qfx.train import ddp
+import qfx.train.ddp as ddp
 
 __all__ = ["LAST", "BEST", "fingerprint", "check_fingerprint", "model_and_optim_state", "load_model_and_optim_state",
            "save", "load", "remove", "folder_bytes"]

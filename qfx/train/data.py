@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from qfx.train import ddp
+import qfx.train.ddp as ddp
 
 __all__ = ["EncodedData", "input_names", "fit_inputs", "batch_indices", "rank_slice", "check_batch_split", "Prefetcher"]
 

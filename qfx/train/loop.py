@@ -38,7 +38,8 @@ from qfx.capture import capture
 from qfx.config import QuantConfig
 from qfx.passes.expose_features import FeatureRecorder, feature_taps
 from qfx.pipeline import TRAIN_PASSES, PassContext, run_passes
-from qfx.train import checkpoint, ddp
+import qfx.train.checkpoint as checkpoint
+import qfx.train.ddp as ddp
 from qfx.train.data import EncodedData, Prefetcher, batch_indices, check_batch_split, fit_inputs, input_names, rank_slice
 from qfx.train.losses import KDWeights, check_pair, kd_loss
 

@@ -26,145 +26,24 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import statistics
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from qfx.targets import Target, family_of, get_target
 from qfx.tune import cost_model
 from qfx.tune.cost_model import ModelShape
+from qfx.tune.measure import AutotuneCacheWarning, Launchers, TuneCache, machine_identity, time_us
+from qfx.tune.parts import (
+    PRECISIONS, TUNED_ROLES, PartSpec, Scenario, allowed_precisions, part_specs, part_specs_from_graph,
+)
 
 __all__ = [
     "PRECISIONS", "allowed_precisions", "Scenario", "PartSpec", "Candidate", "PartChoice", "BucketPlan",
     "Plan", "Launchers", "TuneCache", "AutotuneCacheWarning", "machine_identity", "time_us", "autotune",
-    "part_specs", "part_specs_from_graph", "fixed_strategies",
+    "part_specs", "part_specs_from_graph", "fixed_strategies", "dominant_precision",
 ]
 
-#: precisions from lowest to highest
-PRECISIONS = ("int4", "int8", "fp16")
 _BITS = {"int4": 4, "int8": 8}
-
-
-def allowed_precisions(trained: str) -> tuple[str, ...]:
-    """Precisions a part trained in ``trained`` may run in: never lower, higher always."""
-    if trained not in PRECISIONS:
-        raise ValueError(f"trained precision {trained!r}: use one of {PRECISIONS}")
-    return PRECISIONS[PRECISIONS.index(trained):]
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """The input sizes to tune for: ``(batch, seq)`` buckets (M = batch x seq per GEMM).
-
-    Example::
-
-        >>> Scenario.of(batch=32, seq=128).buckets
-        ((32, 128),)
-        >>> Scenario.of(buckets=[(1, 128), (32, 384)]).buckets
-        ((1, 128), (32, 384))
-    """
-
-    buckets: tuple[tuple[int, int], ...]
-
-    @classmethod
-    def of(cls, batch: int | None = None, seq: int | None = None,
-           buckets: Iterable[tuple[int, int]] | None = None) -> "Scenario":
-        if buckets is not None:
-            if batch is not None or seq is not None:
-                raise ValueError("Scenario: give either batch and seq, or buckets, not both")
-            items = tuple((int(b), int(s)) for b, s in buckets)
-        else:
-            if batch is None or seq is None:
-                raise ValueError(f"Scenario: batch={batch!r}, seq={seq!r}: give both (e.g. batch=32, seq=128) or buckets")
-            items = ((int(batch), int(seq)),)
-        if not items:
-            raise ValueError("Scenario(buckets=[]): give at least one (batch, seq) bucket")
-        for b, s in items:
-            if b < 1 or s < 1:
-                raise ValueError(f"Scenario bucket (batch={b}, seq={s}): both must be >= 1")
-        return cls(items)
-
-    def check(self, shape: ModelShape) -> None:
-        """Raise when a bucket exceeds the model's limits (sequence longer than its positions)."""
-        for b, s in self.buckets:
-            if s > shape.max_seq:
-                raise ValueError(
-                    f"scenario bucket (batch={b}, seq={s}): {shape.name} takes at most {shape.max_seq} tokens "
-                    f"(max_position_embeddings); use seq <= {shape.max_seq}"
-                )
-
-
-@dataclass(frozen=True)
-class PartSpec:
-    """One GEMM of the model as the tuner sees it (M comes from the scenario).
-
-    ``layer``: encoder layer index; ``trained``: the precision the weights were trained for
-    ("int4", "int8", or "fp16" for a part left in float).
-    """
-
-    layer: int | None
-    part: str
-    n: int
-    k: int
-    trained: str
-    #: the float graph runs this part as this many GEMMs of N / fp16_gemms each (HF's separate
-    #: q, k, v linears); fuse_qkv makes the integer part one GEMM of N, reading one quantize
-    fp16_gemms: int = 1
-    #: the input quantize is folded into the LayerNorm before the part (the GPU pass
-    #: fuse_add_layer_norm_quantize), so an integer choice costs only what that kernel adds
-    quantize_in_norm: bool = False
-    #: the part's output goes through GELU here: fused into the integer epilogue, a kernel of
-    #: its own in fp16. None: the part is ``ffn_in``. False: the GELU is counted elsewhere
-    #: (in the next part's quantize, ``quantize_gelu``)
-    gelu: bool | None = None
-    #: the input quantize also applies the GELU of the part before (fuse_gelu_quantize)
-    quantize_gelu: bool = False
-
-    @property
-    def has_gelu(self) -> bool:
-        return self.part == "ffn_in" if self.gelu is None else self.gelu
-
-
-def part_specs_from_graph(gm) -> list[PartSpec]:
-    """The GEMMs of a lowered (L4) or planned (L5) qfx graph, from each linear's ``LinearInfo``:
-    integer linears keep their trained precision (W4A4 -> ``"int4"``, W8A8 / W4A8 -> ``"int8"``);
-    float and weight-only linears of the four roles are ``"fp16"`` (no integer candidate).
-
-    Example::
-
-        >>> specs = part_specs_from_graph(compiled.graph_module)
-        >>> plan = autotune(None, "sm_90", Scenario.of(batch=32, seq=128), parts=specs)
-    """
-    from qfx.schema import INTEGER_LINEAR_OPS, LINEAR_OPS, is_call
-
-    out = []
-    for node in gm.graph.nodes:
-        info = node.meta.get("qfx")
-        if info is None or not (is_call(node, INTEGER_LINEAR_OPS) or is_call(node, LINEAR_OPS)):
-            continue
-        if info.role not in ("qkv", "attn_out", "ffn_in", "ffn_out"):
-            continue
-        spec = info.spec if is_call(node, INTEGER_LINEAR_OPS) else None
-        if spec is None or not spec.quantizes_activations:
-            trained = "fp16"
-        else:
-            trained = "int4" if spec.weight_bits == spec.act_bits == 4 else "int8"
-        part = info.role  # unfused q, k, v: three "qkv" GEMMs of N = h each
-        out.append(PartSpec(info.layer, part, info.out_features, info.in_features, trained))
-    return out
-
-
-def part_specs(shape: ModelShape, trained: str | dict[str, str]) -> list[PartSpec]:
-    """Every GEMM of ``shape``'s layers, q/k/v as one (fuse_qkv). ``trained``: one precision
-    or ``{part: precision}`` (parts absent stay fp16)."""
-    per_part = {p: trained for p, _, _ in shape.parts()} if isinstance(trained, str) else dict(trained)
-    return [PartSpec(layer, part, n, k, per_part.get(part, "fp16"))
-            for layer in range(shape.layers) for part, n, k in shape.parts()]
 
 
 @dataclass(frozen=True)
@@ -226,265 +105,6 @@ class Plan:
 
     def precisions(self, bucket: int = 0) -> dict[tuple[int | None, str], str]:
         return {(c.spec.layer, c.spec.part): c.precision for c in self.buckets[bucket].choices}
-
-
-# ----------------------------------------------------------------------------------------------
-# Measuring
-
-
-@dataclass
-class Launchers:
-    """How to run each candidate on the GPU present: factories returning zero-argument callables
-    that launch the kernel once on preallocated inputs (the tuner times them).
-
-    Attributes:
-        gemm: ``precision -> (m, n, k, gelu) -> [(kernel_name, fn), ...]``; the integer ones
-            include their dequant epilogue (fused or not), the fp16 one its bias.
-        quantize: ``(m, k, bits) -> fn``: the activation quantize kernel; called with
-            ``gelu=True`` for a quantize that applies GELU first (``PartSpec.quantize_gelu``).
-        gelu: ``(m, n) -> fn``: a standalone GELU (what an fp16 FFN-in adds).
-
-    :meth:`default` gives fp16 through ``torch.nn.functional.linear`` and, when the
-    ``cutlass`` backend is registered, int8/int4, quantize and add + LayerNorm + quantize through
-    the launchers a compiled model binds (``qfx.backends.cutlass.launch``; the GEMM's kernel
-    choice per M is the backend's, named ``"cutlass"``); a backend can add one entry per config.
-    """
-
-    gemm: dict[str, Callable[[int, int, int, bool], list[tuple[str, Callable[[], object]]]]] = field(default_factory=dict)
-    quantize: Callable[[int, int, int], Callable[[], object]] | None = None
-    gelu: Callable[[int, int], Callable[[], object]] | None = None
-    #: ``(m, k, bits) -> (fused, plain)``: add + LayerNorm + quantize in one kernel, and the
-    #: add + LayerNorm it replaces; an integer part whose quantize sits in the LayerNorm
-    #: (``PartSpec.quantize_in_norm``) costs the difference. Without it such a part is charged
-    #: the separate quantize kernel (an upper bound).
-    norm_quantize: Callable[[int, int, int], tuple[Callable[[], object], Callable[[], object]]] | None = None
-
-    @classmethod
-    def default(cls, device: str = "cuda") -> "Launchers":
-        import torch
-        import torch.nn.functional as F
-
-        def fp16(m, n, k, gelu):
-            x = torch.randn(m, k, device=device, dtype=torch.float16)
-            w = torch.randn(n, k, device=device, dtype=torch.float16)
-            b = torch.randn(n, device=device, dtype=torch.float16)
-            return [("cublas", lambda: F.linear(x, w, b))]
-
-        def act_gelu(m, n):
-            y = torch.randn(m, n, device=device, dtype=torch.float16)
-            return lambda: F.gelu(y)
-
-        out = cls(gemm={"fp16": fp16}, gelu=act_gelu)
-        from qfx.ops import registered_backends
-
-        if "cutlass" in registered_backends("int_linear"):
-            # the launchers the runtime binds (qfx/runtime/launch_plan.py): weight operand and
-            # fp32 bias made once, kernel config chosen once per M: what a compiled model runs
-            from qfx import numerics
-            from qfx.backends.cutlass.launch import AddLayerNormQuantizeLauncher, LinearLauncher, QuantizeLauncher
-
-            def integer(bits):
-                def make(m, n, k, gelu):
-                    a = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (m, k), device=device, dtype=torch.int8)
-                    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), dtype=torch.int8)
-                    w = (numerics.pack_int4(q) if bits == 4 else q).to(device)
-                    sa = torch.rand(m, device=device) + 0.5
-                    sw = torch.rand(n, device=device) + 0.5
-                    b = torch.randn(n, device=device, dtype=torch.float16)
-                    linear = LinearLauncher(w, bits, sw, None, b, gelu, torch.float16, bits)
-                    return [("cutlass", lambda: linear(a, sa, None))]  # symmetric activations (the default)
-                return make
-
-            out.gemm["int8"] = integer(8)
-            out.gemm["int4"] = integer(4)
-
-            def quant(m, k, bits, gelu=False):
-                x = torch.randn(m, k, device=device, dtype=torch.float16)
-                launcher = QuantizeLauncher(bits, True, None, gelu=gelu)
-                return lambda: launcher(x)
-            out.quantize = quant
-
-            def norm_quant(m, k, bits):
-                a = torch.randn(m, k, device=device, dtype=torch.float16)
-                b = torch.randn(m, k, device=device, dtype=torch.float16)
-                g = torch.rand(k, device=device, dtype=torch.float16) + 0.5
-                beta = torch.randn(k, device=device, dtype=torch.float16)
-                launcher = AddLayerNormQuantizeLauncher(1e-12, bits, True, None)
-                fused = lambda: launcher(a, b, g, beta)  # noqa: E731
-                plain = lambda: F.layer_norm(a + b, (k,), g, beta, 1e-12)  # noqa: E731
-                return fused, plain
-            out.norm_quantize = norm_quant
-        return out
-
-
-def time_us(fn: Callable[[], object], iters: int = 20, warmup: int = 3, cuda_graph: bool = True) -> float:
-    """Median time of ``fn()`` on the current CUDA stream, microseconds.
-
-    With ``cuda_graph`` the call is captured once in a CUDA graph and the graph replayed (what
-    a compiled model runs: no launch overhead from Python); without, CUDA events around eager
-    calls. Falls back to eager when capture fails (a kernel that cannot be captured).
-    """
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    run = fn
-    if cuda_graph:
-        try:
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph):
-                fn()
-            run = graph.replay
-        except Exception:  # noqa: BLE001 - any capture failure: time eagerly instead
-            run = fn
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-# ----------------------------------------------------------------------------------------------
-# The on-disk cache
-
-
-class AutotuneCacheWarning(UserWarning):
-    """An autotune cache file was ignored (another GPU / driver / library, or corrupt)."""
-
-
-def _driver_version() -> str:
-    try:
-        from cuda.bindings import driver
-
-        err, version = driver.cuDriverGetVersion()
-        if int(err) == 0:
-            return f"{version // 1000}.{(version % 1000) // 10}"
-    except Exception:  # noqa: BLE001 - cuda-python missing or no driver: try nvidia-smi
-        pass
-    try:
-        import subprocess
-
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001
-        pass
-    return "unknown"
-
-
-def _library_version() -> str:
-    """qfx, torch and CUDA versions plus a digest of the native library's manifest and file."""
-    import torch
-
-    import qfx
-
-    parts = [f"qfx {getattr(qfx, '__version__', '?')}", f"torch {torch.__version__}", f"cuda {torch.version.cuda}"]
-    here = Path(__file__).resolve().parents[2] / "backends" / "cutlass"
-    digest = hashlib.sha256()
-    for name in ("qfx_cutlass_manifest.json", "libqfx_cutlass.so"):
-        p = here / name
-        if p.exists():
-            st = p.stat()
-            digest.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
-            if name.endswith(".json"):
-                digest.update(p.read_bytes())
-    parts.append(f"native {digest.hexdigest()[:12]}")
-    return ", ".join(parts)
-
-
-def machine_identity() -> dict[str, str]:
-    """``{"gpu", "driver", "library"}`` of the GPU present: what a cache entry is valid for."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("machine_identity needs a CUDA GPU; modelled plans are not cached")
-    return {"gpu": torch.cuda.get_device_name(), "driver": _driver_version(), "library": _library_version()}
-
-
-_CACHE_FORMAT = 1
-
-
-def default_cache_dir() -> Path:
-    """``$QFX_CACHE_DIR`` or ``~/.cache/qfx/autotune`` (read when called, never at import)."""
-    return Path(os.environ.get("QFX_CACHE_DIR", Path.home() / ".cache" / "qfx")) / "autotune"
-
-
-class TuneCache:
-    """Measured candidate times on disk, one JSON file per GPU name.
-
-    The file holds its identity (GPU name, driver, library version) and entries keyed by
-    ``precision|kernel|M|N|K|gelu`` (and ``quantize|bits|M|K``). A file made under another
-    identity, or one that does not parse, is ignored with an :class:`AutotuneCacheWarning`
-    naming the file and the reason, and replaced on the next save.
-
-    Example::
-
-        >>> cache = TuneCache(identity=machine_identity())
-        >>> cache.get("int8|cutlass|4096|768|768|0")   # None until measured
-    """
-
-    def __init__(self, directory: str | os.PathLike | None = None, identity: dict[str, str] | None = None) -> None:
-        if identity is None:
-            identity = machine_identity()
-        self.identity = dict(identity)
-        slug = "".join(ch if ch.isalnum() else "_" for ch in self.identity["gpu"]).strip("_").lower() or "gpu"
-        self.path = Path(directory) if directory is not None else default_cache_dir()
-        self.path = self.path / f"{slug}.json"
-        self.entries: dict[str, float] = {}
-        self.ignored: str | None = None
-        self._load()
-
-    def _ignore(self, why: str) -> None:
-        self.ignored = why
-        warnings.warn(f"qfx autotune cache {self.path}: {why}; ignoring it (it will be rewritten)", AutotuneCacheWarning,
-                      stacklevel=3)
-
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        try:
-            data = json.loads(self.path.read_text())
-            if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
-                raise ValueError("no 'entries' table")
-            entries = {str(k): float(v) for k, v in data["entries"].items()}
-        except (ValueError, TypeError, OSError, UnicodeDecodeError) as e:
-            self._ignore(f"corrupt ({type(e).__name__}: {e})")
-            return
-        if data.get("format") != _CACHE_FORMAT:
-            self._ignore(f"format {data.get('format')!r}, this qfx writes {_CACHE_FORMAT}")
-            return
-        for key in ("gpu", "driver", "library"):
-            if data.get(key) != self.identity[key]:
-                self._ignore(f"made for {key} {data.get(key)!r}, this machine has {self.identity[key]!r}")
-                return
-        self.entries = entries
-
-    def get(self, key: str) -> float | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, us: float) -> None:
-        self.entries[key] = float(us)
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format": _CACHE_FORMAT, **self.identity, "entries": self.entries}, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)  # atomic: a crash never leaves a half-written cache
-
-
-# ----------------------------------------------------------------------------------------------
-# Choosing
 
 
 def _modelled_candidates(target: Target, spec: PartSpec, m: int, fused_quantize: bool,
@@ -564,9 +184,9 @@ def fixed_strategies(trained: str) -> dict[str, dict[str, str]]:
     """The paper's fixed strategies for a model trained in ``trained``: all parts quantized
     ("qall"), only FFN-in ("q3", the paper's best at small bs x seq) and all-fp16."""
     return {
-        f"all-{trained}": {p: trained for p in ("qkv", "attn_out", "ffn_in", "ffn_out")},
+        f"all-{trained}": {p: trained for p in TUNED_ROLES},
         "q3-only": {"qkv": "fp16", "attn_out": "fp16", "ffn_in": trained, "ffn_out": "fp16"},
-        "all-fp16": {p: "fp16" for p in ("qkv", "attn_out", "ffn_in", "ffn_out")},
+        "all-fp16": {p: "fp16" for p in TUNED_ROLES},
     }
 
 
@@ -680,7 +300,7 @@ def autotune(
                 best, cands, fp16 = by_shape[dataclasses.replace(s, layer=None)]
                 choices.append(PartChoice(s, m, best.precision, best.kernel, best.us, fp16, cands))
             fixed = {}
-            for name, rule in fixed_strategies(_dominant(specs)).items():
+            for name, rule in fixed_strategies(dominant_precision(specs)).items():
                 fixed_choices = []
                 for c in choices:
                     want = rule.get(c.spec.part, "fp16")
@@ -697,7 +317,9 @@ def autotune(
     return Plan(target.name, gpu, "measured" if measure else "modelled", shape.name if shape else "graph", tuple(buckets), origin)
 
 
-def _dominant(specs: Sequence[PartSpec]) -> str:
+def dominant_precision(specs: Sequence[PartSpec]) -> str:
+    """The lowest precision any part was trained for (``"fp16"`` when none is quantized): what
+    the fixed strategies quantize to."""
     quantized = [s.trained for s in specs if s.trained != "fp16"]
     return min(quantized, key=PRECISIONS.index) if quantized else "fp16"
 

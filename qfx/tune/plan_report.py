@@ -1,5 +1,7 @@
 """The per-part table: what each GEMM runs in and why, for a :class:`qfx.tune.autotune.Plan`
 (``python -m qfx plan``) and for a tuned compile (``compiled.report()``); one printer for both.
+A tuned compile's table is kept as plain data (:class:`TuningTable`) and handed to the report,
+which prints it through :meth:`TuningTable.print_to` without importing the tuner.
 
 One row per layer part (layers with identical shapes and choices are merged, e.g. ``0-11``):
 layer, part, GEMM shape (M x N x K), trained and chosen precision, kernel, the time of each
@@ -17,17 +19,21 @@ Example::
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from qfx.targets import get_target
+import qfx.backends.cutlass._library as _library  # the manifest of the built configs, without a GPU
+from qfx.backends.cutlass.configs import CONFIGS
+from qfx.backends.cutlass.dispatch import choose
+from qfx.targets import Target, get_target
 from qfx.tune.autotune import PRECISIONS, Plan, PartChoice
-from qfx.tune.select import FAMILY_DEFAULT, TuningTable, runtime_kernel
 
-__all__ = ["render_plan", "plan_rows", "part_table", "print_tuning", "layers_text"]
+__all__ = ["render_plan", "plan_rows", "part_table", "print_tuning", "layers_text", "PartTiming", "BucketTotal",
+           "TuningTable", "runtime_kernel", "FP16_KERNEL", "FAMILY_DEFAULT", "LEFT_OUT"]
 
 
 def layers_text(layers: list[int | None]) -> str:
@@ -40,14 +46,174 @@ def layers_text(layers: list[int | None]) -> str:
     return ",".join(map(str, known))
 
 
+@dataclass(frozen=True)
+class PartTiming:
+    """One layer part in one scenario bucket, as the report's tuning table shows it.
+
+    ``times``: microseconds per candidate (the trained precision and fp16), each with the work
+    it brings (quantize, GELU), measured or modelled (:attr:`TuningTable.source`). For the
+    FFN pair (``TuneDecision.ffn_pairs``), ``ffn_in``'s times are its own with ``ffn_out`` as
+    chosen, and ``ffn_out``'s the pair's time minus ``ffn_in``'s as chosen: ffn_out's choice
+    also moves the GELU (into its quantize, or back to ffn_in), so that work is counted with it.
+    Either way the chosen times of a bucket add up to the tuner's total for that bucket.
+    ``kernel``: what the runtime launches for the chosen precision at this M
+    (:func:`runtime_kernel`).
+    """
+
+    layer: int | None
+    part: str
+    batch: int
+    seq: int
+    n: int
+    k: int
+    trained: str
+    precision: str
+    kernel: str
+    times: dict[str, float] = field(hash=False)
+
+    @property
+    def m(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def us(self) -> float:
+        return self.times[self.precision]
+
+    @property
+    def fp16_us(self) -> float:
+        return self.times["fp16"]
+
+    @property
+    def speedup(self) -> float:
+        """fp16 time over the chosen time (1.0 when fp16 is chosen)."""
+        return self.fp16_us / self.us
+
+
+@dataclass(frozen=True)
+class BucketTotal:
+    """The tuned parts' summed time in one bucket, microseconds: the decision's (``chosen_us``)
+    and each fixed strategy's under the same times (``strategies``: ``"all-fp16"``,
+    ``"all-int4"`` / ``"all-int8"``, ``"q3-only"``; :func:`qfx.tune.autotune.fixed_strategies`)."""
+
+    batch: int
+    seq: int
+    chosen_us: float
+    strategies: dict[str, float] = field(hash=False)
+
+    @property
+    def fp16_us(self) -> float:
+        return self.strategies["all-fp16"]
+
+    @property
+    def speedup(self) -> float:
+        """all-fp16 time over the chosen plan's time."""
+        return self.fp16_us / self.chosen_us
+
+
+#: what an fp16 part runs (the float graph's linears; cuBLAS under the hood on a GPU)
+FP16_KERNEL = "cuBLAS (torch.nn.functional.linear)"
+
+#: marks a kernel named from the config table, no library for the target's family being loaded here
+FAMILY_DEFAULT = " *"
+
+#: what the tuning table leaves out of the predicted latency: work the choice does not change
+LEFT_OUT = ("embeddings, LayerNorms (a quantize folded into one is counted: only what it adds), attention "
+            "(scores, softmax, context), residual adds, the linears outside the tuned parts (pooler, classifier, "
+            "skipped parts), and host time outside a CUDA graph: the same in every plan, so the whole model's "
+            "ratio to all-fp16 is nearer 1 than this")
+
+
+@dataclass(frozen=True)
+class TuningTable:
+    """What a tuned compile's report prints, as plain data: ``compiled.report().tuning``.
+
+    Example::
+
+        >>> t = compiled.report().tuning
+        >>> for r in t.rows():   # one per part and bucket, layers merged ("all 12 layers")
+        ...     print(r["layer"], r["part"], r["m"], r["precision"], r["kernel"], f"{r['speedup']:.2f}x")
+        >>> t.totals[0].chosen_us, t.totals[0].fp16_us   # the tuned parts' summed time: as chosen, all-fp16
+
+    Attributes:
+        target: the target tuned for (``"sm_90"``).
+        source: ``"measured"`` or ``"modelled"`` (every time in the table).
+        origin: one line on where the times come from.
+        layers: the model's encoder layers (rows merge layers that agree: "all 12 layers").
+        timings: one :class:`PartTiming` per layer part and bucket.
+        totals: one :class:`BucketTotal` per bucket.
+        ffn_coupled: the FFN pair was chosen together (see :class:`PartTiming`).
+        left_out: what the predicted latency does not include.
+    """
+
+    target: str
+    source: str
+    origin: str
+    layers: int
+    timings: tuple[PartTiming, ...]
+    totals: tuple[BucketTotal, ...]
+    ffn_coupled: bool = False
+    left_out: str = LEFT_OUT
+
+    def print_to(self, con: Console) -> None:
+        """Print this table as a section of ``compiled.report()`` (:func:`print_tuning`): the
+        report renders the section it is handed and knows nothing of the tuner."""
+        print_tuning(con, self)
+
+    def rows(self, per_layer: bool = False) -> list[dict]:
+        """One dict per (layer group, part, bucket), in layer-part order then bucket order.
+        Layers whose part has the same shape, choice, kernels and times in every bucket are
+        merged (``layer``: ``"all 12 layers"``, ``"0-5"``, ``"3"``) unless ``per_layer``.
+        Keys: layer, part, batch, seq, m, n, k, trained, precision, kernel, times, us,
+        fp16_us, speedup (the keys of :func:`plan_rows`)."""
+        per_part: dict[tuple[int | None, str], list[PartTiming]] = {}
+        for t in self.timings:
+            per_part.setdefault((t.layer, t.part), []).append(t)
+        groups: dict[tuple, list[tuple[int | None, list[PartTiming]]]] = {}
+        for (layer, part), ts in per_part.items():
+            key = (part, tuple((t.n, t.k, t.trained, t.precision, t.kernel, tuple(sorted(t.times.items()))) for t in ts))
+            groups.setdefault((layer,) + key if per_layer else key, []).append((layer, ts))
+        out = []
+        for members in groups.values():
+            layers = [layer for layer, _ in members]
+            known = sorted(x for x in layers if x is not None)
+            label = (f"all {self.layers} layers" if self.layers > 1 and known == list(range(self.layers))
+                     else layers_text(layers))
+            for t in members[0][1]:
+                out.append(dict(layer=label, part=t.part, batch=t.batch, seq=t.seq, m=t.m, n=t.n, k=t.k,
+                                trained=t.trained, precision=t.precision, kernel=t.kernel, times=dict(t.times),
+                                us=t.us, fp16_us=t.fp16_us, speedup=t.speedup))
+        return out
+
+
+def runtime_kernel(target: Target, precision: str, m: int, n: int, k: int, fp16_gemms: int = 1) -> str:
+    """The kernel a compiled model runs for one GEMM of a part at ``m`` rows.
+
+    fp16: :data:`FP16_KERNEL` (``x3`` for HF's separate q, k, v). Integer: the CUTLASS config
+    the launch layer picks (:func:`qfx.backends.cutlass.dispatch.choose`, tuned table first)
+    among the configs of the loaded library when it was built for the target's kernel family;
+    otherwise among every config of the family in the table (what a library built for it would
+    pick, marked with :data:`FAMILY_DEFAULT`); ``"modelled"`` when no config fits.
+    """
+    if precision == "fp16":
+        return FP16_KERNEL + (f" x{fp16_gemms}" if fp16_gemms > 1 else "")
+    family = target.family
+    bits = 4 if precision == "int4" else 8
+    operand = target.mma_operand(bits, bits)  # LinearLauncher's operand
+    of_family = {c.name for c in CONFIGS if c.arch == family and c.operand == operand}
+    lib, _ = _library.load()
+    built = of_family & lib.configs if lib is not None else set()
+    cfg = choose(family, operand, m, n, k, built or of_family)
+    if cfg is None:
+        return "modelled"
+    return cfg.name if built else cfg.name + FAMILY_DEFAULT
+
+
 def plan_rows(plan: Plan, bucket: int = 0, per_layer: bool = False) -> list[dict]:
     """The table's rows as dicts (layer, part, m, n, k, trained, precision, kernel, times, us,
     fp16_us, speedup, extra_us), merging layers with the same shape and choice unless
     ``per_layer``. ``times``: the fastest candidate of each precision, microseconds.
     ``kernel``: the chosen candidate's when it names a backend config, else what the runtime
-    would launch for it (:func:`qfx.tune.select.runtime_kernel`)."""
-    from qfx.backends.cutlass.configs import CONFIGS
-
+    would launch for it (:func:`runtime_kernel`)."""
     target, configs = get_target(plan.target), {cfg.name for cfg in CONFIGS}
     groups: dict[tuple, list[PartChoice]] = {}
     for c in plan.buckets[bucket].choices:

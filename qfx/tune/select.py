@@ -47,33 +47,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
-from qfx.schema import is_call, linear_nodes
+from qfx.passes.annotate import annotate
+from qfx.schema import META_CAPTURE
 from qfx.targets import Target, get_target
-from qfx.tune.autotune import PartSpec, Plan, Scenario, TuneCache, Launchers, _dominant, autotune, fixed_strategies
+from qfx.tune.autotune import Plan, autotune, dominant_precision, fixed_strategies
+from qfx.tune.measure import Launchers, TuneCache
+from qfx.tune.parts import LayerPart, Scenario, layer_count, layer_parts
+from qfx.tune.plan_report import (  # the table's data types live with its printer; named here too
+    FAMILY_DEFAULT, FP16_KERNEL, BucketTotal, PartTiming, TuningTable, runtime_kernel,
+)
 
 __all__ = ["LayerPart", "PartDecision", "PartTiming", "BucketTotal", "TuningTable", "TuneDecision", "layer_parts",
            "choose_parts", "scenario_for_compile", "tune_for_compile", "runtime_kernel", "FP16_KERNEL",
            "FAMILY_DEFAULT"]
-
-_TUNED_ROLES = ("qkv", "attn_out", "ffn_in", "ffn_out")
-aten = torch.ops.aten
-#: ops between a LayerNorm and the linear reading it that leave the values as they are
-#: (dropout is the identity in eval and removed before planning)
-_PASS_THROUGH = frozenset({aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
-                           aten._to_copy.default, aten.to.dtype, aten.view.default, aten.reshape.default})
-
-
-@dataclass(frozen=True)
-class LayerPart:
-    """The linears of one layer part (``layer0.q/k/v`` -> part ``qkv``) and their GEMM."""
-
-    layer: int | None
-    part: str
-    names: tuple[str, ...]
-    spec: PartSpec
-
 
 @dataclass(frozen=True)
 class PartDecision:
@@ -91,173 +79,6 @@ class PartDecision:
     fp16_us: float
     #: per bucket: (batch, seq, preferred precision, trained us, fp16 us)
     per_bucket: tuple[tuple[int, int, str, float, float], ...]
-
-
-@dataclass(frozen=True)
-class PartTiming:
-    """One layer part in one scenario bucket, as the report's tuning table shows it.
-
-    ``times``: microseconds per candidate (the trained precision and fp16), each with the work
-    it brings (quantize, GELU), measured or modelled (:attr:`TuningTable.source`). For the
-    FFN pair (``TuneDecision.ffn_pairs``), ``ffn_in``'s times are its own with ``ffn_out`` as
-    chosen, and ``ffn_out``'s the pair's time minus ``ffn_in``'s as chosen: ffn_out's choice
-    also moves the GELU (into its quantize, or back to ffn_in), so that work is counted with it.
-    Either way the chosen times of a bucket add up to the tuner's total for that bucket.
-    ``kernel``: what the runtime launches for the chosen precision at this M
-    (:func:`runtime_kernel`).
-    """
-
-    layer: int | None
-    part: str
-    batch: int
-    seq: int
-    n: int
-    k: int
-    trained: str
-    precision: str
-    kernel: str
-    times: dict[str, float] = field(hash=False)
-
-    @property
-    def m(self) -> int:
-        return self.batch * self.seq
-
-    @property
-    def us(self) -> float:
-        return self.times[self.precision]
-
-    @property
-    def fp16_us(self) -> float:
-        return self.times["fp16"]
-
-    @property
-    def speedup(self) -> float:
-        """fp16 time over the chosen time (1.0 when fp16 is chosen)."""
-        return self.fp16_us / self.us
-
-
-@dataclass(frozen=True)
-class BucketTotal:
-    """The tuned parts' summed time in one bucket, microseconds: the decision's (``chosen_us``)
-    and each fixed strategy's under the same times (``strategies``: ``"all-fp16"``,
-    ``"all-int4"`` / ``"all-int8"``, ``"q3-only"``; :func:`qfx.tune.autotune.fixed_strategies`)."""
-
-    batch: int
-    seq: int
-    chosen_us: float
-    strategies: dict[str, float] = field(hash=False)
-
-    @property
-    def fp16_us(self) -> float:
-        return self.strategies["all-fp16"]
-
-    @property
-    def speedup(self) -> float:
-        """all-fp16 time over the chosen plan's time."""
-        return self.fp16_us / self.chosen_us
-
-
-#: what an fp16 part runs (the float graph's linears; cuBLAS under the hood on a GPU)
-FP16_KERNEL = "cuBLAS (torch.nn.functional.linear)"
-
-#: marks a kernel named from the config table, no library for the target's family being loaded here
-FAMILY_DEFAULT = " *"
-
-#: what the tuning table leaves out of the predicted latency: work the choice does not change
-LEFT_OUT = ("embeddings, LayerNorms (a quantize folded into one is counted: only what it adds), attention "
-            "(scores, softmax, context), residual adds, the linears outside the tuned parts (pooler, classifier, "
-            "skipped parts), and host time outside a CUDA graph: the same in every plan, so the whole model's "
-            "ratio to all-fp16 is nearer 1 than this")
-
-
-@dataclass(frozen=True)
-class TuningTable:
-    """What a tuned compile's report prints, as plain data: ``compiled.report().tuning``.
-
-    Example::
-
-        >>> t = compiled.report().tuning
-        >>> for r in t.rows():   # one per part and bucket, layers merged ("all 12 layers")
-        ...     print(r["layer"], r["part"], r["m"], r["precision"], r["kernel"], f"{r['speedup']:.2f}x")
-        >>> t.totals[0].chosen_us, t.totals[0].fp16_us   # the tuned parts' summed time: as chosen, all-fp16
-
-    Attributes:
-        target: the target tuned for (``"sm_90"``).
-        source: ``"measured"`` or ``"modelled"`` (every time in the table).
-        origin: one line on where the times come from.
-        layers: the model's encoder layers (rows merge layers that agree: "all 12 layers").
-        timings: one :class:`PartTiming` per layer part and bucket.
-        totals: one :class:`BucketTotal` per bucket.
-        ffn_coupled: the FFN pair was chosen together (see :class:`PartTiming`).
-        left_out: what the predicted latency does not include.
-    """
-
-    target: str
-    source: str
-    origin: str
-    layers: int
-    timings: tuple[PartTiming, ...]
-    totals: tuple[BucketTotal, ...]
-    ffn_coupled: bool = False
-    left_out: str = LEFT_OUT
-
-    def rows(self, per_layer: bool = False) -> list[dict]:
-        """One dict per (layer group, part, bucket), in layer-part order then bucket order.
-        Layers whose part has the same shape, choice, kernels and times in every bucket are
-        merged (``layer``: ``"all 12 layers"``, ``"0-5"``, ``"3"``) unless ``per_layer``.
-        Keys: layer, part, batch, seq, m, n, k, trained, precision, kernel, times, us,
-        fp16_us, speedup (the keys of :func:`qfx.tune.plan_report.plan_rows`)."""
-        per_part: dict[tuple[int | None, str], list[PartTiming]] = {}
-        for t in self.timings:
-            per_part.setdefault((t.layer, t.part), []).append(t)
-        groups: dict[tuple, list[tuple[int | None, list[PartTiming]]]] = {}
-        for (layer, part), ts in per_part.items():
-            key = (part, tuple((t.n, t.k, t.trained, t.precision, t.kernel, tuple(sorted(t.times.items()))) for t in ts))
-            groups.setdefault((layer,) + key if per_layer else key, []).append((layer, ts))
-        out = []
-        for members in groups.values():
-            layers = [layer for layer, _ in members]
-            known = sorted(x for x in layers if x is not None)
-            label = (f"all {self.layers} layers" if self.layers > 1 and known == list(range(self.layers))
-                     else _layers_text(layers))
-            for t in members[0][1]:
-                out.append(dict(layer=label, part=t.part, batch=t.batch, seq=t.seq, m=t.m, n=t.n, k=t.k,
-                                trained=t.trained, precision=t.precision, kernel=t.kernel, times=dict(t.times),
-                                us=t.us, fp16_us=t.fp16_us, speedup=t.speedup))
-        return out
-
-
-def _layers_text(layers: Sequence[int | None]) -> str:
-    from qfx.tune.plan_report import layers_text  # one spelling of layer ranges
-
-    return layers_text(list(layers))
-
-
-def runtime_kernel(target: Target, precision: str, m: int, n: int, k: int, fp16_gemms: int = 1) -> str:
-    """The kernel a compiled model runs for one GEMM of a part at ``m`` rows.
-
-    fp16: :data:`FP16_KERNEL` (``x3`` for HF's separate q, k, v). Integer: the CUTLASS config
-    the launch layer picks (:func:`qfx.backends.cutlass.dispatch.choose`, tuned table first)
-    among the configs of the loaded library when it was built for the target's kernel family;
-    otherwise among every config of the family in the table (what a library built for it would
-    pick, marked with :data:`FAMILY_DEFAULT`); ``"modelled"`` when no config fits.
-    """
-    if precision == "fp16":
-        return FP16_KERNEL + (f" x{fp16_gemms}" if fp16_gemms > 1 else "")
-    from qfx.backends.cutlass import _library  # the manifest of the built configs, without a GPU
-    from qfx.backends.cutlass.configs import CONFIGS
-    from qfx.backends.cutlass.dispatch import choose
-
-    family = target.family
-    bits = 4 if precision == "int4" else 8
-    operand = target.mma_operand(bits, bits)  # LinearLauncher's operand
-    of_family = {c.name for c in CONFIGS if c.arch == family and c.operand == operand}
-    lib, _ = _library.load()
-    built = of_family & lib.configs if lib is not None else set()
-    cfg = choose(family, operand, m, n, k, built or of_family)
-    if cfg is None:
-        return "modelled"
-    return cfg.name if built else cfg.name + FAMILY_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -360,70 +181,6 @@ def _scenario_text(scenario: Scenario) -> str:
     return " + ".join(f"{b}x{s}" for b, s in scenario.buckets)
 
 
-def _through(node: Any) -> Any:
-    while is_call(node, _PASS_THROUGH):
-        node = node.args[0]
-    return node
-
-
-def _quantize_in_norm(lin: Node, k: int, target: Target, float_dtype: torch.dtype) -> bool:
-    """Whether ``fuse_add_layer_norm_quantize`` will fold this linear's input quantize into the
-    LayerNorm that produces its input (GPU, fp16 / bf16 float parts, a row the kernel takes)."""
-    if not target.is_gpu or float_dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if not is_call(_through(lin.args[0]), aten.layer_norm.default):
-        return False
-    from qfx.backends.cutlass.launch import ADD_LN_MAX_K  # the fused kernel's row limit, kept there
-
-    return k % 8 == 0 and k <= ADD_LN_MAX_K
-
-
-def _quantize_takes_gelu(lin: Node) -> bool:
-    """Whether ``fuse_gelu_quantize`` will fold the exact GELU this linear reads into its
-    input quantize (when the linear is integer): the GELU's only reader is this linear."""
-    from qfx.pipeline import COMPILE_PASSES
-
-    # the pass is declared in the pipeline or not at all: count the GELU where it will run
-    if not any(name == "fuse_gelu_quantize" for name, _ in COMPILE_PASSES):
-        return False
-    gelu = _through(lin.args[0])
-    if not is_call(gelu, aten.gelu.default) or len(gelu.users) != 1:
-        return False
-    approximate = gelu.kwargs.get("approximate", gelu.args[1] if len(gelu.args) > 1 else "none")
-    return approximate == "none"
-
-
-def layer_parts(gm: GraphModule, target: "Target | str", float_dtype: torch.dtype = torch.float16) -> list[LayerPart]:
-    """The layer parts of an annotated graph (L2 or later: ``node.meta["qfx"]`` on every linear)
-    that have a choice: every linear of the part quantizes weights and activations with the
-    same bits. Parts with a linear already in float (``skip``, roles not quantized) or
-    weight-only have no integer candidate and are left out."""
-    target = get_target(target)
-    groups: dict[tuple[int | None, str], list[Node]] = {}
-    for node in linear_nodes(gm):
-        info = node.meta.get("qfx")
-        if info is None:
-            raise ValueError("layer_parts needs an annotated graph (qfx.passes.annotate): a linear has no qfx metadata")
-        if info.role in _TUNED_ROLES and info.layer is not None:
-            groups.setdefault((info.layer, info.role), []).append(node)
-    out = []
-    for (layer, role), nodes in groups.items():
-        infos = [n.meta["qfx"] for n in nodes]
-        specs = {(i.spec.weight_bits, i.spec.act_bits) if i.spec is not None and i.spec.quantizes_activations else None
-                 for i in infos}
-        ks = {i.in_features for i in infos}
-        if None in specs or len(specs) != 1 or len(ks) != 1:
-            continue
-        (w_bits, a_bits), = specs
-        trained = "int4" if w_bits == a_bits == 4 else "int8"
-        k = ks.pop()
-        spec = PartSpec(layer, role, sum(i.out_features for i in infos), k, trained, fp16_gemms=len(infos),
-                        quantize_in_norm=_quantize_in_norm(nodes[0], k, target, float_dtype),
-                        quantize_gelu=role == "ffn_out" and _quantize_takes_gelu(nodes[0]))
-        out.append(LayerPart(layer, role, tuple(i.name for i in infos), spec))
-    return out
-
-
 def _best(plan: Plan, bucket: int, spec: PartSpec, precision: str) -> float:
     """The fastest candidate of ``precision`` for ``spec`` in one bucket, microseconds."""
     c = next(c for c in plan.buckets[bucket].choices if c.spec == spec)
@@ -484,7 +241,7 @@ def choose_parts(
     ffn_pairs = {g.layer: (by_part[(g.layer, "ffn_in")], g) for g in groups
                  if g.part == "ffn_out" and g.spec.quantize_gelu and (g.layer, "ffn_in") in by_part}
     bare = {layer: replace(fin.spec, gelu=False) for layer, (fin, _) in ffn_pairs.items()}
-    model_layers = _layer_count(parts if isinstance(parts, GraphModule) else groups)
+    model_layers = layer_count(parts if isinstance(parts, GraphModule) else groups)
     plan = autotune(None, target, scenario, parts=[g.spec for g in groups] + list(bare.values()), measure=measure,
                     launchers=launchers, cache=cache, timer=timer, progress=progress)
     where, source = _scenario_text(scenario), plan.source
@@ -551,21 +308,10 @@ def choose_parts(
     return replace(decision, table=_tuning_table(decision, target, in_order, model_layers))
 
 
-def _layer_count(parts: "GraphModule | Sequence[LayerPart]") -> int:
-    """The model's encoder layers: every layer index of an annotated graph's linears (tuned or
-    not), or of the parts given."""
-    if isinstance(parts, GraphModule):
-        layers = {n.meta["qfx"].layer for n in linear_nodes(parts) if "qfx" in n.meta}
-    else:
-        layers = {p.layer for p in parts}
-    known = [x for x in layers if x is not None]
-    return max(known) + 1 if known else 0
-
-
 def _tuning_table(decision: TuneDecision, target: Target, timings: list[PartTiming], layers: int) -> TuningTable:
     """The report's table: the timings and, per bucket, the decision's total next to the fixed
     strategies' under the same times (:meth:`TuneDecision.total_us`)."""
-    strategies = fixed_strategies(_dominant(decision.parts))  # as the plan's, from the lowest trained precision
+    strategies = fixed_strategies(dominant_precision(decision.parts))  # as the plan's, from the lowest trained precision
     totals = tuple(BucketTotal(b, s, decision.total_us(bucket=i),
                                {name: decision.total_us(rule, bucket=i) for name, rule in strategies.items()})
                    for i, (b, s) in enumerate(decision.scenario.buckets))
@@ -601,12 +347,10 @@ def tune_for_compile(gm: GraphModule, tune: Any, target: Target, config, skip: t
     """What ``qfx.compile(..., tune=...)`` calls on the captured graph: annotate it with the
     compile's config and skip (metadata only; the pipeline annotates again with the decision's
     skip added), then :func:`choose_parts`."""
-    from qfx.passes.annotate import annotate
-
     if config is None:
         raise ValueError(f"tune={tune!r} with mode='fp16': nothing is quantized, so there is nothing to tune; "
                          "drop tune or compile with mode='int4'/'int8'")
-    capture = gm.meta["qfx_capture"]
+    capture = gm.meta[META_CAPTURE]
     scenario = scenario_for_compile(tune, capture)
     _check_limits(scenario, capture.max_seq_len)
     annotate(gm, config, skip)

@@ -16,6 +16,7 @@ import qfx
 from models import inputs, make
 from qfx.capture import capture
 from qfx.passes.annotate import annotate
+from qfx.targets import get_target
 import qfx.pipeline
 from qfx.tune import Scenario
 from qfx.tune import autotune as at
@@ -70,7 +71,7 @@ def _fake_gpu(monkeypatch, timed: list):
 
 
 def test_layer_parts_count_what_the_compiled_graph_runs(int4_graph):
-    parts = {(p.layer, p.part): p for p in layer_parts(int4_graph, "sm_86")}
+    parts = {(p.layer, p.part): p for p in layer_parts(int4_graph, get_target("sm_86"))}
     assert len(parts) == 8
     qkv = parts[(0, "qkv")]
     assert qkv.names == ("layer0.q", "layer0.k", "layer0.v")
@@ -79,7 +80,7 @@ def test_layer_parts_count_what_the_compiled_graph_runs(int4_graph):
     # the quantize of qkv / ffn_in sits in the LayerNorm before them on a GPU with fp16 float parts
     assert {p: parts[(1, p)].spec.quantize_in_norm for p in ("qkv", "attn_out", "ffn_in", "ffn_out")} == \
         {"qkv": True, "attn_out": False, "ffn_in": True, "ffn_out": False}
-    assert not any(p.spec.quantize_in_norm for p in layer_parts(int4_graph, "sm_86", torch.float32))
+    assert not any(p.spec.quantize_in_norm for p in layer_parts(int4_graph, get_target("sm_86"), torch.float32))
 
 
 def test_precision_never_below_trained_and_parts_already_float_are_left_alone(model):
