@@ -14,6 +14,10 @@ exact accumulation, the fp32 epilogue of qfx.numerics) and its backward as
 spec (q, k and v read one input: they get one ``layer{i}.qkv.act_fq``), as the integer graph
 quantizes that tensor once. Weight-only specs (act_bits=16) get neither.
 
+Block-scaled activations (``spec.act_block = B``): ``act`` carries the block, so the codes are
+per token per block of ``B`` input channels and ``integer_linear`` computes the block-scaled
+integer linear; a ``B`` that does not divide the linear's K is a ValueError naming it.
+
 Invariant: the linear node keeps its name, metadata and users, and its first three args stay
 (input, weight, bias), now read through the fake-quant modules. Its output equals
 ``linear(x_hat, w_hat, b)`` up to fp32 rounding (the forward is exact where float is not).
@@ -58,7 +62,13 @@ def insert_fake_quant(gm: GraphModule) -> GraphModule:
             node.args = (x, w_fq, bias)
             node.kwargs = {}
             continue
-        act = (spec.act_bits, spec.symmetric, spec.act_clip)
+        block = getattr(spec, "act_block", None)
+        if block is not None and info.in_features % block:
+            raise ValueError(
+                f"QuantConfig(act_block={block}) does not divide K={info.in_features} of linear {info.name}; "
+                f"choose a divisor of {info.in_features} (such as 128 for BERT) or act_block=None"
+            )
+        act = (spec.act_bits, spec.symmetric, spec.act_clip) + (() if block is None else (block,))
         if (x, act) not in act_fq:
             with gm.graph.inserting_after(x):
                 codes = gm.graph.call_function(activation_codes, (x, act))

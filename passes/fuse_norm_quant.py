@@ -32,7 +32,8 @@ float path. ``y`` equals torch's LayerNorm up to fp32 rounding of the mean and v
 bf16 (the compiled model then is the twin up to float-part rounding already); with
 ``float_dtype=torch.float32`` the graph keeps torch's LayerNorm and stays bit-identical to its
 QAT twin. A LayerNorm whose row the kernel cannot hold (K > 1024 or not a multiple of 8) is
-left as it is, and ``gm.meta["qfx_fused_norms"]`` says how many were fused (rotated readers
+left as it is, and so is a block-scaled quantize (``act_block`` set: no fused kernel emits block
+scales yet; the refusal is recorded), and ``gm.meta["qfx_fused_norms"]`` says how many were fused (rotated readers
 included; ``gm.meta["qfx_fused_rotated_norms"]`` counts those) and why others not.
 """
 from __future__ import annotations
@@ -80,6 +81,9 @@ def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, back
     fused, fused_rotated, refused = 0, 0, set()
     for q in [n for n in graph.nodes if is_call(n, QUANTIZE) and arg(n, "backend") == backend]:
         ln, rot = arg(q, "x"), None
+        if arg(q, "act_block") is not None:
+            refused.add(f"act_block={arg(q, 'act_block')}: no fused LayerNorm kernel emits block scales yet")
+            continue
         if is_call(ln, ROTATE) and len(ln.users) == 1 and not arg(q, "gelu"):
             rot, ln = ln, ln.args[0]
         if not is_call(ln, aten.layer_norm.default):

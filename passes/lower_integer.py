@@ -12,6 +12,11 @@ Pattern (on use-def edges; the modules are recognised by their class)::
 :mod:`qfx.numerics` from the fp32 master weights and stored as buffers
 ``<name>.w_codes``, ``<name>.w_scale``, ``<name>.w_offset_sum``; the float weight is dropped.
 
+Block-scaled activations (``spec.act_block = B``): the quantize and int_linear nodes get the
+keyword ``act_block=B`` (token-wise graphs are unchanged), and ``<name>.w_offset_sum`` holds the
+block code sums ``[N, K / B]`` (:func:`qfx.numerics.weight_block_sums`), the weight factor of
+the per-block offset term.
+
 Invariant: every op emitted uses ``backend="reference"`` (L4 is target independent and runs
 on the CPU); each int_linear output equals the fake-quant linear's output up to the fp32
 rounding bound stated in :mod:`qfx.numerics`. ``node.meta["qfx"]`` moves to the new node.
@@ -42,12 +47,13 @@ def _module(gm: GraphModule, node: Node, cls) -> nn.Module | None:
     return None
 
 
-def _store_weight(gm: GraphModule, info: LinearInfo, w: torch.Tensor, bits: int, group: int | None) -> tuple[str, str, str]:
+def _store_weight(gm: GraphModule, info: LinearInfo, w: torch.Tensor, bits: int, group: int | None,
+                  act_block: int | None) -> tuple[str, str, str]:
     if not torch.isfinite(w).all():
         raise ValueError(f"weight {info.weight} (linear {info.name}) contains NaN or Inf; fix the model before compiling")
     # Codes are made on the CPU, the oracle, whatever device the graph runs on.
     q_w, s_w = numerics.quantize_weight(w.detach().float().cpu(), bits, group)
-    ws = numerics.weight_offset_sum(q_w, s_w)
+    ws = numerics.weight_offset_sum(q_w, s_w) if act_block is None else numerics.weight_block_sums(q_w, act_block)
     codes = numerics.pack_int4(q_w) if bits == 4 else q_w
     holder = submodule_at(gm, info.name)
     device = w.device
@@ -72,9 +78,11 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
         spec = info.spec
         w_param = param_or_buffer(gm, info.weight)
         w_src = w_param if master_weights is None else master_weights[info.weight].to(w_param.device)
-        key = (info.weight, spec.weight_bits, spec.group_size)
+        block = getattr(spec, "act_block", None)
+        block_kw = {} if block is None else {"act_block": block}
+        key = (info.weight, spec.weight_bits, spec.group_size, block)
         if key not in stored:
-            stored[key] = _store_weight(gm, info, w_src, spec.weight_bits, spec.group_size)
+            stored[key] = _store_weight(gm, info, w_src, spec.weight_bits, spec.group_size, block)
         codes, scale, offset_sum = stored[key]
         bias = node.args[2] if len(node.args) > 2 else None
         out_dtype = node.meta["val"].dtype if "val" in node.meta else w_param.dtype
@@ -94,6 +102,7 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
                         qnode = graph.call_function(
                             torch.ops.qfx.quantize.default,
                             (x_node.args[0], act_mod.bits, act_mod.symmetric, clip[0], clip[1], REFERENCE),
+                            block_kw,
                         )
                     qnode._rename(str(x_node.target).replace(".", "_").replace("act_fq", "quantize"))
                     quantized[x_node] = qnode
@@ -102,6 +111,7 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
                 new = graph.call_function(
                     torch.ops.qfx.int_linear.default,
                     (*parts, w_nodes[0], spec.weight_bits, w_nodes[1], w_nodes[2], bias, False, out_dtype, spec.act_bits, REFERENCE),
+                    block_kw,
                 )
         new.meta = dict(node.meta)
         new._rename(info.name.replace(".", "_"))  # the graph's namespace keeps names unique

@@ -13,7 +13,7 @@ OTHER_ROLE = "other"
 
 MODES = ("int4", "int8", "fp16")
 #: QuantConfig fields newer than the checkpoint fingerprint: in its repr only when not default
-_SHOWN_WHEN_SET = ("rotation",)
+_SHOWN_WHEN_SET = ("rotation", "act_block")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,13 @@ class QuantConfig:
             outlier channels are spread before the token-wise quantizer sees them. Costs one
             fast Walsh-Hadamard transform (one Triton kernel on a GPU) per distinct linear
             input. ``b`` must divide every quantized linear's K.
+        act_block: ``None`` (token-wise: one scale and offset per token, the paper's setting
+            and the default) or a block size such as 128: one scale (and, asymmetric, one
+            offset) per token per block of ``act_block`` consecutive input channels, each block's
+            exact int32 accumulator promoted to fp32 with its own scale
+            (:func:`qfx.numerics.int_linear_blocks_reference` states the order). Must divide
+            every quantized linear's K; with grouped weights, ``weight_group`` must be a
+            multiple of it (each block lies inside one weight group).
 
     Example::
 
@@ -53,6 +60,7 @@ class QuantConfig:
     roles: tuple[str, ...] = field(default=ROLES)
     quantize_other: bool = False
     rotation: int | None = None
+    act_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8):
@@ -96,10 +104,32 @@ class QuantConfig:
                 f"QuantConfig(rotation={rot!r}): use None (no rotation) or a power-of-two block "
                 "size such as 64 or 128 that divides every quantized linear's input dimension"
             )
+        self._check_act_block()
         bad = [r for r in self.roles if r not in ROLES]
         if bad:
             raise ValueError(f"QuantConfig(roles=...) has unknown roles {bad}; choose from {ROLES}")
         object.__setattr__(self, "roles", tuple(self.roles))
+
+    def _check_act_block(self) -> None:
+        blk = self.act_block
+        if blk is None:
+            return
+        if isinstance(blk, bool) or not isinstance(blk, int) or blk < 2:
+            raise ValueError(
+                f"QuantConfig(act_block={blk!r}): use None (token-wise) or a block size such as "
+                "128 that divides every quantized linear's input dimension K"
+            )
+        if self.act_bits == 16:
+            raise ValueError(
+                f"QuantConfig(act_block={blk}, act_bits=16): float activations have no scales; "
+                "set act_bits=4 or 8, or act_block=None"
+            )
+        wg = self.weight_group
+        if isinstance(wg, int) and wg % blk:
+            raise ValueError(
+                f"QuantConfig(weight_group={wg}, act_block={blk}): each activation block must lie "
+                f"inside one weight group; use weight_group='row' or a multiple of {blk}"
+            )
 
     @property
     def group_size(self) -> int | None:
@@ -113,7 +143,8 @@ class QuantConfig:
     @property
     def tag(self) -> str:
         """Short name such as ``W4A4-asym`` used in reports and plots."""
-        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size, sep="-", rotation=self.rotation)
+        return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size, sep="-", rotation=self.rotation,
+                             act_block=self.act_block)
 
     def with_(self, **changes) -> "QuantConfig":
         return replace(self, **changes)
@@ -127,9 +158,9 @@ class QuantConfig:
 
 
 def precision_tag(weight_bits: int, act_bits: int, symmetric: bool, group_size: int | None, sep: str = " ",
-                  rotation: int | None = None) -> str:
+                  rotation: int | None = None, act_block: int | None = None) -> str:
     """``W4A4-asym-g64`` (sep="-") or ``W4A4 asym g64`` (``rot128`` appended for a rotated
-    input): the one spelling of a precision."""
+    input, ``ablk128`` for block-scaled activations): the one spelling of a precision."""
     parts = [f"W{weight_bits}A{act_bits}"]
     if act_bits < 16:
         parts.append("sym" if symmetric else "asym")
@@ -137,6 +168,8 @@ def precision_tag(weight_bits: int, act_bits: int, symmetric: bool, group_size: 
         parts.append(f"g{group_size}")
     if rotation is not None:
         parts.append(f"rot{rotation}")
+    if act_block is not None:
+        parts.append(f"ablk{act_block}")
     return sep.join(parts)
 
 

@@ -10,15 +10,26 @@ torch.compile and captured in CUDA graphs.
 
 Ops (shapes; ``...`` are leading token dims, flattened to M inside kernels)::
 
-    qfx::quantize(x [..., K] float, bits, symmetric, clip_lo, clip_hi, backend, gelu=False)
+    qfx::quantize(x [..., K] float, bits, symmetric, clip_lo, clip_hi, backend, gelu=False,
+                  act_block=None)
         -> (codes [..., K] int8, scale [...] f32, offset [...] f32)
-                                     (gelu: the codes of gelu(x), GELU in x's dtype as torch's)
+                                     (gelu: the codes of gelu(x), GELU in x's dtype as torch's;
+                                      act_block=B: block-scaled, scale/offset [..., K / B])
     qfx::int_matmul(a [M, K] int8, b [N, K] int8, backend) -> [M, N] int32
     qfx::int_linear(a [..., K] int8, a_scale [...], a_offset [...], w, w_bits,
-                    w_scale [N, G], w_offset_sum [N], bias [N]?, gelu, out_dtype, a_bits, backend)
+                    w_scale [N, G], w_offset_sum [N], bias [N]?, gelu, out_dtype, a_bits, backend,
+                    act_block=None)
         -> [..., N] out_dtype        (w: int8 [N, K], or uint8 [N, K/2] packed when w_bits=4;
                                       a_bits says the codes of a fit 4 bits, so a kernel may
-                                      run them on INT4 tensor cores)
+                                      run them on INT4 tensor cores. act_block=B: block-scaled
+                                      codes, a_scale/a_offset [..., K / B], and w_offset_sum
+                                      holds the block code sums [N, K / B]:
+                                      qfx.numerics.int_linear_blocks_reference)
+
+Block-scaled calls (``act_block`` not None) dispatch to the implementations a backend
+registers with ``register_impl(op, backend, fn, blocks=True)`` (called with ``act_block`` as
+the last argument); a backend without one is an error naming ``act_block``, never a silent
+token-wise or float run.
     qfx::weight_only_linear(x [..., K] float, w, w_bits, w_scale [N, G], bias [N]?, backend)
         -> [..., N] x.dtype
     qfx::add_layer_norm_quantize(a [..., K], b [..., K]?, weight [K], bias [K], eps, bits,
@@ -64,25 +75,42 @@ from torch import Tensor
 
 from qfx.numerics import rotate_blocks
 
-__all__ = ["register_impl", "registered_backends", "OPS", "TOKEN_LAYOUT_OPS", "token_rows", "gather_tokens", "scatter_tokens"]
+__all__ = ["register_impl", "registered_backends", "OPS", "BLOCK_OPS", "TOKEN_LAYOUT_OPS", "token_rows", "gather_tokens", "scatter_tokens"]
 
 #: (op name, backend name) -> implementation with the op's signature minus ``backend``.
 _IMPLS: dict[tuple[str, str], Callable] = {}
+#: (op name, backend name) -> implementation of the block-scaled form (``act_block`` set)
+_BLOCK_IMPLS: dict[tuple[str, str], Callable] = {}
+#: the ops with a block-scaled form
+BLOCK_OPS = ("quantize", "int_linear")
 OPS = ("quantize", "int_matmul", "int_linear", "weight_only_linear", "add_layer_norm_quantize",
        "add_layer_norm_rotate_quantize")
 #: the token layout ops (no backend): see the module doc
 TOKEN_LAYOUT_OPS = ("token_index", "pack_tokens", "repad_tokens")
 
 
-def register_impl(op: str, backend: str, fn: Callable) -> None:
-    """Make ``fn`` the implementation of ``qfx::<op>`` when called with ``backend``."""
-    if op not in OPS:
-        raise ValueError(f"register_impl: unknown op {op!r}; qfx declares {OPS}")
-    _IMPLS[(op, backend)] = fn
+def register_impl(op: str, backend: str, fn: Callable, blocks: bool = False) -> None:
+    """Make ``fn`` the implementation of ``qfx::<op>`` when called with ``backend`` (``blocks``:
+    of its block-scaled form, called with ``act_block`` as the last argument)."""
+    if op not in (BLOCK_OPS if blocks else OPS):
+        raise ValueError(f"register_impl: unknown op {op!r}{' (blocks=True)' if blocks else ''}; "
+                         f"qfx declares {BLOCK_OPS if blocks else OPS}")
+    (_BLOCK_IMPLS if blocks else _IMPLS)[(op, backend)] = fn
 
 
-def registered_backends(op: str) -> list[str]:
-    return sorted(b for (o, b) in _IMPLS if o == op)
+def registered_backends(op: str, blocks: bool = False) -> list[str]:
+    return sorted(b for (o, b) in (_BLOCK_IMPLS if blocks else _IMPLS) if o == op)
+
+
+def _block_impl(op: str, backend: str, act_block: int) -> Callable:
+    try:
+        return _BLOCK_IMPLS[(op, backend)]
+    except KeyError:
+        raise RuntimeError(
+            f"qfx::{op} with act_block={act_block} (block-scaled activations) has no implementation for "
+            f"backend={backend!r}; backends with one: {registered_backends(op, blocks=True)}. Plan it on one "
+            "of those, or use QuantConfig(act_block=None) (token-wise) for this backend."
+        ) from None
 
 
 def _impl(op: str, backend: str) -> Callable:
@@ -109,13 +137,16 @@ def quantize(
     clip_hi: Optional[float],
     backend: str,
     gelu: bool = False,
+    act_block: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if act_block is not None:
+        return _block_impl("quantize", backend, act_block)(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block)
     return _impl("quantize", backend)(x, bits, symmetric, clip_lo, clip_hi, gelu)
 
 
 @quantize.register_fake
-def _(x, bits, symmetric, clip_lo, clip_hi, backend, gelu=False):
-    lead = x.shape[:-1]
+def _(x, bits, symmetric, clip_lo, clip_hi, backend, gelu=False, act_block=None):
+    lead = x.shape[:-1] if act_block is None else (*x.shape[:-1], x.shape[-1] // act_block)
     return (
         x.new_empty(x.shape, dtype=torch.int8),
         x.new_empty(lead, dtype=torch.float32),
@@ -147,14 +178,19 @@ def int_linear(
     out_dtype: torch.dtype,
     a_bits: int,
     backend: str,
+    act_block: Optional[int] = None,
 ) -> Tensor:
+    if act_block is not None:
+        return _block_impl("int_linear", backend, act_block)(
+            a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits, act_block
+        )
     return _impl("int_linear", backend)(
         a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits=a_bits
     )
 
 
 @int_linear.register_fake
-def _(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits, backend):
+def _(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits, backend, act_block=None):
     return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=out_dtype)
 
 

@@ -45,6 +45,23 @@ def _int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, ge
     return y.reshape(*lead, y.shape[-1])
 
 
+def _quantize_blocks(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block):
+    clip = None if clip_lo is None else (clip_lo, clip_hi)
+    return numerics.quantize_activation(x, bits, symmetric, clip, gelu, block=act_block)
+
+
+def _int_linear_blocks(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, bias, gelu, out_dtype, a_bits, act_block):
+    lead, k = a.shape[:-1], a.shape[-1]
+    if a_scale.shape[-1] * act_block != k:
+        raise ValueError(f"qfx::int_linear(act_block={act_block}): a_scale has {a_scale.shape[-1]} blocks, K={k}")
+    blocks = k // act_block
+    y = numerics.int_linear_blocks_reference(
+        a.reshape(-1, k), a_scale.reshape(-1, blocks), a_offset.reshape(-1, blocks), _unpacked(w, w_bits),
+        w_scale, w_block_sums, bias, gelu, out_dtype,
+    )
+    return y.reshape(*lead, y.shape[-1])
+
+
 def _weight_only_linear(x, w, w_bits, w_scale, bias):
     q = _unpacked(w, w_bits)
     groups = w_scale.shape[-1]
@@ -70,6 +87,8 @@ register_impl("add_layer_norm_quantize", NAME, _add_layer_norm_quantize)
 register_impl("int_matmul", NAME, _int_matmul)
 register_impl("int_linear", NAME, _int_linear)
 register_impl("weight_only_linear", NAME, _weight_only_linear)
+register_impl("quantize", NAME, _quantize_blocks, blocks=True)
+register_impl("int_linear", NAME, _int_linear_blocks, blocks=True)
 
 
 class ReferenceBackend:

@@ -54,6 +54,26 @@ which equals ``x_hat @ w_hat.T + bias`` in exact arithmetic. In fp32 the order i
 ``y * 0.5 * (1 + erf(y * sqrt(1/2)))``. The QAT graph's linears compute exactly this
 (:func:`qfx.numerics.fake_quant.integer_linear`), and so do the GPU kernels
 (backends/cutlass/EPILOGUES.md): on one device the twin and the compiled model agree bit for bit.
+
+Block-scaled activations (``QuantConfig(act_block=B)``, :func:`int_linear_blocks_reference`):
+the activation of token ``m`` has one scale ``S_a[m, j]`` (and offset ``c_a[m, j]``) per block
+``j`` of ``B`` consecutive input channels (the formulas above with the block as the vector;
+:func:`quantize_activation` with ``block=B``). With ``J = K / B`` blocks::
+
+    acc_j[m, n] = sum_{k in block j} q_a[m, k] * q_w[n, k]        (exact int32, |acc_j| < 2^24)
+    bs[n, j]    = sum_{k in block j} q_w[n, k]                     (an integer, stored as fp32)
+    t_j = acc_j * S_a[m, j]                                       (the promotion of block j)
+    t_j = t_j + c_a[m, j] * bs[n, j]                              (asymmetric only)
+    t_j = t_j * s_w[n, g(j)]                                      (grouped weights only)
+    p   = ((0 + t_0) + t_1) + ... + t_{J-1}                        (blocks in K order)
+    y   = p * s_w[n]                                              (row-wise weights only)
+    y   = y + bias[n];  GELU as above
+
+every operation an fp32 operation rounded once (no fma), in exactly this order. ``acc_j`` fits
+fp32 exactly, so its conversion is exact; a symmetric activation's zero offsets would add
+``+-0`` to a ``t_j`` that is never ``-0``, so kernels may skip that line for symmetric codes.
+Grouped weights need ``g % B == 0`` (each block lies in one weight group). It equals
+``x_hat @ w_hat.T + bias`` in exact arithmetic, like the token-wise form.
 """
 from __future__ import annotations
 
@@ -76,7 +96,9 @@ __all__ = [
     "int_matmul_reference",
     "int_matmul",
     "int_linear_reference",
+    "int_linear_blocks_reference",
     "weight_offset_sum",
+    "weight_block_sums",
     "max_exact_k",
 ]
 
@@ -202,8 +224,10 @@ def quantize_activation(
     symmetric: bool,
     clip: tuple[float, float] | None = None,
     gelu: bool = False,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-wise codes of ``x [..., K]``: (int8 codes, scale ``[...]``, offset ``[...]``).
+    """Token-wise codes of ``x [..., K]``: (int8 codes, scale ``[...]``, offset ``[...]``); with
+    ``block=B``, block-scaled: scale and offset ``[..., K // B]``, one per token per block.
 
     The offset is all zeros for symmetric activations, so kernels can take one signature.
     ``gelu``: the codes of ``torch.nn.functional.gelu(x)`` (exact erf, evaluated in fp32 and
@@ -212,11 +236,14 @@ def quantize_activation(
     """
     if gelu:
         x = torch.nn.functional.gelu(x)
+    if block is not None and (block <= 0 or x.shape[-1] % block):
+        raise ValueError(f"act_block={block} does not divide the activation's K={x.shape[-1]}; "
+                         f"choose a divisor of {x.shape[-1]} (QuantConfig(act_block=...)) or None")
     xc = x.float() if clip is None else x.float().clamp(clip[0], clip[1])
-    qp = choose_qparams(xc, bits, symmetric)
-    q = quantize(xc, qp, bits)
-    scale = qp.scale.squeeze(-1)
-    offset = torch.zeros_like(scale) if qp.offset is None else qp.offset.squeeze(-1)
+    qp = choose_qparams(xc, bits, symmetric, block)
+    q = quantize(xc, qp, bits, block)
+    scale = qp.scale if block is not None else qp.scale.squeeze(-1)
+    offset = torch.zeros_like(scale) if qp.offset is None else qp.offset.reshape(scale.shape)
     return q, scale, offset
 
 
@@ -350,6 +377,56 @@ def int_linear_reference(
             y = y + acc_g.float() * w_scale[:, j].float().reshape(1, n)
         y = y * a_scale.float().unsqueeze(-1)
     y = y + a_offset.float().unsqueeze(-1) * w_offset_sum.float().reshape(1, n)
+    if bias is not None:
+        y = y + bias.float().reshape(1, n)
+    if gelu:
+        y = torch.nn.functional.gelu(y)
+    return y.to(out_dtype)
+
+
+def weight_block_sums(q_w: torch.Tensor, block: int) -> torch.Tensor:
+    """``bs[n, j] = sum_{k in block j} q_w[n, k]`` of codes ``[N, K]`` -> ``[N, K // block]`` fp32
+    (integers, exact): the weight factor of a block-scaled linear's offset term."""
+    n, k = q_w.shape
+    if k % block:
+        raise ValueError(f"act_block={block} does not divide the weight's K={k}")
+    return q_w.reshape(n, k // block, block).to(torch.int32).sum(dim=-1).float()
+
+
+def int_linear_blocks_reference(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_offset: torch.Tensor | None,
+    q_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_block_sums: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The block-scaled integer linear (module doc: the fp32 order every kernel follows).
+
+    Shapes: ``a [M, K]`` int8, ``a_scale, a_offset [M, J]`` (``a_offset`` None or zeros for
+    symmetric codes), ``q_w [N, K]`` int8 (unpacked), ``w_scale [N, G]`` (G = 1 row-wise, else
+    ``K // G`` a multiple of the block ``B = K // J``), ``w_block_sums [N, J]``
+    (:func:`weight_block_sums`), ``bias [N]`` or None.
+    """
+    (m, k), n, blocks = a.shape, q_w.shape[0], a_scale.shape[-1]
+    groups = w_scale.shape[-1]
+    if a_scale.shape != (m, blocks) or k % blocks or groups > blocks or blocks % groups:
+        raise ValueError(f"int_linear_blocks_reference: a {tuple(a.shape)}, a_scale {tuple(a_scale.shape)} and "
+                         f"w_scale {tuple(w_scale.shape)} do not describe K / blocks / weight groups")
+    b = k // blocks
+    s_a, s_w = a_scale.float(), w_scale.float()
+    p = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    for j in range(blocks):
+        t = int_matmul(a[:, j * b:(j + 1) * b], q_w[:, j * b:(j + 1) * b]).float() * s_a[:, j:j + 1]
+        if a_offset is not None:  # zeros (symmetric) leave t unchanged: t is never -0
+            t = t + a_offset[:, j:j + 1].float() * w_block_sums[:, j].float().reshape(1, n)
+        if groups > 1:
+            t = t * s_w[:, j * groups // blocks].reshape(1, n)
+        p = p + t
+    y = p * s_w.reshape(1, n) if groups == 1 else p
     if bias is not None:
         y = y + bias.float().reshape(1, n)
     if gelu:

@@ -12,6 +12,11 @@
   what the compiled model computes: ``x_hat @ w_hat.T`` in float would sum in another order,
   and a last-bit difference moves a later 4-bit activation across a rounding boundary now and
   then, which is enough to change a few test predictions.
+
+Block-scaled activations (``QuantConfig(act_block=B)``): the same three pieces with one scale
+(and offset) per token per block of ``B`` input channels; :func:`integer_linear` then computes
+:func:`qfx.numerics.int_linear_blocks_reference` (per-block exact accumulators promoted in the
+documented fp32 order), which is what the compiled block-scaled ops compute.
 """
 from __future__ import annotations
 
@@ -38,32 +43,57 @@ class WeightFakeQuant(nn.Module):
 
 
 class ActFakeQuant(nn.Module):
-    """Token-wise dynamic activation fake-quant (min/max or absmax per token)."""
+    """Dynamic activation fake-quant (min/max or absmax) per token, or per token per block of
+    ``block`` input channels.
 
-    def __init__(self, bits: int, symmetric: bool, clip: tuple[float, float] | None) -> None:
+    A block-scaled one holds the buffer ``act_block`` so a checkpoint says how it was trained:
+    loading a block-scaled state dict into a token-wise model (or the reverse, or another
+    block) raises a ValueError naming ``QuantConfig(act_block=...)``.
+    """
+
+    def __init__(self, bits: int, symmetric: bool, clip: tuple[float, float] | None, block: int | None = None) -> None:
         super().__init__()
-        self.bits, self.symmetric, self.clip = bits, symmetric, clip
+        self.bits, self.symmetric, self.clip, self.block = bits, symmetric, clip, block
+        if block is not None:
+            self.register_buffer("act_block", torch.tensor(block, dtype=torch.int64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "act_block")
+        saved = None if saved is None else int(saved)
+        if saved != getattr(self, "block", None):
+            raise ValueError(
+                f"{prefix or 'ActFakeQuant.'}: the checkpoint was trained with QuantConfig(act_block={saved}) "
+                f"but this model was prepared with act_block={getattr(self, 'block', None)}; prepare the model "
+                f"with QuantConfig(..., act_block={saved}) to load it"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, codes: tuple | None = None) -> torch.Tensor:
         """``x_hat`` with the straight-through gradient; from ``codes`` (the output of
         :func:`activation_codes` on ``x``) when the graph has them, so ``x`` is quantized once."""
+        block = getattr(self, "block", None)  # modules pickled before act_block are token-wise
         if codes is None:
-            return numerics.fake_quantize(x, self.bits, self.symmetric, None, self.clip)
+            return numerics.fake_quantize(x, self.bits, self.symmetric, block, self.clip)
         q, scale, offset = codes
-        qp = numerics.QParams(scale.unsqueeze(-1), None if self.symmetric else offset.unsqueeze(-1))
+        if block is None:
+            scale, offset = scale.unsqueeze(-1), offset.unsqueeze(-1)
+        qp = numerics.QParams(scale, None if self.symmetric else offset)
         xc = x if self.clip is None else x.clamp(self.clip[0], self.clip[1])
-        x_hat = numerics.dequantize(q, qp).to(x.dtype)
+        x_hat = numerics.dequantize(q, qp, block).to(x.dtype)
         return xc + (x_hat - xc).detach()
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, token-wise, clip={self.clip}"
+        block = getattr(self, "block", None)
+        gran = "token-wise" if block is None else f"per token per {block} channels"
+        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, {gran}, clip={self.clip}"
 
 
-def activation_codes(x: torch.Tensor, act: tuple[int, bool, tuple[float, float] | None]) -> tuple:
-    """Token-wise codes, scales and offsets of ``x`` (no gradient): what ``qfx::quantize``
-    computes in the integer graph. ``act = (bits, symmetric, clip)``."""
-    bits, symmetric, clip = act
-    return numerics.quantize_activation(x.detach(), bits, symmetric, clip)
+def activation_codes(x: torch.Tensor, act: tuple) -> tuple:
+    """Codes, scales and offsets of ``x`` (no gradient): what ``qfx::quantize`` computes in the
+    integer graph. ``act = (bits, symmetric, clip)`` (token-wise) or ``(bits, symmetric, clip,
+    block)`` (block-scaled when ``block`` is not None; scales ``[..., K // block]``)."""
+    bits, symmetric, clip, *rest = act
+    return numerics.quantize_activation(x.detach(), bits, symmetric, clip, block=rest[0] if rest else None)
 
 
 class _IntegerLinear(torch.autograd.Function):
@@ -85,10 +115,16 @@ class _IntegerLinear(torch.autograd.Function):
         # The epilogue is the reference's fp32 sequence: autocast must not rewrite any of it.
         with torch.autocast(dev, enabled=False):
             q_w, s_w = numerics.quantize_weight(w.detach(), w_bits, w_group)
-            ws = numerics.weight_offset_sum(q_w, s_w)
-            k = q_a.shape[-1]
-            y = numerics.int_linear_reference(q_a.reshape(-1, k), s_a.reshape(-1), c_a.reshape(-1), q_w, s_w, ws,
-                                              None if bias is None else bias.detach(), False, torch.float32)
+            k, b = q_a.shape[-1], None if bias is None else bias.detach()
+            if s_a.dim() == q_a.dim():  # block-scaled codes: scales [..., K // block]
+                blocks = s_a.shape[-1]
+                bs = numerics.weight_block_sums(q_w, k // blocks)
+                y = numerics.int_linear_blocks_reference(q_a.reshape(-1, k), s_a.reshape(-1, blocks),
+                                                         c_a.reshape(-1, blocks), q_w, s_w, bs, b, False, torch.float32)
+            else:
+                ws = numerics.weight_offset_sum(q_w, s_w)
+                y = numerics.int_linear_reference(q_a.reshape(-1, k), s_a.reshape(-1), c_a.reshape(-1), q_w, s_w, ws,
+                                                  b, False, torch.float32)
         ctx.save_for_backward(x_hat, w_hat)
         ctx.has_bias = bias is not None
         return y.to(run_dtype).reshape(*q_a.shape[:-1], w.shape[0])
