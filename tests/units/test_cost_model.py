@@ -1,5 +1,6 @@
 """The cost model against the measurements it must reproduce: the repository's H100 GEMMs
-(sm_90, within 20 % at M >= 2048) and the paper's Figure 1 (A6000, within 25 %)."""
+(sm_90, within 20 % at M >= 2048) and every published Ampere/Ada speedup of
+qfx/tune/data/published_ampere.json (within 25 %, the rows outside named with their reason)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import pytest
 
 from qfx.targets import get_target
 from qfx.tune import cost_model as cm
+from qfx.tune import evidence
 
 ROOT = Path(__file__).resolve().parents[2]
 #: the H100 measurements this test checks the model against (raw rows of earlier device runs)
@@ -18,7 +20,7 @@ DATA = Path(__file__).resolve().parent / "data"
 
 @pytest.fixture(scope="module")
 def h100():
-    return cm.load_h100_measurements()
+    return evidence.load_h100_measurements()
 
 
 def test_the_data_file_matches_the_results_table(h100):
@@ -34,7 +36,7 @@ def test_the_data_file_matches_the_results_table(h100):
 
 @pytest.mark.parametrize("column, precision", [("qfx", "int8"), ("fp16", "fp16")])
 def test_sm90_within_20_percent_of_the_h100_at_m_ge_2048(h100, column, precision):
-    errors = cm.gemm_errors(h100["final_run"], column, precision)
+    errors = evidence.gemm_errors(h100["final_run"], column, precision)
     big = [(r["role"], r["h"], r["m"], e) for r, _, e in errors if r["m"] >= 2048]
     assert len(big) == 32
     worst = max(big, key=lambda x: abs(x[3]))
@@ -44,13 +46,13 @@ def test_sm90_within_20_percent_of_the_h100_at_m_ge_2048(h100, column, precision
 
 
 def test_the_rn_epilogue_rows_too(h100):
-    errors = cm.gemm_errors([r for r in h100["rn_epilogue"] if r["m"] >= 2048], "qfx", "int8")
+    errors = evidence.gemm_errors([r for r in h100["rn_epilogue"] if r["m"] >= 2048], "qfx", "int8")
     assert errors and max(abs(e) for _, _, e in errors) <= 0.20
 
 
 def test_figure1_reproduced_within_25_percent():
-    got = cm.figure1_speedups("sm_86", m=12288, hidden=1024)
-    for part, paper in cm.PAPER_FIGURE1.items():
+    got = evidence.figure1_speedups("sm_86", m=12288, hidden=1024)
+    for part, paper in evidence.PAPER_FIGURE1.items():
         assert abs(got[part] / paper - 1) <= 0.25, (part, got[part], paper)
     # the paper's qualitative finding: FFN-out gains much more than attention-out
     assert got["ffn_out"] > got["attn_out"] + 0.2
@@ -67,7 +69,7 @@ def test_int4_over_int8_grows_with_m_and_is_one_on_hopper():
 
 def test_refit_reproduces_the_committed_factors(h100):
     pytest.importorskip("scipy")
-    fit = cm.fit_gemm(h100["final_run"], "qfx", "int8")
+    fit = evidence.fit_gemm(h100["final_run"], "qfx", "int8")
     ref = cm.FIT["sm90a"]["int"]
     assert math.isclose(fit.alpha, ref.alpha, rel_tol=0.02) and math.isclose(fit.fixed_us, ref.fixed_us, rel_tol=0.02)
     assert math.isclose(fit.tile_overhead_steps, ref.tile_overhead_steps, rel_tol=0.05)
@@ -125,3 +127,83 @@ def test_unfused_epilogue_and_quantize_are_counted():
     assert unfused.epilogue_us > 0 and fused.epilogue_us == 0
     assert unfused.quantize_us > fused.quantize_us > 0 and fused.us < unfused.us
     assert cm.part_time(t, "ffn_in", 4096, 3072, 768, "fp16", gelu=True).extra_us > 0
+
+
+@pytest.fixture(scope="module")
+def published():
+    return evidence.check_published()
+
+
+def test_every_published_ampere_ada_ratio_within_25_percent(published):
+    """The goal of issue 22 section 2, as a test: each published INT8/FP16 (whole BERT forward) and
+    INT4/INT8 (GEMM) ratio within 25 %, except the rows named in evidence.KNOWN_OUTSIDE."""
+    assert len(published) == 54
+    outside = [(c.label, round(c.published, 2), round(c.modelled, 2)) for c in published
+               if abs(c.error) > evidence.TOLERANCE and c.known_outside is None]
+    assert not outside, outside
+    # the named exceptions are real misses (the list does not hide rows that pass) and all FT A100
+    named = [c for c in published if c.known_outside is not None]
+    assert len(named) == len(evidence.KNOWN_OUTSIDE) == 6
+    assert all(abs(c.error) > evidence.TOLERANCE and c.row["gpu"] == "NVIDIA A100-SXM4-80GB" for c in named)
+    # held-out rows (not used in any fit) are checked too: L40S, every FasterTransformer row
+    held = [c for c in published if c.held_out and c.known_outside is None]
+    assert len(held) == 22 and max(abs(c.error) for c in held) <= evidence.TOLERANCE
+
+
+def test_published_rows_cite_sources_and_whole_model_rows_use_the_whole_forward(published):
+    for c in published:
+        assert c.row["source"].strip() and c.row["pipeline"] in {*cm.PIPELINES, "cutlass-profiler"}
+    row = next(c.row for c in published if c.row["kind"] == "model" and c.row["pipeline"] == "trt-int8")
+    gemm_only = sum(cm.part_time(evidence.row_target(row), p, row["batch"] * row["seq"], n, k, "int8").gemm.us
+                    for p, n, k in cm.MODEL_SHAPES[row["model"]].parts())
+    total, _ = cm.model_latency(evidence.row_target(row), cm.MODEL_SHAPES[row["model"]], row["batch"], row["seq"], "int8",
+                                **cm.PIPELINES["trt-int8"])
+    assert total > 1.2 * cm.MODEL_SHAPES[row["model"]].layers * gemm_only / 2  # attention, norms, embeddings counted
+
+
+def test_ampere_has_its_own_factors_not_the_h100s():
+    assert cm.fit_for(get_target("sm_86"), "int") is cm.FIT["sm80"]["int"] is not cm.FIT["sm90a"]["int"]
+    assert cm.fit_key(get_target("sm_89")) == "sm_89" and cm.fit_key(get_target("sm_80")) == "sm80"
+    assert cm.fit_key(get_target("sm_90")) == "sm90a"
+
+
+def test_issue_shape_int4_faster_than_fp16_on_the_a6000():
+    """The issue's qkv GEMM (4096 x 2304 x 768): int4 and int8 GEMMs faster than fp16 (the
+    evidence), and with the dequant fused the whole part too."""
+    t = get_target("sm_86")
+    gemm = {p: cm.gemm_time(t, 4096, 2304, 768, p, fused_epilogue=True).us for p in ("int4", "int8", "fp16")}
+    assert gemm["int4"] < gemm["int8"] < gemm["fp16"]
+    fp16_part = 3 * cm.part_time(t, "qkv", 4096, 768, 768, "fp16").us
+    assert cm.part_time(t, "qkv", 4096, 2304, 768, "int4", fused_epilogue=True, fused_quantize=True).us < fp16_part
+
+
+def test_plan_sm86_32x128_chooses_integer_parts():
+    from qfx.tune import MODEL_SHAPES, Scenario, tune
+
+    def chosen(**kw):
+        plan = tune(MODEL_SHAPES["bert-base"], "sm_86", Scenario.of(batch=32, seq=128), "int4", measure=False,
+                    cache=False, progress=False, **kw)
+        return {c.spec.part: c.precision for c in plan.buckets[0].choices}
+
+    # qfx's sm80 backend today (int32 GEMM output + a dequant kernel): FFN-in wins (the paper's
+    # "q3" strategy at small bs x seq); the int32 round trip costs the narrow-output parts their gain
+    today = chosen()
+    assert today["ffn_in"] == "int4"
+    # with the dequant fused into the GEMM (TensorRT, FasterTransformer int8_mode 2, the paper)
+    # every part is integer, as the published whole-model speedups say
+    assert set(chosen(fused_epilogue=True).values()) == {"int4"}
+
+
+def test_int4_codes_follow_the_targets_mma_operand():
+    assert cm.codes_bytes(get_target("sm_86"), 4) == 0.5 and cm.codes_bytes(get_target("sm_90"), 4) == 1.0
+    assert cm.gemm_time("sm_86", 4096, 768, 768, "int4").kernel == "cutlass sm80 s4"
+    assert cm.gemm_time("sm_90", 4096, 768, 768, "int4").kernel == "cutlass sm90a s8"
+
+
+def test_trust_statement_names_the_evidence():
+    ampere = cm.trust_statement("sm_86")
+    assert "published" in ampere and "A100" in ampere and "absolute microseconds are not" in ampere
+    assert "no published number on NVIDIA GeForce RTX 3090" in cm.trust_statement(get_target("sm_86", gpu="3090"))
+    assert "H100" in cm.trust_statement("sm_90")
+    with pytest.raises(ValueError, match="GPU target"):
+        cm.trust_statement("cpu")
