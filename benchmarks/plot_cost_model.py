@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from qfx.targets import get_target  # noqa: E402
 from qfx.tune import cost_model as cm  # noqa: E402
+from qfx.tune import evidence  # noqa: E402
 
 TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90")
 MODELS = ("bert-base", "bert-large")
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
                 ax.plot([r["m"] for r in mine], [r["int4_over_int8"] for r in mine], "-o", ms=3, color=color, label=f"{part} int4/int8")
                 ax.plot([r["m"] for r in mine], [r["int4_over_fp16"] for r in mine], "--", color=color, alpha=0.6)
             if target == "sm_86" and model == "bert-large":
-                for part, value in cm.PAPER_FIGURE1.items():
+                for part, value in evidence.PAPER_FIGURE1.items():
                     ax.plot([12288], [value], "*", ms=12, color=COLORS[part], markeredgecolor="k")
                 ax.annotate("paper (A6000, M=12288)", (12288, 1.96), textcoords="offset points", xytext=(-120, 8), fontsize=8)
             ax.axhline(1.0, color="grey", lw=0.5)

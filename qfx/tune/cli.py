@@ -23,7 +23,7 @@ from pathlib import Path
 
 from qfx.targets import get_target
 from qfx.tune.autotune import Scenario, autotune
-from qfx.tune.cost_model import MODEL_SHAPES, ModelShape
+from qfx.tune.cost_model import MODEL_SHAPES, ModelShape, trust_statement
 from qfx.tune.plan_report import render_plan
 
 __all__ = ["plan_main", "load_model_shape"]
@@ -57,13 +57,17 @@ def _buckets(text: str) -> list[tuple[int, int]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qfx plan", description="Per-layer-part precision/kernel plan for a target.")
+    p = argparse.ArgumentParser(
+        prog="python -m qfx plan", description="Per-layer-part precision/kernel plan for a target.",
+        epilog="The scenario is required: --batch B --seq S (one shape) or --buckets 1x128,32x384 (several). "
+               "Without a GPU of the target's family the times are modelled; the plan says how far they can be "
+               "trusted (qfx.tune.cost_model.trust_statement).")
     p.add_argument("--model", required=True, help="bert-base | bert-large | minilm | path to a HF config.json")
     p.add_argument("--target", required=True, help="sm_80 | sm_86 | sm_89 | sm_90 (also sm86, 86)")
     p.add_argument("--gpu", default=None, help="another product of the target, e.g. 3090, A10, 4090")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--seq", type=int, default=None)
-    p.add_argument("--buckets", default=None, help="several scenarios: 1x128,32x384")
+    p.add_argument("--batch", type=int, default=None, help="batch size; required with --seq unless --buckets is given")
+    p.add_argument("--seq", type=int, default=None, help="sequence length; required with --batch unless --buckets is given")
+    p.add_argument("--buckets", default=None, help="several scenarios instead of --batch/--seq: 1x128,32x384")
     p.add_argument("--mode", default="int4", choices=("int4", "int8"), help="the precision the model was trained for")
     p.add_argument("--measure", action="store_true", help="time on the GPU present (must be of the target's family)")
     p.add_argument("--fused-quantize", action="store_true", help="model the quantize folded into LayerNorm/GELU (the paper)")
@@ -78,6 +82,8 @@ def plan_main(argv: list[str] | None = None) -> int:
     try:
         shape = load_model_shape(args.model)
         target = get_target(args.target, gpu=args.gpu)
+        if args.buckets is None and (args.batch is None or args.seq is None):
+            raise ValueError("give the scenario: --batch B --seq S (e.g. --batch 32 --seq 128), or --buckets 1x128,32x384")
         if args.buckets is not None:
             scenario = Scenario.of(buckets=_buckets(args.buckets)) if args.batch is None and args.seq is None else Scenario.of(
                 batch=args.batch, seq=args.seq, buckets=_buckets(args.buckets))
@@ -89,6 +95,8 @@ def plan_main(argv: list[str] | None = None) -> int:
         print(f"qfx plan: {e}", file=sys.stderr)
         return 2
     print(render_plan(plan, per_layer=args.per_layer))
+    if plan.source == "modelled":
+        print(f"trust: {trust_statement(target)}")
     return 0
 
 
