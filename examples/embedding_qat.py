@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qfx  # noqa: E402
 from qfx.embeddings import kd  # noqa: E402
 from qfx.embeddings.metrics import agreement, nearest_centroid_accuracy  # noqa: E402
-from qfx.numerics.gptq import gptq_init  # noqa: E402
+from qfx.train.gptq_init import gptq_init  # noqa: E402
 from qfx.models import minilm_path  # noqa: E402
 from rotten_tomatoes import find_corpus, load_snippets, split_by_movie  # noqa: E402
 
@@ -109,7 +109,7 @@ def _args(argv=None) -> argparse.Namespace:
                          "default: one scale per output row). The CUTLASS kernels take per-row scales only: evaluate "
                          "with --target cpu (the exact reference backend)")
     ap.add_argument("--gptq-init", type=int, default=0, metavar="N",
-                    help="GPTQ-round the W4A4 rows' 4-bit weights on N unlabelled training texts first (qfx.numerics.gptq.gptq_init): "
+                    help="GPTQ-round the W4A4 rows' 4-bit weights on N unlabelled training texts first (qfx.train.gptq_init.gptq_init): "
                          "the PTQ row becomes GPTQ post-training, the QAT student starts from the GPTQ weights (default 0: off)")
     ap.add_argument("--precision4", default="W4A4", choices=("W4A4", "W8A4", "W4A8"),
                     help="precision of the two 4-bit rows (default W4A4). W8A4 (8-bit weights) bounds what 4-bit "

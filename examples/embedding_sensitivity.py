@@ -7,7 +7,7 @@ bit), untrained, against the fp32 model: mean cosine and top-1 neighbour agreeme
 * W4A4 / W8A4 / W4A16: weights or activations at 4 bits alone;
 * W4A4 with one layer part (qkv, attn_out, ffn_in, ffn_out) left in float (``QuantConfig(roles=...)``);
 * the same with ``--rotation B`` (``QuantConfig(rotation=B)``) and with 64-channel weight groups;
-* W4A16 / W4A4 with GPTQ-rounded weights (:func:`qfx.numerics.gptq.gptq_init`, ``--gptq-texts`` unlabelled
+* W4A16 / W4A4 with GPTQ-rounded weights (:func:`qfx.train.gptq_init.gptq_init`, ``--gptq-texts`` unlabelled
   training texts) instead of round-to-nearest.
 
 Run (CPU, about 10 min on 2 cores for 300 texts, two GPTQ calibrations included)::
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qfx  # noqa: E402
 from qfx.config import ROLES  # noqa: E402
 from qfx.embeddings.metrics import agreement  # noqa: E402
-from qfx.numerics.gptq import gptq_init  # noqa: E402
+from qfx.train.gptq_init import gptq_init  # noqa: E402
 from qfx.models import minilm_path  # noqa: E402
 from rotten_tomatoes import find_corpus, load_snippets, split_by_movie  # noqa: E402
 

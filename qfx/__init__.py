@@ -17,6 +17,7 @@ from qfx.config import QuantConfig
 from qfx.runtime import Buckets, CompiledModel
 from qfx.targets import TARGETS, detect_target, get_target
 from qfx.runtime.serialize import load, save
+from qfx.runtime import verify  # noqa: F401  (qfx.runtime.verify.compare_linears after a plain import qfx)
 from qfx import embeddings  # noqa: F401,E402  (qfx.embeddings.distill etc.; sentence-transformers stays optional)
 
 

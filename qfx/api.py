@@ -1,9 +1,18 @@
-"""Public entry points: prepare_qat (float model -> trainable QAT graph) and compile."""
+"""Public entry points: prepare_qat (float model -> trainable QAT graph) and compile.
+
+A model that wraps an encoder (a sentence-transformers ``SentenceTransformer``: tokenizer,
+encoder, pooling) is served by a :class:`WrapperAdapter` that its own package registers here
+(:func:`register_wrapper_adapter`), so this module imports no such package: qfx.embeddings.st
+registers the SentenceTransformer adapter when imported, and ``import qfx`` imports it.
+"""
 from __future__ import annotations
 
 import copy
-import sys
+import difflib
+import inspect
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,15 +20,22 @@ from torch import nn
 from torch.fx import GraphModule
 
 from qfx.capture import capture, capture_info
-from qfx.config import QuantConfig, config_for_mode, parse_mode
+from qfx.config import MODES, QuantConfig, config_for_mode, mode_of, parse_mode
 from qfx.pipeline import COMPILE_PASSES, QAT_PASSES, PassContext, run_passes
 from qfx.runtime.report import build_report
 from qfx.runtime import Buckets, CompiledModel
-from qfx.targets import get_target
+from qfx.runtime.compiled import check_input_values
+from qfx.targets import Target, get_target
 
-__all__ = ["prepare_qat", "compile", "is_qat_model", "PostTrainingQuantizationWarning"]
+__all__ = ["prepare_qat", "compile", "is_qat_model", "PostTrainingQuantizationWarning", "WrapperAdapter",
+           "register_wrapper_adapter", "wrapper_adapter_of", "require_device"]
 
 _QAT_STAGE = "qat"
+#: dtypes the float parts of a compiled model may run in (``compile(float_dtype=...)``)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: modes of :func:`qfx.decoders.quantize_decoder` that name no encoder mode, with their activation
+#: bits (qfx.decoders.quantize.MODES; its third, "w4a4", is also a spelling of the encoder mode int4)
+_DECODER_ONLY_MODES = {"w4a16": 16, "w4a8": 8}
 
 
 class PostTrainingQuantizationWarning(UserWarning):
@@ -30,16 +46,92 @@ def is_qat_model(model: Any) -> bool:
     return isinstance(model, GraphModule) and getattr(model, "meta", {}).get("qfx_stage") == _QAT_STAGE
 
 
-def _is_sentence_transformer(model: Any) -> bool:
-    """A sentence_transformers.SentenceTransformer (checked without importing the optional package)."""
-    st = sys.modules.get("sentence_transformers")
-    return st is not None and isinstance(model, st.SentenceTransformer)
+# --------------------------------------------------------------------------- wrapper adapters
+
+@dataclass(frozen=True)
+class WrapperAdapter:
+    """How :func:`prepare_qat`, :func:`compile` and :func:`qfx.train.gptq_init.gptq_init` treat a
+    model that wraps an encoder. The wrapper's package supplies the functions and registers them
+    (:func:`register_wrapper_adapter`); the API only dispatches.
+
+    Attributes:
+        name: what the wrapper is called in messages (``"SentenceTransformer"``).
+        matches: ``model -> bool``: True for the wrappers served (must not import an optional package).
+        encoder_of: ``wrapper -> nn.Module``: the encoder inside (float, QAT graph or compiled).
+        prepare_qat: ``(wrapper, example_args, example_kwargs, config, skip) -> wrapper`` whose
+            encoder is :func:`prepare_qat` of the original's.
+        compile: ``(wrapper, mode, target, example_args, example_kwargs, config, skip, float_dtype)
+            -> wrapper`` whose encoder is :func:`compile` of the original's; it receives the values
+            :func:`compile` parsed (canonical mode, :class:`qfx.targets.Target`, float dtype).
+        run: ``(wrapper, data) -> Any``: one run of the wrapper on ``data`` in its own input form (a
+            list of texts for a SentenceTransformer); calibration hooks on the encoder see it.
+
+    Example::
+
+        >>> register_wrapper_adapter(WrapperAdapter("SentenceTransformer", is_sentence_transformer,
+        ...     encoder_of, prepare_qat_sentence_transformer, compile_sentence_transformer, encode_texts))
+    """
+
+    name: str
+    matches: Callable[[Any], bool]
+    encoder_of: Callable[[Any], nn.Module]
+    prepare_qat: Callable[..., Any]
+    compile: Callable[..., Any]
+    run: Callable[[Any, Any], Any]
+
+
+_WRAPPER_ADAPTERS: dict[str, WrapperAdapter] = {}
+
+
+def register_wrapper_adapter(adapter: WrapperAdapter) -> None:
+    """Serve the wrappers ``adapter.matches`` accepts with ``adapter`` (replaces one of the same name)."""
+    if not isinstance(adapter, WrapperAdapter):
+        raise ValueError(f"adapter must be a qfx.api.WrapperAdapter, got {type(adapter).__name__}")
+    _WRAPPER_ADAPTERS[adapter.name] = adapter
+
+
+def wrapper_adapter_of(model: Any) -> WrapperAdapter | None:
+    """The registered adapter that serves ``model``, or None for a plain encoder."""
+    return next((a for a in _WRAPPER_ADAPTERS.values() if a.matches(model)), None)
 
 
 def _check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ValueError(f"parameter {name!r} contains NaN or Inf; qfx cannot quantize it (fix or reload the weights)")
+
+
+#: inputs that carry indices into an embedding table (HF's names), so integers
+_INDEX_INPUTS = ("input_ids", "token_type_ids", "position_ids")
+
+
+def _check_example(model: nn.Module, example_args: tuple, example_kwargs: dict[str, Any] | None) -> None:
+    """Refuse, before capture, an example that capture would fail on with a raw message or take
+    wrongly: a key ``forward`` does not name (its ``**kwargs`` would swallow it, and the captured
+    graph would then require it on every call), lists / numpy arrays / meta tensors, and token
+    ids in a float dtype."""
+    params = inspect.signature(model.forward).parameters
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    kwargs = dict(example_kwargs or {})
+    for key in kwargs:
+        if named and key not in named:
+            close = difflib.get_close_matches(key, named, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            swallowed = ("; its **kwargs would take it, and the captured model would then require it on every call"
+                         if any(p.kind is p.VAR_KEYWORD for p in params.values()) else "")
+            raise ValueError(
+                f"example_kwargs[{key!r}]: {type(model).__name__}.forward has no parameter {key!r} "
+                f"({hint}its parameters are {named}){swallowed}: drop it"
+            )
+    values = dict(zip(named, example_args), **kwargs)
+    check_input_values(values, "example input ")
+    for name in _INDEX_INPUTS:
+        v = values.get(name)
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+            raise ValueError(
+                f"example input {name} has dtype {v.dtype}; token ids index an embedding table, so they are "
+                f"integers: pass {name}.long() (tokenizers return int64)"
+            )
 
 
 def prepare_qat(
@@ -64,10 +156,9 @@ def prepare_qat(
         >>> qat = qfx.prepare_qat(bert, example_kwargs=batch, config=qfx.QuantConfig(4, 4))
         >>> qat.train(); loss = loss_fn(qat(**batch).logits); loss.backward()
     """
-    if _is_sentence_transformer(model):  # sentence-transformers in and out (qfx.embeddings)
-        from qfx.embeddings import st as _st
-
-        return _st.prepare_qat_sentence_transformer(model, example_args, example_kwargs, config, skip)
+    adapter = wrapper_adapter_of(model)
+    if adapter is not None:  # e.g. a SentenceTransformer in and out (qfx.embeddings.st)
+        return adapter.prepare_qat(model, example_args, example_kwargs, config, skip)
     if is_qat_model(model):
         raise ValueError("model is already prepared for QAT (qfx.prepare_qat was applied to it); pass the original float model")
     if isinstance(model, CompiledModel):
@@ -76,6 +167,7 @@ def prepare_qat(
     if not isinstance(config, QuantConfig):
         raise ValueError(f"config must be a qfx.QuantConfig, got {type(config).__name__}")
     _check_finite(model)
+    _check_example(model, example_args, example_kwargs)
     source = copy.deepcopy(model)
     gm = capture(source, example_args, example_kwargs)
     gm = run_passes(gm, QAT_PASSES, PassContext(config=config, skip=tuple(skip)))
@@ -84,24 +176,27 @@ def prepare_qat(
     return gm
 
 
-def _resolve_config(model, mode: str | None, config: QuantConfig | None) -> tuple[QuantConfig | None, tuple[str, ...], str]:
-    # mode is parsed once (qfx.config.parse_mode); None: inferred from a QAT model's trained config
-    mode = parse_mode(mode, model.meta["qfx_config"] if is_qat_model(model) else None)
-    if is_qat_model(model):
-        trained: QuantConfig = model.meta["qfx_config"]
+def _trained_config(model: Any) -> QuantConfig | None:
+    return model.meta["qfx_config"] if is_qat_model(model) else None
+
+
+def _resolve_config(model, mode: str, config: QuantConfig | None) -> tuple[QuantConfig | None, tuple[str, ...], str]:
+    """(config to compile with, linears to keep in float, where the weights come from) for the
+    parsed ``mode``."""
+    if config is not None and not isinstance(config, QuantConfig):
+        raise ValueError(f"config must be a qfx.QuantConfig or None, got {type(config).__name__}")
+    trained = _trained_config(model)
+    if trained is not None:
         if config is not None and config != trained:
             raise ValueError(f"config={config} differs from the config the model was trained with ({trained}); omit config")
-        expected = {"int4": 4, "int8": 8}.get(mode)
-        if expected is None or trained.weight_bits != expected:
-            raise ValueError(
-                f"mode={mode!r} does not match the QAT model ({trained.tag}); use mode='int{trained.weight_bits}'"
-            )
+        if mode != mode_of(trained):
+            raise ValueError(f"mode={mode!r} does not match the QAT model ({trained.tag}); use mode={mode_of(trained)!r}")
         return trained, model.meta["qfx_skip"], "QAT (fake-quant weights trained)"
     cfg = config if config is not None else config_for_mode(mode)
     if cfg is not None and mode == "fp16":
         raise ValueError("mode='fp16' does not quantize; drop config or choose mode='int4'/'int8'")
-    if cfg is not None and cfg.weight_bits != {"int4": 4, "int8": 8}[mode]:
-        raise ValueError(f"mode={mode!r} does not match config.weight_bits={cfg.weight_bits}")
+    if cfg is not None and mode_of(cfg) != mode:
+        raise ValueError(f"mode={mode!r} does not match config.weight_bits={cfg.weight_bits}; use mode={mode_of(cfg)!r}")
     if cfg is None:
         return None, (), "float model (no quantization)"
     warnings.warn(
@@ -112,6 +207,63 @@ def _resolve_config(model, mode: str | None, config: QuantConfig | None) -> tupl
         stacklevel=3,
     )
     return cfg, (), "post-training quantization (no QAT)"
+
+
+def _refuse_decoder_mode(model: Any, mode: Any) -> None:
+    """``mode="w4a16" | "w4a8"`` belongs to :func:`qfx.decoders.quantize_decoder`: name it (and, for
+    an encoder, the compile call that gives the same precision)."""
+    key = mode.strip().lower() if isinstance(mode, str) else None
+    if key not in _DECODER_ONLY_MODES:
+        return
+    act_bits = _DECODER_ONLY_MODES[key]
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate() and not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"mode={mode!r} is a decoder mode: qfx.compile compiles encoders (modes {MODES}), and "
+            f"{type(model).__name__} is a causal LM; quantize it with "
+            f"qfx.decoders.quantize_decoder(model, mode={key!r}) (fmt=, block_size=, gptq=: see its docstring)"
+        )
+    raise ValueError(
+        f"mode={mode!r} is a mode of qfx.decoders.quantize_decoder (causal LMs); for this encoder, 4-bit weights "
+        f"with {'float' if act_bits == 16 else f'{act_bits}-bit'} activations are "
+        f"qfx.compile(model, mode='int4', config=qfx.QuantConfig(weight_bits=4, act_bits={act_bits}))"
+    )
+
+
+def _run_dtype(float_dtype: torch.dtype | None, target: Target, mode: str) -> torch.dtype:
+    """The dtype of the float parts: ``float_dtype``, else fp16 on a GPU or in mode fp16, else fp32."""
+    if float_dtype is None:
+        return torch.float16 if (target.device == "cuda" or mode == "fp16") else torch.float32
+    if float_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"float_dtype={float_dtype!r}: use torch.float16, torch.bfloat16 or torch.float32")
+    return float_dtype
+
+
+def require_device(target: "str | Target") -> Target:
+    """The parsed ``target``; a ValueError with the fix when its device is not present here
+    (a GPU target on a machine without a visible CUDA GPU)."""
+    tgt = get_target(target)
+    if tgt.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"target={tgt.name!r} needs a CUDA GPU and none is visible; use target='cpu'")
+    return tgt
+
+
+def _refuse_compiled(model: Any) -> None:
+    if isinstance(model, CompiledModel):  # before anything else tries to capture it
+        raise ValueError(
+            f"model is already a qfx CompiledModel (mode={model.report().mode!r}, target={model.report().target!r}); "
+            "qfx.compile takes the float nn.Module or the qfx.prepare_qat model: compile that one again"
+        )
+
+
+def _refuse_wrapper_options(adapter: WrapperAdapter, **options: Any) -> None:
+    """Options the wrapper path does not pass on are refused, not dropped."""
+    given = [name for name, value in options.items() if value not in (None, False)]
+    if given:
+        raise ValueError(
+            f"{', '.join(f'{n}=...' for n in given)}: not supported for a {adapter.name} yet; compile its encoder "
+            "(qfx.compile(encoder, ...) of qfx.api.wrapper_adapter_of(model).encoder_of(model)) to use them"
+        )
 
 
 def _float_source(model) -> nn.Module:
@@ -147,8 +299,13 @@ def compile(
 
     Args:
         model: a float ``nn.Module`` (post-training quantization, with a warning) or the result
-            of :func:`qfx.prepare_qat` (its trained weights and config are used).
-        mode: ``"int4"`` (W4A4), ``"int8"`` (W8A8) or ``"fp16"`` (no quantization).
+            of :func:`qfx.prepare_qat` (its trained weights and config are used), or a wrapper
+            with a registered :class:`WrapperAdapter` (a ``SentenceTransformer``: one comes back).
+        mode: ``"int4"`` (4-bit weights), ``"int8"`` (8-bit weights) or ``"fp16"`` (no
+            quantization), in any case and as ``"w4a4"`` / ``"w8a8"`` / ``"half"``
+            (:func:`qfx.config.parse_mode`), or ``None``: the QAT model's trained width. The
+            activation bits come from the config (``QuantConfig(4, 16)``: weight-only).
+            A causal LM's ``"w4a16"`` / ``"w4a8"`` is :func:`qfx.decoders.quantize_decoder`'s.
         target: ``"cpu"`` (exact reference backend) or a GPU: ``"sm_80"``, ``"sm_86"``,
             ``"sm_89"``, ``"sm_90"``.
         example_args / example_kwargs: one valid call (defaults to the QAT model's example).
@@ -180,39 +337,49 @@ def compile(
         >>> cm = qfx.compile(qat_model, mode="int4", target="cpu")
         >>> cm(**batch).logits; print(cm.report())
     """
-    if isinstance(model, CompiledModel):  # before anything else tries to capture it
-        raise ValueError(
-            f"model is already a qfx CompiledModel (mode={model.report().mode!r}, target={model.report().target!r}); "
-            "qfx.compile takes the float nn.Module or the qfx.prepare_qat model: compile that one again"
-        )
-    if _is_sentence_transformer(model):  # sentence-transformers in and out (qfx.embeddings)
-        from qfx.embeddings import st as _st
-
-        if tune is not None:
-            raise ValueError("tune=... is not supported for a SentenceTransformer yet; compile its transformer module")
-        if remove_padding:
-            raise ValueError("remove_padding=True is not supported for a SentenceTransformer yet; compile its transformer module")
-        return _st.compile_sentence_transformer(model, mode, target, example_args, example_kwargs, config, skip, float_dtype)
-    tgt = get_target(target)
-    cfg, trained_skip, origin = _resolve_config(model, mode, config)
-    skip = tuple(skip) or trained_skip
-    if tgt.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"target={target!r} needs a CUDA GPU and none is visible; compile with target='cpu'")
+    _refuse_compiled(model)
+    adapter = wrapper_adapter_of(model)
+    encoder = adapter.encoder_of(model) if adapter is not None else model
+    _refuse_decoder_mode(encoder, mode)
+    # parsed once; everything below reads only the parsed values
+    mode = parse_mode(mode, _trained_config(encoder))
+    tgt = require_device(target)
+    run_dtype = _run_dtype(float_dtype, tgt, mode)
+    if adapter is not None:  # e.g. a SentenceTransformer in and out (qfx.embeddings.st)
+        _refuse_wrapper_options(adapter, cuda_graphs=cuda_graphs, buckets=buckets, tune=tune, remove_padding=remove_padding)
+        return adapter.compile(model, mode, tgt, example_args, example_kwargs, config, skip, run_dtype)
     if not is_qat_model(model) and isinstance(model, GraphModule) and "qfx_capture" in getattr(model, "meta", {}):
         raise ValueError("compile takes the original nn.Module or a qfx.prepare_qat model, not a bare capture")
+    cfg, trained_skip, origin = _resolve_config(model, mode, config)
+    skip = tuple(skip) or trained_skip
     if is_qat_model(model) and not example_args and not example_kwargs:
         example_kwargs = capture_info(model).example_kwargs
     source = _float_source(model)
     _check_finite(source)
+    _check_example(source, example_args, example_kwargs)
     device = torch.device("cuda") if tgt.device == "cuda" else torch.device("cpu")
-    if float_dtype is None:
-        run_dtype = torch.float16 if (tgt.device == "cuda" or mode == "fp16") else torch.float32
-    elif float_dtype in (torch.float16, torch.bfloat16, torch.float32):
-        run_dtype = float_dtype
-    else:
-        raise ValueError(f"float_dtype={float_dtype!r}: use torch.float16, torch.bfloat16 or torch.float32")
+    gm = _capture_for_target(source, device, run_dtype, example_args, example_kwargs)
+    decision = None
+    if tune is not None:  # parts where fp16 is faster join skip (qfx/tune/select.py)
+        from qfx.tune.select import tune_for_compile
+        decision = tune_for_compile(gm, tune, tgt, cfg, skip, run_dtype)
+        skip = tuple(skip) + decision.skip
+    rotated = dict(model.meta.get("qfx_rotated", {})) if is_qat_model(model) else None  # trained as W R
     master = {k: v.detach().float().clone() for k, v in source.named_parameters()}
+    ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype,
+                      remove_padding=bool(remove_padding), rotated_weights=rotated)
+    gm = run_passes(gm, COMPILE_PASSES, ctx)
+    report = build_report(gm, mode=mode, target=tgt, origin=origin, run_dtype=run_dtype)
+    if decision is not None:
+        decision.apply_to_report(report)
+    return CompiledModel(gm, report, gm.meta["qfx_capture"], device, cuda_graphs=cuda_graphs, buckets=buckets, target=tgt)
+
+
+def _capture_for_target(source: nn.Module, device: torch.device, run_dtype: torch.dtype,
+                        example_args: tuple, example_kwargs: dict[str, Any] | None) -> GraphModule:
+    """Capture a copy of ``source`` on ``device`` with its float parts in ``run_dtype``."""
     runner = copy.deepcopy(source).to(device=device, dtype=run_dtype).eval()
+
     # float example inputs (features, inputs_embeds) take the float parts' dtype, as the model does;
     # token ids and masks keep theirs
     def _example(v):
@@ -222,17 +389,4 @@ def compile(
 
     moved_args = tuple(_example(a) for a in example_args)
     moved_kwargs = {k: _example(v) for k, v in (example_kwargs or {}).items()}
-    gm = capture(runner, moved_args, moved_kwargs)
-    decision = None
-    if tune is not None:  # parts where fp16 is faster join skip (qfx/tune/select.py)
-        from qfx.tune.select import tune_for_compile
-        decision = tune_for_compile(gm, tune, tgt, cfg, skip, run_dtype)
-        skip = tuple(skip) + decision.skip
-    rotated = dict(model.meta.get("qfx_rotated", {})) if is_qat_model(model) else None  # trained as W R
-    ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype,
-                      remove_padding=bool(remove_padding), rotated_weights=rotated)
-    gm = run_passes(gm, COMPILE_PASSES, ctx)
-    report = build_report(gm, mode=mode, target=tgt, origin=origin, run_dtype=run_dtype)
-    if decision is not None:
-        decision.apply_to_report(report)
-    return CompiledModel(gm, report, gm.meta["qfx_capture"], device, cuda_graphs=cuda_graphs, buckets=buckets, target=tgt)
+    return capture(runner, moved_args, moved_kwargs)

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qfx.api import WrapperAdapter, compile as qfx_compile, is_qat_model, prepare_qat, register_wrapper_adapter
+
 __all__ = [
     "EXTRA",
     "EncoderAdapter",
@@ -201,7 +203,6 @@ def prepare_qat_sentence_transformer(
         >>> qat = qfx.prepare_qat(st, config=qfx.QuantConfig(4, 4, symmetric=False))
         >>> qat.encode(["some text"]).shape              # (1, 384)
     """
-    from qfx.api import prepare_qat
     from qfx.passes.expose_features import expose_features
 
     _check_st(st, example_args)
@@ -236,8 +237,6 @@ def compile_sentence_transformer(
         >>> int4 = qfx.compile(qat_st, mode="int4", target="sm_89")
         >>> int4.encode(texts, batch_size=64, show_progress_bar=True)
     """
-    from qfx.api import compile as qfx_compile, is_qat_model
-
     _check_st(st, example_args)
     encoder = encoder_of(st)
     if not (_is_encoder(encoder) or is_qat_model(encoder)):
@@ -261,3 +260,24 @@ def compile_sentence_transformer(
 def _float_dtype(encoder: nn.Module) -> torch.dtype:
     p = next((p for p in encoder.parameters() if p.is_floating_point()), None)
     return p.dtype if p is not None else torch.float32
+
+
+def _encode_texts(st, texts) -> Any:
+    """One ``encode`` of ``texts`` (a non-empty list of strings): how calibration runs a
+    SentenceTransformer (:func:`qfx.train.gptq_init.gptq_init`)."""
+    texts = list(texts) if not isinstance(texts, str) else [texts]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("calibration for a SentenceTransformer is a non-empty list of texts")
+    return st.encode(texts, batch_size=64, show_progress_bar=False)
+
+
+# qfx.prepare_qat / qfx.compile / gptq_init reach SentenceTransformers through this adapter
+# (qfx.api imports nothing of qfx.embeddings)
+register_wrapper_adapter(WrapperAdapter(
+    name="SentenceTransformer",
+    matches=is_sentence_transformer,
+    encoder_of=encoder_of,
+    prepare_qat=prepare_qat_sentence_transformer,
+    compile=compile_sentence_transformer,
+    run=_encode_texts,
+))

@@ -28,9 +28,9 @@ Cholesky factors are fp64 on the CPU and fp32 on a GPU (as in the reference impl
 The Hessians come from one forward pass of the float model over the calibration batches (not
 the sequential, layer-by-layer variant that feeds already-quantized layers' outputs forward).
 
-Encoders: :func:`gptq_init` GPTQ-rounds the 4-bit weights of a ``qfx.prepare_qat`` model in place
-(the Hessians of the inputs its activation quantizers read), the starting point for QAT or a
-compile without training.
+Encoders: :func:`qfx.train.gptq_init.gptq_init` GPTQ-rounds the 4-bit weights of a ``qfx.prepare_qat``
+model in place with these functions (the Hessians of the inputs its activation quantizers read), the
+starting point for QAT or a compile without training; it lives above the API, this module below it.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from torch import nn
 
 from qfx import numerics as nx
 
-__all__ = ["GPTQConfig", "gptq_quantize_weight", "collect_hessians", "quantize_error", "linear_weight", "target_linears", "gptq_init"]
+__all__ = ["GPTQConfig", "gptq_quantize_weight", "collect_hessians", "quantize_error", "linear_weight", "target_linears"]
 
 
 @dataclass(frozen=True)
@@ -211,85 +211,3 @@ def collect_hessians(
         raise ValueError("GPTQ needs calibration data: the calibration batches were empty; pass at "
                          "least one batch that reaches the quantized linears")
     return {name: 2.0 * acc[name] / count[name] for name in acc}
-
-
-@torch.no_grad()
-def gptq_init(qat: nn.Module, calibration, damp: float = 0.01, col_block: int = 128) -> dict[str, tuple[float, float]]:
-    """GPTQ-round the 4-bit weights of a :func:`qfx.prepare_qat` encoder in place, before QAT (or a
-    compile without training): the starting point QAT refines, instead of round-to-nearest.
-
-    ``qat``: the QAT graph of an encoder (then ``calibration`` is an iterable of keyword-argument
-    dicts for ``qat(**batch)``) or a ``SentenceTransformer`` from ``qfx.prepare_qat`` (then
-    ``calibration`` is a list of texts, run through its ``encode``). Every quantized linear
-    needs 4-bit weights and quantized activations (its input is read where the activation
-    quantizer reads it: after the input rotation of ``QuantConfig(rotation=b)``, before rounding).
-
-    Per linear, ``H = 2 X^T X / T`` over the calibration tokens (padding included), GPTQ on the
-    qfx grid (symmetric int4, ``S = max|w| / 7`` per row or per ``weight_group``), and the weight
-    replaced by its GPTQ-dequantized value ``S q``. The fake-quant recomputes ``S`` from that
-    weight, so a row whose extreme code moved off +-7 (a few percent of rows) is re-rounded on a
-    slightly different grid: the first QAT steps absorb it; the returned objectives are those of
-    GPTQ's own codes.
-
-    Returns ``{weight name: (round-to-nearest objective, GPTQ objective)}``, the GPTQ objective
-    ``tr((W - W_hat) H (W - W_hat)^T)`` (:func:`quantize_error`) of both roundings.
-
-    Example::
-
-        >>> qat = qfx.prepare_qat(st, config=qfx.QuantConfig(4, 4, symmetric=False, rotation=128))
-        >>> gptq_init(qat, train_texts[:256])
-        >>> qfx.embeddings.distill(st, qat, train_texts, cfg)
-    """
-    from qfx.api import is_qat_model
-    from qfx.numerics.fake_quant import ActFakeQuant
-    from qfx.schema import linear_nodes
-
-    from qfx.embeddings.st import encoder_of, is_sentence_transformer
-
-    st = qat if is_sentence_transformer(qat) else None
-    gm = encoder_of(qat) if st is not None else qat
-    if not (isinstance(gm, torch.fx.GraphModule) and is_qat_model(gm)):
-        raise ValueError("gptq_init: qat must be the result of qfx.prepare_qat (an encoder's QAT graph or a "
-                         f"SentenceTransformer holding one), got {type(qat).__name__}")
-    readers: dict[str, list] = {}  # ActFakeQuant module name -> the linears reading its input
-    for node in linear_nodes(gm):
-        info = node.meta.get("qfx")
-        if info is None or info.spec is None:
-            continue
-        x = node.args[0]
-        holder = gm.get_submodule(x.target) if isinstance(x, torch.fx.Node) and x.op == "call_module" else None
-        if info.spec.weight_bits != 4 or not isinstance(holder, ActFakeQuant):
-            raise ValueError(f"gptq_init rounds 4-bit weights of linears with quantized activations; linear {info.name} "
-                             f"is {info.spec.precision}: use QuantConfig(weight_bits=4, act_bits=4 or 8)")
-        readers.setdefault(x.target, []).append(info)
-    if not readers:
-        raise ValueError("gptq_init: the model has no quantized linear (every part left in float)")
-    if st is not None:
-        texts = list(calibration)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("gptq_init: calibration for a SentenceTransformer is a non-empty list of texts")
-        run, batches = (lambda texts: st.encode(texts, batch_size=64, show_progress_bar=False)), [{"texts": texts}]
-    else:
-        run, batches = gm, calibration
-    was_training = gm.training
-    gm.eval()
-    try:
-        hessians = collect_hessians(run, batches, {name: gm.get_submodule(name) for name in readers})
-    finally:
-        gm.train(was_training)
-    # a weight several linears read (ALBERT) gets the mean of their inputs' Hessians
-    per_weight: dict[str, list] = {}
-    for name, infos in readers.items():
-        for info in infos:
-            per_weight.setdefault(info.weight, [info, []])[1].append(hessians[name])
-    out = {}
-    for weight, (info, hs) in per_weight.items():
-        w = gm.get_parameter(weight)
-        h = torch.stack(hs).mean(0)
-        group = info.spec.group_size or w.shape[1]
-        cfg = GPTQConfig("int4", group_size=group, damp=damp, col_block=col_block)
-        w_hat = nx.dequantize_weight_4bit(gptq_quantize_weight(w, h, cfg)).to(w.dtype)
-        rtn = nx.fake_quantize(w.detach().float(), 4, True, info.spec.group_size)
-        out[weight] = (quantize_error(w, rtn, h), quantize_error(w, w_hat, h))
-        w.copy_(w_hat)
-    return out

@@ -17,9 +17,11 @@ a GPU one) to choose its token bucket, a direct launch sizes them inside the gra
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
@@ -29,7 +31,26 @@ from qfx.runtime.buckets import Buckets, dim_roles
 from qfx.runtime.graphs import GraphPool
 from qfx.runtime.launch_plan import LaunchPlan, bind_launchers
 
-__all__ = ["CompiledModel"]
+__all__ = ["CompiledModel", "check_input_values"]
+
+
+def check_input_values(inputs: dict[str, Any], where: str = "") -> None:
+    """Refuse values no qfx model can run, with the fix: a list, tuple or numpy array where a
+    tensor goes, or a meta tensor (a shape without data). ``where`` prefixes the names
+    (``"example input "``)."""
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            if value.is_meta:
+                raise ValueError(
+                    f"{where}{name} is a meta tensor (a shape without data); pass real tensors, e.g. the "
+                    "tokenizer's output with return_tensors='pt'"
+                )
+        elif isinstance(value, (list, tuple)) or hasattr(value, "__array__"):  # numpy arrays and alike
+            kind = type(value).__name__ if isinstance(value, (list, tuple)) else f"{type(value).__module__}.{type(value).__name__}"
+            raise ValueError(
+                f"{where}{name} is a {kind}, not a torch.Tensor; pass torch.as_tensor({name}) "
+                "(or tokenize with return_tensors='pt')"
+            )
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -50,7 +71,12 @@ class CompiledModel(nn.Module):
 
     Inputs on the CPU given to a GPU model are copied to the GPU (the copy is part of the call's
     time); outputs keep the source model's structure (e.g. ``SequenceClassifierOutput``) and are
-    never views of memory a later call overwrites.
+    never views of memory a later call overwrites. Under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` they are inference tensors; with grad enabled (the default) they
+    are ordinary tensors (one copy each), so a trainable head on top can backpropagate.
+    Inputs must be tensors with data (lists, numpy arrays and meta tensors are refused), and
+    the dtypes are fixed at compile time (``.half()``, ``.to(dtype)`` are refused: compile
+    with ``float_dtype=``).
     """
 
     def __init__(self, graph_module: GraphModule, report: CompileReport, capture: CaptureInfo,
@@ -155,6 +181,9 @@ class CompiledModel(nn.Module):
                 if bound is not None:
                     given = dict(zip(bound, args), **kwargs)
                     return {name: given[name] for name in names}
+        params = [n for n, p in inspect.signature(self._capture.source.forward).parameters.items()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        check_input_values(dict(zip(params, args), **kwargs))
         out = normalize_inputs(self._capture, args, kwargs)
         if key is not None:
             # the names the positional arguments took: the inputs that are those very tensors
@@ -168,22 +197,32 @@ class CompiledModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = self._normalize(args, kwargs)
         with torch.inference_mode():
-            pool = self._pool()
-            tokens = None
-            if pool is not None and pool.token_index is not None and "attention_mask" in kwargs:
-                # the token bucket needs the real-token count on the host (before the mask is
-                # moved: free for a CPU mask, one small sync for a GPU one)
-                mask = kwargs["attention_mask"]
-                tokens = int(mask.count_nonzero())
-                dense = self._plan is not None and self._plan.dense_module is not None and tokens == mask.numel()
-            else:
-                dense = pool is not None and self._all_attended(kwargs)
-            kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
-            if pool is not None:
-                ok, out = pool.run(kwargs, dense, tokens)
-                if ok:
-                    return out
-            return self.launch_plan.module.forward(**kwargs)
+            out = self._run(kwargs)
+        if torch.is_grad_enabled():
+            # Inference tensors cannot take part in autograd (``head(out).backward()`` would fail on
+            # them): with grad enabled, return ordinary tensors, at one copy per output tensor.
+            # Under torch.no_grad() / torch.inference_mode() the outputs come without that copy.
+            out = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, out)
+        return out
+
+    def _run(self, kwargs: dict) -> Any:
+        """One call on the normalized inputs, inside inference mode."""
+        pool = self._pool()
+        tokens = None
+        if pool is not None and pool.token_index is not None and "attention_mask" in kwargs:
+            # the token bucket needs the real-token count on the host (before the mask is
+            # moved: free for a CPU mask, one small sync for a GPU one)
+            mask = kwargs["attention_mask"]
+            tokens = int(mask.count_nonzero())
+            dense = self._plan is not None and self._plan.dense_module is not None and tokens == mask.numel()
+        else:
+            dense = pool is not None and self._all_attended(kwargs)
+        kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
+        if pool is not None:
+            ok, out = pool.run(kwargs, dense, tokens)
+            if ok:
+                return out
+        return self.launch_plan.module.forward(**kwargs)
 
     #: a mask on the GPU is read back (a device sync) only for calls this large, where dropping
     #: the attention bias saves more than the sync costs
@@ -197,6 +236,33 @@ class CompiledModel(nn.Module):
         if mask.device.type != "cpu" and mask.numel() < self.DENSE_CHECK_TOKENS:
             return False
         return bool(mask.all())
+
+    # -- dtypes are fixed at compile time -----------------------------------------------------
+
+    def _refuse_dtype_change(self, call: str) -> None:
+        raise ValueError(
+            f"CompiledModel{call}: a compiled model's dtypes are fixed when it is compiled (integer weight "
+            f"codes, their scales, float parts in {self._report.run_dtype}); compile again with "
+            "qfx.compile(..., float_dtype=torch.float16 / torch.bfloat16 / torch.float32) instead"
+        )
+
+    def half(self) -> "CompiledModel":
+        self._refuse_dtype_change(".half()")
+
+    def bfloat16(self) -> "CompiledModel":
+        self._refuse_dtype_change(".bfloat16()")
+
+    def float(self) -> "CompiledModel":
+        self._refuse_dtype_change(".float()")
+
+    def double(self) -> "CompiledModel":
+        self._refuse_dtype_change(".double()")
+
+    def to(self, *args: Any, **kwargs: Any) -> "CompiledModel":
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if dtype is not None:
+            self._refuse_dtype_change(f".to({dtype})")
+        return super().to(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "CompiledModel":
         if mode:

@@ -117,7 +117,7 @@ def test_gptq_init_lowers_every_objective_and_keeps_the_twin_exact():
     import qfx
     from models import inputs
 
-    from qfx.numerics.gptq import gptq_init
+    from qfx.train.gptq_init import gptq_init
 
     qat = _bert_qat(qfx.QuantConfig(4, 4, symmetric=False, rotation=32)).train()
     before = {k: v.clone() for k, v in qat.named_parameters()}
@@ -138,7 +138,7 @@ def test_gptq_init_refuses_what_it_cannot_round():
     import qfx
     from models import inputs, make
 
-    from qfx.numerics.gptq import gptq_init
+    from qfx.train.gptq_init import gptq_init
 
     batches = [inputs(2, 8)]
     with pytest.raises(ValueError, match=r"linear layer0.q is W8A8 sym: use QuantConfig\(weight_bits=4"):
