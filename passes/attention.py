@@ -29,12 +29,14 @@ compiled model stays bit-identical to its QAT twin.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.fx import Graph, GraphModule, Node
 
 from qfx.schema import ATTENTION_OPS, ancestors, is_call, sdpa_mask
 
-__all__ = ["key_padding_attention"]
+__all__ = ["key_padding_attention", "PACKED_ATTENTION", "packed_attention_impl", "attention_block", "AttentionBlock"]
 
 aten = torch.ops.aten
 _MASK_INPUT = "attention_mask"  # the HF input convention: 1 = attend, 0 = padding
@@ -121,3 +123,168 @@ def key_padding_attention(gm: GraphModule, dtype: torch.dtype) -> GraphModule:
     gm.recompile()
     gm.meta["qfx_attention"] = f"key-padding bias [B, 1, 1, S] ({dtype}): fused SDPA kernels eligible"
     return gm
+
+
+# -- packed (variable-length) attention: padding removal's attention (passes/unpad.py) -----------
+#
+#     qfx::packed_attention(q, k, v [1, T', H*D], heads, cu_seqlens [B+1] int32, max_seqlen,
+#                           gather [T'], scatter [T'], attention_mask [B, S], attn_mask?, scale?)
+#         -> [1, T', H*D]
+#
+# Attention over the packed real tokens: token t of sequence b (rows cu_seqlens[b] ..
+# cu_seqlens[b+1] - 1, row-major order of attention_mask != 0) attends to every real token of
+# its sequence and to nothing else, what the padded model's key-padding mask computes. Rows
+# past cu_seqlens[B] (the dummies of a token bucket, qfx::token_index with a capacity) are left
+# unspecified: every later op is row-wise and repad drops them.
+#
+# Kernels (data, not a guess: benchmarks/attention.py --varlen measures them on the GPU):
+# CUDA fp16 / bf16 with a head dim flash takes -> flash attention's varlen kernel
+# (``aten._flash_attention_forward`` with cu_seqlens: the kernel torch.nn.attention.varlen
+# wraps, called without the custom-op layer); anything else (the CPU, fp32) -> the reference:
+# the tokens repadded, the captured SDPA with its captured mask, packed again, so the result is
+# bit for bit the padded graph's (the fp32 twin's).
+
+_VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _heads(x: torch.Tensor, heads: int, scatter: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[1, T', H*D] packed -> [B, H, S, D] padded (zeros at padding), as the model's views."""
+    from qfx.ops import scatter_tokens
+
+    x = scatter_tokens(x, scatter, like)
+    b, s, f = x.shape
+    return x.view(b, s, heads, f // heads).transpose(1, 2)
+
+
+def varlen_kernel_takes(q: torch.Tensor, heads: int) -> bool:
+    """Whether the varlen kernel runs this call (else the reference)."""
+    d = q.shape[-1] // heads
+    return q.is_cuda and q.dtype in _VARLEN_DTYPES and d % 8 == 0 and d <= 256
+
+
+def packed_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cu_seqlens: torch.Tensor,
+                          max_seqlen: int, gather: torch.Tensor, scatter: torch.Tensor, attention_mask: torch.Tensor,
+                          attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """qfx::packed_attention (see above); the runtime calls it directly, without the dispatcher."""
+    t, f = q.shape[1], q.shape[2]
+    if varlen_kernel_takes(q, heads):
+        d = f // heads
+        out = torch.ops.aten._flash_attention_forward(
+            q[0].view(t, heads, d), k[0].view(t, heads, d), v[0].view(t, heads, d), cu_seqlens, cu_seqlens,
+            max_seqlen, max_seqlen, 0.0, False, False, scale=scale)[0]
+        return out.view(1, t, f)
+    from qfx.ops import gather_tokens
+
+    y = torch.nn.functional.scaled_dot_product_attention(
+        _heads(q, heads, scatter, attention_mask), _heads(k, heads, scatter, attention_mask),
+        _heads(v, heads, scatter, attention_mask), attn_mask=attn_mask, scale=scale)
+    b, s = attention_mask.shape
+    return gather_tokens(y.transpose(1, 2).reshape(b, s, f), gather)
+
+
+@torch.library.custom_op("qfx::packed_attention", mutates_args=())
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, gather: torch.Tensor, scatter: torch.Tensor, attention_mask: torch.Tensor,
+                     attn_mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    return packed_attention_impl(q, k, v, heads, cu_seqlens, max_seqlen, gather, scatter, attention_mask,
+                                 attn_mask, scale)
+
+
+@packed_attention.register_fake
+def _(q, k, v, heads, cu_seqlens, max_seqlen, gather, scatter, attention_mask, attn_mask, scale):
+    return q.new_empty(q.shape)
+
+
+PACKED_ATTENTION = torch.ops.qfx.packed_attention.default
+
+_TRANSPOSES = (aten.transpose.int, aten.permute.default)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_COPIES = (aten.contiguous.default, aten.clone.default)
+
+
+def _shape(node) -> tuple[str, ...] | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else str(int(d)) for d in val.shape)
+
+
+def _swaps_1_2(node: Node) -> bool:
+    """transpose(x, 1, 2) or permute(x, [0, 2, 1, 3]) of a rank-4 x."""
+    if is_call(node, (aten.transpose.int,)):
+        return sorted(d % 4 for d in node.args[1:3]) == [1, 2]
+    return is_call(node, (aten.permute.default,)) and [d % 4 for d in node.args[1]] == [0, 2, 1, 3]
+
+
+def _split_heads_source(x: Node, b: str, s: str) -> tuple[Node, int] | None:
+    """``x`` = swap(view(src [b, s, H*D] -> [b, s, H, D])) (copies allowed): (src, H)."""
+    node = x
+    while is_call(node, _COPIES):
+        node = node.args[0]
+    if not _swaps_1_2(node):
+        return None
+    node = node.args[0]
+    while is_call(node, _COPIES):
+        node = node.args[0]
+    split, src = _shape(node), _shape(node.args[0]) if is_call(node, _VIEWS) else None
+    if split is None or src is None or len(split) != 4 or len(src) != 3 or split[:2] != (b, s) or src[:2] != (b, s):
+        return None
+    if not (split[2].isdigit() and split[3].isdigit() and src[2].isdigit()) or int(split[2]) * int(split[3]) != int(src[2]):
+        return None
+    return node.args[0], int(split[2])
+
+
+def _merged_heads_output(sdpa: Node, b: str, s: str, features: int) -> Node | None:
+    """The node holding swap(sdpa)[b, s, H*D] reshaped (single-user view / copy chain), or None."""
+    node, swapped = sdpa, False
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        shape = _shape(user)
+        if shape is None:
+            return None
+        if is_call(user, _COPIES) or (is_call(user, _VIEWS) and shape == _shape(node)):
+            node = user
+        elif not swapped and _swaps_1_2(user):
+            node, swapped = user, True
+        elif swapped and is_call(user, _VIEWS) and shape == (b, s, str(features)):
+            return user
+        else:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """A multi-head attention over [B, S, H*D] token tensors, as padding removal packs it."""
+
+    sdpa: Node
+    q: Node  # [B, S, H*D] sources of the head views
+    k: Node
+    v: Node
+    heads: int
+    out: Node  # the [B, S, H*D] merged-heads output
+    scale: float | None
+
+
+def attention_block(sdpa: Node, mask_input: Node) -> tuple[AttentionBlock | None, str]:
+    """Match ``merge(sdpa(split(q), split(k), split(v), mask))`` with a key-padding mask of
+    ``mask_input`` (checked by evaluation), no dropout, not causal; else (None, why not)."""
+    b, s = _shape(mask_input) or ("", "")
+    if len(sdpa.args) > 4 and sdpa.args[4] or sdpa.kwargs.get("dropout_p"):
+        return None, "attention with dropout"
+    if (len(sdpa.args) > 5 and sdpa.args[5]) or sdpa.kwargs.get("is_causal") or sdpa.kwargs.get("enable_gqa"):
+        return None, "causal or grouped-query attention"
+    mask = sdpa_mask(sdpa)
+    if mask is None:
+        return None, "attention without a mask"
+    ok, why = _is_key_padding(None, mask, {_MASK_INPUT: mask_input})
+    if not ok:
+        return None, why
+    sources = [_split_heads_source(x, b, s) for x in sdpa.args[:3]]
+    if None in sources or len({h for _, h in sources}) != 1:
+        return None, "q, k, v are not head views of [batch, seq, features] tensors"
+    (q, heads), (k, _), (v, _) = sources
+    out = _merged_heads_output(sdpa, b, s, int(_shape(q)[2]))
+    if out is None:
+        return None, "the attention output is not merged back to [batch, seq, features]"
+    return AttentionBlock(sdpa, q, k, v, heads, out, sdpa.kwargs.get("scale")), ""

@@ -73,6 +73,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
+from qfx.passes.attention import PACKED_ATTENTION, attention_block
 from qfx.schema import (
     ATTENTION_OPS, ELEMENTWISE_OPS, FEATURE_SPLIT_OPS, PACK_TOKENS, REPAD_TOKENS, TOKEN_INDEX, TOKENWISE_OPS,
     ancestors, arg, is_call, sdpa_mask,
@@ -171,6 +172,54 @@ class _Layouts:
             self.scatter = self.graph.call_function(operator.getitem, (self.gather.args[0], 1))
         for node, name in ((index, "token_index"), (self.gather, "token_gather"), (self.scatter, "token_scatter")):
             node._rename(name)
+        self._cu: tuple[Node, Node] | None = None
+
+    def cu_seqlens(self) -> tuple[Node, Node]:
+        """(cu_seqlens [B+1] int32, max_seqlen = S): each row's real tokens are contiguous in
+        the packed order, whatever the padding's shape (right, left, holes); made once."""
+        if self._cu is None:
+            g = self.graph
+            with g.inserting_after(self.scatter):
+                real = g.call_function(aten.ne.Scalar, (self.mask, 0))
+            with g.inserting_after(real):
+                lengths = g.call_function(aten.sum.dim_IntList, (real, [1]), {"dtype": torch.int32})
+            with g.inserting_after(lengths):
+                ends = g.call_function(aten.cumsum.default, (lengths, 0), {"dtype": torch.int32})
+            with g.inserting_after(ends):
+                cu = g.call_function(aten.constant_pad_nd.default, (ends, [1, 0], 0.0))
+            with g.inserting_after(cu):
+                seq = g.call_function(aten.sym_size.int, (self.mask, 1))
+            cu._rename("cu_seqlens")
+            self._cu = (cu, seq)
+        return self._cu
+
+    def pack_attention(self) -> tuple[int, str]:
+        """Replace each attention block over key-padded [B, S, H*D] tensors (passes/attention.py
+        :func:`attention_block`) by ``qfx::packed_attention`` (same padded meta, packed later by
+        the propagation); return how many, and why the first one left is not."""
+        done, why = 0, ""
+        for sdpa in [n for n in self.graph.nodes if is_call(n, ATTENTION_OPS)]:
+            block, reason = attention_block(sdpa, self.mask)
+            if block is None:
+                why = why or reason
+                continue
+            cu, seq = self.cu_seqlens()
+            with self.graph.inserting_after(block.out):
+                node = self.graph.call_function(PACKED_ATTENTION, (
+                    block.q, block.k, block.v, block.heads, cu, seq, self.gather, self.scatter, self.mask,
+                    sdpa_mask(sdpa), block.scale))
+            node.meta["val"] = block.out.meta["val"]
+            block.out.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+            chain = block.out
+            while chain is not sdpa:  # the merge chain, then the SDPA (fx keeps it: "seeded" op)
+                up = chain.args[0]
+                self.graph.erase_node(chain)
+                chain = up
+            self.graph.erase_node(sdpa)
+            done += 1
+        if done:  # the head views (the token index is read by the packed attention: kept)
+            self.graph.eliminate_dead_code()
+        return done, why
 
     # -- what a value is --------------------------------------------------------------------
 
@@ -252,8 +301,9 @@ def _tensor_operands(node: Node) -> list[Node]:
 
 
 def _feeds_tokenwise(split: Node) -> bool:
-    """Some part of a split is read by a token-wise op (else repadding before it is one copy)."""
-    return any(is_call(u, tuple(TOKENWISE_OPS)) or is_call(u, ELEMENTWISE_OPS)
+    """Some part of a split is read by a token-wise op or packed attention (else repadding
+    before it is one copy)."""
+    return any(is_call(u, (*TOKENWISE_OPS, PACKED_ATTENTION)) or is_call(u, ELEMENTWISE_OPS)
                for part in split.users for u in part.users)
 
 
@@ -282,12 +332,16 @@ def remove_padding(gm: GraphModule) -> GraphModule:
         gm.meta["qfx_unpad"] = f"off: {why}"
         return gm
     lay = _Layouts(gm, mask_input)
+    attentions, attention_why = lay.pack_attention()
     tokenwise = tuple(TOKENWISE_OPS)
     for node in list(graph.nodes):
         if node.op == "output":
             lay.repad_inputs(node)
             continue
         if node.op != "call_function" or node in (lay.gather, lay.scatter) or is_call(node, TOKEN_INDEX):
+            continue
+        if is_call(node, PACKED_ATTENTION):
+            lay.run_packed(node, list(node.args[:3]), rank=None)  # q, k, v: [B, S, F] tokens, always packable
             continue
         val = _val(node)
         rank = val.dim() if val is not None else None
@@ -313,8 +367,12 @@ def remove_padding(gm: GraphModule) -> GraphModule:
     graph.eliminate_dead_code()  # also the token index when nothing was packed
     graph.lint()
     gm.recompile()
-    work = sum(1 for n in lay.packed if is_call(n, tokenwise))
+    work = sum(1 for n in lay.packed if is_call(n, tokenwise) and n.graph is graph)
+    packs, repads = (sum(1 for n in graph.nodes if is_call(n, op)) for op in (PACK_TOKENS, REPAD_TOKENS))
+    attention = (f"{attentions} attention(s) packed (varlen)" if attentions else "attention repadded")
+    if attentions < sum(1 for n in graph.nodes if is_call(n, ATTENTION_OPS)) + attentions and attention_why:
+        attention += f"; {attention_why}: repadded there"
     gm.meta["qfx_unpad"] = (f"on: {work} token-wise op(s) run on the real tokens only "
-                            f"({len(lay.packs)} pack, {len(lay.repads)} repad, index from attention_mask)" if work
+                            f"({packs} pack, {repads} repad, {attention}, index from attention_mask)" if work
                             else "off: no GEMM, quantize or LayerNorm reads a [batch, seq, features] tensor")
     return gm

@@ -35,6 +35,7 @@ from torch.fx import GraphModule
 
 from qfx.backends.triton.rotation import rotate as rotate_tokens
 from qfx.ops import gather_tokens, scatter_tokens, token_rows
+from qfx.passes.attention import PACKED_ATTENTION, packed_attention_impl
 from qfx.schema import (
     ATTENTION_OPS, INT_LINEAR, PACK_TOKENS, QUANTIZE, REPAD_TOKENS, ROTATE, TOKEN_INDEX, arg, is_call, op_buffer,
 )
@@ -160,6 +161,9 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
         if is_call(node, (PACK_TOKENS, REPAD_TOKENS)):
             node.target = gather_tokens if node.target == PACK_TOKENS else scatter_tokens
             continue
+        if is_call(node, PACKED_ATTENTION):
+            node.target = packed_attention_impl
+            continue
         if not is_call(node, tuple(_CALL_ARGS)):
             continue
         backend = arg(node, "backend")
@@ -196,6 +200,16 @@ def _repad_all(x: torch.Tensor, _scatter: torch.Tensor, like: torch.Tensor) -> t
     return x.reshape(like.shape[0], like.shape[1], *x.shape[2:])
 
 
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, _cu, _max, _gather, _scatter,
+                     like: torch.Tensor, _mask=None, scale: float | None = None) -> torch.Tensor:
+    """packed_attention when every token is real: [1, B*S, F] is [B, S, F], attention unmasked."""
+    b, s = like.shape
+    f = q.shape[-1]
+    y = torch.nn.functional.scaled_dot_product_attention(
+        *(x.view(b, s, heads, f // heads).transpose(1, 2) for x in (q, k, v)), scale=scale)
+    return y.transpose(1, 2).reshape(1, b * s, f)
+
+
 def _unmasked(lean: GraphModule) -> GraphModule:
     """``lean`` with ``attn_mask=None`` on every SDPA (the launchers are shared, not copied);
     with padding removal, packing and repadding become views (every token is real), and the
@@ -211,6 +225,9 @@ def _unmasked(lean: GraphModule) -> GraphModule:
             node.target, node.args = _pack_all, (node.args[0], None)
         elif node.op == "call_function" and node.target is scatter_tokens:
             node.target, node.args = _repad_all, (node.args[0], None, node.args[2])
+        elif node.op == "call_function" and node.target is packed_attention_impl:
+            node.target, node.args = _dense_attention, (*node.args[:4], None, None, None, None, *node.args[8:9], None,
+                                                         *node.args[10:])
     graph.eliminate_dead_code()
     dense = GraphModule(lean, graph, class_name="QfxLaunchPlanDense")
     for attr in ("_in_spec", "_out_spec"):

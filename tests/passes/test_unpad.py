@@ -16,6 +16,7 @@ from models import inputs, make
 import qfx
 from qfx.capture import normalize_inputs
 from qfx.ops import token_rows
+from qfx.passes.attention import PACKED_ATTENTION
 from qfx.passes.unpad import remove_padding
 from qfx.runtime.buckets import Buckets
 from qfx.schema import ATTENTION_OPS, INTEGER_LINEAR_OPS, PACK_TOKENS, QUANTIZE, REPAD_TOKENS, TOKEN_INDEX, is_call
@@ -92,20 +93,20 @@ def test_token_buckets_are_steps_capped_at_the_shape():
 # -- the pass -------------------------------------------------------------------------------------
 
 
-def test_pass_packs_once_at_the_embeddings_and_repads_around_attention(bert_pair):
+def test_pass_packs_once_at_the_embeddings_and_repads_once_at_the_output(bert_pair):
     padded, unpadded = bert_pair
     gm = unpadded.graph_module
     layers = 2
     assert gm.meta["qfx_unpad"].startswith("on:"), gm.meta["qfx_unpad"]
+    assert f"{layers} attention(s) packed (varlen)" in gm.meta["qfx_unpad"]
     assert _count(gm, TOKEN_INDEX) == 1
-    # embeddings' LayerNorm input, then each attention output; q/k/v before the split, and the
-    # last hidden state (read by the output and the pooler's hidden[:, 0])
-    assert _count(gm, PACK_TOKENS) == 1 + layers and _count(gm, REPAD_TOKENS) == layers + 1
+    # packed once (embeddings' LayerNorm input), attention runs on the packed q/k/v (no repad
+    # around it), repadded once: the last hidden state (the output, read by the pooler too)
+    assert _count(gm, PACK_TOKENS) == 1 and _count(gm, REPAD_TOKENS) == 1
+    assert _count(gm, ATTENTION_OPS) == 0 and _count(gm, PACKED_ATTENTION) == layers
     for n in gm.graph.nodes:
-        if is_call(n, tuple(INTEGER_LINEAR_OPS) + (QUANTIZE,)):
+        if is_call(n, tuple(INTEGER_LINEAR_OPS) + (QUANTIZE, PACKED_ATTENTION)):
             assert n.meta.get("qfx_tokens") == "packed", n.name
-        if is_call(n, ATTENTION_OPS):
-            assert "qfx_tokens" not in n.meta
     assert "padding removal: on" in unpadded.runtime_report()
     assert "padding removal: off (remove_padding=False)" in padded.runtime_report()
     assert "qfx_unpad" not in padded.graph_module.meta
