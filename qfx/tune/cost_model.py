@@ -107,7 +107,7 @@ class KernelFit:
 #: factors are fitted by :func:`qfx.tune.evidence.fit_family` on published ratios only
 #: (qfx/tune/data/published_ampere.json): sm80 on TensorRT demoBERT's A100 rows and the paper's
 #: A6000 Figure 1 ratios, sm_89 on demoBERT's L4 rows; the L40S rows and every FasterTransformer
-#: row (A100, A10) are held out. Memory, attention and quantize factors are the assumed ones.
+#: row (A100, A10) and the A30 rows are held out. Memory, attention and quantize factors are the assumed ones.
 #: A fixed cost at its 10 us bound and alpha ~7 (compute and memory overlap well) say that
 #: at M ~ 1000 Ampere kernels are latency-bound. ``evidence.check_published()`` gives each
 #: row's error; tests/units/test_cost_model.py holds them to 25 % (the rows outside are named).
