@@ -1,0 +1,149 @@
+"""The block-scaled Triton kernels (backends/triton/block_gemm.py) against the definition.
+
+On the GPU every output is compared whole with ``torch.equal`` against the reference run on the
+same GPU with torch ops (qfx.numerics), over an M/N/K table with odd sizes; on the CPU the same
+kernels run under ``TRITON_INTERPRET=1`` (where erf is not torch's CPU erf: the GELU epilogue is
+checked there only through codes of fp16 values, fixed inputs; the GPU checks it everywhere).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from models import inputs, make
+
+import qfx
+from qfx import numerics as nx
+from qfx.backends.triton import HAS_TRITON
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+
+
+def _case(m, n, k, block, a_bits, w_bits, symmetric, grouped, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 2 + 0.3).to(device)
+    w = torch.randn(n, k, generator=g).to(device)
+    bias = torch.randn(n, generator=g).to(device)
+    q, s, c = nx.quantize_activation(x, a_bits, symmetric, block=block)
+    q_w, s_w = nx.quantize_weight(w.cpu(), w_bits, 2 * block if grouped else None)
+    bs = nx.weight_block_sums(q_w, block)
+    packed = nx.pack_int4(q_w) if w_bits == 4 else q_w
+    return q, s, c, q_w.to(device), packed.to(device), s_w.to(device), bs.to(device), bias
+
+
+_INTERPRETED = """
+import torch
+from qfx import numerics as nx
+from qfx.backends.triton import block_gemm as bg
+from test_block_gemm import _case
+for sym, w_bits, grouped, gelu in [(True, 4, False, False), (False, 8, True, True), (False, 4, False, True)]:
+    q, s, c, q_w, packed, s_w, bs, bias = _case(37, 256, 256, 64, 4, w_bits, sym, grouped, "cpu")
+    for out in (torch.float32, torch.float16):
+        ref = nx.int_linear_blocks_reference(q, s, c, q_w, s_w, bs, bias, False, out)
+        assert torch.equal(bg.int_linear_blocks(q, s, c, packed, w_bits, s_w, bs, bias, False, out, 4, 64, symmetric=sym), ref)
+    y = nx.int_linear_blocks_reference(q, s, c, q_w, s_w, bs, bias, False, torch.float16)
+    want = nx.quantize_activation(y, 8, not sym, None, gelu, block=64)
+    got = bg.int_linear_blocks_quantize(q, s, c, packed, w_bits, s_w, bs, bias, torch.float16, 64, 8, not sym, None, gelu)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    x = torch.randn(37, 256).half()
+    want = nx.quantize_activation(x, 4, sym, (-1.0, 1.5), gelu, block=64)
+    assert all(torch.equal(a, b) for a, b in zip(bg.quantize_blocks(x, 4, sym, -1.0, 1.5, gelu, 64), want))
+print("interpreted kernels exact")
+"""
+
+
+@needs_triton
+def test_block_kernels_under_the_triton_interpreter():
+    """On the CPU, through TRITON_INTERPRET=1 (set before Triton compiles anything: a subprocess)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + os.path.dirname(os.path.dirname(__file__))
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(_INTERPRETED)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and "interpreted kernels exact" in run.stdout, run.stderr[-3000:]
+
+
+gpu = pytest.mark.gpu
+_ON_GPU = torch.cuda.is_available() and HAS_TRITON
+needs_gpu = pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU and Triton")
+
+#: (M, N, K): odd M, one tile, several tiles, tails; K = 1, 2, 6 and 24 blocks of 128
+_SHAPES = [(1, 256, 128), (17, 384, 256), (129, 768, 768), (1000, 256, 3072), (4096, 3072, 768)]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("m,n,k", _SHAPES)
+@pytest.mark.parametrize("a_bits,w_bits", [(4, 4), (8, 8)])
+def test_block_linear_equals_the_reference_on_the_gpu(m, n, k, a_bits, w_bits):
+    from qfx.backends.triton import block_gemm as bg
+
+    for symmetric, grouped, gelu, out in itertools.product((True, False), (False, True), (False, True),
+                                                           (torch.float16, torch.float32)):
+        q, s, c, q_w, packed, s_w, bs, bias = _case(m, n, k, 128, a_bits, w_bits, symmetric, grouped and k > 128, "cuda")
+        ref = nx.int_linear_blocks_reference(q, s, c, q_w, s_w, bs, bias, gelu, out)
+        got = bg.int_linear_blocks(q, s, c, packed, w_bits, s_w, bs, bias, gelu, out, a_bits, 128, symmetric=symmetric)
+        assert torch.equal(got, ref), (symmetric, grouped, gelu, out, (got.float() - ref.float()).abs().max().item())
+        if symmetric:  # the op (always the offset term) equals the kernel that skips it
+            assert torch.equal(torch.ops.qfx.int_linear(q, s, c, packed, w_bits, s_w, bs, bias, gelu, out, a_bits,
+                                                        "triton", act_block=128), ref)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("m", [3, 200, 4096])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_ffn_in_producer_codes_equal_the_unfused_graph_on_the_gpu(m, dtype):
+    from qfx.backends.triton import block_gemm as bg
+
+    for symmetric, q_symmetric, gelu, clip in itertools.product((True, False), (True, False), (True, False),
+                                                                (None, (-0.5, 4.0))):
+        q, s, c, q_w, packed, s_w, bs, bias = _case(m, 3072, 768, 128, 4, 4, symmetric, False, "cuda", seed=m)
+        y = nx.int_linear_blocks_reference(q, s, c, q_w, s_w, bs, bias, False, dtype)  # what the graph stores
+        want = nx.quantize_activation(y, 4, q_symmetric, clip, gelu, block=128)
+        got = bg.int_linear_blocks_quantize(q, s, c, packed, 4, s_w, bs, bias, dtype, 128, 4, q_symmetric, clip, gelu,
+                                            symmetric=symmetric)
+        for a, b, what in zip(got, want, ("codes", "scale", "offset")):
+            assert torch.equal(a, b), (what, symmetric, q_symmetric, gelu, clip)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_block_quantize_equals_the_definition_on_the_gpu(dtype):
+    from qfx.backends.triton import block_gemm as bg
+
+    bg.register()
+    x = (torch.randn(1000, 768, device="cuda") * 3).to(dtype)
+    for bits, symmetric, gelu, clip in itertools.product((4, 8), (True, False), (True, False), (None, (-1.0, 2.0))):
+        want = nx.quantize_activation(x, bits, symmetric, clip, gelu, block=128)
+        lo, hi = (None, None) if clip is None else clip
+        got = torch.ops.qfx.quantize(x, bits, symmetric, lo, hi, "triton", gelu, act_block=128)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (bits, symmetric, gelu, clip)
+
+
+def _cuda(x: dict) -> dict:
+    return {k: v.cuda() for k, v in x.items()}
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("cfg", [qfx.QuantConfig(4, 4, act_block=128), qfx.QuantConfig(4, 4, symmetric=False, act_block=128),
+                                 qfx.QuantConfig(8, 8, act_block=128)])
+def test_gpu_block_scaled_compiled_fp32_is_its_twin_bit_for_bit(cfg):
+    """fp32 float parts: the compiled block-scaled model (Triton kernels) equals its QAT twin on the GPU."""
+    from qfx.backends.triton import block_gemm as bg
+
+    bg.register()
+    model = make("bert_cls", layers=2, hidden=128, heads=2).cuda()
+    qat = qfx.prepare_qat(model, example_kwargs=_cuda(inputs(2, 8)), config=cfg).eval()
+    compiled = qfx.compile(qat, mode=f"int{cfg.weight_bits}", target=qfx.detect_target().name, float_dtype=torch.float32)
+    assert bg.rebind_block_ops(compiled.graph_module) > 0
+    x = _cuda(inputs(3, 37, seed=5))
+    with torch.no_grad():
+        twin, got = qat(**x).logits, compiled(**x).logits
+    assert torch.equal(got, twin), f"max diff {(got - twin).abs().max():.3g}"
