@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,6 +40,7 @@ from qfx import numerics as nx
 from qfx.backends.triton import HAS_TRITON
 from qfx.backends.triton.weight_only import code_table, dequantize_packed, weight_only_linear
 from qfx.numerics.gptq import GPTQConfig, collect_hessians, gptq_quantize_weight, linear_weight, target_linears
+from qfx.train.config import KDConfigBase
 from qfx.train.losses import KDWeights, kd_loss
 
 __all__ = ["MODES", "WEIGHT_PATHS", "DecoderQuantizationWarning", "QuantizedLinear", "set_weight_path", "quantize_decoder",
@@ -365,30 +365,29 @@ def convert_decoder_qat(model: nn.Module) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class DecoderKDConfig:
+class DecoderKDConfig(KDConfigBase):
     """Knowledge distillation of a causal LM (all positions):
 
     ``loss = logit * T^2 KL(p_teacher(./T) || p_student(./T))  [per token, qfx.train.losses.kd_loss]
            + rep * sum_l MSE(h_student[l], h_teacher[l])       [every block's output hidden state]``
 
-    AdamW (``lr``, ``weight_decay``) with linear warm-up over ``warmup`` of the steps, then cosine;
-    gradients clipped to norm 1.
+    The optimisation of :class:`qfx.train.config.KDConfigBase`: AdamW (``lr``, ``weight_decay``)
+    with linear warm-up over ``warmup`` of the steps, then cosine (``decay``); gradients clipped
+    to norm ``grad_clip``.
     """
 
     steps: int = 200
     lr: float = 1e-4
     weight_decay: float = 0.0
+    warmup: float = 0.05
+    decay: str = "cosine"
     logit: float = 1.0
     rep: float = 1.0
     temperature: float = 1.0
-    warmup: float = 0.05
     log_every: int = 0  # 0: ten log lines
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.steps, int) and self.steps > 0):
-            raise ValueError(f"DecoderKDConfig(steps={self.steps!r}) must be a positive int")
-        if not self.lr > 0:
-            raise ValueError(f"DecoderKDConfig(lr={self.lr!r}) must be > 0")
+        super().__post_init__()
         KDWeights(logit=self.logit, att=0.0, rep=self.rep, temperature=self.temperature)  # validates the weights
 
 
@@ -421,10 +420,7 @@ def distill_decoder(
         raise ValueError("student has no QATLinear: build it with prepare_decoder_qat(teacher, ...)")
     kl_only = KDWeights(logit=1.0, att=0.0, rep=0.0, temperature=config.temperature)  # T^2 KL; weighted below
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warm = max(1, int(config.warmup * config.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
+    opt, sched = config.optimizer(params)
     every = config.log_every or max(1, config.steps // 10)
     # Both in eval mode: dropout would make the student chase a noisy copy of the teacher's
     # (deterministic) function; gradients flow in eval mode all the same.
@@ -462,7 +458,8 @@ def distill_decoder(
         loss = config.logit * terms.get("logit", 0.0) + config.rep * terms.get("rep", 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         opt.step()
         sched.step()
         if step % every == 0 or step == config.steps - 1:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from qfx.embeddings.st import EncoderAdapter, _replace_encoder, encoder_of, example_inputs, require_sentence_transformers
 from qfx.train.losses import _masked_mse
-from qfx.train.loop import adamw_with_warmup
+from qfx.train.config import KDConfigBase
 
 __all__ = ["EmbeddingKDWeights", "DistillConfig", "DistillResult", "distill", "embedding_kd_loss"]
 
@@ -71,24 +71,20 @@ class EmbeddingKDWeights:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """One distillation run.
+class DistillConfig(KDConfigBase):
+    """One distillation run: the optimisation of :class:`qfx.train.config.KDConfigBase` (AdamW,
+    linear warmup over ``warmup`` of the steps, then linear decay), then:
 
     Args:
-        steps: optimizer steps. batch_size: texts per step.
-        lr: peak AdamW learning rate (linear warmup over ``warmup`` of the steps, then linear decay).
+        batch_size: texts per step.
         dropout: train with the encoder's dropout on (off by default: the target is the
             deterministic teacher, and short runs converge faster without the noise).
         eval_every: steps between evaluations on ``eval_texts`` (0: only at the end).
         seed: batch order and initial state are functions of (seed, step).
     """
 
-    steps: int
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
     warmup: float = 0.1
-    grad_clip: float = 1.0
+    batch_size: int = 32
     dropout: bool = False
     eval_every: int = 0
     seed: int = 0
@@ -96,14 +92,10 @@ class DistillConfig:
     desc: str = "embedding KD"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v > 0):
-                raise ValueError(f"DistillConfig({name}={v!r}) must be a positive int")
+        super().__post_init__()
+        self._check_positive("batch_size")
         if not (isinstance(self.eval_every, int) and self.eval_every >= 0):
             raise ValueError(f"DistillConfig(eval_every={self.eval_every!r}) must be an int >= 0 (0: evaluate at the end only)")
-        if not (self.lr > 0 and 0 <= self.warmup < 1):
-            raise ValueError(f"DistillConfig(lr={self.lr}, warmup={self.warmup}): need lr > 0 and 0 <= warmup < 1")
 
 
 @dataclass
@@ -240,7 +232,7 @@ def distill(
         )
     for p in params:
         p.requires_grad_(True)
-    opt, sched = adamw_with_warmup(params, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup)
+    opt, sched = cfg.optimizer(params)
     from tqdm.auto import tqdm
 
     result, t0 = DistillResult(), time.perf_counter()

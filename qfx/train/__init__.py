@@ -7,7 +7,8 @@ whose last pass is :func:`qfx.passes.expose_features`) so the loss can read each
 hidden states and attention (:mod:`qfx.train.losses`).
 
 Modules: :mod:`~qfx.train.data` (examples, batch schedule, prefetching collation),
-:mod:`~qfx.train.losses` (Logit / Att / Rep / CE), :mod:`~qfx.train.loop` (configs, the loop,
+:mod:`~qfx.train.losses` (Logit / Att / Rep / CE), :mod:`~qfx.train.config` (the config base every
+trainer shares, :class:`TrainConfig`, the one AdamW schedule), :mod:`~qfx.train.loop` (the loop,
 :func:`finetune`, :func:`distill`, :func:`evaluate`), :mod:`~qfx.train.checkpoint` (lean,
 world-size-free checkpoints), :mod:`~qfx.train.ddp` (torchrun, DDP, FSDP2).
 
@@ -18,6 +19,7 @@ Example::
     >>> result = train.distill(teacher, student, train_data, dev_data, train.TrainConfig(steps=1000))
     >>> qfx.compile(student, mode="int4", target="cpu")
 """
+from qfx.train.config import KDConfigBase, adamw_with_warmup
 from qfx.train.data import EncodedData, input_names
 from qfx.train.ddp import init_distributed, world
 from qfx.train.loop import PRECISIONS, TrainConfig, TrainResult, distill, evaluate, finetune, make_student, make_teacher
@@ -25,6 +27,8 @@ from qfx.train.losses import KDWeights, kd_loss
 
 __all__ = [
     "EncodedData",
+    "KDConfigBase",
+    "adamw_with_warmup",
     "KDWeights",
     "TrainConfig",
     "TrainResult",

@@ -40,85 +40,11 @@ from qfx.passes.expose_features import FeatureRecorder, feature_taps
 from qfx.pipeline import TRAIN_PASSES, PassContext, run_passes
 import qfx.train.checkpoint as checkpoint
 import qfx.train.ddp as ddp
+from qfx.train.config import PRECISIONS, TrainConfig, TrainResult, adamw_with_warmup  # noqa: F401  (named here too)
 from qfx.train.data import EncodedData, Prefetcher, batch_indices, check_batch_split, fit_inputs, input_names, rank_slice
 from qfx.train.losses import KDWeights, check_pair, kd_loss
 
 __all__ = ["PRECISIONS", "TrainConfig", "TrainResult", "make_teacher", "make_student", "evaluate", "finetune", "distill"]
-
-#: ``TrainConfig(precision=...)``: dtype of the float parts while training (master weights fp32)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation, precision, parallelism, evaluation and checkpointing of one training run.
-
-    ``batch_size`` is the global batch, split equally over the ranks (it must divide).
-    ``stop_after`` ends this process after that many finished steps (with a checkpoint), as a
-    kill would, for tests and time-boxed jobs; the schedule still assumes ``steps``.
-    ``precision``: "fp32" (default: what the twin evaluates and what the accuracy study
-    validated; nothing changes precision unless asked), "bf16" or "fp16" autocast.
-    ``sharding``: "ddp" (replicas) or "fsdp" (FSDP2: parameters, gradients and optimizer state
-    sharded; for models whose optimizer state does not fit one GPU). ``log_every``: steps
-    between progress-bar loss updates (each one a host sync).
-
-    ``compile``: run the training forward (and its backward) of the trained model through
-    ``torch.compile`` (Inductor). Off by default because it is not bit-identical to eager:
-    Inductor fuses the float parts (LayerNorm and softmax reductions tiled differently, bf16
-    chains kept in fp32), so a last-bit change can move a 4-bit activation code. It only
-    changes what training computes: evaluation, ``keep_best``, checkpoints and the returned
-    QAT graph stay eager, and that twin is what ``qfx.compile`` reproduces bit for bit.
-    """
-
-    steps: int
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup: float = 0.06
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batch_size: int = 128
-    ckpt_dir: str | None = None
-    ckpt_every: int = 100
-    keep_best: bool = True
-    seed: int = 42
-    progress: bool = True
-    desc: str = "train"
-    stop_after: int | None = None
-    precision: str = "fp32"
-    sharding: str = "ddp"
-    log_every: int = 10
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "ckpt_every", "log_every"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v > 0):
-                raise ValueError(f"TrainConfig({name}={v!r}) must be a positive int")
-        if not (self.lr > 0 and 0 <= self.warmup < 1):
-            raise ValueError(f"TrainConfig(lr={self.lr}, warmup={self.warmup}): need lr > 0 and 0 <= warmup < 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig(precision={self.precision!r}): use one of {tuple(PRECISIONS)}")
-        if self.sharding not in ddp.SHARDING:
-            raise ValueError(f"TrainConfig(sharding={self.sharding!r}): use one of {ddp.SHARDING}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"TrainConfig(compile={self.compile!r}) must be True or False")
-
-
-@dataclass
-class TrainResult:
-    """``history``: one dict per evaluation (step, dev_acc, loss); ``model`` is trained in place.
-    ``ckpt_bytes``: size of the checkpoint folder when the run returned (0 without one)."""
-
-    history: list[dict[str, float]]
-    steps_done: int
-    best_dev: float | None
-    best_step: int | None
-    wall_s: float
-    resumed_from: int = 0
-    finished: bool = True
-    ckpt_bytes: int = 0
-
 
 # --------------------------------------------------------------------------- models
 
@@ -209,29 +135,8 @@ def evaluate(model: Callable, data: EncodedData, batch_size: int = 128, device: 
 # --------------------------------------------------------------------------- the loop
 
 
-def adamw_with_warmup(params, lr: float, weight_decay: float, steps: int,
-                      warmup: float) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (weight decay on matrices only) with a linear warmup over ``warmup`` of ``steps``,
-    then a linear decay to 0: the schedule of every encoder trainer in qfx."""
-    params = list(params)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    # One fused kernel per step on CUDA (the foreach path launches ~4 kernels per tensor group
-    # and was 6.5 ms of a 48 ms BERT-base step on an H100); same update rule.
-    # FSDP2's DTensor shards keep the foreach path (fused support for DTensor varies by torch version).
-    fused = bool(params) and all(p.is_cuda and p.is_floating_point() and type(p) in (torch.Tensor, nn.Parameter) for p in params)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
-                            fused=fused or None)
-    warm = max(int(warmup * steps), 1)
-
-    def lr_at(step: int) -> float:
-        return (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(steps - warm, 1))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-
-
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    return adamw_with_warmup((p for p in model.parameters() if p.requires_grad), cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup)
+    return cfg.optimizer(p for p in model.parameters() if p.requires_grad)
 
 
 @dataclass
