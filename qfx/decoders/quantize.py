@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qfx import numerics as nx
+import qfx.numerics as nx
 from qfx.backends.triton import HAS_TRITON
 from qfx.backends.triton.weight_only import code_table, dequantize_packed, weight_only_linear
 from qfx.numerics.gptq import GPTQConfig, collect_hessians, gptq_quantize_weight, linear_weight, target_linears
