@@ -38,10 +38,12 @@ class Buckets:
     seq: tuple[int, ...] = _SEQ
     max_graphs: int = 32  # captured graphs kept at once (least recently used dropped)
     #: padding removal (``remove_padding=True``): the real-token count T of a call is padded up
-    #: to a multiple of ``token_step`` (a GEMM tile's M), coarsened so that one (batch, seq)
-    #: bucket has at most ``token_buckets`` token buckets (graphs), the last one B * S
+    #: to a multiple of ``token_step`` (a GEMM tile's M), coarsened geometrically: between two
+    #: powers of two there are ``token_buckets`` buckets, so the dummy rows a bucket adds are
+    #: at most 1 / token_buckets of T (6 % by default; any mix of lengths with about the same
+    #: total replays one graph), and never more than the (batch, seq) bucket's B * S
     token_step: int = 64
-    token_buckets: int = 8
+    token_buckets: int = 16
 
     def __post_init__(self):
         for name in ("batch", "seq"):
@@ -63,15 +65,20 @@ class Buckets:
 
     def tokens(self, real: int, slots: int) -> int:
         """The token bucket of a call with ``real`` real tokens in a (batch, seq) bucket of
-        ``slots`` = batch * seq positions: a multiple of the step, at least 1, at most ``slots``.
+        ``slots`` = batch * seq positions: a multiple of ``token_step``, at least 1, at most
+        ``slots``, at most T / token_buckets above T once T >= token_step * token_buckets.
 
         Example::
 
-            >>> Buckets().tokens(300, 32 * 128)      # step 512 = 4096 / 8
-            512
+            >>> Buckets().tokens(300, 32 * 128)        # T < 1024: steps of 64
+            320
+            >>> Buckets().tokens(10300, 128 * 128)     # T in [8192, 16384): steps of 8192 / 16
+            10752
         """
-        step = max(self.token_step, -(-slots // (self.token_buckets * self.token_step)) * self.token_step)
-        return min(slots, -(-max(real, 1) // step) * step)
+        real = max(real, 1)
+        octave = 1 << (real.bit_length() - 1)  # the largest power of two <= real
+        step = max(self.token_step, octave // self.token_buckets // self.token_step * self.token_step)
+        return min(slots, -(-real // step) * step)
 
     def fit(self, batch: int, seq: int | None) -> tuple[int, int | None] | None:
         """The smallest bucket holding (batch, seq), or None when none does."""

@@ -30,6 +30,7 @@ from qfx.runtime.report import CompileReport
 from qfx.runtime.buckets import Buckets, dim_roles
 from qfx.runtime.graphs import GraphPool
 from qfx.runtime.launch_plan import LaunchPlan, bind_launchers
+from qfx.schema import META_ATTENTION, META_FUSED_NORMS, META_FUSED_ROTATED_NORMS
 
 __all__ = ["CompiledModel", "check_input_values"]
 
@@ -94,6 +95,9 @@ class CompiledModel(nn.Module):
         self._checked: dict[tuple, tuple[str, ...]] = {}
         self._graphs: GraphPool | None = None
         self._graphs_off = ""
+        #: the path of the last call: a replayed graph's key ((batch, seq), + "dense" for a call
+        #: with no padding, + its token bucket with padding removal), or ("direct", why)
+        self.last_path: tuple | None = None
         on_gpu = device.type == "cuda"
         if target is not None and on_gpu and getattr(target, "family", None) is not None:
             # the kernels are chosen by the GPU present: refuse a plan made for another family
@@ -138,17 +142,18 @@ class CompiledModel(nn.Module):
         and what the GPU-only passes did (attention mask form, fused LayerNorm + quantize)."""
         lines = []
         meta = self.graph_module.meta
-        if "qfx_attention" in meta:
+        if META_ATTENTION in meta:
             lines.append(f"attention: {meta['qfx_attention']}")
         lines.append(f"padding removal: {meta.get('qfx_unpad', 'off (remove_padding=False)')}")
-        if "qfx_fused_norms" in meta:
-            n, why = meta["qfx_fused_norms"]
-            rotated = meta.get("qfx_fused_rotated_norms", 0)
+        if META_FUSED_NORMS in meta:
+            n, why = meta[META_FUSED_NORMS]
+            rotated = meta.get(META_FUSED_ROTATED_NORMS, 0)
             lines.append(f"add + LayerNorm + quantize fused at {n} site(s)"
                          + (f" ({rotated} with the input rotation)" if rotated else "") + (f"; not fused: {why}" if why else ""))
         if self._graphs is not None:
-            tokens = (f"; token buckets: multiples of {self._buckets.token_step}, at most "
-                      f"{self._buckets.token_buckets} per shape" if self._graphs.token_index is not None else "")
+            tokens = (f"; token buckets: multiples of {self._buckets.token_step}, "
+                      f"{self._buckets.token_buckets} per doubling of the token count"
+                      if self._graphs.token_index is not None else "")
             lines.append(f"CUDA graphs: {len(self._graphs.graphs)} bucket(s) captured "
                          f"{sorted(self._graphs.graphs, key=str)}; buckets batch={self._buckets.batch} "
                          f"seq={self._buckets.seq}{tokens}")
@@ -156,6 +161,9 @@ class CompiledModel(nn.Module):
                 lines.append(f"  bucket {b}: direct launch, capture failed: {why}")
         else:
             lines.append(f"CUDA graphs: {self._graphs_off or 'not used yet'}")
+        if self.last_path is not None:
+            direct = self.last_path[0] == "direct"
+            lines.append(f"last call: {'direct launch, ' + self.last_path[1] if direct else f'graph {self.last_path}'}")
         if self._plan is not None:
             lines.append(f"direct launch: {len(self._plan.bound)} integer op(s) bound to launchers")
             for name, why in self._plan.unbound.items():
@@ -221,7 +229,12 @@ class CompiledModel(nn.Module):
         if pool is not None:
             ok, out = pool.run(kwargs, dense, tokens)
             if ok:
+                self.last_path = pool.last_key
                 return out
+            self.last_path = ("direct", "no bucket holds this shape" if pool.last_key is None else
+                              f"bucket {pool.last_key} failed to capture")
+        else:
+            self.last_path = ("direct", self._graphs_off or "CUDA graphs off")
         return self.launch_plan.module.forward(**kwargs)
 
     #: a mask on the GPU is read back (a device sync) only for calls this large, where dropping
@@ -263,6 +276,12 @@ class CompiledModel(nn.Module):
         if dtype is not None:
             self._refuse_dtype_change(f".to({dtype})")
         return super().to(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        # pickle.dumps / torch.save would write a pickle (code on load) of bound launchers;
+        # the qfx file format is safetensors + JSON, loaded without running anything
+        raise TypeError("a qfx CompiledModel cannot be pickled (pickle.dumps, torch.save, copy.deepcopy): save it "
+                        "with qfx.save(model, 'model.qfx.safetensors') and read it back with qfx.load(path)")
 
     def train(self, mode: bool = True) -> "CompiledModel":
         if mode:

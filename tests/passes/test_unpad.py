@@ -81,10 +81,14 @@ def test_pack_then_repad_keeps_real_rows_and_zeroes_padding():
         assert torch.equal(back[mask.bool()], x[mask.bool()]) and (back[~mask.bool()] == 0).all()
 
 
-def test_token_buckets_are_steps_capped_at_the_shape():
+def test_token_buckets_are_geometric_steps_capped_at_the_shape():
     b = Buckets()
-    assert b.tokens(1, 16) == 16 and b.tokens(0, 4096) == 512  # 4096 slots: 8 buckets of 512
+    assert b.tokens(1, 16) == 16 and b.tokens(0, 4096) == 64  # steps of 64 below 1024 tokens
     assert b.tokens(65, 256) == 128 and b.tokens(4096, 4096) == 4096
+    assert b.tokens(10300, 16384) == 10752  # [8192, 16384): steps of 512
+    for real in range(1, 20000, 97):  # dummies: at most a step below 1024, else 1/16 of T
+        got = b.tokens(real, 1 << 20)
+        assert real <= got <= max(real + 63, real * 17 // 16) and got % 64 == 0
     assert Buckets(token_step=16, token_buckets=64).tokens(17, 1024) == 32
     with pytest.raises(ValueError, match="token_step"):
         Buckets(token_step=0)
@@ -130,6 +134,19 @@ def test_real_tokens_are_bit_identical_to_the_padded_compile(bert_pair, lengths,
     bias = unpadded.graph_module.get_parameter("pooler.dense.bias")
     assert torch.equal(got.pooler_output[empty], torch.tanh(bias).expand(int(empty.sum()), -1))
     assert torch.isfinite(got.last_hidden_state).all()
+
+
+def test_masks_with_holes_and_empty_rows_keep_real_tokens_bit_for_bit(bert_pair):
+    """Not only left / right padding: a key-padding mask with holes and an all-zero row (each
+    row's real tokens are contiguous in the packed order, so packed attention is exact)."""
+    padded, unpadded = bert_pair
+    x = inputs(3, 9, seed=11)
+    x["attention_mask"] = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 1, 0], [0] * 9, [0, 1, 1, 0, 1, 1, 1, 1, 1]])
+    want, got = padded(**x), unpadded(**x)
+    real = x["attention_mask"].bool()
+    assert torch.equal(got.last_hidden_state[real], want.last_hidden_state[real])
+    assert (got.last_hidden_state[~real] == 0).all()
+    assert unpadded.last_path == ("direct", "CPU target") and "last call: direct launch" in unpadded.runtime_report()
 
 
 @pytest.mark.parametrize("family", ["distilbert", "albert", "modernbert"])
@@ -237,7 +254,7 @@ def test_gpu_unpadded_graphs_replay_what_the_padded_model_computes(mode):
     x["attention_mask"] = _mask([50, 17, 1], 50).cuda()  # 68 real tokens of 256 bucket slots
     want = padded(**x).last_hidden_state
     got = unpadded(**x).last_hidden_state
-    assert unpadded._graphs.last_key == (4, 64, 128), unpadded.runtime_report()  # step 256/4 = 64
+    assert unpadded._graphs.last_key == (4, 64, 80), unpadded.runtime_report()  # [64, 128): steps of 16
     real = x["attention_mask"].bool()
     assert (got[~real] == 0).all()
     cos = torch.nn.functional.cosine_similarity(got[real].float().flatten(), want[real].float().flatten(), dim=0)
@@ -248,13 +265,40 @@ def test_gpu_unpadded_graphs_replay_what_the_padded_model_computes(mode):
     assert cos > 0.999, cos
     x["attention_mask"] = _mask([50, 50, 50], 50).cuda()  # 150 tokens: another token bucket
     unpadded(**x)
-    assert unpadded._graphs.last_key == (4, 64, 192) and len(unpadded._graphs.graphs) == 2
+    assert unpadded._graphs.last_key == (4, 64, 160) and len(unpadded._graphs.graphs) == 2
     report = unpadded.runtime_report()
     assert "padding removal: on" in report and "token buckets" in report, report
     zero = {k: v.clone() for k, v in x.items()}
     zero["attention_mask"][0] = 0  # an all-zero row: finite, zero hidden states
     out = unpadded(**zero).last_hidden_state
     assert torch.isfinite(out).all() and (out[0] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_varlen_attention_matches_the_repadded_reference(dtype):
+    """qfx::packed_attention's CUDA kernel (flash varlen over cu_seqlens) against its reference
+    (repad, SDPA with the key-padding mask, pack) in fp32: holes, left padding, an empty row, and
+    dummy rows of a token bucket (left unspecified, never read)."""
+    from qfx.passes.attention import packed_attention_impl, varlen_kernel_takes
+
+    heads, d, seq = 4, 64, 96
+    mask = _mask([37, 0, 96, 5, 60], seq, left=(3,))
+    mask[0, 10] = 0  # a hole
+    real = int(mask.sum())
+    gather, scatter = token_rows(mask)
+    cu = torch.nn.functional.pad(mask.ne(0).sum(1).cumsum(0), (1, 0)).int()
+    q, k, v = torch.randn(3, 1, real + 11, heads * d).unbind(0)  # + 11 dummy rows
+    key_padding = mask.bool()[:, None, None, :]
+    want = packed_attention_impl(q[:, :real], k[:, :real], v[:, :real], heads, cu, seq, gather, scatter, mask,
+                                 key_padding)
+    gather_c, scatter_c = (t.cuda() for t in token_rows(mask.cuda(), real + 11))
+    on_gpu = [t.cuda().to(dtype) for t in (q, k, v)]
+    assert varlen_kernel_takes(on_gpu[0], heads)
+    got = packed_attention_impl(*on_gpu, heads, cu.cuda(), seq, gather_c, scatter_c, mask.cuda(), None)
+    assert got.shape == (1, real + 11, heads * d)
+    err = (got[0, :real].float().cpu() - want[0]).abs().max()
+    assert err < (2e-3 if dtype == torch.float16 else 2e-2), err
 
 
 def test_graph_pool_keys_calls_by_token_bucket_and_leaves_padded_rows_empty():
@@ -274,8 +318,9 @@ def test_graph_pool_keys_calls_by_token_bucket_and_leaves_padded_rows_empty():
 
     x = {"input_ids": torch.ones(3, 10, dtype=torch.long), "attention_mask": _mask([10, 3, 1], 10)}
     unpadded, padded = pool(TokenIndex()), pool(None)
-    assert unpadded.key_for(x, dense=False, tokens=14) == (4, 16, 16)  # 64 slots: steps of 16
-    assert unpadded.key_for(x, dense=False, tokens=17) == (4, 16, 32)
+    assert unpadded.key_for(x, dense=False, tokens=14) == (4, 16, 16)  # steps of 8 below 32 tokens
+    assert unpadded.key_for(x, dense=False, tokens=17) == (4, 16, 24)
+    assert unpadded.key_for(x, dense=False, tokens=50) == (4, 16, 56)
     assert padded.key_for(x, dense=False) == (4, 16)
     full = {"input_ids": torch.ones(4, 16, dtype=torch.long), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
     assert unpadded.key_for(full, dense=True, tokens=64) == (4, 16, "dense")
