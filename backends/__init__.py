@@ -3,12 +3,22 @@
 Each backend answers ``available() -> (ok, reason)`` and
 ``can_implement(work, target) -> (ok, reason)``; the planner (qfx.passes.plan) asks them in
 :func:`backends_for` order and records every answer in the compile report.
+
+CPU: ``cpu`` (torch._int_mm on the CPU's int8 instructions, qfx.backends.cpu), then
+``reference`` (exact float64 accumulation, the oracle). GPU: ``cutlass``, then ``reference``.
+:func:`only` narrows the list for the compiles inside it, e.g. to run the oracle::
+
+    >>> with qfx.backends.only("reference"):
+    ...     ref = qfx.compile(model, mode="int8", target="cpu", example_kwargs=batch)
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 from dataclasses import dataclass
 
+from qfx.backends.cpu import CpuBackend
 from qfx.backends.reference import ReferenceBackend
 from qfx.backends.triton import rotation as _triton_rotation
 from qfx.ops import register_rotate_forward
@@ -16,7 +26,7 @@ from qfx.ops import register_rotate_forward
 # qfx::rotate runs the Triton kernel on a GPU (the same bits as the definition elsewhere)
 register_rotate_forward(_triton_rotation.rotate)
 
-__all__ = ["LinearWork", "backends_for", "CutlassBackend", "ReferenceBackend"]
+__all__ = ["LinearWork", "backends_for", "only", "CpuBackend", "CutlassBackend", "ReferenceBackend"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +70,36 @@ class CutlassBackend:
         return mod.can_implement(work, target)
 
 
+#: the backend names :func:`only` allows (None: all)
+_ONLY: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("qfx_backends_only", default=None)
+
+
+@contextlib.contextmanager
+def only(*names: str):
+    """Plan the compiles inside this block on the backends ``names`` only (in their usual order).
+
+    ``only("reference")`` runs the float64 oracle on the CPU. A name that is no backend, or a
+    target none of the named backends serves, is a ValueError.
+    """
+    known = {b.name for b in (CpuBackend(), CutlassBackend(), ReferenceBackend())}
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise ValueError(f"only({', '.join(map(repr, names))}): name one or more of {sorted(known)}")
+    token = _ONLY.set(tuple(names))
+    try:
+        yield
+    finally:
+        _ONLY.reset(token)
+
+
 def backends_for(target) -> list:
-    """Backends to try for ``target``, fastest first."""
-    if target.device == "cpu":
-        return [ReferenceBackend()]
-    return [CutlassBackend(), ReferenceBackend()]
+    """Backends to try for ``target``, fastest first (the reference last, always)."""
+    order = [CpuBackend(), ReferenceBackend()] if target.device == "cpu" else [CutlassBackend(), ReferenceBackend()]
+    allowed = _ONLY.get()
+    if allowed is None:
+        return order
+    picked = [b for b in order if b.name in allowed]
+    if not picked:
+        raise ValueError(f"qfx.backends.only{allowed}: none of these backends serves target {target.name!r} "
+                         f"(its backends: {', '.join(b.name for b in order)})")
+    return picked

@@ -1,0 +1,156 @@
+"""The CPU backend's implementations of qfx's integer ops: the reference's bits, at int8 speed.
+
+* GEMM: :func:`qfx.numerics.int_matmul` with ``tensor_cores=True``, i.e. ``torch._int_mm``
+  (oneDNN's s8 GEMM, int32 accumulation: exact for every K qfx accepts, so the accumulator
+  equals :func:`qfx.numerics.int_matmul_reference`'s). torch's CPU ``_int_mm`` takes any M, K,
+  N; the M <= 16 padding int_matmul does for cuBLASLt costs a copy of at most 16 rows. A
+  grouped weight (``w_scale [N, G]``) runs one GEMM per group, as the reference does. int4
+  codes are int8 values in [-8, 7]: a packed weight is unpacked once and kept (per weight tensor
+  and version, :func:`_unpacked`).
+* Epilogue and activation quantizer: element-wise fp32 arithmetic, compiled by Inductor into one
+  loop each. Inductor's C++ is built with ``-ffp-contract=off`` and never reassociates float
+  arithmetic, so every operation rounds once, in the order written: the bits of eager torch.
+  The quantizer is :func:`qfx.numerics.quantize_activation` itself; the epilogue is
+  :func:`_affine_epilogue`, the order of :func:`qfx.numerics.int_linear_reference`. GELU is
+  left to ATen (``torch.nn.functional.gelu``, as the reference and the twin call it): Inductor's
+  erf differs from ATen's in the last bit. tests/kernels/test_cpu_backend.py checks every op
+  against the reference bit for bit.
+* Where no C++ compiler is found for Inductor, the same functions run eagerly (same bits,
+  slower); :data:`EPILOGUE` says which, and the backend's plan reason repeats it.
+
+Threads: torch's intra-op threads (``torch.set_num_threads``) for the GEMMs, ATen and the
+compiled loops alike.
+"""
+from __future__ import annotations
+
+import shutil
+import types
+import weakref
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qfx import numerics
+
+__all__ = ["EPILOGUE", "quantize", "int_matmul", "int_linear", "add_layer_norm_quantize",
+           "add_layer_norm_rotate_quantize"]
+
+
+def _inductor_compiler() -> str | None:
+    """The C++ compiler Inductor would build with, or None when there is none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return shutil.which(get_cpp_compiler())
+    except Exception:  # no compiler on PATH: get_cpp_compiler raises
+        return None
+
+
+#: how the epilogue and quantizer run: "inductor" (compiled, one loop) or "eager" (ATen ops)
+EPILOGUE = "inductor" if _inductor_compiler() else "eager"
+
+
+def _affine_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, w_scale: torch.Tensor,
+                     w_offset_sum: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``((acc * S_a) * s_w + c_a * ws) + bias`` in fp32, the operation order of
+    :func:`qfx.numerics.int_linear_reference` (without its GELU and output cast).
+
+    ``acc [G, M, N]`` int32: one exact accumulator per weight group (G = 1: row-wise scales).
+    """
+    n = w_scale.shape[0]
+    sa = a_scale.float().unsqueeze(-1)
+    if acc.shape[0] == 1:
+        y = acc[0].float() * sa * w_scale.float().reshape(1, n)
+    else:
+        y = torch.zeros(acc.shape[1], n, dtype=torch.float32, device=acc.device)
+        for j in range(acc.shape[0]):
+            y = y + acc[j].float() * w_scale[:, j].float().reshape(1, n)
+        y = y * sa
+    y = y + a_offset.float().unsqueeze(-1) * w_offset_sum.float().reshape(1, n)
+    if bias is not None:
+        y = y + bias.float().reshape(1, n)
+    return y
+
+
+#: (function, key) -> its compiled copy; see _compiled
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _compiled(fn: Callable, key: tuple) -> Callable:
+    """``fn`` compiled by Inductor for one static configuration ``key`` (bits, bias or not, ...),
+    with dynamic sizes. Each key gets a copy of ``fn`` with its own code object: Dynamo keeps its
+    compiled variants per code object, up to a small limit, and a process that runs several
+    models (bits, clips, shapes) would otherwise exhaust it and silently run eager."""
+    if EPILOGUE != "inductor":
+        return fn
+    found = _COMPILED.get((fn, key))
+    if found is None:
+        code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{len(_COMPILED)}")
+        copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        found = _COMPILED[(fn, key)] = torch.compile(copy, fullgraph=True, dynamic=True)
+    return found
+
+
+#: id(packed weight) -> (weak reference, version, int8 codes); see _unpacked
+_UNPACKED: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _unpacked(w: torch.Tensor, w_bits: int) -> torch.Tensor:
+    """int8 codes ``[N, K]`` of a weight (int4: unpacked once per tensor and version)."""
+    if w_bits != 4:
+        return w
+    hit = _UNPACKED.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == w._version:
+        return hit[2]
+    codes = numerics.unpack_int4(w)
+    _UNPACKED[id(w)] = (weakref.ref(w, lambda _, key=id(w): _UNPACKED.pop(key, None)), w._version, codes)
+    return codes
+
+
+def quantize(x, bits, symmetric, clip_lo, clip_hi, gelu=False):
+    """qfx::quantize: :func:`qfx.numerics.quantize_activation`, compiled (GELU by ATen first)."""
+    if gelu:
+        x = F.gelu(x)
+    clip = None if clip_lo is None else (clip_lo, clip_hi)
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = _compiled(numerics.quantize_activation, (bits, symmetric, clip, x.dtype))
+    q, scale, offset = rows(x.reshape(-1, k), bits, symmetric, clip)
+    return q.reshape(x.shape), scale.reshape(lead), offset.reshape(lead)
+
+
+def int_matmul(a, b):
+    """qfx::int_matmul: exact int32 ``a @ b.T`` through torch._int_mm."""
+    return numerics.int_matmul(a, b, tensor_cores=True)
+
+
+def int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits=8):
+    """qfx::int_linear: exact int32 GEMMs (one per weight group), then the reference's epilogue."""
+    lead, k = a.shape[:-1], a.shape[-1]
+    a2 = a.reshape(-1, k)
+    codes = _unpacked(w, w_bits)
+    groups = w_scale.shape[-1]
+    g = k // groups
+    if groups == 1:
+        acc = int_matmul(a2, codes).unsqueeze(0)  # a view: no copy of the accumulator
+    else:
+        acc = torch.stack([int_matmul(a2[:, j * g:(j + 1) * g], codes[:, j * g:(j + 1) * g]) for j in range(groups)])
+    epilogue = _compiled(_affine_epilogue, (groups, bias is None))
+    y = epilogue(acc, a_scale.reshape(-1), a_offset.reshape(-1), w_scale, w_offset_sum, bias)
+    if gelu:
+        y = F.gelu(y)
+    return y.to(out_dtype).reshape(*lead, y.shape[-1])
+
+
+def add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi):
+    """qfx::add_layer_norm_quantize: the add and LayerNorm by ATen (the twin's bits), compiled quantizer."""
+    s = a if b is None else a + b
+    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return (y, *quantize(y, bits, symmetric, clip_lo, clip_hi))
+
+
+def add_layer_norm_rotate_quantize(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo, clip_hi):
+    """qfx::add_layer_norm_rotate_quantize: as above, the codes of the rotated LayerNorm output."""
+    s = a if b is None else a + b
+    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return (y, *quantize(numerics.rotate_blocks(y, signs, block), bits, symmetric, clip_lo, clip_hi))

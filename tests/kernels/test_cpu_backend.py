@@ -1,0 +1,153 @@
+"""The CPU backend (qfx.backends.cpu) against the float64 reference, bit for bit.
+
+Kernels over an M / N / K table with odd sizes, int8 and int4 codes, symmetric and asymmetric
+activations, grouped weights, bias, GELU; the whole model: compiled (cpu backend) == compiled
+(reference backend) == QAT twin; planning: the backend is chosen when the CPU has int8
+dot-product instructions and refused, with the reason in the report, when it has not.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from models import inputs, make
+
+import qfx
+from qfx import numerics
+from qfx.backends import backends_for, only
+from qfx.backends.cpu import CpuBackend, int8_path, isa, kernels
+from qfx.backends.reference import _add_layer_norm_quantize as ref_add_layer_norm_quantize
+from qfx.backends.reference import _int_linear as ref_int_linear
+from qfx.backends.reference import _quantize as ref_quantize
+from qfx.targets import get_target
+
+pytestmark = pytest.mark.skipif(int8_path().isa is None, reason=f"no int8 fast path here: {int8_path().why}")
+
+#: (M, N, K): odd sizes, M <= 16 (padded), M = 1, BERT-like widths
+SHAPES = [(1, 8, 16), (5, 7, 13), (16, 24, 32), (17, 33, 64), (64, 48, 96), (130, 96, 384)]
+
+
+def _weights(n, k, w_bits, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    q_w, s_w = numerics.quantize_weight(w, w_bits, group)
+    ws = numerics.weight_offset_sum(q_w, s_w)
+    stored = numerics.pack_int4(q_w) if w_bits == 4 else q_w
+    return stored, s_w, ws, torch.randn(n, generator=g)
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a, tuple) else torch.equal(a, b)
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, False)])
+def test_int_linear_equals_reference(m, n, k, bits, symmetric):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + n)) * 4
+    a, sa, ca = numerics.quantize_activation(x, bits, symmetric)
+    w, s_w, ws, bias = _weights(n, k + k % 2, bits, None, k) if bits == 4 else _weights(n, k, bits, None, k)
+    if bits == 4 and k % 2:
+        a = torch.nn.functional.pad(a, (0, 1))  # int4 packing needs an even K
+    for b, gelu in ((bias, False), (None, True)):
+        got = kernels.int_linear(a, sa, ca, w, bits, s_w, ws, b, gelu, torch.float32, bits)
+        want = ref_int_linear(a, sa, ca, w, bits, s_w, ws, b, gelu, torch.float32, bits)
+        assert torch.equal(got, want), (m, n, k, bits, symmetric, gelu, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_grouped_weights_equal_reference(group):
+    m, n, k = 37, 24, 96
+    a, sa, ca = numerics.quantize_activation(torch.randn(3, m, k), 4, False)
+    w, s_w, ws, bias = _weights(n, k, 4, group, group)
+    got = kernels.int_linear(a, sa, ca, w, 4, s_w, ws, bias, False, torch.float16, 4)
+    want = ref_int_linear(a, sa, ca, w, 4, s_w, ws, bias, False, torch.float16, 4)
+    assert got.shape == (3, m, n) and got.dtype == torch.float16
+    assert torch.equal(got, want)
+
+
+def test_int_matmul_is_exact_at_the_code_extremes():
+    a = torch.full((19, 4096), -128, dtype=torch.int8)
+    b = torch.full((9, 4096), -128, dtype=torch.int8)
+    assert torch.equal(kernels.int_matmul(a, b), numerics.int_matmul_reference(a, b))
+    assert int(kernels.int_matmul(a, b)[0, 0]) == 128 * 128 * 4096
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32), (2, 9, 48), (3, 128, 384)])
+@pytest.mark.parametrize("bits,symmetric,clip,gelu", [(8, True, None, False), (8, False, None, True),
+                                                      (4, False, (-3.0, 5.0), False), (4, True, None, True)])
+def test_quantize_equals_reference(shape, bits, symmetric, clip, gelu):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[-1])) * 3
+    lo, hi = (None, None) if clip is None else clip
+    assert _equal(kernels.quantize(x, bits, symmetric, lo, hi, gelu), ref_quantize(x, bits, symmetric, lo, hi, gelu))
+
+
+def test_add_layer_norm_quantize_equals_reference():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 11, 64, generator=g), torch.randn(2, 11, 64, generator=g)
+    weight, bias = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    for other in (b, None):
+        got = kernels.add_layer_norm_quantize(a, other, weight, bias, 1e-12, 8, False, None, None)
+        want = ref_add_layer_norm_quantize(a, other, weight, bias, 1e-12, 8, False, None, None)
+        assert _equal(got, want)
+
+
+def test_int4_weights_are_unpacked_once_and_again_after_an_update():
+    w, *_ = _weights(8, 32, 4, None, 0)
+    first = kernels._unpacked(w, 4)
+    assert kernels._unpacked(w, 4) is first
+    w.add_(1)  # a new version of the packed weight: its codes are unpacked again
+    assert torch.equal(kernels._unpacked(w, 4), numerics.unpack_int4(w))
+
+
+@pytest.mark.parametrize("mode,config", [("int8", None), ("int4", qfx.QuantConfig(4, 4, symmetric=False))])
+def test_compiled_on_cpu_backend_equals_reference_and_twin(mode, config):
+    model = make("bert_cls", layers=2)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=config or qfx.QuantConfig(8, 8)).eval()
+    fast = qfx.compile(qat, mode=mode, target="cpu")
+    with only("reference"):
+        ref = qfx.compile(qat, mode=mode, target="cpu")
+    assert {r.backend for r in fast.report().quantized} == {"cpu"}
+    assert {r.backend for r in ref.report().quantized} == {"reference"}
+    for batch, seq in ((3, 9), (1, 5), (4, 16)):
+        x = inputs(batch, seq, seed=batch)
+        with torch.no_grad():
+            twin = qat(**x).logits
+        assert torch.equal(fast(**x).logits, ref(**x).logits)
+        assert torch.equal(fast(**x).logits, twin)
+
+
+def test_cpu_without_int8_instructions_plans_the_reference(monkeypatch):
+    monkeypatch.setattr(isa, "cpu_flags", lambda: frozenset({"sse4_2", "avx2", "fma"}))
+    ok, why = CpuBackend().available()
+    assert not ok and "no int8 dot-product instructions" in why
+    model = make("bert", layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        cm = qfx.compile(model, mode="int8", target="cpu", example_kwargs=inputs(2, 8))
+    rows = cm.report().quantized
+    assert rows and all(r.backend == "reference" and "no int8 dot-product instructions" in r.note for r in rows)
+
+
+def test_onednn_switched_off_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    path = int8_path()
+    assert path.isa is None and "mkldnn.enabled = False" in path.why
+
+
+def test_weight_only_and_block_scaled_linears_are_refused():
+    from qfx.backends import LinearWork
+
+    cpu = get_target("cpu")
+    weight_only = LinearWork("l.ffn_in", 64, 32, 4, 16, True, 32, False)
+    ok, why = CpuBackend().can_implement(weight_only, cpu)
+    assert not ok and "weight-only" in why
+    assert CpuBackend().can_implement(LinearWork("l.qkv", 96, 32, 8, 8, True, None, False), cpu)[0]
+
+
+def test_only_rejects_unknown_names_and_backends_the_target_lacks():
+    with pytest.raises(ValueError, match="name one or more"):
+        with only("fast"):
+            pass
+    with only("cutlass"), pytest.raises(ValueError, match="none of these backends serves target 'cpu'"):
+        backends_for(get_target("cpu"))
