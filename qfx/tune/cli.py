@@ -95,7 +95,7 @@ def plan_main(argv: list[str] | None = None) -> int:
         print(f"qfx plan: {e}", file=sys.stderr)
         return 2
     print(render_plan(plan, per_layer=args.per_layer))
-    if plan.source == "modelled":
+    if plan.source == "modelled" and "trust:" not in plan.origin:  # once the plan's origin carries it, not twice
         print(f"trust: {trust_statement(target)}")
     return 0
 
