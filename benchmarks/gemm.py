@@ -18,6 +18,18 @@ over enough input copies to defeat the 50 MB L2, replayed; median per call.
 
     python benchmarks/gemm.py                      # full table
     python benchmarks/gemm.py --m 128 8192 --tuned-out tuned.json --json results.json
+
+``--block 128``: instead, the block-scaled table (``QuantConfig(act_block=128)``, the Triton kernels
+of backends/triton/block_gemm.py) beside the token-wise CUTLASS kernel and cuBLAS fp16:
+
+* tok:     CUTLASS token-wise int8 GEMM, asymmetric, bias, fp16 out (its default dispatch config);
+* blk:     block-scaled int8 GEMM, asymmetric (offset term per block), bias, fp16 out;
+* blk_sym: the same for symmetric codes (no offset term);
+* blk_q:   (ffn_in) the FFN-in producer: GEMM + bias + GELU + block quantize of its output (int8
+           codes + scales written, no fp16 output), against tok+q: the token-wise GEMM with GELU
+           then the separate CUTLASS quantize kernel.
+
+W4A4 runs these same INT8 kernels (int4 codes are int8 values; sm_90 has no INT4 tensor cores).
 """
 from __future__ import annotations
 
@@ -155,6 +167,69 @@ def unpack_cost(qc, h, device):
     return rows
 
 
+def _block_sets(m, n, k, block, device):
+    g = k // block
+    count = max(1, min(MAX_INPUT_SETS, -(-L2_DEFEAT_BYTES // (m * k + n * k + m * n * 2))))
+    return [({
+        "a": torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device),
+        "w": torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device),
+        "a_scale": torch.rand(m, g, device=device) * 1e-3 + 1e-4, "a_offset": torch.randn(m, g, device=device) * 1e-2,
+        "tok_scale": torch.rand(m, device=device) * 1e-3 + 1e-4, "tok_offset": torch.randn(m, device=device) * 1e-2,
+        "w_scale": torch.rand(n, 1, device=device) * 1e-2 + 1e-3, "w_block_sums": torch.randn(n, g, device=device),
+        "w_offset_sum": torch.randn(n, device=device), "bias": torch.randn(n, device=device),
+        "x16": torch.randn(m, k, device=device, dtype=torch.float16),
+        "w16": torch.randn(n, k, device=device, dtype=torch.float16),
+    },) for _ in range(count)]
+
+
+def bench_block_shape(qc, h, role, m, block, device):
+    """One row of the block-scaled table (see the module doc)."""
+    from qfx.backends.triton import block_gemm as bg
+
+    n, k = ROLES[role][0] * h, ROLES[role][1] * h
+    sets = _block_sets(m, n, k, block, device)
+
+    def blk(s, symmetric=False):
+        return bg.int_linear_blocks(s["a"], s["a_scale"], s["a_offset"], s["w"], 8, s["w_scale"], s["w_block_sums"],
+                                    s["bias"], False, torch.float16, 8, block, symmetric=symmetric)
+
+    def tok(s, gelu=False):
+        return qc.int_linear(s["a"], s["tok_scale"], s["tok_offset"], s["w"], 8, s["w_scale"], s["w_offset_sum"],
+                             s["bias"], gelu, torch.float16)
+
+    times = {"fp16": _time_graph(fp16_mm, sets), "tok": _time_graph(tok, sets), "blk": _time_graph(blk, sets),
+             "blk_sym": _time_graph(lambda s: blk(s, True), sets)}
+    if role == "ffn_in":
+        times["blk_q"] = _time_graph(lambda s: bg.int_linear_blocks_quantize(
+            s["a"], s["a_scale"], s["a_offset"], s["w"], 8, s["w_scale"], s["w_block_sums"], s["bias"], torch.float16,
+            block, 8, False, None, True), sets)
+        times["tok+q"] = _time_graph(lambda s: qc.quantize(tok(s), 8, False, None, None, True), sets)
+    ops = 2.0 * m * n * k
+    return {"h": h, "role": role, "m": m, "n": n, "k": k, "block": block, "us": {kk: v * 1e6 for kk, v in times.items()},
+            "tops": {kk: ops / v / 1e12 for kk, v in times.items()}}
+
+
+def block_table(qc, args, device):
+    cols = ("fp16", "tok", "blk", "blk_sym", "blk_q", "tok+q")
+    print(f"# block-scaled act_block={args.block}: TOPS (2MNK / time; blk_q and tok+q include the quantize) | "
+          f"blk / tok, blk / fp16, blk % of {INT8_PEAK_TOPS:.0f} INT8 peak")
+    print(f"{'h':>5} {'role':>8} {'M':>6} {'N':>5} {'K':>5} | " + " ".join(f"{c:>7}" for c in cols)
+          + f" | {'b/tok':>5} {'b/fp16':>6} {'%peak':>5}")
+    rows = []
+    for h in args.h:
+        for role in args.roles:
+            for m in args.m:
+                r = bench_block_shape(qc, h, role, m, args.block, device)
+                rows.append(r)
+                t = r["tops"]
+                print(f"{h:>5} {role:>8} {m:>6} {r['n']:>5} {r['k']:>5} | "
+                      + " ".join(f"{t.get(c, float('nan')):7.0f}" for c in cols)
+                      + f" | {t['blk'] / t['tok']:5.2f} {t['blk'] / t['fp16']:6.2f} {100 * t['blk'] / INT8_PEAK_TOPS:5.1f}",
+                      flush=True)
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--h", type=int, nargs="+", default=[768, 1024])
@@ -163,6 +238,7 @@ def main(argv=None):
     ap.add_argument("--configs", nargs="+", default=None, help="subset of sm90 configs to tune")
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--tuned-out", default=None, help="write the autotuned choices here")
+    ap.add_argument("--block", type=int, default=None, help="the block-scaled table for this act_block instead")
     args = ap.parse_args(argv)
 
     import qfx.backends.cutlass as qc
@@ -179,6 +255,12 @@ def main(argv=None):
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | configs: {len(configs)}")
+    if args.block is not None:
+        rows = block_table(qc, args, device)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "block_rows": rows}, f, indent=1)
+        return
     hdr = (f"{'h':>5} {'role':>8} {'M':>6} {'N':>5} {'K':>5} | {'qfx':>6} {'unfus':>6} {'s32':>6} "
            f"{'fp16':>6} {'int_mm':>6} {'fp8':>6} TOPS | {'q/fp16':>6} {'q/fp8':>6} "
            f"{'%peak':>5} | config")

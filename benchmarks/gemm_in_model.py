@@ -13,6 +13,12 @@ layer part (qkv, attn_out, ffn_in, ffn_out):
 so the gap splits into cache warmth, epilogue cost and what is left (clocks, neighbours).
 
     python benchmarks/gemm_in_model.py [--model bert-base] [--bs 128] [--seq 128] [--mode int8]
+
+``--act-block 128``: instead, the model as users call it (``compiled(**batch)``, CUDA-event medians)
+with block-scaled activations (``QuantConfig(act_block=128)``, the Triton kernels of
+backends/triton/block_gemm.py) beside the same model token-wise (CUTLASS) and HF fp16 eager, for
+int8 and int4 (int4 codes on INT8 tensor cores: sm_90 has none for INT4), and the block model's
+GEMM kernel time per layer part (torch.profiler, 4 GEMMs per layer in graph order).
 """
 from __future__ import annotations
 
@@ -25,14 +31,14 @@ import torch
 import qfx
 from qfx.schema import INT_LINEAR, arg, is_call, op_buffer
 
-from e2e import batch, load  # noqa: E402  (run from benchmarks/ or with it on sys.path)
+from e2e import batch, load, median_ms  # noqa: E402  (run from benchmarks/ or with it on sys.path)
 from gemm import _time_graph  # noqa: E402
 
 ROLES = ("qkv", "attn_out", "ffn_in", "ffn_out")
 
 
-def _gemm_kernels(fn) -> list[tuple[str, float]]:
-    """(kernel name, µs) of every GEMM kernel of one call, in launch order."""
+def _gemm_kernels(fn, names=("gemm", "cutlass", "qfx_sm")) -> list[tuple[str, float]]:
+    """(kernel name, µs) of every GEMM kernel of one call (a name containing one of ``names``), in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -42,8 +48,58 @@ def _gemm_kernels(fn) -> list[tuple[str, float]]:
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type.name == "CUDA"]
     events.sort(key=lambda e: e.time_range.start)
-    return [(e.name, e.time_range.elapsed_us()) for e in events
-            if "gemm" in e.name.lower() or "cutlass" in e.name.lower() or "qfx_sm" in e.name.lower()]
+    return [(e.name, e.time_range.elapsed_us()) for e in events if any(n in e.name.lower() for n in names)]
+
+
+def _median_ms(fn) -> float:
+    return median_ms(fn, 30)
+
+
+def blocks_as_called(args) -> None:
+    """The ``--act-block`` table (module doc)."""
+    import copy
+
+    from qfx.backends.triton import block_gemm as bg
+
+    bg.register()
+    major, minor = torch.cuda.get_device_capability()
+    target = f"sm_{major}{minor}"
+    hf = load(args.model)
+    inputs = {k: v.cuda() for k, v in batch(args.bs, args.seq).items()}
+    hf16 = copy.deepcopy(hf).half().cuda()
+    rows = {}
+    with torch.no_grad():
+        rows["HF fp16 eager"] = _median_ms(lambda: hf16(**inputs))
+    del hf16
+    per_role = {}
+    for bits in args.block_bits:
+        token = qfx.compile(hf, mode=f"int{bits}", target=target, example_kwargs=inputs)
+        rows[f"qfx int{bits} token-wise (cutlass)"] = _median_ms(lambda: token(**inputs))
+        del token
+        cfg = qfx.QuantConfig(bits, bits, act_block=args.act_block)
+        blocks = qfx.compile(hf, mode=f"int{bits}", config=cfg, target=target, example_kwargs=inputs)
+        bound = bg.rebind_block_ops(blocks.graph_module)
+        rows[f"qfx int{bits} block {args.act_block} (triton, {bound} ops)"] = _median_ms(lambda: blocks(**inputs))
+        kernels = [(n, t) for n, t in _gemm_kernels(lambda: blocks(**inputs), ("block_linear",))]
+        if kernels and len(kernels) % 4 == 0:
+            per_role[bits] = {role: statistics.mean(t for i, (_, t) in enumerate(kernels) if i % 4 == r)
+                              for r, role in enumerate(ROLES)}
+        del blocks
+        torch.cuda.empty_cache()
+    print(f"{torch.cuda.get_device_name()}, {args.model} {args.bs}x{args.seq}, as called, median ms")
+    base = rows["HF fp16 eager"]
+    for name, ms in rows.items():
+        print(f"  {name:<44} {ms:8.3f} ms   {base / ms:5.2f}x HF fp16")
+    m = args.bs * args.seq
+    h = hf.config.hidden_size
+    shapes = {"qkv": (3 * h, h), "attn_out": (h, h), "ffn_in": (hf.config.intermediate_size, h),
+              "ffn_out": (h, hf.config.intermediate_size)}
+    for bits, times in per_role.items():
+        print(f"  int{bits} block GEMMs in the model, us (TOPS): " + ", ".join(
+            f"{r} {t:.1f} ({2 * m * shapes[r][0] * shapes[r][1] / t / 1e6:.0f})" for r, t in times.items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), args=vars(args), ms=rows, gemm_us=per_role), f, indent=1)
 
 
 def main() -> None:
@@ -53,7 +109,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--mode", default="int8")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--act-block", type=int, default=None, help="the block-scaled model table instead (module doc)")
+    ap.add_argument("--block-bits", type=int, nargs="+", default=[8, 4], help="with --act-block: W8A8 and/or W4A4")
     args = ap.parse_args()
+    if args.act_block is not None:
+        return blocks_as_called(args)
     from qfx.backends.cutlass.launch import LinearLauncher
 
     major, minor = torch.cuda.get_device_capability()

@@ -7,7 +7,6 @@ checked there only through codes of fp16 values, fixed inputs; the GPU checks it
 """
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -73,6 +72,9 @@ needs_gpu = pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU and Triton"
 
 #: (M, N, K): odd M, one tile, several tiles, tails; K = 1, 2, 6 and 24 blocks of 128
 _SHAPES = [(1, 256, 128), (17, 384, 256), (129, 768, 768), (1000, 256, 3072), (4096, 3072, 768)]
+#: (symmetric, grouped weights, GELU, out dtype): every flag on and off, fp32 GELU (erf's last bit) included
+_EPILOGUES = [(True, False, False, torch.float16), (False, True, True, torch.float32),
+              (False, False, True, torch.float16), (True, True, False, torch.float32)]
 
 
 @gpu
@@ -82,8 +84,8 @@ _SHAPES = [(1, 256, 128), (17, 384, 256), (129, 768, 768), (1000, 256, 3072), (4
 def test_block_linear_equals_the_reference_on_the_gpu(m, n, k, a_bits, w_bits):
     from qfx.backends.triton import block_gemm as bg
 
-    for symmetric, grouped, gelu, out in itertools.product((True, False), (False, True), (False, True),
-                                                           (torch.float16, torch.float32)):
+    bg.register()
+    for symmetric, grouped, gelu, out in _EPILOGUES:
         q, s, c, q_w, packed, s_w, bs, bias = _case(m, n, k, 128, a_bits, w_bits, symmetric, grouped and k > 128, "cuda")
         ref = nx.int_linear_blocks_reference(q, s, c, q_w, s_w, bs, bias, gelu, out)
         got = bg.int_linear_blocks(q, s, c, packed, w_bits, s_w, bs, bias, gelu, out, a_bits, 128, symmetric=symmetric)
@@ -95,13 +97,13 @@ def test_block_linear_equals_the_reference_on_the_gpu(m, n, k, a_bits, w_bits):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("m", [3, 200, 4096])
+@pytest.mark.parametrize("m", [3, 4096])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_ffn_in_producer_codes_equal_the_unfused_graph_on_the_gpu(m, dtype):
     from qfx.backends.triton import block_gemm as bg
 
-    for symmetric, q_symmetric, gelu, clip in itertools.product((True, False), (True, False), (True, False),
-                                                                (None, (-0.5, 4.0))):
+    for symmetric, q_symmetric, gelu, clip in [(True, True, True, None), (False, False, True, (-0.5, 4.0)),
+                                               (False, True, False, None)]:
         q, s, c, q_w, packed, s_w, bs, bias = _case(m, 3072, 768, 128, 4, 4, symmetric, False, "cuda", seed=m)
         y = nx.int_linear_blocks_reference(q, s, c, q_w, s_w, bs, bias, False, dtype)  # what the graph stores
         want = nx.quantize_activation(y, 4, q_symmetric, clip, gelu, block=128)
@@ -119,7 +121,8 @@ def test_block_quantize_equals_the_definition_on_the_gpu(dtype):
 
     bg.register()
     x = (torch.randn(1000, 768, device="cuda") * 3).to(dtype)
-    for bits, symmetric, gelu, clip in itertools.product((4, 8), (True, False), (True, False), (None, (-1.0, 2.0))):
+    for bits, symmetric, gelu, clip in [(4, True, True, None), (8, False, True, (-1.0, 2.0)), (4, False, False, None),
+                                        (8, True, False, (-1.0, 2.0))]:
         want = nx.quantize_activation(x, bits, symmetric, clip, gelu, block=128)
         lo, hi = (None, None) if clip is None else clip
         got = torch.ops.qfx.quantize(x, bits, symmetric, lo, hi, "triton", gelu, act_block=128)
