@@ -9,20 +9,19 @@ time (an ``alpha``-norm: ``alpha = 1`` adds them, ``alpha -> inf`` is the pure r
 
 A GEMM (M x N x K) is cut into ``tm x tn`` output tiles, one per SM per wave, ``waves =
 ceil(tiles / SMs)``: wave quantisation is why a small M wastes most of a big GPU. The model
-takes the fastest tile of :data:`TILES`; it does not choose among the backend's configs (the
+takes the fastest tile of its family's set (:data:`TILES_BY_FAMILY`); it does not choose among the backend's configs (the
 per-tile cost is proportional to the tile's area, so the smallest tile always wins the wave
 count) and names the kernel only by family and operand (``"cutlass sm80 s4"``).
-``tile_overhead`` (pipeline fill, epilogue, tile switch) is fitted in units of one
-128x128x128 INT8 MMA step of the H100's SM, per 128x128 of output, so it scales with each
-GPU's per-SM MMA rate.
+``tile_overhead`` (pipeline fill, epilogue, tile switch) is counted in 128x128x128 INT8 MMA
+steps of the target GPU's own SM, per 128x128 of output, and fitted per family (:data:`FIT`).
 Bytes: A (M x K) and W (N x K) at the operand width (fp16 2, int8 1, int4 0.5 bytes) plus the
 output (fp16 2 bytes; int32 4 bytes for the sm80 family, whose epilogue is a separate kernel
 today — backends/cutlass/__init__.py).
 
 The peaks, bandwidth and SM count come from :mod:`qfx.targets` (vendor data sheets); only the
-efficiency factors in :data:`FIT` are fitted, on the H100 measurements of the repository
+efficiency factors in :data:`FIT` are fitted. Hopper's ("sm90a") on the H100 measurements of the repository
 (``qfx/tune/data/h100_gemm.json``, transcribed from benchmarks/RESULTS.md and
-tests/units/data/h100_gemm_rn_epilogue.json), by :func:`fit_gemm` (log-error least squares,
+tests/units/data/h100_gemm_rn_epilogue.json), by :func:`qfx.tune.evidence.fit_gemm` (log-error least squares,
 Nelder-Mead, all 48 BERT-base/large shapes, M = 128..65536):
 
 * int (qfx int8 wgmma + fused dequant): eff_c 1.00, eff_m 1.00, alpha 1.19, fixed 4.9 us,
@@ -38,16 +37,22 @@ up to 14 % too slow. The int model's alpha near 1 says the fused-epilogue int8 k
 overlaps its output stores with the mainloop; eff_c = 1.0 sits at its bound, the losses being
 carried by the per-tile overhead.
 
-Ampere (sm_80/86) and Ada (sm_89) have their own factors (:data:`FIT`), fitted and checked on
-published Ampere/Ada speedups only (:mod:`qfx.tune.evidence`): nothing fitted on the H100 is
-transferred to them. :func:`trust_statement` says how far a modelled plan can be trusted.
+Ampere (sm_80/86, "sm80") and Ada (sm_89) have their own factors, fitted and checked on
+published Ampere/Ada speedups only (:mod:`qfx.tune.evidence`, qfx/tune/data/published_ampere.json:
+TensorRT demoBERT, FasterTransformer, the paper's Figure 1): nothing fitted on the H100 is
+transferred to them. Each published ratio is compared with the model of the engine that was
+measured (:data:`PIPELINES`: whole forward for whole-model rows, the GEMM alone for GEMM rows).
+All TensorRT and paper rows are reproduced within 25 % (23 % worst), held-out GPUs (A30, L40S,
+A10) included; 24 FasterTransformer rows are not (``evidence.KNOWN_OUTSIDE`` says why). The
+ratios are validated, the absolute microseconds on those GPUs are not. :func:`trust_statement`
+says this for a plan.
 
 Example::
 
     >>> from qfx.targets import get_target
     >>> est = gemm_time(get_target("sm_86"), 12288, 1024, 4096, "int4")
     >>> round(est.us), est.kernel
-    (265, 'cutlass sm80 s4')
+    (254, 'cutlass sm80 s4')
 """
 from __future__ import annotations
 

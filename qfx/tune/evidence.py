@@ -1,19 +1,23 @@
 """The published Ampere/Ada speedups the cost model is checked against, and the check.
 
 qfx/tune/data/published_ampere.json holds each published number with its source: whole-BERT
-INT8-over-FP16 speedups (TensorRT demoBERT on A100 / L4 / L40S, FasterTransformer on A100 / A10)
-and the paper's INT4-over-INT8 GEMM speedups on the A6000 (Figure 1). :func:`check_published`
+INT8-over-FP16 speedups (TensorRT demoBERT on A100 / A30 / L4 / L40S, FasterTransformer on A100 /
+A10) and the paper's INT4-over-INT8 GEMM speedups on the A6000 (Figure 1). :func:`check_published`
 models every row the way it was measured (the row's engine: :data:`cost_model.PIPELINES`; the
 row's GPU: :data:`qfx.targets.GPUS` or the file's ``gpus``) and returns the relative error of
-the modelled speedup. The sm80 family's factors (``cost_model.FIT["sm80"]``) are fitted by
-:func:`fit_family` on the rows of :data:`FIT_GPUS` only; the other rows are held out.
+the modelled speedup. Ampere's and Ada's factors (``cost_model.FIT["sm80"]``, ``["sm_89"]``) are
+fitted by :func:`fit_family` on the rows of :data:`FIT_GPUS` only (A100, A6000; L4); the rows of
+the other GPUs (A30, A10, L40S, and FasterTransformer's A100-80GB) are held out. Rows the model
+misses by more than :data:`TOLERANCE` are named in :data:`KNOWN_OUTSIDE` with the reason.
 
 Example::
 
     >>> from qfx.tune.evidence import check_published
-    >>> worst = max(check_published(), key=lambda c: abs(c.error))
-    >>> abs(worst.error) <= 0.25
+    >>> checks = check_published()
+    >>> max(abs(c.error) for c in checks if c.known_outside is None) <= TOLERANCE
     True
+    >>> sum(c.known_outside is not None for c in checks), len(checks)    # FasterTransformer rows
+    (24, 102)
 """
 from __future__ import annotations
 
@@ -35,14 +39,14 @@ TOLERANCE = 0.25
 
 _FT_SMALL_M = (
     "FasterTransformer's INT8 engine is slower than, or barely faster than, its own FP16 at M = bs x seq <= 1024 on "
-    "the A100 (0.60-1.01x) and the A10 (0.65-1.48x): per-layer overhead of its INT8 path (quantize and layout "
-    "kernels around each GEMM) that the model does not describe. TensorRT's INT8 engine gains 1.11-1.96x at the "
+    "the A100 (0.60-1.01x) and the A10 (0.65-1.70x): per-layer overhead of its INT8 path (quantize and layout "
+    "kernels around each GEMM) that the model does not describe. TensorRT's INT8 engine gains 1.11-2.03x at the "
     "same sizes, which the model reproduces within 25 %")
 _FT_A100 = (
     "FasterTransformer's A100 INT8 gains much less over its FP16 than TensorRT's on an A100 (bert-base 32x128: "
     "1.24x for int8_mode 2, 0.86x for mode 1, vs TensorRT's 1.73x); FT documents extra overhead in its INT8-v2 op "
     "(Q/K/V weights not contiguous). One kernel quality per family cannot match both engines; the same FT "
-    "pipelines on the A10 at M >= 3072 are reproduced within 21 %")
+    "pipelines on the A10 at M >= 3072 are reproduced within 23 %")
 
 #: published rows the model misses by more than :data:`TOLERANCE`, and why: (GPU, pipeline, batch, seq) -> reason.
 #: All are FasterTransformer rows; tests/units/test_cost_model.py checks that each one is a real miss.
@@ -117,6 +121,8 @@ def modelled_ratio(row: dict, fits: dict | None = None) -> float:
 
     ``fits``: family factors to use instead of :data:`cost_model.FIT` (for fitting)."""
     target = row_target(row)
+    # model_latency reads cost_model.FIT; a trial fit replaces the table's entry for this one
+    # evaluation and is put back (refitting is single-threaded)
     saved = dict(cm.FIT)
     if fits is not None:
         cm.FIT[cm.fit_key(target)] = fits
