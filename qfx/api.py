@@ -25,6 +25,7 @@ from qfx.pipeline import COMPILE_PASSES, QAT_PASSES, PassContext, run_passes
 from qfx.runtime.report import build_report
 from qfx.runtime import Buckets, CompiledModel
 from qfx.runtime.compiled import check_input_values
+from qfx.schema import META_CAPTURE, META_CONFIG, META_ROTATED, META_SKIP, META_STAGE
 from qfx.targets import Target, get_target
 
 __all__ = ["prepare_qat", "compile", "is_qat_model", "PostTrainingQuantizationWarning", "WrapperAdapter",
@@ -43,7 +44,7 @@ class PostTrainingQuantizationWarning(UserWarning):
 
 
 def is_qat_model(model: Any) -> bool:
-    return isinstance(model, GraphModule) and getattr(model, "meta", {}).get("qfx_stage") == _QAT_STAGE
+    return isinstance(model, GraphModule) and getattr(model, "meta", {}).get(META_STAGE) == _QAT_STAGE
 
 
 # --------------------------------------------------------------------------- wrapper adapters
@@ -171,13 +172,13 @@ def prepare_qat(
     source = copy.deepcopy(model)
     gm = capture(source, example_args, example_kwargs)
     gm = run_passes(gm, QAT_PASSES, PassContext(config=config, skip=tuple(skip)))
-    gm.meta.update(qfx_stage=_QAT_STAGE, qfx_config=config, qfx_skip=tuple(skip))
+    gm.meta.update({META_STAGE: _QAT_STAGE, META_CONFIG: config, META_SKIP: tuple(skip)})
     gm.train(model.training)
     return gm
 
 
 def _trained_config(model: Any) -> QuantConfig | None:
-    return model.meta["qfx_config"] if is_qat_model(model) else None
+    return model.meta[META_CONFIG] if is_qat_model(model) else None
 
 
 def _resolve_config(model, mode: str, config: QuantConfig | None) -> tuple[QuantConfig | None, tuple[str, ...], str]:
@@ -191,7 +192,7 @@ def _resolve_config(model, mode: str, config: QuantConfig | None) -> tuple[Quant
             raise ValueError(f"config={config} differs from the config the model was trained with ({trained}); omit config")
         if mode != mode_of(trained):
             raise ValueError(f"mode={mode!r} does not match the QAT model ({trained.tag}); use mode={mode_of(trained)!r}")
-        return trained, model.meta["qfx_skip"], "QAT (fake-quant weights trained)"
+        return trained, model.meta[META_SKIP], "QAT (fake-quant weights trained)"
     cfg = config if config is not None else config_for_mode(mode)
     if cfg is not None and mode == "fp16":
         raise ValueError("mode='fp16' does not quantize; drop config or choose mode='int4'/'int8'")
@@ -256,9 +257,9 @@ def _refuse_compiled(model: Any) -> None:
         )
 
 
-def _refuse_wrapper_options(adapter: WrapperAdapter, **options: Any) -> None:
-    """Options the wrapper path does not pass on are refused, not dropped."""
-    given = [name for name, value in options.items() if value not in (None, False)]
+def _refuse_wrapper_options(adapter: WrapperAdapter, **given_options: bool) -> None:
+    """Options the wrapper path does not pass on are refused, not dropped (``name=True``: given)."""
+    given = [name for name, is_given in given_options.items() if is_given]
     if given:
         raise ValueError(
             f"{', '.join(f'{n}=...' for n in given)}: not supported for a {adapter.name} yet; compile its encoder "
@@ -346,17 +347,18 @@ def compile(
     tgt = require_device(target)
     run_dtype = _run_dtype(float_dtype, tgt, mode)
     if adapter is not None:  # e.g. a SentenceTransformer in and out (qfx.embeddings.st)
-        _refuse_wrapper_options(adapter, cuda_graphs=cuda_graphs, buckets=buckets, tune=tune, remove_padding=remove_padding)
+        _refuse_wrapper_options(adapter, cuda_graphs=cuda_graphs is not None, buckets=buckets is not None,
+                                tune=tune is not None, remove_padding=bool(remove_padding))
         return adapter.compile(model, mode, tgt, example_args, example_kwargs, config, skip, run_dtype)
-    if not is_qat_model(model) and isinstance(model, GraphModule) and "qfx_capture" in getattr(model, "meta", {}):
+    if not is_qat_model(model) and isinstance(model, GraphModule) and META_CAPTURE in getattr(model, "meta", {}):
         raise ValueError("compile takes the original nn.Module or a qfx.prepare_qat model, not a bare capture")
-    cfg, trained_skip, origin = _resolve_config(model, mode, config)
-    skip = tuple(skip) or trained_skip
     if is_qat_model(model) and not example_args and not example_kwargs:
         example_kwargs = capture_info(model).example_kwargs
     source = _float_source(model)
     _check_finite(source)
     _check_example(source, example_args, example_kwargs)
+    cfg, trained_skip, origin = _resolve_config(model, mode, config)
+    skip = tuple(skip) or trained_skip
     device = torch.device("cuda") if tgt.device == "cuda" else torch.device("cpu")
     gm = _capture_for_target(source, device, run_dtype, example_args, example_kwargs)
     decision = None
@@ -364,7 +366,7 @@ def compile(
         from qfx.tune.select import tune_for_compile
         decision = tune_for_compile(gm, tune, tgt, cfg, skip, run_dtype)
         skip = tuple(skip) + decision.skip
-    rotated = dict(model.meta.get("qfx_rotated", {})) if is_qat_model(model) else None  # trained as W R
+    rotated = dict(model.meta.get(META_ROTATED, {})) if is_qat_model(model) else None  # trained as W R
     master = {k: v.detach().float().clone() for k, v in source.named_parameters()}
     ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype,
                       remove_padding=bool(remove_padding), rotated_weights=rotated)
@@ -372,7 +374,7 @@ def compile(
     report = build_report(gm, mode=mode, target=tgt, origin=origin, run_dtype=run_dtype)
     if decision is not None:
         decision.apply_to_report(report)
-    return CompiledModel(gm, report, gm.meta["qfx_capture"], device, cuda_graphs=cuda_graphs, buckets=buckets, target=tgt)
+    return CompiledModel(gm, report, gm.meta[META_CAPTURE], device, cuda_graphs=cuda_graphs, buckets=buckets, target=tgt)
 
 
 def _capture_for_target(source: nn.Module, device: torch.device, run_dtype: torch.dtype,

@@ -19,6 +19,8 @@ import time
 import warnings
 from typing import Sequence
 
+from qfx.config import MODES
+
 __all__ = ["main", "build_parser"]
 
 _PLAN_MISSING_EXIT = 2
@@ -28,7 +30,7 @@ _EXAMPLE_TEXTS = ("qfx compiles encoders to integer GEMMs.", "A short one.")
 def _add_model_args(p: argparse.ArgumentParser, modes: bool = True) -> None:
     p.add_argument("model", nargs="?", default=None, help="local model folder (default: the packaged all-MiniLM-L6-v2)")
     if modes:
-        p.add_argument("--mode", default="int4", choices=("int4", "int8", "fp16"), help="precision (default int4)")
+        p.add_argument("--mode", default="int4", choices=MODES, help="precision (default int4)")
     p.add_argument("--target", default="cpu", help="cpu, sm_80, sm_86, sm_89 or sm_90 (default cpu)")
 
 
@@ -80,13 +82,13 @@ def _load(model_dir: str | None):
 
 def _compile(args):
     import qfx
+    from qfx.config import config_for_mode
 
     path, model, tok = _load(args.model)
     batch = dict(tok(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt"))
-    config = None
-    if args.mode != "fp16":
-        bits = int(args.mode[3:])
-        config = qfx.QuantConfig(bits, bits, symmetric=not args.asym)
+    config = config_for_mode(args.mode)  # None for fp16
+    if config is not None:
+        config = config.with_(symmetric=not args.asym)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
@@ -95,8 +97,11 @@ def _compile(args):
 
 
 def _cmd_demo(args) -> int:
+    from qfx.api import require_device
     from qfx.embeddings.demo import run_demo
 
+    if args.target is not None:  # before any model is loaded or moved to a GPU that is not there
+        require_device(args.target)
     return run_demo(target=args.target, model_dir=args.model_dir, repeat=args.repeat, report=args.report, threads=args.threads)
 
 
@@ -138,8 +143,8 @@ def _cmd_bench(args) -> int:
         raise SystemExit(f"qfx bench: --modes {args.modes!r}: use a comma list of fp32, fp16, int8, int4")
     if args.batch < 1 or args.seq < 2 or args.repeat < 1:
         raise SystemExit("qfx bench: need --batch >= 1, --seq >= 2, --repeat >= 1")
+    tgt = qfx.api.require_device(args.target)
     path, model, _ = _load(args.model)
-    tgt = qfx.get_target(args.target)
     device = torch.device("cuda" if tgt.device == "cuda" else "cpu")
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size

@@ -64,6 +64,94 @@ def test_bad_input_names_the_argument_given_and_expected(models, which, case):
         models[which](**make_batch())
 
 
+#: values no compiled model can run: a clear error naming the input and the fix
+BAD_VALUES = {
+    "meta tensors": (lambda x: {k: v.to("meta") for k, v in x.items()}, r"input_ids is a meta tensor \(a shape without data\)"),
+    "lists": (lambda x: {k: v.tolist() for k, v in x.items()}, r"input_ids is a list, not a torch.Tensor; pass torch.as_tensor"),
+    "numpy arrays": (lambda x: {k: v.numpy() for k, v in x.items()}, r"input_ids is a numpy.ndarray, not a torch.Tensor"),
+    "a positional list": (lambda x: (x["input_ids"].tolist(),), r"input_ids is a list, not a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_compiled_model_refuses_values_it_cannot_run(models, case):
+    """Issue 22: meta tensors hit "Cannot copy out of meta tensor", lists and numpy arrays
+    answered "missing inputs ['attention_mask', ...]"."""
+    make_call, match = BAD_VALUES[case]
+    call = make_call(inputs(2, 8))
+    with pytest.raises(ValueError, match=match):
+        models["compiled"](*call) if isinstance(call, tuple) else models["compiled"](**call)
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.to(torch.float16),
+                                     lambda m: m.to("cpu", torch.float64), lambda m: m.float()])
+def test_changing_a_compiled_models_dtype_names_float_dtype(models, convert):
+    """``compiled.half()`` converted the scales and failed at the next call with "mixed dtype"."""
+    x = inputs(2, 8)
+    with torch.no_grad():
+        before = models["compiled"](**x).logits
+    with pytest.raises(ValueError, match=r"dtypes are fixed when it is compiled.*float_dtype=torch.float16"):
+        convert(models["compiled"])
+    with torch.no_grad():
+        assert torch.equal(models["compiled"].to("cpu")(**x).logits, before)  # untouched; a device-only .to passes
+
+
+def test_outputs_with_grad_enabled_are_ordinary_tensors_a_head_can_backpropagate_through(models):
+    """The outputs were inference tensors even with grad enabled, so
+    ``head(compiled(**b).logits).backward()`` failed."""
+    x = inputs(2, 8)
+    out = models["compiled"](**x).logits
+    assert not out.is_inference()
+    head = torch.nn.Linear(out.shape[-1], 1)
+    head(out).sum().backward()
+    assert head.weight.grad is not None and torch.equal(head.weight.grad[0], out.sum(0))
+    with torch.inference_mode():
+        assert models["compiled"](**x).logits.is_inference()  # no copy where no autograd can follow
+    with torch.no_grad():
+        assert torch.equal(models["compiled"](**x).logits, out)
+
+
+def _bert_example(**changes) -> dict:
+    return {**inputs(2, 8), **changes}
+
+
+BAD_EXAMPLES = {
+    "float input_ids": (
+        lambda: _bert_example(input_ids=inputs(2, 8)["input_ids"].float()),
+        r"example input input_ids has dtype torch.float32; token ids .* integers: pass input_ids.long\(\)",
+    ),
+    "a key **kwargs would swallow": (
+        lambda: _bert_example(foo=torch.ones(2, 8)),
+        r"example_kwargs\['foo'\]: BertModel.forward has no parameter 'foo'.*its \*\*kwargs would take it.*drop it",
+    ),
+    "a misspelt key": (
+        lambda: _bert_example(atention_mask=torch.ones(2, 8, dtype=torch.long)),
+        r"has no parameter 'atention_mask' \(did you mean 'attention_mask'\?",
+    ),
+    "lists": (lambda: {k: v.tolist() for k, v in inputs(2, 8).items()}, r"example input input_ids is a list, not a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("entry", ["prepare_qat", "compile"])
+@pytest.mark.parametrize("case", list(BAD_EXAMPLES))
+def test_bad_examples_are_refused_before_capture(entry, case):
+    """Float input_ids failed inside torch.export with its raw message; an example key that HF's
+    ``**kwargs`` swallows became an input the captured model required on every call."""
+    make_example, match = BAD_EXAMPLES[case]
+    fn = qfx.prepare_qat if entry == "prepare_qat" else qfx.compile
+    with pytest.raises(ValueError, match=match):
+        fn(make("bert"), example_kwargs=make_example())
+
+
+def test_readme_names_resolve_after_a_plain_import_qfx():
+    """``qfx.models.minilm_path()`` and ``qfx.runtime.verify.compare_linears`` as the README writes
+    them, in a fresh interpreter (no earlier import of the submodules)."""
+    code = "import qfx; print(qfx.models.minilm_path().name, qfx.runtime.verify.compare_linears.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "compare_linears"
+
+
 def test_good_input_still_runs_after_the_checks(models):
     """Positional args, batch 1, and another length pass the checks and agree."""
     x = inputs(1, 13)

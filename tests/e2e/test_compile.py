@@ -187,3 +187,139 @@ def test_float_inputs_are_captured_in_the_float_parts_dtype():
     assert out.dtype == torch.float16 and out.shape == (3, 8, 16)
     with pytest.raises(ValueError, match="float16"):
         cm(x)  # fp32 given to an fp16 model: a clear error, never a silent cast
+
+
+# --------------------------------------------------------------------------- one parse of the arguments (issue 21)
+
+
+@pytest.mark.parametrize("spelling, mode, run_dtype", [("FP16", "fp16", "float16"), ("half", "fp16", "float16"),
+                                                         (" W8A8 ", "int8", "float32"), ("INT4", "int4", "float32")])
+def test_every_spelling_of_a_mode_compiles_what_its_canonical_name_compiles(spelling, mode, run_dtype):
+    """mode='FP16' / 'half' used to run fp32 float parts on the CPU while 'fp16' ran fp16, and the
+    report printed the raw spelling: the mode is parsed once and only the parsed value is used."""
+    model, x = make("bert", layers=1), inputs(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        spelled = qfx.compile(model, mode=spelling, target="cpu", example_kwargs=x)
+        canonical = qfx.compile(model, mode=mode, target="cpu", example_kwargs=x)
+    assert (spelled.report().mode, spelled.report().run_dtype) == (mode, run_dtype)
+    assert spelled.report().render() == canonical.report().render()
+    with torch.no_grad():
+        assert torch.equal(spelled(**x).last_hidden_state, canonical(**x).last_hidden_state)
+
+
+def test_mode_none_takes_the_qat_models_trained_width():
+    qat = qfx.prepare_qat(make("bert", layers=1), example_kwargs=inputs(2, 8), config=qfx.QuantConfig(8, 8))
+    assert qfx.compile(qat, mode=None).report().mode == "int8"
+
+
+def _gpt2(hidden=64):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=1, n_embd=hidden, n_head=2, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("spelling, mode", [("w4a16", "w4a16"), ("W4A8", "w4a8")])
+def test_a_decoder_mode_names_the_decoder_entry_point_and_that_call_runs(spelling, mode):
+    """qfx.compile(decoder, mode='w4a16') answered "mode='w4a16' is not one of ('int4', 'int8', 'fp16')"
+    although qfx.decoders.quantize_decoder does exactly that: it names that call."""
+    from qfx.decoders import quantize_decoder
+
+    gpt2 = _gpt2()
+    with pytest.raises(ValueError, match=rf"GPT2LMHeadModel is a causal LM; quantize it with "
+                                         rf"qfx\.decoders\.quantize_decoder\(model, mode='{mode}'\)"):
+        qfx.compile(gpt2, mode=spelling)
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        assert quantize_decoder(gpt2, mode=mode)(input_ids=ids).logits.shape == (2, 8, 97)
+
+
+def test_a_decoder_mode_on_an_encoder_names_the_compile_call_with_that_precision():
+    model, x = make("bert", layers=1), inputs(2, 8)
+    with pytest.raises(ValueError, match=r"qfx\.compile\(model, mode='int4', config=qfx\.QuantConfig\(weight_bits=4, act_bits=16\)\)"):
+        qfx.compile(model, mode="w4a16", example_kwargs=x)
+    with pytest.warns(qfx.PostTrainingQuantizationWarning):
+        cm = qfx.compile(model, mode="int4", config=qfx.QuantConfig(weight_bits=4, act_bits=16), example_kwargs=x)
+    assert cm.report().quantized and all(r.precision.startswith("W4A16") for r in cm.report().quantized)
+
+
+# --------------------------------------------------------------------------- wrapper adapters (issue 21)
+
+
+class _Pooled(torch.nn.Module):
+    """A toy wrapper around an encoder (what a SentenceTransformer is to qfx): mean-pooled states."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, batch):
+        return self.encoder(**batch).last_hidden_state.mean(1)
+
+
+@pytest.fixture
+def pooled_adapter(monkeypatch):
+    """A WrapperAdapter for _Pooled, registered for one test; records what compile hands it."""
+    from qfx.api import WrapperAdapter, register_wrapper_adapter
+
+    monkeypatch.setattr(qfx.api, "_WRAPPER_ADAPTERS", dict(qfx.api._WRAPPER_ADAPTERS))
+    seen = []
+
+    def compile_pooled(w, mode, target, example_args, example_kwargs, config, skip, float_dtype):
+        seen.append((mode, target.name, float_dtype))
+        return _Pooled(qfx.compile(w.encoder, mode, target, example_args, example_kwargs, config, skip, float_dtype))
+
+    register_wrapper_adapter(WrapperAdapter(
+        name="Pooled",
+        matches=lambda m: isinstance(m, _Pooled),
+        encoder_of=lambda w: w.encoder,
+        prepare_qat=lambda w, args, kwargs, config, skip: _Pooled(qfx.prepare_qat(w.encoder, args, kwargs, config, skip)),
+        compile=compile_pooled,
+        run=lambda w, batches: [w(b) for b in batches],
+    ))
+    return seen
+
+
+def test_a_registered_wrapper_goes_through_its_adapter_with_the_parsed_arguments(pooled_adapter):
+    x = inputs(2, 8)
+    qat = qfx.prepare_qat(_Pooled(make("bert", layers=1)), example_kwargs=x, config=qfx.QuantConfig(8, 8)).eval()
+    assert isinstance(qat, _Pooled) and qfx.is_qat_model(qat.encoder)
+    compiled = qfx.compile(qat, mode=None, target="CPU")  # the width of the encoder's trained config
+    assert pooled_adapter == [("int8", "cpu", torch.float32)]
+    with torch.no_grad():
+        assert torch.equal(compiled(x), qat(x))
+    for option in (dict(tune=True), dict(remove_padding=True), dict(cuda_graphs=False), dict(buckets=qfx.Buckets())):
+        with pytest.raises(ValueError, match=rf"{next(iter(option))}=\.\.\.: not supported for a Pooled yet; compile its encoder"):
+            qfx.compile(qat, mode="int8", **option)
+
+
+def test_gptq_init_reaches_a_wrappers_encoder_through_its_adapter(pooled_adapter):
+    from qfx.train.gptq_init import gptq_init
+
+    x = inputs(2, 8)
+    qat = qfx.prepare_qat(_Pooled(make("bert", layers=1, hidden=64)), example_kwargs=x, config=qfx.QuantConfig(4, 4))
+    errs = gptq_init(qat, [inputs(4, 16, seed=s) for s in range(2)])  # run by the adapter: qat(batch) per batch
+    assert len(errs) == 6 and sum(g for _, g in errs.values()) < sum(r for r, _ in errs.values())
+
+
+def test_imports_point_down_the_floors():
+    """api imports no package above it (wrappers register instead) and the numerics floor imports
+    only itself and the ground floor; imports inside functions count."""
+    import ast
+    from pathlib import Path
+
+    root = Path(qfx.__file__).parent
+
+    def qfx_imports(path):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        return {n for n in names if n == "qfx" or n.startswith("qfx.")}
+
+    above_api = ("qfx.train", "qfx.embeddings", "qfx.decoders", "qfx.cli")
+    assert not [m for m in qfx_imports(root / "api.py") if m.startswith(above_api)]
+    ground = ("qfx.numerics", "qfx._version", "qfx.config", "qfx.targets", "qfx.models")
+    for path in sorted((root / "numerics").glob("*.py")):
+        assert all(m.startswith(ground) for m in qfx_imports(path)), (path.name, qfx_imports(path))

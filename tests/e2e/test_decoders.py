@@ -102,7 +102,7 @@ def test_gptq_path_runs_with_calibration():
     assert e_g < e_r * 1.5  # per-layer optimality is tested in test_gptq; end to end it must not blow up
 
 
-def test_bad_input():
+def test_decoder_entry_points_refuse_bad_modes_formats_block_sizes_and_models_without_their_linears():
     m = _gpt2()
     with pytest.raises(ValueError, match="mode='w2a2'"):
         quantize_decoder(m, mode="w2a2")

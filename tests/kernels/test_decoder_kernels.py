@@ -113,7 +113,7 @@ def test_fused_kernel_compiles_for_sm90_without_a_gpu(dtype, config, signed):
     assert kernel.metadata.shared <= 227 * 1024  # an H100's shared memory per block
 
 
-def test_bad_input():
+def test_dequantize_and_weight_only_linear_refuse_mismatched_codes_scales_and_shapes():
     _, codes, table, scale, offset = _packed("nf4", 16, 128, 64)
     with pytest.raises(ValueError, match="scale must be"):
         dequantize_packed(codes, table, scale[:, :1].repeat(1, 3))

@@ -101,7 +101,7 @@ def test_separate_quantize_kernel_matches_its_profile():
         assert abs(modelled / prof[key]["quantize"] - 1) <= 0.10, (key, modelled, prof[key]["quantize"])
 
 
-def test_bad_input():
+def test_cost_model_refuses_cpu_targets_unknown_precisions_empty_shapes_and_non_bert_configs():
     with pytest.raises(ValueError, match="GPU target"):
         cm.gemm_time("cpu", 128, 768, 768, "int8")
     with pytest.raises(ValueError, match="precision='int2'"):

@@ -73,7 +73,7 @@ def test_hessians_from_a_decoder_and_gptq_per_linear():
         assert e_g <= e_r, name
 
 
-def test_bad_input():
+def test_gptq_refuses_indivisible_groups_unknown_formats_wrong_hessians_and_missing_calibration():
     w, h = _problem(k=96)
     with pytest.raises(ValueError, match="group_size=64 does not divide|block_size=64 does not divide"):
         gptq_quantize_weight(w, h, GPTQConfig("int4", 64))

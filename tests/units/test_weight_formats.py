@@ -168,7 +168,7 @@ def test_fake_quantize_weight_straight_through():
     assert not torch.equal(y.detach(), w.detach())
 
 
-def test_bad_input():
+def test_4bit_weight_formats_refuse_unknown_formats_indivisible_blocks_non_2d_weights_and_wide_codes():
     w = torch.randn(4, 96)
     with pytest.raises(ValueError, match="fmt='nf5'"):
         nx.quantize_weight_4bit(w, "nf5")
