@@ -75,13 +75,14 @@ BYTES_PER_ELEMENT = {"fp16": 2.0, "int8": 1.0, "int4": 0.5}
 #: output tiles (tm, tn) the model chooses from: the sm90 table's shapes (backends/cutlass/configs.py)
 TILES: tuple[tuple[int, int], ...] = ((64, 32), (64, 64), (128, 128), (128, 256), (256, 128))
 
-#: H100 INT8 work of one 128x128x128 MMA step per SM, in ops (unit of ``tile_overhead_steps``)
+#: INT8 work of one 128x128x128 MMA step, in ops: ``tile_overhead_steps`` counts the time of such
+#: steps on the target GPU's SM
 _STEP_OPS = 2 * 128 * 128 * 128
 
 
 @dataclass(frozen=True)
 class KernelFit:
-    """Efficiency factors of one kernel kind, fitted on the H100 (see the module docstring).
+    """Efficiency factors of one kernel kind of one family (:data:`FIT`; see the module docstring).
 
     Attributes:
         eff_compute: fraction of the dense tensor-core peak the mainloop reaches.
@@ -220,7 +221,7 @@ def gemm_time(target: "Target | str", m: int, n: int, k: int, precision: str, *,
     tiles = tiles or TILES_BY_FAMILY[target.family]
     peak = target.peak_for(run) * 1e6  # ops per microsecond
     per_sm = peak / target.sm_count
-    # the per-tile overhead is counted in MMA steps of this GPU's SM (fitted on the H100's)
+    # the per-tile overhead is counted in MMA steps of this GPU's own SM, its factor fitted per family
     step_us = _STEP_OPS / (target.peak_for("int8") * 1e6 / target.sm_count)
     if fused_epilogue is None:
         fused_epilogue = FUSED_EPILOGUE.get(target.family, True)
