@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from qfx import numerics
 
-__all__ = ["EPILOGUE", "quantize", "int_matmul", "int_linear", "add_layer_norm_quantize",
+__all__ = ["EPILOGUE", "GEMM", "quantize", "int_matmul", "int_linear", "add_layer_norm_quantize",
            "add_layer_norm_rotate_quantize"]
 
 
@@ -92,20 +92,49 @@ def _compiled(fn: Callable, key: tuple) -> Callable:
     return found
 
 
-#: id(packed weight) -> (weak reference, version, int8 codes); see _unpacked
-_UNPACKED: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+_ONEDNN = torch.ops.onednn if hasattr(torch.ops.onednn, "qlinear_pointwise") else None
+#: the GEMM: oneDNN's int8 linear on weights reordered once for the CPU's int8 instructions
+#: (torch.ops.onednn, what Inductor's x86 int8 path calls), else torch._int_mm
+GEMM = "oneDNN int8 linear, prepacked weights" if _ONEDNN is not None else "torch._int_mm"
 
 
-def _unpacked(w: torch.Tensor, w_bits: int) -> torch.Tensor:
-    """int8 codes ``[N, K]`` of a weight (int4: unpacked once per tensor and version)."""
-    if w_bits != 4:
-        return w
-    hit = _UNPACKED.get(id(w))
+def _operand(codes: torch.Tensor) -> tuple:
+    """One weight group's GEMM operand: int8 codes ``[N, Kg]``, reordered once for oneDNN."""
+    if _ONEDNN is None:
+        return (codes,)
+    n = codes.shape[0]
+    return (_ONEDNN.qlinear_prepack(codes.contiguous(), None), torch.ones(n), torch.zeros(n, dtype=torch.long))
+
+
+def _accumulate(a: torch.Tensor, operand: tuple) -> torch.Tensor:
+    """Exact ``a @ codes.T`` of int8 codes: int32, or (oneDNN) its fp32 value ``acc.float()``.
+
+    oneDNN accumulates s8 x s8 in int32 and converts once to fp32 (round to nearest even, as
+    ``Tensor.float()``); with unit scales, no zero point (a zero point is compensated in float
+    there: inexact past 2^24) and no bias, that is the reference's ``acc.float()`` exactly.
+    """
+    if _ONEDNN is None:
+        return numerics.int_matmul(a, operand[0], tensor_cores=True)
+    packed, ones, zero_points = operand
+    return _ONEDNN.qlinear_pointwise(a.contiguous(), 1.0, 0, packed, ones, zero_points, None, 1.0, 0,
+                                     torch.float32, "none", [], "")
+
+
+#: id(stored weight) -> (weak reference, version, GEMM operand per group); see _prepared
+_PREPARED: dict[int, tuple[weakref.ref, int, tuple]] = {}
+
+
+def _prepared(w: torch.Tensor, w_bits: int, groups: int) -> tuple:
+    """The GEMM operand of each weight group (int4 codes unpacked to int8), made once per
+    weight tensor and version: later calls reuse it."""
+    hit = _PREPARED.get(id(w))
     if hit is not None and hit[0]() is w and hit[1] == w._version:
         return hit[2]
-    codes = numerics.unpack_int4(w)
-    _UNPACKED[id(w)] = (weakref.ref(w, lambda _, key=id(w): _UNPACKED.pop(key, None)), w._version, codes)
-    return codes
+    codes = numerics.unpack_int4(w) if w_bits == 4 else w
+    g = codes.shape[1] // groups
+    operands = tuple(_operand(codes[:, j * g:(j + 1) * g]) for j in range(groups))
+    _PREPARED[id(w)] = (weakref.ref(w, lambda _, key=id(w): _PREPARED.pop(key, None)), w._version, operands)
+    return operands
 
 
 def quantize(x, bits, symmetric, clip_lo, clip_hi, gelu=False):
@@ -125,16 +154,16 @@ def int_matmul(a, b):
 
 
 def int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits=8):
-    """qfx::int_linear: exact int32 GEMMs (one per weight group), then the reference's epilogue."""
+    """qfx::int_linear: exact GEMMs (one per weight group), then the reference's epilogue."""
     lead, k = a.shape[:-1], a.shape[-1]
     a2 = a.reshape(-1, k)
-    codes = _unpacked(w, w_bits)
     groups = w_scale.shape[-1]
     g = k // groups
+    operands = _prepared(w, w_bits, groups)
     if groups == 1:
-        acc = int_matmul(a2, codes).unsqueeze(0)  # a view: no copy of the accumulator
+        acc = _accumulate(a2, operands[0]).unsqueeze(0)  # a view: no copy of the accumulator
     else:
-        acc = torch.stack([int_matmul(a2[:, j * g:(j + 1) * g], codes[:, j * g:(j + 1) * g]) for j in range(groups)])
+        acc = torch.stack([_accumulate(a2[:, j * g:(j + 1) * g], op) for j, op in enumerate(operands)])
     epilogue = _compiled(_affine_epilogue, (groups, bias is None))
     y = epilogue(acc, a_scale.reshape(-1), a_offset.reshape(-1), w_scale, w_offset_sum, bias)
     if gelu:

@@ -92,12 +92,33 @@ def test_add_layer_norm_quantize_equals_reference():
         assert _equal(got, want)
 
 
-def test_int4_weights_are_unpacked_once_and_again_after_an_update():
+def test_weights_are_prepared_once_and_again_after_an_update():
     w, *_ = _weights(8, 32, 4, None, 0)
-    first = kernels._unpacked(w, 4)
-    assert kernels._unpacked(w, 4) is first
-    w.add_(1)  # a new version of the packed weight: its codes are unpacked again
-    assert torch.equal(kernels._unpacked(w, 4), numerics.unpack_int4(w))
+    first = kernels._prepared(w, 4, 1)
+    assert kernels._prepared(w, 4, 1) is first
+    a, sa, ca = numerics.quantize_activation(torch.randn(5, 32), 4, True)
+    s_w, ws = torch.ones(8, 1), torch.zeros(8)
+    before = kernels.int_linear(a, sa, ca, w, 4, s_w, ws, None, False, torch.float32, 4)
+    w.copy_(numerics.pack_int4(-numerics.unpack_int4(w).clamp(-7, 7)))  # a new version: prepared again
+    assert kernels._prepared(w, 4, 1) is not first
+    after = kernels.int_linear(a, sa, ca, w, 4, s_w, ws, None, False, torch.float32, 4)
+    assert torch.equal(after, ref_int_linear(a, sa, ca, w, 4, s_w, ws, None, False, torch.float32, 4))
+    assert not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("k", [1536, 3072, 4096])
+def test_accumulators_past_2_to_24_are_exact(k):
+    """|acc| up to 128 * 128 * K > 2^24: the fp32 value must be the exact integer, rounded once."""
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(100, 128, (19, k), dtype=torch.int8, generator=g)
+    a[::2] = -a[::2] - 1
+    w = torch.randint(100, 128, (24, k), dtype=torch.int8, generator=g)
+    w[12:, ::3] = -128  # rows 0-11 all positive: |acc| > 2^24 against the odd rows of a
+    ones, zeros = torch.ones(19), torch.zeros(19)
+    s_w, ws = torch.ones(24, 1), torch.zeros(24)
+    got = kernels.int_linear(a, ones, zeros, w, 8, s_w, ws, None, False, torch.float32, 8)
+    assert torch.equal(got, ref_int_linear(a, ones, zeros, w, 8, s_w, ws, None, False, torch.float32, 8))
+    assert got.abs().max() > 2**24
 
 
 @pytest.mark.parametrize("mode,config", [("int8", None), ("int4", qfx.QuantConfig(4, 4, symmetric=False))])
