@@ -8,16 +8,17 @@ compiled graph, so none is saved; neither the float model nor the QAT model is n
 
 The safetensors header's string metadata holds (all JSON):
 
-* ``qfx.format`` (``"1"``), ``qfx.version``, ``qfx.sha256``: the file's format version, the
-  qfx that wrote it, and a SHA-256 over the graph document and every tensor (name, dtype,
-  shape, bytes) in name order: a truncated or tampered file is refused.
+* ``qfx.format`` (``"2"``), ``qfx.version``, ``qfx.sha256``: the file's format version, the
+  qfx that wrote it, and a SHA-256 over the metadata and every tensor (name, dtype, shape,
+  bytes) in name order: a truncated or damaged file is refused (the checksum is not keyed:
+  it does not authenticate, see "Untrusted files" below).
 * ``qfx.graph``: the L5 fx graph as a node list, one entry per node: ``name``, ``op``
   (placeholder / get_attr / call_function / output), ``target`` (``"torch.ops.qfx.int_linear.default"``,
   ``"_operator.getitem"``, a get_attr path or an input name), ``args`` / ``kwargs`` in a tagged
   JSON form (``{"node": name}``, ``{"dtype": "float16"}``, ``{"device": "cpu"}``,
   ``{"tuple": [...]}``, ``{"slice": [a, b, c]}``, ``{"float": "inf"}``) and ``meta``: qfx's
   node metadata (LinearInfo, QuantSpec, PlanChoice: the plan, i.e. each op's backend and why)
-  as tagged dataclasses. Plus the pytree input/output specs (torch's
+  as tagged dataclasses (:mod:`qfx.runtime.tagged_json`). Plus the pytree input/output specs (torch's
   ``treespec_dumps``, so the output keeps its HF class), the schema of every qfx op used
   (a changed op schema is a version mismatch), the parameter names, and ``code``: the graph's
   Python source, for people to read (never executed).
@@ -27,20 +28,30 @@ The safetensors header's string metadata holds (all JSON):
   the model takes). The graph's inputs and outputs keep their symbolic shapes (``val``:
   symbol names, dtype, device), rebuilt on load as FakeTensors over fresh symbols.
 * ``qfx.report``: the compile report (a tagged dataclass).
+* ``qfx.runtime``: what ``qfx.compile`` gave the CompiledModel besides the graph: its
+  :class:`~qfx.runtime.buckets.Buckets`, the ``cuda_graphs`` setting and the target (name and
+  GPU), so the loaded model runs as the saved one did.
 
 Why a node list rather than ``torch.export``'s serialized program: the L5 graph is already an
 fx graph of registered ops whose arguments are plain values, so a node list is exact, small,
 human-readable and loads without tracing or ``pickle``; torch.export's format would need the
 graph re-exported (fake-tensor tracing of every custom op, with their backends' constraints)
-and stores weights in its own archive, not in safetensors next to the plan. Loading resolves
-call targets only inside ``torch.ops``, ``operator`` and ``torch`` (no arbitrary import) and
-dataclasses only inside ``qfx``. Dropped on save: export's shape-guard module (``_guards_fn``;
+and stores weights in its own archive, not in safetensors next to the plan. Dropped on save: export's shape-guard module (``_guards_fn``;
 qfx's own input checks in :func:`qfx.capture.check_inputs` still run) and the FakeTensor ``val``
 metadata of inner nodes.
 
 The loaded model runs on the device it was saved from (export bakes the device into the graph:
 ``arange(..., device=cpu)``); on the same device its outputs are bit-identical to the saved
 model's (same tensors, same ops, same order).
+
+Untrusted files: loading never runs code from the file, imports nothing it names, and never
+unpickles. The header is checked against fixed limits before it is parsed
+(:mod:`qfx.runtime.fileformat`); every name in the file becomes an object only through the
+tables of :mod:`qfx.runtime.allowlist` (call targets, dataclasses, dtypes, devices, pytree
+types), and names that fx writes into the generated ``forward`` must be plain identifiers.
+``save`` applies the same tables, so qfx never writes a file it would refuse. A graph that
+passes can still compute anything the allowlisted tensor ops compute (time and memory at call
+time are the model's), as with any model file.
 
 Example::
 
@@ -53,257 +64,27 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
 import inspect
 import json
-import math
-import operator
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from qfx._version import __version__
-from torch import nn
-from torch.fx import Graph, GraphModule, Node
+from qfx.runtime.allowlist import call_target, check_identifier
+from qfx.runtime.fileformat import FORMAT_VERSION, META, QfxFileError, digest, fail, parse_json, read
+from qfx.runtime.graph_document import EXAMPLE, build_graph, check_input_name, graph_document
+from qfx.runtime.tagged_json import decode, encode
+from qfx.schema import META_CAPTURE
 
 __all__ = ["save", "load", "QfxFileError", "FORMAT_VERSION", "size_report"]
-
-FORMAT_VERSION = "1"
-_META_PREFIX = "qfx"
-_ALLOWED_DATACLASS_MODULES = ("qfx.",)
-
-
-class QfxFileError(ValueError):
-    """A qfx file cannot be loaded: the message names the file and the problem."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Tagged JSON for fx arguments and qfx metadata
-
-
-def _dtype_name(d: torch.dtype) -> str:
-    return str(d).removeprefix("torch.")
-
-
-def _encode(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {"float": repr(value)}
-    if isinstance(value, Node):
-        return {"node": value.name}
-    if isinstance(value, torch.dtype):
-        return {"dtype": _dtype_name(value)}
-    if isinstance(value, torch.device):
-        return {"device": str(value)}
-    if isinstance(value, torch.layout):
-        return {"layout": str(value).removeprefix("torch.")}
-    if isinstance(value, torch.memory_format):
-        return {"memory_format": str(value).removeprefix("torch.")}
-    if isinstance(value, slice):
-        return {"slice": [_encode(value.start), _encode(value.stop), _encode(value.step)]}
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(v) for v in value]}
-    if isinstance(value, list):
-        return [_encode(v) for v in value]
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            raise TypeError(f"dict with non-string keys {list(value)[:3]}")
-        return {"dict": {k: _encode(v) for k, v in value.items()}}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        cls = type(value)
-        return {"dataclass": f"{cls.__module__}.{cls.__qualname__}",
-                "fields": {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
-    raise TypeError(f"cannot store a {type(value).__name__} ({value!r:.80})")
-
-
-def _resolve_dataclass(path: str):
-    if not path.startswith(_ALLOWED_DATACLASS_MODULES):
-        raise ValueError(f"dataclass {path!r} is outside qfx")
-    module, _, name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None)
-    if cls is None or not dataclasses.is_dataclass(cls):
-        raise ValueError(f"dataclass {path!r} no longer exists in this qfx")
-    return cls
-
-
-def _decode(value: Any, nodes: dict[str, Node] | None = None) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, nodes) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "dataclass" in value:  # {"dataclass": "qfx.schema.LinearInfo", "fields": {...}}
-        tag, body = "dataclass", value
-    elif len(value) == 1:  # every other tag is a one-key object
-        (tag, body), = value.items()
-    else:
-        raise ValueError(f"untagged JSON object {sorted(value)[:4]}")
-    if tag == "node":
-        return nodes[body]
-    if tag == "float":
-        return float(body)
-    if tag == "dtype":
-        return getattr(torch, body)
-    if tag == "device":
-        return torch.device(body)
-    if tag == "layout":
-        return getattr(torch, body)
-    if tag == "memory_format":
-        return getattr(torch, body)
-    if tag == "slice":
-        return slice(*(_decode(v, nodes) for v in body))
-    if tag == "tuple":
-        return tuple(_decode(v, nodes) for v in body)
-    if tag == "dict":
-        return {k: _decode(v, nodes) for k, v in body.items()}
-    if tag == "dataclass":
-        cls = _resolve_dataclass(value["dataclass"])
-        fields = {k: _decode(v, nodes) for k, v in value["fields"].items()}
-        expected = {f.name for f in dataclasses.fields(cls)}
-        if set(fields) - expected or {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                                      and f.default_factory is dataclasses.MISSING} - set(fields):
-            raise ValueError(f"{value['dataclass']} has fields {sorted(expected)} in this qfx, the file has {sorted(fields)}")
-        return cls(**fields)
-    raise ValueError(f"unknown tag {tag!r}")
-
-
-def _target_name(target) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return f"torch.ops.{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
-    from torch.fx.node import _get_qualified_name
-
-    return _get_qualified_name(target)
-
-
-def _resolve_target(name: str):
-    """A call target by qualified name, only inside torch.ops / operator / torch (no imports)."""
-    if name.startswith("torch.ops."):
-        obj = torch.ops
-        for part in name.split(".")[2:]:
-            obj = getattr(obj, part)
-        return obj
-    if name.startswith(("_operator.", "operator.")):
-        return getattr(operator, name.split(".", 1)[1])
-    if name.startswith("torch.") and name.count(".") >= 1:
-        obj = torch
-        for part in name.split(".")[1:]:
-            obj = getattr(obj, part)
-        if callable(obj):
-            return obj
-    raise ValueError(f"call target {name!r} is outside torch.ops / operator / torch")
 
 
 # ----------------------------------------------------------------------------------------------
 # Saving
-
-
-def _graph_document(gm: GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
-    from torch.utils._pytree import treespec_dumps
-
-    nodes, tensors, dropped, params = [], {}, set(), {n for n, _ in gm.named_parameters()}
-    # the graph's inputs and outputs keep their symbolic shapes (the runtime reads which dims are
-    # batch and sequence from them, qfx.runtime.buckets.dim_roles)
-    out_args = gm.graph.output_node().args[0]
-    leaves = out_args if isinstance(out_args, (tuple, list)) else (out_args,)
-    boundary = {n for n in gm.graph.nodes if n.op == "placeholder"} | {a for a in leaves if isinstance(a, Node)}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            if node.users:
-                raise ValueError(f"node {node.name} calls module {node.target!r}; qfx.save stores op graphs only")
-            dropped.add(node.name)  # export's _guards_fn: no users, input checks stay in qfx's hook
-            continue
-        entry = {"name": node.name, "op": node.op}
-        if node.op == "call_function":
-            entry["target"] = _target_name(node.target)
-        elif node.op == "call_method":
-            raise ValueError(f"node {node.name} calls method {node.target!r}; qfx.save stores op graphs only")
-        else:
-            entry["target"] = node.target
-        if node.op == "get_attr":
-            value = _get_attr(gm, node.target)
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"get_attr {node.target!r} is a {type(value).__name__}, not a tensor")
-            tensors[node.target] = value
-        entry["args"] = _encode(tuple(node.args))["tuple"]
-        entry["kwargs"] = {k: _encode(v) for k, v in node.kwargs.items()}
-        meta = {}
-        for key, value in node.meta.items():
-            if key.startswith(_META_PREFIX):
-                meta[key] = _encode(value)
-        entry["meta"] = meta
-        if node in boundary and isinstance(node.meta.get("val"), torch.Tensor):
-            entry["val"] = _val_spec(node.meta["val"])
-        nodes.append(entry)
-    codegen = gm.graph._codegen
-    info = getattr(codegen, "pytree_info", None)
-    qfx_ops = sorted({n.target for n in gm.graph.nodes if n.op == "call_function"
-                      and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "qfx"}, key=str)
-    graph_meta = {}
-    for key, value in gm.meta.items():
-        if key.startswith(_META_PREFIX) and key != "qfx_capture":
-            try:
-                graph_meta[key] = _encode(value)
-            except TypeError:
-                pass  # runtime-only metadata (objects) is rebuilt by the runtime, not stored
-    doc = {
-        "nodes": nodes,
-        "pytree": None if info is None else {
-            "orig_args": list(info.orig_args),
-            "in_spec": treespec_dumps(info.in_spec) if info.in_spec is not None else None,
-            "out_spec": treespec_dumps(info.out_spec) if info.out_spec is not None else None,
-        },
-        "op_schemas": {_target_name(op): str(op._schema) for op in qfx_ops},
-        "parameters": sorted(t for t in tensors if t in params),
-        "graph_meta": graph_meta,
-        "dropped": sorted(dropped),
-        "code": gm.code,
-    }
-    return doc, tensors
-
-
-def _val_spec(val: torch.Tensor) -> dict:
-    """A tensor's symbolic shape (symbol names or ints), dtype and device."""
-    shape = [str(d.node.expr) if isinstance(d, torch.SymInt) else int(d) for d in val.shape]
-    return {"shape": shape, "dtype": _dtype_name(val.dtype), "device": str(val.device)}
-
-
-def _fake_vals(entries: list[dict]) -> dict[str, torch.Tensor]:
-    """FakeTensors with one fresh symbol per saved symbol name, shared across tensors (so the
-    batch dim of every input is the same symbol, as at capture)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    env = ShapeEnv()
-    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
-    symbols: dict[str, torch.SymInt] = {}
-    out = {}
-    for e in entries:
-        spec = e.get("val")
-        if spec is None:
-            continue
-        shape = []
-        for d in spec["shape"]:
-            if isinstance(d, str):
-                if d not in symbols:
-                    symbols[d] = env.create_unbacked_symint()
-                shape.append(symbols[d])
-            else:
-                shape.append(d)
-        with mode:
-            out[e["name"]] = torch.empty(shape, dtype=getattr(torch, spec["dtype"]), device=spec["device"])
-    return out
-
-
-def _get_attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _signature_document(fn) -> list[dict]:
@@ -313,7 +94,7 @@ def _signature_document(fn) -> list[dict]:
         entry = {"name": p.name, "kind": int(p.kind)}
         if default is not inspect.Parameter.empty:
             try:
-                entry["default"] = _encode(default)
+                entry["default"] = encode(default)
             except TypeError:
                 entry["default"] = None  # only None-like defaults matter for binding inputs
         out.append(entry)
@@ -326,7 +107,7 @@ _CAPTURE_OBJECTS = ("source", "example_kwargs")  # stored otherwise: a signature
 def _capture_document(info) -> dict:
     """Every CaptureInfo field as tagged JSON, except the source module (only its forward's
     signature is kept) and the example inputs (stored as tensors)."""
-    fields = {f.name: _encode(getattr(info, f.name)) for f in dataclasses.fields(info) if f.name not in _CAPTURE_OBJECTS}
+    fields = {f.name: encode(getattr(info, f.name)) for f in dataclasses.fields(info) if f.name not in _CAPTURE_OBJECTS}
     return {
         "fields": fields,
         "signature": _signature_document(info.source.forward),
@@ -334,23 +115,29 @@ def _capture_document(info) -> dict:
     }
 
 
-def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(meta):
-        if key != f"{_META_PREFIX}.sha256":
-            h.update(key.encode())
-            h.update(meta[key].encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def _runtime_document(compiled) -> dict:
+    """What the CompiledModel was given besides the graph: buckets, CUDA graphs, target."""
+    target = compiled.target
+    return {"buckets": encode(compiled._buckets), "cuda_graphs": bool(compiled._want_graphs),
+            "target": None if target is None else {"name": target.name, "gpu": target.gpu}}
+
+
+def _save_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"qfx.save(path={str(path)!r}): this is a directory; give a file path such as "
+                         f"{str(path / 'model.qfx.safetensors')!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"qfx.save(path={str(path)!r}): the directory {str(path.parent)!r} does not exist; create it first")
+    return path
 
 
 def save(compiled, path: str | os.PathLike) -> Path:
     """Write ``compiled`` (a :class:`qfx.CompiledModel`) to ``path`` (one safetensors file).
 
-    Returns the path. See the module docstring for what the file holds.
+    Returns the path. See the module docstring for what the file holds. Raises ValueError for
+    a directory, a missing parent directory, or a graph calling something outside
+    :mod:`qfx.runtime.allowlist` (qfx never writes a file it would refuse to load).
 
     Example::
 
@@ -362,27 +149,31 @@ def save(compiled, path: str | os.PathLike) -> Path:
         if not hasattr(compiled, attr):
             raise ValueError(f"qfx.save(compiled=...): expected a qfx.CompiledModel, got {type(compiled).__name__} "
                              f"(no .{attr}); compile the model with qfx.compile first")
-    doc, tensors = _graph_document(compiled.graph_module)
+    path = _save_path(path)
     info = compiled._capture
+    try:
+        doc, tensors = graph_document(compiled.graph_module, set(info.input_names))
+    except ValueError as e:
+        raise ValueError(f"qfx.save: {e}") from None
     for name in _capture_document(info)["example_inputs"]:
-        tensors[f"__example__.{name}"] = info.example_kwargs[name]
+        tensors[f"{EXAMPLE}{name}"] = info.example_kwargs[name]
     report = compiled.report()
     try:
-        report_doc = _encode(report)
+        report_doc = encode(report)
     except TypeError:
         report_doc = {"text": str(report)}
     # One CPU copy per tensor: safetensors refuses tensors sharing storage (tied weights).
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     meta = {
-        f"{_META_PREFIX}.format": FORMAT_VERSION,
-        f"{_META_PREFIX}.version": __version__,
-        f"{_META_PREFIX}.graph": json.dumps(doc, sort_keys=True),
-        f"{_META_PREFIX}.capture": json.dumps(_capture_document(info), sort_keys=True),
-        f"{_META_PREFIX}.report": json.dumps(report_doc, sort_keys=True),
-        f"{_META_PREFIX}.device": str(compiled.device),
+        f"{META}.format": FORMAT_VERSION,
+        f"{META}.version": __version__,
+        f"{META}.graph": json.dumps(doc, sort_keys=True),
+        f"{META}.capture": json.dumps(_capture_document(info), sort_keys=True),
+        f"{META}.report": json.dumps(report_doc, sort_keys=True),
+        f"{META}.runtime": json.dumps(_runtime_document(compiled), sort_keys=True),
+        f"{META}.device": str(compiled.device),
     }
-    meta[f"{_META_PREFIX}.sha256"] = _digest(meta, cpu)
-    path = Path(path)
+    meta[f"{META}.sha256"] = digest(meta, cpu)
     save_file(cpu, str(path), metadata=meta)
     return path
 
@@ -391,33 +182,15 @@ def save(compiled, path: str | os.PathLike) -> Path:
 # Loading
 
 
-def _fail(path, problem: str) -> QfxFileError:
-    return QfxFileError(f"qfx.load({str(path)!r}): {problem}")
-
-
-def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise _fail(path, "no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise _fail(path, f"not a complete safetensors file (truncated or corrupt): {e}") from None
-    return meta, tensors
-
-
-def _stub_source(capture_doc: dict) -> nn.Module:
+def _stub_source(capture_doc: dict, model_class: str) -> nn.Module:
     """A weightless stand-in for the source model: its class name and forward signature are
     all the input normalisation of :mod:`qfx.capture` reads from it."""
     params = []
     for p in capture_doc["signature"]:
-        kw = {"default": _decode(p["default"])} if "default" in p else {}
-        params.append(inspect.Parameter(p["name"], inspect._ParameterKind(p["kind"]), **kw))
-    cls = type(capture_doc["fields"]["model_class"], (nn.Module,), {"__doc__": "signature stand-in for a loaded qfx model"})
+        kw = {"default": decode(p["default"])} if "default" in p else {}
+        params.append(inspect.Parameter(check_identifier("signature parameter", p["name"]),
+                                        inspect._ParameterKind(p["kind"]), **kw))
+    cls = type(model_class, (nn.Module,), {"__doc__": "signature stand-in for a loaded qfx model"})
     stub = cls()
 
     def forward(*args, **kwargs):  # never called: the graph runs instead
@@ -428,140 +201,112 @@ def _stub_source(capture_doc: dict) -> nn.Module:
     return stub
 
 
-def _build_graph(doc: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> GraphModule:
-    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-    from torch.utils._pytree import treespec_loads
+def _capture_fields(cap: dict) -> dict:
+    from qfx.capture import CaptureInfo
 
-    graph = Graph()
-    nodes: dict[str, Node] = {}
-    vals = _fake_vals(doc["nodes"])
-    for entry in doc["nodes"]:
-        args = _decode({"tuple": entry["args"]}, nodes)
-        kwargs = {k: _decode(v, nodes) for k, v in entry["kwargs"].items()}
-        op = entry["op"]
-        if op not in ("placeholder", "get_attr", "call_function", "output"):
-            raise ValueError(f"node {entry['name']}: op {op!r} is not stored by qfx.save")
-        target = _resolve_target(entry["target"]) if op == "call_function" else entry["target"]
-        node = graph.create_node(op, target, args, kwargs, name=entry["name"])
-        if entry["name"] in vals:
-            node.meta["val"] = vals[entry["name"]]
-        for key, value in entry["meta"].items():
-            node.meta[key] = _decode(value, nodes)
-        nodes[entry["name"]] = node
-    root = nn.Module()
-    params = set(doc["parameters"])
-    for name, t in tensors.items():
-        if name.startswith("__example__."):
-            continue
-        owner = root
-        *parents, leaf = name.split(".")
-        for p in parents:
-            if not hasattr(owner, p):
-                owner.add_module(p, nn.Module())
-            owner = getattr(owner, p)
-        # A fresh allocation: safetensors' buffers need not be 64-byte aligned, and CPU GEMM
-        # kernels (oneDNN/MKL) take other code paths, with other rounding, on unaligned data.
-        t = t.to(device, copy=True)
-        if name in params:
-            owner.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
-        else:
-            owner.register_buffer(leaf, t)
-    py = doc.get("pytree")
-    if py is not None:
-        for spec in (py["in_spec"], py["out_spec"]):
-            _import_pytree_types(spec)
-        in_spec = treespec_loads(py["in_spec"]) if py["in_spec"] else None
-        out_spec = treespec_loads(py["out_spec"]) if py["out_spec"] else None
-        graph._codegen = _PyTreeCodeGen(_PyTreeInfo(py["orig_args"], in_spec, out_spec))
-    gm = GraphModule(root, graph)
-    if py is not None:
-        gm._in_spec, gm._out_spec = graph._codegen.pytree_info.in_spec, graph._codegen.pytree_info.out_spec
-    gm.graph.lint()
-    return gm
+    fields = {k: decode(v) for k, v in cap["fields"].items()}
+    known = {f.name for f in dataclasses.fields(CaptureInfo)}
+    if set(fields) - known:
+        raise ValueError(f"capture fields {sorted(set(fields) - known)} are unknown to this qfx")
+    names = fields.get("input_names")
+    if not isinstance(names, tuple) or not names:
+        raise ValueError("the capture record has no input names")
+    for name in names:
+        check_input_name(name)
+    if not isinstance(fields.get("model_class"), str) or not isinstance(fields.get("device"), torch.device):
+        raise ValueError("the capture record's model_class or device is malformed")
+    if not (fields.get("max_seq_len") is None or type(fields["max_seq_len"]) is int and 0 < fields["max_seq_len"] < 2**31):
+        raise ValueError(f"max_seq_len {fields.get('max_seq_len')!r} is not a positive size")
+    return fields
 
 
-def _import_pytree_types(spec: str | None) -> None:
-    """treespec_loads finds a node type only once its module registered it: import the
-    transformers module named in the spec (e.g. ``transformers.modeling_outputs``), nothing else."""
-    if not spec:
-        return
+def _runtime_settings(doc: Any) -> dict:
+    """CompiledModel's buckets, cuda_graphs and target from the ``qfx.runtime`` document."""
+    from qfx.runtime.buckets import Buckets
+    from qfx.targets import get_target
 
-    def walk(node):
-        if isinstance(node, dict):
-            t = node.get("type")
-            if isinstance(t, str) and t.startswith("transformers."):
-                importlib.import_module(t.rpartition(".")[0])
-            for child in node.get("children_spec", []):
-                walk(child)
-
-    walk(json.loads(spec)[1])
+    if not isinstance(doc, dict) or set(doc) != {"buckets", "cuda_graphs", "target"}:
+        raise ValueError("the runtime record is not {buckets, cuda_graphs, target}")
+    buckets = decode(doc["buckets"])
+    if not isinstance(buckets, Buckets) or not isinstance(doc["cuda_graphs"], bool):
+        raise ValueError("the runtime record's buckets or cuda_graphs is malformed")
+    target = doc["target"]
+    if target is not None:
+        if not isinstance(target, dict) or not isinstance(target.get("name"), str):
+            raise ValueError(f"the runtime record's target {str(target)[:80]} is malformed")
+        target = get_target(target["name"])
+        gpu = doc["target"].get("gpu")
+        if gpu is not None and gpu != target.gpu:
+            target = target.with_gpu(gpu)
+    return {"buckets": buckets, "cuda_graphs": doc["cuda_graphs"], "target": target}
 
 
 def load(path: str | os.PathLike):
-    """Load a model written by :func:`save` (a :class:`qfx.CompiledModel`).
+    """Load a model written by :func:`save` (a :class:`qfx.CompiledModel`), with the buckets,
+    CUDA-graph setting and target it was saved with.
 
-    Raises :class:`QfxFileError` (a ValueError) naming the file and the problem for a missing,
-    truncated, tampered (checksum) or version-mismatched file, and RuntimeError when the saved
-    target's GPU family is not the GPU present.
+    Safe on untrusted files (see the module docstring): nothing in the file is executed,
+    imported or unpickled. Raises :class:`QfxFileError` (a ValueError) naming the file and the
+    problem for a missing, truncated, damaged, version-mismatched or refused file (the message
+    names the node and target a refused graph calls), and RuntimeError when the saved target's
+    GPU family is not the GPU present.
     """
     from qfx.capture import CaptureInfo, _install_input_normalizer
     from qfx.runtime import CompiledModel
+    from qfx.runtime.report import CompileReport
 
     path = Path(path)
-    meta, tensors = _read(path)
-    fmt = meta.get(f"{_META_PREFIX}.format")
+    meta, tensors = read(path)
+    fmt = meta.get(f"{META}.format")
     if fmt is None:
-        raise _fail(path, "a safetensors file without qfx metadata (not written by qfx.save)")
+        raise fail(path, "a safetensors file without qfx metadata (not written by qfx.save)")
     if fmt != FORMAT_VERSION:
-        raise _fail(path, f"qfx file format {fmt} (written by qfx {meta.get(f'{_META_PREFIX}.version', '?')}); this qfx "
-                          f"reads format {FORMAT_VERSION}: load it with that qfx version, or compile and save again")
-    if _digest(meta, tensors) != meta.get(f"{_META_PREFIX}.sha256"):
-        raise _fail(path, "checksum mismatch: the tensors or the graph were modified after qfx.save (tampered or damaged)")
+        raise fail(path, f"qfx file format {fmt[:20]!r} (written by qfx {meta.get(f'{META}.version', '?')[:20]}); this qfx "
+                         f"reads format {FORMAT_VERSION}: load it with that qfx version, or compile and save again")
+    if digest(meta, tensors) != meta.get(f"{META}.sha256"):
+        raise fail(path, "checksum mismatch: the tensors or the graph were modified after qfx.save (tampered or damaged)")
     try:
-        doc = json.loads(meta[f"{_META_PREFIX}.graph"])
-        cap = json.loads(meta[f"{_META_PREFIX}.capture"])
-        report_doc = json.loads(meta[f"{_META_PREFIX}.report"])
-    except (KeyError, ValueError) as e:
-        raise _fail(path, f"qfx metadata is incomplete or not JSON ({e})") from None
-    for name, schema in doc.get("op_schemas", {}).items():
+        doc, cap, report_doc, runtime_doc = (parse_json(meta.get(f"{META}.{k}"), f"qfx.{k}")
+                                             for k in ("graph", "capture", "report", "runtime"))
+        if not all(isinstance(d, dict) for d in (doc, cap, report_doc)):
+            raise ValueError("a qfx metadata entry is not a JSON object")
+    except ValueError as e:
+        raise fail(path, f"qfx metadata is incomplete or malformed ({e})") from None
+    for name, schema in (doc.get("op_schemas") or {}).items():
         try:
-            now = str(_resolve_target(name)._schema)
-        except (AttributeError, RuntimeError, ValueError):
+            now = str(call_target(name, "op_schemas")._schema)
+        except (AttributeError, ValueError):
             now = None
         if now != schema:
-            raise _fail(path, f"version mismatch: op {name} was saved as `{schema}`, this qfx has "
-                              f"`{now or 'no such op'}`; compile and save the model again with this qfx")
+            raise fail(path, f"version mismatch: op {str(name)[:80]} was saved as `{str(schema)[:200]}`, this qfx has "
+                             f"`{now or 'no such op'}`; compile and save the model again with this qfx")
     try:
-        fields = {k: _decode(v) for k, v in cap["fields"].items()}
-        known = {f.name for f in dataclasses.fields(CaptureInfo)}
-        if set(fields) - known:
-            raise ValueError(f"capture fields {sorted(set(fields) - known)} are unknown to this qfx")
+        fields = _capture_fields(cap)
+        settings = _runtime_settings(runtime_doc)
     except (KeyError, ValueError, TypeError) as e:
-        raise _fail(path, f"version mismatch in the capture record: {e}") from None
+        raise fail(path, f"version mismatch or malformed capture/runtime record: {e}") from None
     device = fields["device"]
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise _fail(path, f"the model was saved on {device} and runs only there (the device is part of the graph); "
-                          "no CUDA GPU is visible")
+        raise fail(path, f"the model was saved on {device} and runs only there (the device is part of the graph); "
+                         "no CUDA GPU is visible")
     try:
-        report = _decode(report_doc) if "text" not in report_doc else report_doc["text"]
-        gm = _build_graph(doc, tensors, device)
+        report = decode(report_doc) if "text" not in report_doc else str(report_doc["text"])
+        if not isinstance(report, (CompileReport, str)):
+            raise ValueError(f"the report is a {type(report).__name__}, not a CompileReport")
+        gm = build_graph(doc, tensors, device, set(fields["input_names"]))
+        examples = {k[len(EXAMPLE):]: v.to(device) for k, v in tensors.items()
+                    if k.startswith(EXAMPLE) and k[len(EXAMPLE):] in fields["input_names"]}
+        info = CaptureInfo(**fields, source=_stub_source(cap, fields["model_class"]), example_kwargs=examples)
+        graph_meta = doc.get("graph_meta") or {}
+        for key, value in graph_meta.items():
+            if not key.startswith(META) or key == META_CAPTURE:
+                raise ValueError(f"graph metadata key {key!r} is not qfx's")
+            gm.meta[key] = decode(value)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise _fail(path, f"version mismatch or damaged graph: {type(e).__name__}: {e}") from None
-    target = getattr(report, "target", None)
-    if isinstance(target, str) and target.startswith("sm"):
-        from qfx.targets import get_target
-
-        get_target(target).check_device(device)
-    examples = {k[len("__example__."):]: v.to(device) for k, v in tensors.items() if k.startswith("__example__.")}
-    try:
-        info = CaptureInfo(**fields, source=_stub_source(cap), example_kwargs=examples)
-    except TypeError as e:  # a field this qfx requires is missing from the file
-        raise _fail(path, f"version mismatch in the capture record: {e}") from None
-    for key, value in doc.get("graph_meta", {}).items():
-        gm.meta[key] = _decode(value)
-    gm.meta["qfx_capture"] = info
+        raise fail(path, f"version mismatch or damaged graph: {type(e).__name__}: {e}") from None
+    gm.meta[META_CAPTURE] = info
     _install_input_normalizer(gm)
-    return CompiledModel(gm, report, info, device)
+    return CompiledModel(gm, report, info, device, **settings)
 
 
 def size_report(path: str | os.PathLike, fp16_path: str | os.PathLike | None = None) -> dict[str, float]:
@@ -571,26 +316,18 @@ def size_report(path: str | os.PathLike, fp16_path: str | os.PathLike | None = N
     named ``<linear>.w_*`` and the biases their ops read); ``fp16_path``: an fp16 safetensors
     of the same float model to compare the whole file against.
     """
-    from safetensors import safe_open
-
     path = Path(path)
+    meta, tensors = read(path)
     out = {"file_bytes": float(path.stat().st_size)}
-    with safe_open(str(path), framework="pt") as f:
-        doc = json.loads(f.metadata()[f"{_META_PREFIX}.graph"])
-        names = set(f.keys())
-        int_inputs = set()
-        by_name = {e["name"]: e for e in doc["nodes"]}
-        for e in doc["nodes"]:
-            if e["target"] in ("torch.ops.qfx.int_linear.default", "torch.ops.qfx.weight_only_linear.default"):
-                for a in e["args"]:
-                    if isinstance(a, dict) and "node" in a and by_name[a["node"]]["op"] == "get_attr":
-                        int_inputs.add(by_name[a["node"]]["target"])
-        linear = 0
-        for name in names & int_inputs:
-            t = f.get_slice(name)
-            shape = t.get_shape()
-            linear += math.prod(shape) * {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4}[t.get_dtype()]
-        out["linear_bytes"] = float(linear)
+    doc = parse_json(meta.get(f"{META}.graph"), "qfx.graph")
+    by_name = {e["name"]: e for e in doc["nodes"]}
+    int_inputs = set()
+    for e in doc["nodes"]:
+        if e["target"] in ("torch.ops.qfx.int_linear.default", "torch.ops.qfx.weight_only_linear.default"):
+            for a in e["args"]:
+                if isinstance(a, dict) and "node" in a and by_name[a["node"]]["op"] == "get_attr":
+                    int_inputs.add(by_name[a["node"]]["target"])
+    out["linear_bytes"] = float(sum(tensors[n].numel() * tensors[n].element_size() for n in set(tensors) & int_inputs))
     if fp16_path is not None:
         out["fp16_file_bytes"] = float(Path(fp16_path).stat().st_size)
     return out
