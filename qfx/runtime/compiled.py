@@ -283,12 +283,6 @@ class CompiledModel(nn.Module):
         raise TypeError("a qfx CompiledModel cannot be pickled (pickle.dumps, torch.save, copy.deepcopy): save it "
                         "with qfx.save(model, 'model.qfx.safetensors') and read it back with qfx.load(path)")
 
-    def __reduce_ex__(self, protocol):
-        # pickle.dumps / torch.save would write a pickle (code on load) of bound launchers;
-        # the qfx file format is safetensors + JSON, loaded without running anything
-        raise TypeError("a qfx CompiledModel cannot be pickled (pickle.dumps, torch.save, copy.deepcopy): save it "
-                        "with qfx.save(model, 'model.qfx.safetensors') and read it back with qfx.load(path)")
-
     def train(self, mode: bool = True) -> "CompiledModel":
         if mode:
             raise ValueError("a CompiledModel is for inference; train the model returned by qfx.prepare_qat instead")
