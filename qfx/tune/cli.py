@@ -23,7 +23,8 @@ from pathlib import Path
 
 from qfx.targets import get_target
 from qfx.tune.autotune import Scenario, autotune
-from qfx.tune.cost_model import MODEL_SHAPES, ModelShape, trust_statement
+from qfx.tune.cost_model import MODEL_SHAPES, ModelShape
+from qfx.tune.evidence import trust_statement
 from qfx.tune.plan_report import render_plan
 
 __all__ = ["plan_main", "load_model_shape"]
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m qfx plan", description="Per-layer-part precision/kernel plan for a target.",
         epilog="The scenario is required: --batch B --seq S (one shape) or --buckets 1x128,32x384 (several). "
                "Without a GPU of the target's family the times are modelled; the plan says how far they can be "
-               "trusted (qfx.tune.cost_model.trust_statement).")
+               "trusted (qfx.tune.evidence.trust_statement).")
     p.add_argument("--model", required=True, help="bert-base | bert-large | minilm | path to a HF config.json")
     p.add_argument("--target", required=True, help="sm_80 | sm_86 | sm_89 | sm_90 (also sm86, 86)")
     p.add_argument("--gpu", default=None, help="another product of the target, e.g. 3090, A10, 4090")

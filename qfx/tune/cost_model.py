@@ -44,7 +44,7 @@ transferred to them. Each published ratio is compared with the model of the engi
 measured (:data:`PIPELINES`: whole forward for whole-model rows, the GEMM alone for GEMM rows).
 All TensorRT and paper rows are reproduced within 25 % (23 % worst), held-out GPUs (A30, L40S,
 A10) included; 24 FasterTransformer rows are not (``evidence.KNOWN_OUTSIDE`` says why). The
-ratios are validated, the absolute microseconds on those GPUs are not. :func:`trust_statement`
+ratios are validated, the absolute microseconds on those GPUs are not. :func:`qfx.tune.evidence.trust_statement`
 says this for a plan.
 
 Example::
@@ -66,7 +66,6 @@ __all__ = [
     "KernelFit", "FIT", "TILES", "GemmEstimate", "gemm_time", "quantize_time", "epilogue_time",
     "elementwise_time", "attention_time", "part_time", "fused_quantize_time", "QUANTIZE_IN_NORM", "PartEstimate", "ModelShape", "MODEL_SHAPES",
     "model_latency", "BYTES_PER_ELEMENT", "PIPELINES", "TILES_BY_FAMILY", "fit_for", "fit_key", "codes_bytes",
-    "trust_statement",
 ]
 
 #: bytes per element of each GEMM operand precision
@@ -451,31 +450,3 @@ def model_latency(target: "Target | str", shape: ModelShape, batch: int, seq: in
     embeddings = 3 * elementwise_time(target, m * h * 2) + elementwise_time(target, 2 * m * h * 2)
     total = embeddings + shape.layers * (per_layer_float + sum(p.us for p in parts))
     return total, parts
-
-
-def trust_statement(target: "Target | str") -> str:
-    """How far a modelled plan for ``target`` can be trusted: what its factors were fitted on,
-    the worst error against the evidence checked, and what is not validated. For ``plan`` and
-    ``tune=`` on a target that is not present (printed under the plan's "times:" line)."""
-    from qfx.tune import evidence
-
-    target = get_target(target)
-    _check_gpu(target)
-    if target.family == "sm90a":
-        return ("fitted on qfx's own H100 GEMM measurements (within 20 % at M >= 2048, 25 % below) and checked "
-                "against 12 measured whole-model H100 rows (within 25 %)")
-    key = fit_key(target)
-    checks = [c for c in evidence.check_published() if fit_key(evidence.row_target(c.row)) == key]
-    inside = [c for c in checks if c.known_outside is None]
-    gpus = sorted({c.row["gpu"].replace("NVIDIA ", "") for c in checks})
-    worst = max(inside, key=lambda c: abs(c.error))
-    text = (f"{target.name} ({key} factors) fitted on published speedups only ({', '.join(evidence.FIT_GPUS[key])}); "
-            f"{len(inside)} of {len(checks)} published INT8/FP16 and INT4/INT8 ratios on {', '.join(gpus)} reproduced "
-            f"within {worst.error:+.0%} at worst")
-    if len(inside) < len(checks):
-        text += (f"; {len(checks) - len(inside)} FasterTransformer rows are missed by more (its INT8 engine's own "
-                 "overheads, mostly at M <= 1024: evidence.KNOWN_OUTSIDE)")
-    if target.gpu.replace("NVIDIA ", "") not in gpus:
-        text += f"; no published number on {target.gpu} itself"
-    return (text + "; ratios are validated, absolute microseconds are not (no measurement of qfx's kernels on this "
-            "architecture)")

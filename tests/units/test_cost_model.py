@@ -213,9 +213,9 @@ def test_int4_codes_follow_the_targets_mma_operand():
 
 
 def test_trust_statement_names_the_evidence():
-    ampere = cm.trust_statement("sm_86")
+    ampere = evidence.trust_statement("sm_86")
     assert "published" in ampere and "A100" in ampere and "absolute microseconds are not" in ampere
-    assert "no published number on NVIDIA GeForce RTX 3090" in cm.trust_statement(get_target("sm_86", gpu="3090"))
-    assert "H100" in cm.trust_statement("sm_90")
+    assert "no published number on NVIDIA GeForce RTX 3090" in evidence.trust_statement(get_target("sm_86", gpu="3090"))
+    assert "H100" in evidence.trust_statement("sm_90")
     with pytest.raises(ValueError, match="GPU target"):
-        cm.trust_statement("cpu")
+        evidence.trust_statement("cpu")
