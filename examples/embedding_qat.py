@@ -114,6 +114,10 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precision4", default="W4A4", choices=("W4A4", "W8A4", "W4A8"),
                     help="precision of the two 4-bit rows (default W4A4). W8A4 (8-bit weights) bounds what 4-bit "
                          "activations alone allow; W4A8 is the next step up when W4A4 loses too much")
+    ap.add_argument("--act-block", type=int, default=None, metavar="B",
+                    help="block-scaled activations: one scale (and offset) per token per block of B input channels, "
+                         "e.g. 128 (QuantConfig(act_block=B); default: token-wise, the paper's setting). Block-scaled "
+                         "linears run on the reference (CPU) or the Triton block kernels (GPU), not the token-wise CUTLASS ones")
     ap.add_argument("--tag", default="", help="label of this variant, written into results.json and the table caption")
     args = ap.parse_args(argv)
     if args.eval_every < 0:
@@ -122,7 +126,8 @@ def _args(argv=None) -> argparse.Namespace:
         ap.error("--gptq-init must be >= 0 (0: off)")
     try:
         kd.EmbeddingKDWeights(args.w_emb, args.w_sim, args.w_rep, args.w_att)
-        qfx.QuantConfig(4, 4, rotation=args.rotation, weight_group="row" if args.group4 is None else args.group4)
+        qfx.QuantConfig(4, 4, rotation=args.rotation, weight_group="row" if args.group4 is None else args.group4,
+                        act_block=args.act_block)
     except ValueError as e:
         ap.error(str(e))
     full = args.full
@@ -243,11 +248,12 @@ def main(argv=None) -> int:
     if args.precision4 != "W4A4":  # the "4" rows at another precision (symmetric activations at 8 bits, as W8A8)
         wb4, ab4 = int(args.precision4[1]), int(args.precision4[3])
         precisions["W4A4"] = (wb4, ab4, ab4 == 8)
-    rot = f" rot{args.rotation}" if args.rotation else ""
+    rot = (f" rot{args.rotation}" if args.rotation else "") + (f" ablk{args.act_block}" if args.act_block else "")
 
     def config(wb, ab, sym):
         group = args.group4 if (wb == 4 and args.group4) else "row"
-        return qfx.QuantConfig(wb, ab, symmetric=sym, rotation=args.rotation, weight_group=group)
+        return qfx.QuantConfig(wb, ab, symmetric=sym, rotation=args.rotation, weight_group=group,
+                               act_block=args.act_block if ab < 16 else None)
 
     def _shown(name):  # the "4" rows are named by the precision they ran at
         return args.precision4 if name == "W4A4" else name

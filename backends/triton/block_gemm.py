@@ -22,7 +22,8 @@ there with torch ops (tests/kernels/test_block_gemm.py checks whole outputs with
 int4 weights arrive packed (two per byte, :func:`qfx.numerics.pack_int4`); the launchers unpack
 them once to int8 codes and keep that copy (the kernels then read int8 weights). Tile shapes are
 data (:data:`CONFIGS`); ``BLOCK_K`` is the activation block (at most 128; a larger block is
-walked in 128-wide steps of the same int32 accumulator).
+walked in 128-wide steps of the same int32 accumulator). The kernels live in
+:mod:`qfx.backends.triton.block_gemm_kernels`, imported (with Triton) on first use.
 """
 from __future__ import annotations
 
@@ -59,133 +60,24 @@ CONFIGS = (
 )
 #: the widest K step of one tl.dot; a larger activation block takes several into one int32 accumulator
 MAX_BLOCK_K = 128
-_SQRT1_2 = 0.7071067811865476  # M_SQRT1_2 (math.sqrt(0.5)), rounded to fp32 in the kernel as in torch's GELU
 
 
 def config_for(m: int) -> BlockConfig:
     return next(c for c in CONFIGS if m <= c.max_m)
 
 
-if HAS_TRITON:  # module level: Triton resolves the helpers a kernel calls among the module's globals
-    import triton
-    import triton.language as tl
-
-    from qfx.backends.triton.rotation_quant import _rint
-
-    @triton.jit
-    def _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K, J, G, rm, rn,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
-                              HAS_OFFSET: tl.constexpr, GROUPED: tl.constexpr, STAGES: tl.constexpr):
-        """sum over blocks j of t_j (the definition's p): fp32 [BLOCK_M, BLOCK_N]."""
-        ra = rm % M  # rows / columns past the end read a valid row; their results are not stored
-        rw = rn % N
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + ra[:, None].to(tl.int64) * K + rk[None, :]
-        w_ptrs = w_ptr + rw[None, :].to(tl.int64) * K + rk[:, None]
-        p = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for j in tl.range(0, J, num_stages=STAGES):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-            for s in tl.static_range(SUB):
-                acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, out_dtype=tl.int32)
-                a_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
-            t = acc.to(tl.float32) * tl.load(sa_ptr + ra * J + j)[:, None]
-            if HAS_OFFSET:
-                t = t + tl.load(ca_ptr + ra * J + j)[:, None] * tl.load(bs_ptr + rw * J + j)[None, :]
-            if GROUPED:
-                t = t * tl.load(sw_ptr + rw * G + (j * G) // J)[None, :]
-            p = p + t
-        return p
-
-    @triton.jit
-    def _epilogue(p, sw_ptr, bias_ptr, rn, N, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, GELU: tl.constexpr):
-        rw = rn % N
-        y = p if GROUPED else p * tl.load(sw_ptr + rw)[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + rw).to(tl.float32)[None, :]
-        if GELU:
-            y = y * 0.5 * (1.0 + tl.math.erf(y * _SQRT1_2))
-        return y
-
-    @triton.jit
-    def _block_codes(v, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
-        """numerics.quantize_activation of each row of the fp32 tile ``v`` [R, B] (one block per row):
-        (codes as fp32, scale [R], offset [R]); IEEE divisions, round half to even, no fma."""
-        half = 1 << (BITS - 1)
-        if SYMMETRIC:
-            scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=1), EPS), tl.full((v.shape[0],), half - 1, tl.float32))
-            offset = tl.zeros_like(scale)
-            codes = _rint(tl.div_rn(v, scale[:, None]))
-        else:
-            lo = tl.min(v, axis=1)
-            scale = tl.div_rn(tl.maximum(tl.max(v, axis=1) - lo, EPS), tl.full((v.shape[0],), 2 * half - 1, tl.float32))
-            offset = lo + half * scale
-            codes = _rint(tl.div_rn(v - (offset - half * scale)[:, None], scale[:, None])) - half
-        return tl.minimum(tl.maximum(codes, 0.0 - half), half - 1.0), scale, offset
-
-    @triton.jit
-    def _gelu_clip(v, OUT_T: tl.constexpr, GELU: tl.constexpr, HAS_CLIP: tl.constexpr, clip_lo, clip_hi):
-        """What the quantizer reads: ``v`` (fp32 of an OUT_T value), GELU'd and rounded to OUT_T as torch's
-        gelu on an OUT_T tensor, then clipped."""
-        if GELU:
-            v = (v * 0.5 * (1.0 + tl.math.erf(v * _SQRT1_2))).to(OUT_T).to(tl.float32)
-        if HAS_CLIP:
-            v = tl.minimum(tl.maximum(v, clip_lo), clip_hi)
-        return v
-
-    @triton.jit
-    def _block_linear_kernel(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, J, G,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
-                             HAS_OFFSET: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             GELU: tl.constexpr, STAGES: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        p = _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K, J, G, rm, rn, BLOCK_M, BLOCK_N,
-                                  BLOCK_K, SUB, HAS_OFFSET, GROUPED, STAGES)
-        y = _epilogue(p, sw_ptr, bias_ptr, rn, N, HAS_BIAS, GROUPED, GELU)
-        mask = (rm < M)[:, None] & (rn < N)[None, :]
-        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _block_linear_quantize_kernel(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, bias_ptr, q_ptr, qs_ptr, qc_ptr,
-                                      M, N, K, J, G, clip_lo, clip_hi, OUT_T: tl.constexpr, BLOCK_M: tl.constexpr,
-                                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
-                                      HAS_OFFSET: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                      STAGES: tl.constexpr, Q_GELU: tl.constexpr, HAS_CLIP: tl.constexpr,
-                                      BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
-        """As _block_linear_kernel, then the codes of its [BLOCK_M, BLOCK_N] tile (one block per row)."""
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        p = _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K, J, G, rm, rn, BLOCK_M, BLOCK_N,
-                                  BLOCK_K, SUB, HAS_OFFSET, GROUPED, STAGES)
-        y = _epilogue(p, sw_ptr, bias_ptr, rn, N, HAS_BIAS, GROUPED, False).to(OUT_T).to(tl.float32)
-        codes, scale, offset = _block_codes(_gelu_clip(y, OUT_T, Q_GELU, HAS_CLIP, clip_lo, clip_hi), BITS, SYMMETRIC, EPS)
-        rows = rm < M
-        tl.store(q_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], codes.to(tl.int8), mask=rows[:, None])
-        qj = N // BLOCK_N
-        tl.store(qs_ptr + rm * qj + tl.program_id(1), scale, mask=rows)
-        tl.store(qc_ptr + rm * qj + tl.program_id(1), offset, mask=rows)
-
-    @triton.jit
-    def _quantize_blocks_kernel(x_ptr, q_ptr, qs_ptr, qc_ptr, M, K, clip_lo, clip_hi, BLOCK_M: tl.constexpr,
-                                B: tl.constexpr, GELU: tl.constexpr, HAS_CLIP: tl.constexpr, BITS: tl.constexpr,
-                                SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rk = tl.program_id(1) * B + tl.arange(0, B)
-        rows = rm < M
-        offs = rm[:, None].to(tl.int64) * K + rk[None, :]
-        v = tl.load(x_ptr + offs, mask=rows[:, None], other=0.0).to(tl.float32)
-        codes, scale, offset = _block_codes(_gelu_clip(v, x_ptr.dtype.element_ty, GELU, HAS_CLIP, clip_lo, clip_hi),
-                                            BITS, SYMMETRIC, EPS)
-        tl.store(q_ptr + offs, codes.to(tl.int8), mask=rows[:, None])
-        tl.store(qs_ptr + rm * (K // B) + tl.program_id(1), scale, mask=rows)
-        tl.store(qc_ptr + rm * (K // B) + tl.program_id(1), offset, mask=rows)
-
-
-def _need_triton() -> None:
+def _kernels():
+    """The kernel module (imports Triton on first use)."""
     if not HAS_TRITON:
         raise RuntimeError("block-scaled kernels need Triton (it comes with CUDA builds of torch); "
                            "on the CPU use the 'reference' backend")
+    from qfx.backends.triton import block_gemm_kernels
+
+    return block_gemm_kernels
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 #: packed int4 weight -> its int8 codes (made once per weight tensor, dropped with it)
@@ -233,15 +125,15 @@ def int_linear_blocks(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, bi
     """``qfx::int_linear(..., act_block=B)`` on the GPU: equals
     :func:`qfx.numerics.int_linear_blocks_reference` bit for bit (``symmetric=True`` skips the offset
     term, which is exact when ``a_offset`` is zeros: the op itself always computes it)."""
-    _need_triton()
+    kernels = _kernels()
     a2, wq, sa, ca, sw, bs, block_k, sub, blocks, groups = _gemm_args(a, a_scale, a_offset, w, w_bits, w_scale,
                                                                       w_block_sums, act_block)
     m, n, k = a2.shape[0], wq.shape[0], a2.shape[1]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m:
         cfg = config_for(m)
-        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
-        _block_linear_kernel[grid](a2, wq, sa, ca, sw, bs, sw if bias is None else bias, out, m, n, k, blocks, groups,
+        grid = (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n))
+        kernels.block_linear_kernel[grid](a2, wq, sa, ca, sw, bs, sw if bias is None else bias, out, m, n, k, blocks, groups,
                                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=sub,
                                    HAS_OFFSET=not symmetric, GROUPED=groups > 1, HAS_BIAS=bias is not None, GELU=bool(gelu),
                                    STAGES=cfg.stages, num_warps=cfg.warps, enable_fp_fusion=False)
@@ -256,7 +148,7 @@ def int_linear_blocks_quantize(a, a_scale, a_offset, w, w_bits, w_scale, w_block
     writing the output: (codes [..., N] int8, scale [..., N / q_block], offset [..., N / q_block]).
     Equals ``quantize_activation(gelu(y), bits, q_symmetric, clip, block=q_block)`` of
     ``y = int_linear_blocks_reference(...).to(out_dtype)`` bit for bit."""
-    _need_triton()
+    kernels = _kernels()
     q_block = act_block if q_block is None else q_block
     a2, wq, sa, ca, sw, bs, block_k, sub, blocks, groups = _gemm_args(a, a_scale, a_offset, w, w_bits, w_scale,
                                                                       w_block_sums, act_block)
@@ -270,9 +162,9 @@ def int_linear_blocks_quantize(a, a_scale, a_offset, w, w_bits, w_scale, w_block
     if m:
         cfg = config_for(m)
         lo, hi = (0.0, 0.0) if clip is None else (float(clip[0]), float(clip[1]))
-        _block_linear_quantize_kernel[(triton.cdiv(m, cfg.block_m), n // q_block)](
+        kernels.block_linear_quantize_kernel[(_cdiv(m, cfg.block_m), n // q_block)](
             a2, wq, sa, ca, sw, bs, sw if bias is None else bias, codes, scale, offset, m, n, k, blocks, groups, lo, hi,
-            OUT_T=_TL_DTYPES[out_dtype], BLOCK_M=cfg.block_m, BLOCK_N=q_block, BLOCK_K=block_k, SUB=sub,
+            OUT_T=kernels.TL_DTYPES[out_dtype], BLOCK_M=cfg.block_m, BLOCK_N=q_block, BLOCK_K=block_k, SUB=sub,
             HAS_OFFSET=not symmetric, GROUPED=groups > 1, HAS_BIAS=bias is not None, STAGES=cfg.stages,
             Q_GELU=bool(gelu), HAS_CLIP=clip is not None, BITS=int(bits), SYMMETRIC=bool(q_symmetric),
             EPS=numerics.EPS, num_warps=cfg.warps, enable_fp_fusion=False)
@@ -283,7 +175,7 @@ def int_linear_blocks_quantize(a, a_scale, a_offset, w, w_bits, w_scale, w_block
 def quantize_blocks(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block):
     """``qfx::quantize(..., act_block=B)`` on the GPU: equals ``numerics.quantize_activation(x, bits,
     symmetric, clip, gelu, block=B)`` bit for bit."""
-    _need_triton()
+    kernels = _kernels()
     k = x.shape[-1]
     if k % act_block or act_block & (act_block - 1) or act_block < 16:
         raise ValueError(f"quantize_blocks: act_block={act_block} must be a power of two >= 16 dividing K={k}")
@@ -294,18 +186,13 @@ def quantize_blocks(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block):
     offset = torch.empty_like(scale)
     if m:
         bm = max(1, min(64, 4096 // act_block))
-        _quantize_blocks_kernel[(triton.cdiv(m, bm), k // act_block)](
+        kernels.quantize_blocks_kernel[(_cdiv(m, bm), k // act_block)](
             x2, codes, scale, offset, m, k, 0.0 if clip_lo is None else float(clip_lo),
             0.0 if clip_hi is None else float(clip_hi), BLOCK_M=bm, B=act_block, GELU=bool(gelu),
             HAS_CLIP=clip_lo is not None, BITS=int(bits), SYMMETRIC=bool(symmetric), EPS=numerics.EPS, num_warps=4,
             enable_fp_fusion=False)
     lead = x.shape[:-1]
     return codes.reshape(x.shape), scale.reshape(*lead, -1), offset.reshape(*lead, -1)
-
-
-_TL_DTYPES = {}
-if HAS_TRITON:
-    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def can_implement(work, target) -> tuple[bool, str]:

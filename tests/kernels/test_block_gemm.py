@@ -66,6 +66,38 @@ def test_block_kernels_under_the_triton_interpreter():
     assert run.returncode == 0 and "interpreted kernels exact" in run.stdout, run.stderr[-3000:]
 
 
+_INTERPRETED_MODEL = """
+import torch
+import qfx
+from models import inputs, make
+from qfx.backends.triton import block_gemm as bg
+from qfx.schema import QUANTIZE, arg, is_call, set_args
+bg.register()
+cfg = qfx.QuantConfig(4, 4, symmetric=False, act_block=64, weight_group=128)
+qat = qfx.prepare_qat(make("bert_cls", layers=1, hidden=128, heads=2), example_kwargs=inputs(2, 8), config=cfg).eval()
+compiled = qfx.compile(qat, mode="int4", target="cpu")
+assert bg.rebind_block_ops(compiled.graph_module) == 8  # 4 GEMMs (q, k, v fused) and 4 quantizers
+for node in compiled.graph_module.graph.nodes:  # the interpreter's erf is not torch's: GELU codes on the reference
+    if is_call(node, QUANTIZE) and arg(node, "gelu"):
+        set_args(node, backend="reference")
+compiled.graph_module.recompile()
+x = inputs(3, 11, seed=2)
+assert torch.equal(compiled(**x).logits, qat(**x).logits)
+print("interpreted model exact")
+"""
+
+
+@needs_triton
+def test_block_scaled_model_on_the_triton_kernels_under_the_interpreter_is_its_twin():
+    """The glue end to end (dispatch, fused q/k/v, packed int4, grouped weights, asymmetric offsets,
+    leading token dims): compiled on the Triton kernels == the QAT twin, on the CPU."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(__file__))
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(_INTERPRETED_MODEL)], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0 and "interpreted model exact" in run.stdout, run.stderr[-3000:]
+
+
 gpu = pytest.mark.gpu
 _ON_GPU = torch.cuda.is_available() and HAS_TRITON
 needs_gpu = pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU and Triton")

@@ -1,0 +1,128 @@
+"""The Triton kernels of :mod:`qfx.backends.triton.block_gemm` (block-scaled integer linears): the
+definitions and exactness notes are there. Imported on first use of a kernel (whether Triton
+interprets on the CPU, ``TRITON_INTERPRET=1``, is fixed when it is first imported)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qfx.backends.triton.rotation_quant import _rint
+
+__all__ = ["block_linear_kernel", "block_linear_quantize_kernel", "quantize_blocks_kernel", "TL_DTYPES"]
+
+_SQRT1_2 = 0.7071067811865476  # M_SQRT1_2 (math.sqrt(0.5)), rounded to fp32 in the kernel as in torch's GELU
+
+
+@triton.jit
+def _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K, J, G, rm, rn,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
+                          HAS_OFFSET: tl.constexpr, GROUPED: tl.constexpr, STAGES: tl.constexpr):
+    """sum over blocks j of t_j (the definition's p): fp32 [BLOCK_M, BLOCK_N]."""
+    ra = rm % M  # rows / columns past the end read a valid row; their results are not stored
+    rw = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + ra[:, None].to(tl.int64) * K + rk[None, :]
+    w_ptrs = w_ptr + rw[None, :].to(tl.int64) * K + rk[:, None]
+    p = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for j in tl.range(0, J, num_stages=STAGES):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+        for s in tl.static_range(SUB):
+            acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        t = acc.to(tl.float32) * tl.load(sa_ptr + ra * J + j)[:, None]
+        if HAS_OFFSET:
+            t = t + tl.load(ca_ptr + ra * J + j)[:, None] * tl.load(bs_ptr + rw * J + j)[None, :]
+        if GROUPED:
+            t = t * tl.load(sw_ptr + rw * G + (j * G) // J)[None, :]
+        p = p + t
+    return p
+
+@triton.jit
+def _epilogue(p, sw_ptr, bias_ptr, rn, N, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, GELU: tl.constexpr):
+    rw = rn % N
+    y = p if GROUPED else p * tl.load(sw_ptr + rw)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rw).to(tl.float32)[None, :]
+    if GELU:
+        y = y * 0.5 * (1.0 + tl.math.erf(y * _SQRT1_2))
+    return y
+
+@triton.jit
+def _block_codes(v, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
+    """numerics.quantize_activation of each row of the fp32 tile ``v`` [R, B] (one block per row):
+    (codes as fp32, scale [R], offset [R]); IEEE divisions, round half to even, no fma."""
+    half = 1 << (BITS - 1)
+    if SYMMETRIC:
+        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=1), EPS), tl.full((v.shape[0],), half - 1, tl.float32))
+        offset = tl.zeros_like(scale)
+        codes = _rint(tl.div_rn(v, scale[:, None]))
+    else:
+        lo = tl.min(v, axis=1)
+        scale = tl.div_rn(tl.maximum(tl.max(v, axis=1) - lo, EPS), tl.full((v.shape[0],), 2 * half - 1, tl.float32))
+        offset = lo + half * scale
+        codes = _rint(tl.div_rn(v - (offset - half * scale)[:, None], scale[:, None])) - half
+    return tl.minimum(tl.maximum(codes, 0.0 - half), half - 1.0), scale, offset
+
+@triton.jit
+def _gelu_clip(v, OUT_T: tl.constexpr, GELU: tl.constexpr, HAS_CLIP: tl.constexpr, clip_lo, clip_hi):
+    """What the quantizer reads: ``v`` (fp32 of an OUT_T value), GELU'd and rounded to OUT_T as torch's
+    gelu on an OUT_T tensor, then clipped."""
+    if GELU:
+        v = (v * 0.5 * (1.0 + tl.math.erf(v * _SQRT1_2))).to(OUT_T).to(tl.float32)
+    if HAS_CLIP:
+        v = tl.minimum(tl.maximum(v, clip_lo), clip_hi)
+    return v
+
+@triton.jit
+def block_linear_kernel(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, J, G,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
+                         HAS_OFFSET: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         GELU: tl.constexpr, STAGES: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p = _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K, J, G, rm, rn, BLOCK_M, BLOCK_N,
+                              BLOCK_K, SUB, HAS_OFFSET, GROUPED, STAGES)
+    y = _epilogue(p, sw_ptr, bias_ptr, rn, N, HAS_BIAS, GROUPED, GELU)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def block_linear_quantize_kernel(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, bias_ptr, q_ptr, qs_ptr, qc_ptr,
+                                  M, N, K, J, G, clip_lo, clip_hi, OUT_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
+                                  HAS_OFFSET: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  STAGES: tl.constexpr, Q_GELU: tl.constexpr, HAS_CLIP: tl.constexpr,
+                                  BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
+    """As _block_linear_kernel, then the codes of its [BLOCK_M, BLOCK_N] tile (one block per row)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p = _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K, J, G, rm, rn, BLOCK_M, BLOCK_N,
+                              BLOCK_K, SUB, HAS_OFFSET, GROUPED, STAGES)
+    y = _epilogue(p, sw_ptr, bias_ptr, rn, N, HAS_BIAS, GROUPED, False).to(OUT_T).to(tl.float32)
+    codes, scale, offset = _block_codes(_gelu_clip(y, OUT_T, Q_GELU, HAS_CLIP, clip_lo, clip_hi), BITS, SYMMETRIC, EPS)
+    rows = rm < M
+    tl.store(q_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], codes.to(tl.int8), mask=rows[:, None])
+    qj = N // BLOCK_N
+    tl.store(qs_ptr + rm * qj + tl.program_id(1), scale, mask=rows)
+    tl.store(qc_ptr + rm * qj + tl.program_id(1), offset, mask=rows)
+
+@triton.jit
+def quantize_blocks_kernel(x_ptr, q_ptr, qs_ptr, qc_ptr, M, K, clip_lo, clip_hi, BLOCK_M: tl.constexpr,
+                            B: tl.constexpr, GELU: tl.constexpr, HAS_CLIP: tl.constexpr, BITS: tl.constexpr,
+                            SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * B + tl.arange(0, B)
+    rows = rm < M
+    offs = rm[:, None].to(tl.int64) * K + rk[None, :]
+    v = tl.load(x_ptr + offs, mask=rows[:, None], other=0.0).to(tl.float32)
+    codes, scale, offset = _block_codes(_gelu_clip(v, x_ptr.dtype.element_ty, GELU, HAS_CLIP, clip_lo, clip_hi),
+                                        BITS, SYMMETRIC, EPS)
+    tl.store(q_ptr + offs, codes.to(tl.int8), mask=rows[:, None])
+    tl.store(qs_ptr + rm * (K // B) + tl.program_id(1), scale, mask=rows)
+    tl.store(qc_ptr + rm * (K // B) + tl.program_id(1), offset, mask=rows)
+
+
+#: torch output dtype -> the Triton dtype a kernel rounds to
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
