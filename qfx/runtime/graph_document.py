@@ -55,6 +55,10 @@ def entry_target(entry: dict, attrs: set[str], inputs: set[str]):
             raise ValueError(f"node {name}: metadata key {key!r} is not qfx's")
     if op == "call_function":
         return call_target(target, name)
+    if op not in ("placeholder", "get_attr", "output"):
+        raise ValueError(f"node {name}: op {op!r} with target {str(target)[:80]!r} is not stored by qfx.save")
+    if entry["kwargs"] or len(entry["args"]) != (op == "output"):  # fx writes a placeholder's args as its default
+        raise ValueError(f"node {name}: a {op} node with arguments {str(entry['args'])[:80]} {str(entry['kwargs'])[:80]}")
     if op == "placeholder":
         if check_input_name(target) not in inputs:
             raise ValueError(f"node {name}: input {target!r} is not one of the model's inputs {sorted(inputs)}")
@@ -63,9 +67,9 @@ def entry_target(entry: dict, attrs: set[str], inputs: set[str]):
         if check_attr_path(f"node {name}: get_attr", target) not in attrs:
             raise ValueError(f"node {name}: get_attr {target!r} names no tensor in the file")
         return target
-    if op == "output" and target == "output":
-        return target
-    raise ValueError(f"node {name}: op {op!r} with target {str(target)[:80]!r} is not stored by qfx.save")
+    if target != "output":
+        raise ValueError(f"node {name}: an output node with target {str(target)[:80]!r}")
+    return target
 
 
 def graph_document(gm: GraphModule, inputs: set[str]) -> tuple[dict, dict[str, torch.Tensor]]:
