@@ -56,6 +56,9 @@ GPUS: dict[str, tuple[GPU, ...]] = {
             "A100 data sheet (SXM4 80GB)"),
         GPU("NVIDIA A100-PCIE-40GB", {"fp16": 312.0, "int8": 624.0, "int4": 1248.0}, 1555.0, 108,
             "A100 data sheet (PCIe 40GB)"),
+        GPU("NVIDIA A100-SXM4-40GB", {"fp16": 312.0, "int8": 624.0, "int4": 1248.0}, 1555.0, 108,
+            "A100 data sheet (SXM4 40GB)"),
+        GPU("NVIDIA A30", {"fp16": 165.0, "int8": 330.0, "int4": 661.0}, 933.0, 56, "A30 data sheet"),
     ),
     "sm_86": (
         GPU("NVIDIA RTX A6000", {"fp16": 154.8, "int8": 309.7, "int4": 619.3}, 768.0, 84,
@@ -69,6 +72,8 @@ GPUS: dict[str, tuple[GPU, ...]] = {
             "L4 data sheet (dense = sparse / 2); INT4 from the Ada whitepaper's per-SM rate"),
         GPU("NVIDIA GeForce RTX 4090", {"fp16": 82.6, "int8": 660.6, "int4": 1321.2, "fp8": 660.6}, 1008.0, 128,
             "Ada whitepaper (fp16 with fp32 accumulate at half rate on GeForce)"),
+        GPU("NVIDIA L40S", {"fp16": 362.05, "int8": 733.0, "int4": 1466.0, "fp8": 733.0}, 864.0, 142,
+            "L40S data sheet (dense = sparse / 2)"),
     ),
     "sm_90": (
         GPU("NVIDIA H100 80GB HBM3", {"fp16": 989.4, "int8": 1978.9, "fp8": 1978.9}, 3350.0, 132,
@@ -76,9 +81,9 @@ GPUS: dict[str, tuple[GPU, ...]] = {
     ),
 }
 
-#: per-kernel fixed cost (launch + prologue/epilogue latency inside a CUDA graph), microseconds;
-#: fitted on the H100 GEMM measurements by :mod:`qfx.tune.cost_model` (``FIT``) and assumed
-#: equal elsewhere: it is a latency, not a throughput.
+#: per-kernel fixed cost (launch + prologue/epilogue latency inside a CUDA graph), microseconds:
+#: a latency, not a throughput; the cost model's own fixed costs are fitted per kernel family
+#: (:mod:`qfx.tune.cost_model` ``FIT``).
 _LAUNCH_US = 3.0
 
 
