@@ -14,7 +14,17 @@ kernel the profiler saw:
                        sequence by seqused_k (no mask tensor; q/k/v read in place from the
                        fused QKV output [B*S, 3, H, D])
 
-    python benchmarks/attention.py [--out attention.json]
+With --varlen: padding removal's attention (passes/attention.py, qfx::packed_attention) on
+padded batches of lengths uniform in [S/4, S], each replayed from a CUDA graph:
+
+    padded_bias_<backend>  SDPA over the padded [B, H, S, D] with the [B, 1, 1, S] bias
+                           (what the padded model runs), efficient / cuDNN backends
+    varlen_flash           aten._flash_attention_forward over the packed real tokens with
+                           cu_seqlens (what qfx::packed_attention runs)
+    varlen_api             torch.nn.attention.varlen.varlen_attn (torch's public wrapper; it
+                           may pick cuDNN's ragged kernel)
+
+    python benchmarks/attention.py [--varlen] [--out attention.json]
 """
 from __future__ import annotations
 
@@ -46,13 +56,64 @@ def kernels_of(replay) -> list[str]:
     return sorted(set(n[:70] for n in names))
 
 
+VARLEN_SHAPES = [(128, 128, 12, 64), (128, 384, 16, 64), (8, 512, 12, 64)]
+
+
+def varlen_rows(b: int, s: int, h: int, d: int) -> list[dict]:
+    """Padded SDPA with the key-padding bias vs varlen kernels over the packed real tokens."""
+    g = torch.Generator().manual_seed(b * s)
+    lengths = torch.randint(s // 4, s + 1, (b,), generator=g).cuda()
+    key_ok = torch.arange(s, device="cuda")[None, :] < lengths[:, None]
+    real = int(lengths.sum())
+    qkv = torch.randn(b * s, 3, h, d, device="cuda", dtype=torch.float16)
+    q4, k4, v4 = (qkv[:, i].view(b, s, h, d).transpose(1, 2) for i in range(3))
+    bias = torch.zeros(b, 1, 1, s, device="cuda", dtype=torch.float16).masked_fill_(~key_ok[:, None, None, :], -65504.0)
+    packed = qkv[key_ok.flatten()]  # [T, 3, H, D]
+    qp, kp, vp = packed[:, 0], packed[:, 1], packed[:, 2]
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
+    variants = {}
+    for name, backend in (("padded_bias_efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("padded_bias_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias)
+        variants[name] = run
+    variants["varlen_flash"] = lambda: torch.ops.aten._flash_attention_forward(
+        qp, kp, vp, cu, cu, s, s, 0.0, False, False, scale=d ** -0.5)[0]
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        variants["varlen_api"] = lambda: varlen_attn(qp, kp, vp, cu, cu, s, s)
+    except ImportError as e:
+        print(f"varlen_attn: {e}")
+    ref = F.scaled_dot_product_attention(q4.float(), k4.float(), v4.float(), attn_mask=bias.float())
+    ref = ref.transpose(1, 2).reshape(b * s, h, d)[key_ok.flatten()]
+    rows = []
+    for name, fn in variants.items():
+        try:
+            out = fn()
+            out = out if out.dim() == 3 else out.transpose(1, 2).reshape(b * s, h, d)[key_ok.flatten()]
+            err = (out.float() - ref).abs().max().item()
+            ms, replay = replay_ms(fn)
+            ks = kernels_of(replay)
+        except Exception as e:  # noqa: BLE001
+            ms, err, ks = float("nan"), float("nan"), [f"{type(e).__name__}: {str(e)[:100]}"]
+        rows.append(dict(shape=[b, s, h, d], real_tokens=real, variant=name, ms=ms, max_err=err, kernels=ks))
+        print(f"varlen {b:4d}x{s:<4d} h{h} real {real / (b * s):.0%} {name:22s} {ms:8.4f} ms  err {err:.2e}  "
+              f"{' | '.join(ks)[:120]}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--varlen", action="store_true", help="only the packed (varlen) comparison")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
-    for b, s, h, d in SHAPES:
+    for b, s, h, d in (VARLEN_SHAPES if args.varlen else ()):
+        rows.extend(varlen_rows(b, s, h, d))
+    for b, s, h, d in (() if args.varlen else SHAPES):
         qkv = torch.randn(b * s, 3, h, d, device="cuda", dtype=torch.float16)
         q4 = qkv[:, 0].view(b, s, h, d).transpose(1, 2)  # [B, H, S, D] views, as after fuse_qkv
         k4 = qkv[:, 1].view(b, s, h, d).transpose(1, 2)

@@ -15,7 +15,13 @@ One run prints, per model and batch x sequence, the median latency (ms) of
                      ops on the real tokens only; a CUDA graph per token bucket), with its own
                      replay / direct rows
 
-and the speedup of each over HF eager. On sm_90 int4 runs its 4-bit codes on INT8 tensor
+and the speedup of each over HF eager, with sequences/s and real tokens/s of each (the same
+padded batches for every engine; qfx unpad packs them itself).
+
+Length distributions (--spread, alias --lengths uniform): real lengths uniform in [S/4, S] per row (base
+128 x 128: [32, 128]; large 128 x 384: [96, 384], the offline run). --pad-sweep: qfx padded vs
+packed at 0 / 25 / 50 / 75 % padding. --batch1-sweep: batch 1 at S = 16 .. 512, qfx vs HF under
+a CUDA graph. --kernels: kernels per forward and us per kernel of qfx at 1 x 128. On sm_90 int4 runs its 4-bit codes on INT8 tensor
 cores (Hopper has no INT4 tensor cores): an int4 number here is W4A4 *numerics*, not an INT4
 hardware result. Timing: CUDA events around each call after a device synchronize (so host time
 counts), median of --iters calls after warm-up. Inputs are already on the GPU.
@@ -66,6 +72,67 @@ def batch(bs: int, seq: int, spread: bool = False) -> dict[str, torch.Tensor]:
         lengths = torch.randint(max(1, seq // 4), seq + 1, (bs,), generator=g)
         mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
     return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "token_type_ids": torch.zeros_like(ids).cuda()}
+
+
+def padded_batch(bs: int, seq: int, padding: float) -> dict[str, torch.Tensor]:
+    """Rows of round(seq * (1 - padding)) real tokens, lengths jittered by +-10 % (the mean kept)."""
+    x = batch(bs, seq)
+    g = torch.Generator().manual_seed(bs + seq)
+    mean = seq * (1 - padding)
+    lengths = (mean + (torch.rand(bs, generator=g) - 0.5) * 0.2 * mean).round().clamp(1, seq).long()
+    x["attention_mask"] = (torch.arange(seq)[None, :] < lengths[:, None]).long().cuda()
+    return x
+
+
+def rates(bs: int, real: int, ms: float) -> str:
+    return f"{bs / ms * 1e3:,.0f} seq/s, {real / ms * 1e3:,.0f} tok/s"
+
+
+def kernel_count(fn) -> tuple[int, float]:
+    """(kernels per forward, mean us per kernel) of one call after warm-up (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
+               and "memset" not in e.name.lower()]
+    total = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
+    return len(kernels), total / max(1, len(kernels))
+
+
+def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
+    """--pad-sweep (qfx int8 padded vs packed by padding fraction), --batch1-sweep (batch 1 at
+    each length vs HF under a CUDA graph) and --kernels (qfx at 1 x 128)."""
+    out = []
+    padded, packed = compiled.get("int8"), compiled.get("int8 unpad")
+    if args.pad_sweep and padded is not None and packed is not None:
+        for frac in (0.0, 0.25, 0.5, 0.75):
+            x = padded_batch(128, 128, frac)
+            real = int(x["attention_mask"].sum())
+            a, b = median_ms(lambda: padded(**x), args.iters), median_ms(lambda: packed(**x), args.iters)
+            out.append({"sweep": "padding", "model": name, "padding": 1 - real / x["attention_mask"].numel(),
+                        "qfx int8": a, "qfx int8 unpad": b})
+            print(f"pad-sweep {name} 128x128 padding {1 - real / (128 * 128):.0%}: padded {a:.3f} ms, packed {b:.3f} ms "
+                  f"({a / b:.2f}x) path {packed.last_path}", flush=True)
+    if args.batch1_sweep and padded is not None:
+        for seq in (16, 32, 64, 128, 256, 384, 512):
+            x = batch(1, seq)
+            with torch.inference_mode():
+                g = median_ms(graphed(lambda: hf(**x)), args.iters)
+                q = median_ms(lambda: padded(**x), args.iters)
+            out.append({"sweep": "batch1", "model": name, "seq": seq, "hf graph": g, "qfx int8": q})
+            print(f"batch1 {name} 1x{seq}: hf graph {g:.3f} ms, qfx int8 {q:.3f} ms ({g / q:.2f}x)", flush=True)
+    if args.kernels and padded is not None:
+        x = batch(1, 128)
+        with torch.inference_mode():
+            n, us = kernel_count(lambda: padded(**x))
+            hn, hus = kernel_count(graphed(lambda: hf(**x)))
+        out.append({"sweep": "kernels", "model": name, "qfx int8": [n, us], "hf graph": [hn, hus]})
+        print(f"kernels {name} 1x128: qfx int8 {n} kernels, {us:.1f} us each; hf graph {hn} kernels, {hus:.1f} us each")
+    return out
 
 
 def median_ms(fn, iters: int) -> float:
@@ -190,21 +257,27 @@ def main() -> None:
     ap.add_argument("--modes", default="fp16,int8,int4",
                     help="comma list of fp16, int8, int4; a suffix +rotB (int4+rot128) adds QuantConfig(rotation=B)")
     ap.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES))
-    ap.add_argument("--compile-shapes", choices=("goal", "all", "none"), default="goal")
+    ap.add_argument("--compile-shapes", default="goal", help="goal, all, none, or a list of BxS (128x128,1x128)")
     ap.add_argument("--torchao", action="store_true", help="also time torchao int8 dynamic (where it installs)")
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown at base 128x128 and large 32x384")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--linear", action="store_true", help="also the Linear-level table (one nn.Linear as called)")
     ap.add_argument("--spread", action="store_true", help="padded batches: real lengths uniform in [seq/4, seq]")
+    ap.add_argument("--lengths", choices=("full", "uniform"), default="full", help="uniform: as --spread")
+    ap.add_argument("--pad-sweep", action="store_true")
+    ap.add_argument("--batch1-sweep", action="store_true")
+    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--no-direct", action="store_true", help="skip the direct-launch rows (time)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
+    args.spread = args.spread or args.lengths == "uniform"
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     modes = args.modes.split(",")
     target = qfx.detect_target()
     print(f"GPU: {torch.cuda.get_device_name()} ({target.name}), torch {torch.__version__}; "
           f"int4 runs on: {target.int4_execution}", flush=True)
-    rows, profiles, notes = [], {}, []
+    rows, profiles, notes, sweep_rows = [], {}, [], []
     linear_rows = linear_table(modes, args.iters, target) if args.linear else []
     for name in args.models.split(","):
         try:
@@ -239,7 +312,7 @@ def main() -> None:
             real = int(x["attention_mask"].sum())
             if args.spread:
                 print(f"{name:10s} {bs:4d}x{seq:<4d} real tokens {real} of {bs * seq} ({real / (bs * seq):.0%})", flush=True)
-            res = {}
+            res, paths = {}, {}
             with torch.inference_mode():
                 res["hf eager"] = median_ms(lambda: hf(**x), args.iters)
                 try:
@@ -247,7 +320,8 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - HF under capture is not always capturable
                     res["hf graph"] = float("nan")
                     notes.append(f"{name} {bs}x{seq}: hf graph capture failed: {type(e).__name__}")
-            want_compile = args.compile_shapes == "all" or (args.compile_shapes == "goal" and (name, bs, seq) in GOAL_SHAPES)
+            want_compile = (args.compile_shapes == "all" or (args.compile_shapes == "goal" and (name, bs, seq) in GOAL_SHAPES)
+                            or f"{bs}x{seq}" in args.compile_shapes.split(","))
             if want_compile:
                 torch._dynamo.reset()
                 tc = torch.compile(hf, mode="reduce-overhead", dynamic=False)
@@ -271,6 +345,10 @@ def main() -> None:
                 key = pool.last_key if pool is not None else None
                 if pool is not None and key in pool.graphs:
                     res[f"qfx {mode} replay"] = median_ms(pool.graphs[key].graph.replay, args.iters)
+                if f"qfx {mode}" not in paths:
+                    paths[f"qfx {mode}"] = str(cm.last_path)
+                if args.no_direct:
+                    continue
                 direct = CompiledModel(cm.graph_module, cm.report(), cm._capture, cm.device, cuda_graphs=False)
                 direct._plan = cm._plan
                 res[f"qfx {mode} direct"] = median_ms(lambda: direct(**x), max(5, args.iters // 3))
@@ -282,11 +360,15 @@ def main() -> None:
                         profiles[f"{name} {bs}x{seq} qfx {mode} as called"] = kernel_breakdown(lambda: compiled[mode](**x))
             base = res["hf eager"]
             best_peer = min(v for k, v in res.items() if not k.startswith("qfx") and v == v)
-            rows.append({"model": name, "bs": bs, "seq": seq, "real_tokens": real, "ms": res, "best_peer_ms": best_peer})
+            rows.append({"model": name, "bs": bs, "seq": seq, "real_tokens": real, "ms": res, "best_peer_ms": best_peer,
+                         "paths": paths})
             cells = "  ".join(f"{k}={v:.3f}({base / v:.2f}x)" for k, v in res.items())
             print(f"{name:10s} {bs:4d}x{seq:<4d} {cells}", flush=True)
+            for k, v in res.items():
+                print(f"    {k:22s} {v:8.3f} ms  {rates(bs, real, v)}" + (f"  path {paths[k]}" if k in paths else ""))
+        sweep_rows.extend(sweeps(name, hf, compiled, args, notes))
         for mode, cm in compiled.items():
-            print(f"{name} qfx {mode} runtime: {cm.runtime_report().splitlines()[0]}")
+            print(f"{name} qfx {mode} runtime: " + " | ".join(cm.runtime_report().splitlines()))
         if args.torchao:
             notes.append(f"{name} torchao int8: {ao_why}")
         del hf, compiled, ao
@@ -318,7 +400,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "target": target.name, "torch": torch.__version__,
                        "date": time.strftime("%Y-%m-%d"), "rows": rows, "linear": linear_rows,
-                       "profiles": profiles, "notes": notes}, f, indent=1)
+                       "profiles": profiles, "notes": notes, "sweeps": sweep_rows}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
 
