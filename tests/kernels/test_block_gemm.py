@@ -66,6 +66,60 @@ def test_block_kernels_under_the_triton_interpreter():
     assert run.returncode == 0 and "interpreted kernels exact" in run.stdout, run.stderr[-3000:]
 
 
+def bind_block_launch_plan(compiled, producers: bool = True):
+    """The launch plan the runtime will make once qfx/runtime/launch_plan.py knows backend 'triton'
+    (BINDERS['triton'] = block_gemm.binder; block_gemm.bind_producers beside the rotate + quantize
+    binding): made here by patching that module for one call. Returns the plan."""
+    from qfx.backends.triton import block_gemm as bg
+    from qfx.runtime import launch_plan
+
+    launch_plan.BINDERS["triton"] = bg.binder
+    rotate_quantize = launch_plan._bind_rotate_quantize
+
+    def with_producers(gm, graph, plan):
+        rotate_quantize(gm, graph, plan)
+        for name in bg.bind_producers(gm, graph) if producers else ():
+            plan.bound[name] = "triton+quantize"
+
+    launch_plan._bind_rotate_quantize = with_producers
+    try:
+        compiled._plan, compiled._graphs = None, None  # the CUDA-graph pool replays the plan it captured
+        return compiled.launch_plan
+    finally:
+        launch_plan._bind_rotate_quantize = rotate_quantize
+
+
+_INTERPRETED_PRODUCER = """
+import torch
+import qfx
+from models import inputs, make
+from qfx.backends.triton import block_gemm as bg
+from test_block_gemm import bind_block_launch_plan
+bg.register()
+for cfg in (qfx.QuantConfig(4, 4, symmetric=False, act_block=64, weight_group=128), qfx.QuantConfig(8, 8, act_block=32)):
+    qat = qfx.prepare_qat(make("bert_cls", layers=1, hidden=128, heads=2), example_kwargs=inputs(2, 8), config=cfg).eval()
+    compiled = qfx.compile(qat, mode=f"int{cfg.weight_bits}", target="cpu")
+    bg.rebind_block_ops(compiled.graph_module)
+    x = inputs(3, 11, seed=2)
+    assert set(bind_block_launch_plan(compiled, producers=False).bound.values()) == {"triton"}
+    unfused = compiled(**x).logits
+    assert bind_block_launch_plan(compiled).bound["layer0.ffn_in"] == "triton+quantize"
+    assert torch.equal(compiled(**x).logits, unfused)
+print("producer exact")
+"""
+
+
+@needs_triton
+def test_ffn_in_producer_binding_equals_the_unfused_kernels_under_the_interpreter():
+    """Bound as one kernel (GEMM + GELU + block quantize, the FFN intermediate never written), the
+    model computes what the two kernels compute (the same erf here, so exact on the CPU too)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + os.path.dirname(os.path.dirname(__file__))
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(_INTERPRETED_PRODUCER)], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0 and "producer exact" in run.stdout, run.stderr[-3000:]
+
+
 _INTERPRETED_MODEL = """
 import torch
 import qfx
@@ -180,5 +234,9 @@ def test_gpu_block_scaled_compiled_fp32_is_its_twin_bit_for_bit(cfg):
     assert bg.rebind_block_ops(compiled.graph_module) > 0
     x = _cuda(inputs(3, 37, seed=5))
     with torch.no_grad():
-        twin, got = qat(**x).logits, compiled(**x).logits
-    assert torch.equal(got, twin), f"max diff {(got - twin).abs().max():.3g}"
+        twin = qat(**x).logits
+        for producers in (False, True):  # the FFN-in producer bound as one kernel, or GEMM then quantize
+            plan = bind_block_launch_plan(compiled, producers)
+            assert ("triton+quantize" in plan.bound.values()) == producers
+            got = compiled(**x).logits
+            assert torch.equal(got, twin), f"producers={producers}: max diff {(got - twin).abs().max():.3g}"
