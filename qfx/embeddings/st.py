@@ -37,6 +37,7 @@ __all__ = [
     "example_inputs",
     "compile_sentence_transformer",
     "prepare_qat_sentence_transformer",
+    "ThroughputEncode",
 ]
 
 #: the pip extra that installs the optional dependency
@@ -254,7 +255,86 @@ def compile_sentence_transformer(
     # Pooling / Dense / Normalize run where the encoder's outputs are; the adapter is already there.
     for module in list(out)[1:]:
         module.to(compiled.device)
+    out.encode = ThroughputEncode(out)  # the instance's encode: the throughput path, same embeddings
     return out.eval()
+
+
+class ThroughputEncode:
+    """``encode`` of a compiled SentenceTransformer: the same embeddings as its own ``encode``,
+    computed at throughput, returned in the caller's order.
+
+    sentence-transformers' loop is host-bound around a fast model: per batch of ``batch_size``
+    texts it tokenizes, runs, and copies the result to the host (a device sync), so the GPU
+    waits for the tokenizer and the tokenizer for the GPU. Here:
+
+    * the texts' token lengths are counted once (one batched call of the fast tokenizer), and
+      batches are cut by a budget of padded positions (``token_budget``, longest first:
+      :func:`qfx.runtime.buckets.token_budget_batches`), not by a count of texts;
+    * each batch is tokenized by the model's own preprocessing (the exact inputs ``encode``
+      makes), kept on the host in pinned memory and given to the compiled model as host tensors:
+      it counts the real tokens on the host (no sync to choose a token bucket) and copies them
+      asynchronously; pooling / dense / normalize run on the GPU;
+    * nothing is read back until the end: one copy of all embeddings, restored to the caller's
+      order. Tokenizing batch i + 1 overlaps the GPU running batch i.
+
+    Calls this path does not serve (prompts, ``output_value`` other than sentence embeddings,
+    ``precision``, non-text inputs, ``device``, multi-process pools) go to the original ``encode``.
+    """
+
+    _SERVED = frozenset({"batch_size", "show_progress_bar", "convert_to_numpy", "convert_to_tensor",
+                         "normalize_embeddings", "output_value", "precision"})
+
+    def __init__(self, st, token_budget: int = 16384) -> None:
+        self.st = st
+        self.token_budget = token_budget
+        self.original = type(st).encode.__get__(st)
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any):
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        served = (not args and set(kwargs) <= self._SERVED and kwargs.get("output_value", "sentence_embedding") ==
+                  "sentence_embedding" and kwargs.get("precision", "float32") == "float32"
+                  and isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts))
+        if not served:
+            return self.original(inputs, *args, **kwargs)
+        emb = self.embed(list(texts))
+        if kwargs.get("normalize_embeddings"):
+            emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+        if isinstance(inputs, str):
+            emb = emb[0]
+        if kwargs.get("convert_to_tensor"):
+            return emb
+        return emb.float().cpu().numpy() if kwargs.get("convert_to_numpy", True) else list(emb)
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """[len(texts), D] sentence embeddings on the model's device, in the order of ``texts``."""
+        from qfx.runtime.buckets import token_budget_batches
+
+        st = self.st
+        holder, name = _transformer_slot(st)
+        adapter = getattr(holder, name)
+        compiled = adapter.inner
+        device = compiled.device
+        names = set(_capture_of(compiled).input_names)
+        lengths = [len(ids) for ids in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]]
+        batches = token_budget_batches(lengths, self.token_budget, getattr(compiled, "_buckets", None))
+        preprocess = getattr(st, "preprocess", None) or st.tokenize
+        pin = device.type == "cuda"
+        outs = []
+        with torch.inference_mode():
+            for rows in batches:
+                features = preprocess([texts[i] for i in rows])
+                host = {k: (v.pin_memory() if pin else v) for k, v in features.items() if k in names}
+                out = compiled(**host)  # host tensors: the runtime counts tokens there, copies async
+                hidden = out[0] if isinstance(out, (tuple, list)) else out["last_hidden_state"]
+                features = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                            for k, v in {**features, **host}.items()}
+                features["token_embeddings"] = hidden.to(adapter.output_dtype)
+                for module in list(st)[1:]:
+                    features = module(features)
+                outs.append(features["sentence_embedding"])
+            emb = torch.cat(outs)
+            order = torch.tensor([i for rows in batches for i in rows], device=emb.device)
+            return torch.empty_like(emb).index_copy_(0, order, emb)
 
 
 def _float_dtype(encoder: nn.Module) -> torch.dtype:

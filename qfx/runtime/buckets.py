@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-__all__ = ["Buckets", "DimRoles", "dim_roles"]
+__all__ = ["Buckets", "DimRoles", "dim_roles", "token_budget_batches"]
 
 #: default sequence buckets: multiples of 16 (tensor-core friendly) dense where BERT traffic is
 _SEQ = (16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
@@ -91,6 +91,36 @@ class Buckets:
         if j == len(self.seq):
             return None
         return self.batch[i], self.seq[j]
+
+
+def token_budget_batches(lengths: list[int], token_budget: int, buckets: Buckets | None = None) -> list[list[int]]:
+    """Throughput batches of sequences of ``lengths`` tokens: indices sorted by length (longest
+    first, so the first batch shows the memory peak), cut so that each batch padded to its
+    sequence bucket holds at most ``token_budget`` positions and at most the largest batch
+    bucket rows. Every index appears once; the caller restores its own order.
+
+    Example::
+
+        >>> token_budget_batches([5, 120, 30, 128], 256, Buckets(batch=(1, 2, 4), seq=(32, 128)))
+        [[3, 1], [2, 0]]
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget={token_budget}: give a positive number of padded positions, e.g. 16384")
+    buckets = buckets or Buckets()
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    rows = 0
+    for i in order:
+        if batches:
+            seq = buckets.fit(1, max(1, lengths[batches[-1][0]]))
+            width = seq[1] if seq is not None else lengths[batches[-1][0]]
+            if (rows + 1) * width <= token_budget and rows < buckets.batch[-1]:
+                batches[-1].append(i)
+                rows += 1
+                continue
+        batches.append([i])
+        rows = 1
+    return batches
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""The throughput path: token-budget batches (qfx.runtime.buckets.token_budget_batches) and the
+compiled SentenceTransformer's ``encode`` (qfx.embeddings.st.ThroughputEncode): the same
+embeddings as sentence-transformers' own encode loop over the same compiled model, in the
+caller's order. The ST tests skip cleanly without sentence-transformers."""
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import qfx
+from qfx.runtime.buckets import Buckets, token_budget_batches
+
+
+def test_token_budget_batches_cover_every_index_once_within_the_budget():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 300) for _ in range(500)]
+    buckets = Buckets(batch=(1, 8, 32, 64), seq=(32, 64, 128, 256, 384))
+    batches = token_budget_batches(lengths, 4096, buckets)
+    flat = [i for rows in batches for i in rows]
+    assert sorted(flat) == list(range(500))
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first
+    for rows in batches:
+        width = buckets.fit(1, lengths[rows[0]])[1]
+        assert len(rows) <= 64 and (len(rows) * width <= 4096 or len(rows) == 1)
+    assert len(batches) < 60  # full batches, not one text each
+    long = token_budget_batches([600, 3], 512, buckets)  # longer than every bucket: alone, still served
+    assert long == [[0], [1]]
+    with pytest.raises(ValueError, match="token_budget"):
+        token_budget_batches([3], 0)
+
+
+@pytest.fixture(scope="module")
+def compiled_st(tmp_path_factory):
+    pytest.importorskip("sentence_transformers")
+    from e2e.test_embeddings import _write_st_folder
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(_write_st_folder(tmp_path_factory.mktemp("tiny_st_tp"))), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        return qfx.compile(st, mode="int8", target="cpu")
+
+
+def _texts(n: int) -> list[str]:
+    rng = random.Random(1)
+    return [" ".join(f"w{rng.randrange(90)}" for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def test_compiled_encode_is_the_throughput_path_with_the_same_embeddings_in_order(compiled_st):
+    from qfx.embeddings.st import ThroughputEncode
+
+    assert isinstance(compiled_st.encode, ThroughputEncode)
+    compiled_st.encode.token_budget = 96  # several batches of a few texts each
+    texts = _texts(37)
+    got = compiled_st.encode(texts, normalize_embeddings=True)
+    want = type(compiled_st).encode(compiled_st, texts, batch_size=5, normalize_embeddings=True)  # ST's own loop
+    assert isinstance(got, np.ndarray) and got.shape == want.shape and got.dtype == want.dtype
+    # other batch compositions pad to other lengths: equal up to float rounding, in the caller's order
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    single = compiled_st.encode(texts[3])
+    assert single.shape == want.shape[1:]
+    tensor = compiled_st.encode(texts[:4], convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (4, want.shape[1])
+    by_st = type(compiled_st).encode(compiled_st, texts[:4], batch_size=4)
+    np.testing.assert_allclose(tensor.numpy(), by_st, rtol=0, atol=2e-5)
+
+
+def test_calls_the_throughput_path_does_not_serve_go_to_the_original_encode(compiled_st):
+    texts = _texts(3)
+    got = compiled_st.encode(texts, prompt="query: ")
+    want = type(compiled_st).encode(compiled_st, texts, prompt="query: ")
+    np.testing.assert_array_equal(got, want)
+    tokens = compiled_st.encode(texts, output_value="token_embeddings")
+    assert isinstance(tokens, list) and tokens[0].dim() == 2
