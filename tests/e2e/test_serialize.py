@@ -176,15 +176,20 @@ def test_load_restores_buckets_cuda_graphs_and_target(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_roundtrip_bit_identical(tmp_path):
+    """Also: the loaded model replays CUDA graphs in the saved buckets, for the saved target."""
     from qfx.targets import detect_target
 
     target = detect_target()
     model = make("bert_cls", hidden=64).cuda()
     qat = qfx.prepare_qat(model, example_kwargs={k: v.cuda() for k, v in inputs(2, 8).items()}, config=qfx.QuantConfig(4, 4))
-    cm = qfx.compile(qat, mode="int4", target=target.name)
+    cm = qfx.compile(qat, mode="int4", target=target.name, buckets=qfx.Buckets(batch=(2, 4), seq=(16, 32)))
     again = qfx.load(qfx.save(cm, tmp_path / "gpu.safetensors"))
-    x = {k: v.cuda() for k, v in inputs(4, 16, seed=1).items()}
-    assert torch.equal(cm(**x).logits, again(**x).logits)
+    assert again._want_graphs is cm._want_graphs is True
+    assert again.target == cm.target and again._buckets == cm._buckets
+    for batch, seq in ((4, 16), (3, 20)):
+        x = {k: v.cuda() for k, v in inputs(batch, seq, seed=1).items()}
+        assert torch.equal(cm(**x).logits, again(**x).logits)
+    assert "CUDA graphs: 2 bucket(s) captured" in again.runtime_report(), again.runtime_report()
 
 
 def test_inputs_and_outputs_keep_their_symbolic_shapes(w4):
