@@ -57,4 +57,4 @@ class CpuBackend:
             return False, f"{work.name}: block-scaled activations (act_block={work.act_block}) are not implemented on the CPU backend"
         if work.k > numerics.max_exact_k(8, 8):
             return False, f"{work.name}: K={work.k} could overflow the int32 accumulator"
-        return True, f"torch._int_mm, exact int32: {why}; epilogue and quantizer: {kernels.EPILOGUE}"
+        return True, f"{kernels.GEMM} (exact int32 accumulation): {why}; epilogue and quantizer: {kernels.EPILOGUE}"

@@ -114,6 +114,9 @@ def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: 
             shape = f"{info.out_features} x {info.in_features}"
             rep.linears.append(LinearRow(info.name, info.layer, info.role, shape, rep.run_dtype, "float", info.float_reason))
             rep.float_parts.append((info.name, info.float_reason))
+    # which kernels / instruction set each chosen backend runs on (e.g. the CPU backend's ISA line)
+    chosen = {c.backend: c.reason for n in nodes if (c := n.meta.get("qfx_plan")) is not None}
+    rep.plan_origin += "".join(f"; {b}: {why}" for b, why in sorted(chosen.items()))
     rep.float_parts.append(("embeddings, LayerNorm, softmax/attention, residual adds", f"not quantized by qfx (run in {rep.run_dtype})"))
     rotations = [n for n in gm.graph.nodes if is_call(n, ROTATE)]
     if rotations:
