@@ -3,8 +3,8 @@
 Prints what was compiled, one table (latency and quality vs fp32 per mode, and the peer each
 qfx mode beats or loses to), what W4A4 post-training quantization loses and the one command
 that recovers it (QAT), nearest neighbours as text, and with --report the full compile
-report. Runs on the CPU (exact reference backend) and on a GPU (CUTLASS integer kernels where
-built). The same as ``python -m qfx demo``.
+report. Runs on the CPU (the cpu backend: oneDNN int8 GEMMs on AMX / VNNI, bit for bit the
+exact reference) and on a GPU (CUTLASS integer kernels where built). The same as ``python -m qfx demo``.
 
     python examples/demo.py [--target cpu|sm_80|sm_86|sm_89|sm_90] [--repeat N] [--report] [--model-dir DIR]
 """

@@ -14,6 +14,7 @@ Example::
 """
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -58,15 +59,18 @@ def _embed(model, batch) -> torch.Tensor:
 
 
 def _timed(fn: Callable[[], object], repeat: int, cuda: bool) -> float:
-    """Milliseconds per call; the caller has already made one (warm-up) call."""
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    """Milliseconds per call, the median of ``repeat`` calls (robust to a busy machine's
+    bursts); the caller has already made one (warm-up) call."""
+    times = []
     for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeat * 1e3
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def _nearest(emb: torch.Tensor) -> torch.Tensor:
@@ -171,8 +175,7 @@ def run_demo(
         out(f"{r.name:20s} {r.ms:9.1f} {fp32.ms / r.ms:12.2f}x {float(cos.mean()):11.4f} / {float(cos.min()):.4f} "
             f"{same:>7d}/{len(SENTENCES)}  {r.peer}")
     if not cuda:
-        out("\nCPU: qfx runs the exact reference backend (int32 accumulators computed in float64): it shows the numbers, "
-            "not the speed.\nOn a GPU target the integer GEMMs run on tensor cores (python -m qfx demo --target sm_89).")
+        out("\n" + _cpu_path(compiled["int8"]))
     int4 = rows[-1]
     cos4 = float((int4.emb * fp32.emb).sum(-1).mean())
     out(f"\nW4A4 post-training loses quality: mean cosine {cos4:.3f} to fp32 (int8 keeps "
@@ -192,6 +195,21 @@ def run_demo(
     else:
         out("\nfull compile report (every linear: role, shape, precision, backend): add --report")
     return 0
+
+
+def _cpu_path(cm) -> str:
+    """What ran the integer ops on the CPU, from the compile report (the plan's own words)."""
+    rows = cm.report().quantized
+    backends = sorted({r.backend for r in rows})
+    if backends == ["cpu"]:
+        from qfx.backends.cpu import int8_path, kernels
+
+        return (f"CPU: qfx's integer GEMMs ran on the cpu backend ({kernels.GEMM}, {int8_path().why}; epilogue and "
+                f"quantizer: {kernels.EPILOGUE}),\nbit for bit the float64 reference backend (python -m pytest "
+                "tests/kernels/test_cpu_backend.py checks it).")
+    why = next((r.note for r in rows if "not cpu" in r.note), "")
+    return (f"CPU: qfx's integer ops ran on the {', '.join(backends)} backend(s): exact, but not fast. {why}\n"
+            "On a CPU with AMX-INT8 / AVX512-VNNI / AVX-VNNI they run on its int8 instructions (qfx.backends.cpu).")
 
 
 def _short(text: str, width: int = 30) -> str:
