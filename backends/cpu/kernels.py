@@ -78,12 +78,14 @@ _COMPILED: dict[tuple, Callable] = {}
 
 
 def _compiled(fn: Callable, key: tuple) -> Callable:
-    """``fn`` compiled by Inductor for one static configuration ``key`` (bits, bias or not, ...),
-    with dynamic sizes. Each key gets a copy of ``fn`` with its own code object: Dynamo keeps its
+    """``fn`` compiled by Inductor for one static configuration ``key`` (bits, bias or not, ...)
+    and the current number of torch threads, with dynamic sizes. Each key gets a copy of ``fn`` with its own code object: Dynamo keeps its
     compiled variants per code object, up to a small limit, and a process that runs several
     models (bits, clips, shapes) would otherwise exhaust it and silently run eager."""
     if EPILOGUE != "inductor":
         return fn
+    # Inductor writes the thread count into the loops it generates: a new count, a new compile
+    key = (*key, torch.get_num_threads())
     found = _COMPILED.get((fn, key))
     if found is None:
         code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{len(_COMPILED)}")

@@ -172,3 +172,17 @@ def test_only_rejects_unknown_names_and_backends_the_target_lacks():
             pass
     with only("cutlass"), pytest.raises(ValueError, match="none of these backends serves target 'cpu'"):
         backends_for(get_target("cpu"))
+
+
+def test_a_new_thread_count_gets_its_own_compiled_loops():
+    x = torch.randn(300, 96, generator=torch.Generator().manual_seed(5))
+    want = ref_quantize(x, 8, False, None, None)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert _equal(kernels.quantize(x, 8, False, None, None), want)
+        keys = [key for (fn, key) in kernels._COMPILED if fn is numerics.quantize_activation and key[:3] == (8, False, None)]
+        assert {key[-1] for key in keys} >= {1, 2}
+    finally:
+        torch.set_num_threads(before)
