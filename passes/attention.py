@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from qfx.schema import ATTENTION_OPS, ancestors, is_call, sdpa_mask
+from qfx.schema import ATTENTION_OPS, META_ATTENTION, ancestors, is_call, sdpa_mask
 
 __all__ = ["key_padding_attention", "PACKED_ATTENTION", "packed_attention_impl", "attention_block", "AttentionBlock"]
 
@@ -80,23 +80,23 @@ def key_padding_attention(gm: GraphModule, dtype: torch.dtype) -> GraphModule:
     """Rewrite HF's expanded boolean mask into a ``[B, 1, 1, S]`` additive bias; see module doc."""
     sdpas = [n for n in gm.graph.nodes if is_call(n, ATTENTION_OPS)]
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
-    gm.meta["qfx_attention"] = "no attention op"
+    gm.meta[META_ATTENTION] = "no attention op"
     if not sdpas:
         return gm
     if dtype not in (torch.float16, torch.bfloat16):
-        gm.meta["qfx_attention"] = f"kept as captured: float parts run in {dtype} (the twin's kernel)"
+        gm.meta[META_ATTENTION] = f"kept as captured: float parts run in {dtype} (the twin's kernel)"
         return gm
     if _MASK_INPUT not in placeholders:
-        gm.meta["qfx_attention"] = "kept as captured: the model takes no attention_mask"
+        gm.meta[META_ATTENTION] = "kept as captured: the model takes no attention_mask"
         return gm
     masks = {m for m in (sdpa_mask(n) for n in sdpas) if m is not None}
     if not masks:
-        gm.meta["qfx_attention"] = "no mask: fused kernels take it as captured"
+        gm.meta[META_ATTENTION] = "no mask: fused kernels take it as captured"
         return gm
     for m in masks:
         ok, why = _is_key_padding(gm, m, placeholders)
         if not ok:
-            gm.meta["qfx_attention"] = f"kept as captured: {why}"
+            gm.meta[META_ATTENTION] = f"kept as captured: {why}"
             return gm
     graph = gm.graph
     src = placeholders[_MASK_INPUT]
@@ -121,7 +121,7 @@ def key_padding_attention(gm: GraphModule, dtype: torch.dtype) -> GraphModule:
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    gm.meta["qfx_attention"] = f"key-padding bias [B, 1, 1, S] ({dtype}): fused SDPA kernels eligible"
+    gm.meta[META_ATTENTION] = f"key-padding bias [B, 1, 1, S] ({dtype}): fused SDPA kernels eligible"
     return gm
 
 
@@ -287,4 +287,5 @@ def attention_block(sdpa: Node, mask_input: Node) -> tuple[AttentionBlock | None
     out = _merged_heads_output(sdpa, b, s, int(_shape(q)[2]))
     if out is None:
         return None, "the attention output is not merged back to [batch, seq, features]"
-    return AttentionBlock(sdpa, q, k, v, heads, out, sdpa.kwargs.get("scale")), ""
+    scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
+    return AttentionBlock(sdpa, q, k, v, heads, out, scale), ""

@@ -1,8 +1,10 @@
 """remove_padding: token-wise work runs on the real tokens only (L5, option ``remove_padding``).
 
-A batch of sentences padded to the longest spends every GEMM, quantize, LayerNorm and GELU on
-padding. As FasterTransformer's "remove padding", this pass runs the token-wise ops on the
-real tokens packed together, and gives attention its padded layout back only around it.
+A batch of sentences padded to the longest spends every GEMM, quantize, LayerNorm, GELU and
+attention on padding. As FasterTransformer's "remove padding" (and FlashAttention's varlen
+path), this pass runs the whole encoder on the real tokens packed together: the embedding
+lookups read packed ids, every token-wise op and attention run packed, and the outputs are
+repadded once, at the end.
 
 Layouts. A tensor whose two leading dims are the batch and sequence symbols of
 ``attention_mask`` (``[B, S, *F]``) is *padded*; its *packed* form is ``[1, T, *F]``, the T
@@ -13,6 +15,14 @@ broadcasts of ``[F]`` or ``[1, 1, F]`` parameters) and the graph's arguments sta
 Pattern (a layout propagation over the graph, in order; op sets in :mod:`qfx.schema`)::
 
     gather, scatter = qfx::token_index(attention_mask, None)             once, after the inputs
+    cu_seqlens = pad(cumsum(sum(attention_mask != 0, 1)), (1, 0))        once, when attention packs
+    merge(sdpa(heads(q), heads(k), heads(v), M))   q, k, v [B, S, H*D], M a key-padding mask of
+                     attention_mask (evaluated on a probe), no dropout, not causal
+      -> qfx::packed_attention(q, k, v, H, cu_seqlens, S, gather, scatter, attention_mask, M)
+                     (passes/attention.py), run packed like a token-wise op; q, k, v packed
+    y = embedding(W, ids)   ids [B, S] (or positions [1, S] read only by elementwise ops:
+                     expanded to [B, S] first)
+      -> y = embedding(W, qfx::pack_tokens(ids, gather))                y is packed
     y = op(x, ...)   op in TOKENWISE_OPS (int_linear, quantize, linear, layer_norm, fused
                      add+LayerNorm+quantize), x padded [B, S, F] (float)
       -> y = op(qfx::pack_tokens(x, gather), ...)                        y is packed
@@ -21,23 +31,24 @@ Pattern (a layout propagation over the graph, in order; op sets in :mod:`qfx.sch
                      real tokens, exact) or constant over tokens ([F], [1, 1, F], scalars)
       -> y packed; getitem of a packed op and feature splits (FEATURE_SPLIT_OPS, dim >= 2,
          when a part feeds a token-wise op) are packed too
-    any other consumer of a packed y (views/permutes feeding attention, hidden[:, 0], the
-    graph's outputs)
+    any other consumer of a packed y (hidden[:, 0], the graph's outputs, an attention the
+    packed form does not take)
       -> qfx::repad_tokens(y, scatter, attention_mask)     [B, S, *F], zeros at padding
 
-Elementwise ops never start a packed chain: only a GEMM / quantize / LayerNorm does. So the
-sub-graph that builds the attention mask (elementwise ops on ``attention_mask``) stays padded,
-and the first pack is the embeddings' LayerNorm input: packing happens once at the embedding
-output, then once per attention block (attention output -> attn_out linear), with one repad
-per block before the q/k/v views (before the split when no part of it is token-wise) and one
-per output.
+Elementwise ops never start a packed chain: only a lookup / GEMM / quantize / LayerNorm does.
+So the sub-graph that builds the attention mask (elementwise ops on ``attention_mask``) stays
+padded. In a BERT: three integer packs (word ids, token types, positions), no float row packed
+or repadded inside the encoder, one repad per [B, S, F] output (the pooler's hidden[:, 0] reads
+the last hidden state's).
 
-Why no varlen attention kernel: attention is the one op that mixes tokens; re-padding its
-input and packing its output costs two row copies of [T, F] per layer (memory-bound, small
-next to the GEMMs), keeps the SDPA kernels qfx already selects and tests (key-padding bias,
-flash / cuDNN under capture), and keeps one graph for every backend. A varlen kernel
-(``torch.nn.attention.varlen`` / flash-attn's ``flash_attn_varlen_func`` with cu_seqlens from
-the same index) would remove those copies and the attention work on padding; a later option.
+Why packed attention: attention is the one op that mixes tokens. Re-padding its input and
+packing its output (the first form of this pass) cost two [T, F] row copies and three padded
+[B, S, F] tensors per layer, plus attention over the padding: at BERT-base 128 x 128 with 63 %
+real tokens the packed model was slower than the padded one (issue 24). Each row's real tokens
+are contiguous in the packed order whatever the padding's shape (right, left, holes), so a
+key-padding attention is exactly attention within each cu_seqlens segment. An attention whose
+mask is not a key-padding mask (causal, sliding, a mask that also hides real keys) keeps the
+repadded form, and ``gm.meta["qfx_unpad"]`` says why.
 
 When it applies: the model takes ``attention_mask`` (dynamic batch and sequence dims), has at
 least one SDPA attention, and every SDPA's mask blocks every padded key for every real query
@@ -55,7 +66,9 @@ guarantee is a float GEMM (``aten.linear`` / weight-only linears: a BLAS may blo
 differently); bit-identical too in every case tried on the CPU (W4A16, ELECTRA's float
 projection, fp32 and bf16). The pooler and classifier read ``hidden[:, 0]`` of a repadded
 tensor, so they see the same shapes. On a GPU the integer GEMMs are exact too; a float GEMM
-or LayerNorm kernel chosen per M may round differently. Padded positions of every ``[B, S, ...]`` output are zero. A batch row with no real
+or LayerNorm kernel chosen per M may round differently, and packed attention in fp16 / bf16
+runs flash attention's varlen kernel, which rounds as the padded model's fused SDPA kernels do
+(not bit for bit: another kernel); in fp32 it runs the repadded reference, bit for bit. Padded positions of every ``[B, S, ...]`` output are zero. A batch row with no real
 token (all-zero mask) has no packed row: its hidden states are zero (what HF would compute from
 uniform attention over padding is not reproduced), e.g. its pooler output is ``tanh(bias)``.
 The graph's other (non-token) values are unchanged.
@@ -75,8 +88,8 @@ from torch.fx.node import map_arg
 
 from qfx.passes.attention import PACKED_ATTENTION, attention_block
 from qfx.schema import (
-    ATTENTION_OPS, ELEMENTWISE_OPS, FEATURE_SPLIT_OPS, PACK_TOKENS, REPAD_TOKENS, TOKEN_INDEX, TOKENWISE_OPS,
-    ancestors, arg, is_call, sdpa_mask,
+    ATTENTION_OPS, ELEMENTWISE_OPS, FEATURE_SPLIT_OPS, META_TOKENS, META_UNPAD, PACK_TOKENS, REPAD_TOKENS,
+    TOKEN_INDEX, TOKENWISE_OPS, ancestors, arg, is_call, sdpa_mask,
 )
 
 __all__ = ["remove_padding"]
@@ -85,6 +98,8 @@ aten = torch.ops.aten
 _MASK_INPUT = "attention_mask"  # the HF input convention (as passes/attention.py): 1 = real token
 #: a probe mask: full, right-padded, left-and-right padded rows
 _PROBE = ((1, 1, 1, 1, 1, 1), (1, 1, 1, 0, 0, 0), (0, 1, 1, 1, 1, 0))
+#: row lookups by integer ids: the embeddings (packed ids -> packed rows, exact row copies)
+_LOOKUPS = (aten.embedding.default,)
 #: consumers that read only dtype / device / layout (export's checks): a packed input is fine
 _METADATA_OPS = frozenset({aten._assert_tensor_metadata.default})
 
@@ -248,7 +263,7 @@ class _Layouts:
         if node not in self.packs:
             with self.graph.inserting_before(before):
                 self.packs[node] = self.graph.call_function(PACK_TOKENS, (node, self.gather))
-            self.packs[node].meta["qfx_tokens"] = "packed"
+            self.packs[node].meta[META_TOKENS] = "packed"
         return self.packs[node]
 
     def repad(self, node: Node, before: Node) -> Node:
@@ -263,7 +278,7 @@ class _Layouts:
     def mark_packed(self, node: Node) -> None:
         self.packed.add(node)
         self.padded_val[node] = node.meta.pop("val", None)  # its shape is [1, T, ...] now
-        node.meta["qfx_tokens"] = "packed"
+        node.meta[META_TOKENS] = "packed"
 
     def run_packed(self, node: Node, operands: list[Node], rank: int | None) -> bool:
         """Pack ``node``'s token ``operands`` if it can run packed; say whether it does."""
@@ -277,6 +292,30 @@ class _Layouts:
                 return False
         for a in plan:
             node.replace_input_with(a, self.pack(a, node))
+        self.mark_packed(node)
+        return True
+
+    def run_lookup(self, node: Node) -> bool:
+        """``embedding(weight, ids)`` on packed ids when ``ids`` are per token ([B, S]) or one
+        row of positions shared by the batch ([1, S], expanded first: a copy of B * S integers),
+        so the lookup writes packed rows; say whether it does."""
+        ids = node.args[1] if len(node.args) > 1 else None
+        val = _val(ids)
+        if ids in self.packed:
+            self.mark_packed(node)
+            return True
+        if val is None or val.dim() != 2 or val.is_floating_point():
+            return False
+        if self.is_tokens(ids):
+            node.replace_input_with(ids, self.pack(ids, node))
+        elif (val.shape[0] == 1 and _symbol(val.shape[1]) == self.seq
+              and node.users and all(is_call(u, ELEMENTWISE_OPS) for u in node.users)):  # broadcast over the batch
+            with self.graph.inserting_before(node):
+                batch = self.graph.call_function(aten.sym_size.int, (self.mask, 0))
+                rows = self.graph.call_function(aten.expand.default, (ids, [batch, -1]))
+            node.replace_input_with(ids, self.pack(rows, node))
+        else:
+            return False
         self.mark_packed(node)
         return True
 
@@ -329,7 +368,7 @@ def remove_padding(gm: GraphModule) -> GraphModule:
     mask_input = next((n for n in graph.nodes if n.op == "placeholder" and n.name == _MASK_INPUT), None)
     why = _why_not(gm, mask_input)
     if why:
-        gm.meta["qfx_unpad"] = f"off: {why}"
+        gm.meta[META_UNPAD] = f"off: {why}"
         return gm
     lay = _Layouts(gm, mask_input)
     attentions, attention_why = lay.pack_attention()
@@ -342,6 +381,8 @@ def remove_padding(gm: GraphModule) -> GraphModule:
             continue
         if is_call(node, PACKED_ATTENTION):
             lay.run_packed(node, list(node.args[:3]), rank=None)  # q, k, v: [B, S, F] tokens, always packable
+            continue
+        if is_call(node, _LOOKUPS) and lay.run_lookup(node):
             continue
         val = _val(node)
         rank = val.dim() if val is not None else None
@@ -372,7 +413,7 @@ def remove_padding(gm: GraphModule) -> GraphModule:
     attention = (f"{attentions} attention(s) packed (varlen)" if attentions else "attention repadded")
     if attentions < sum(1 for n in graph.nodes if is_call(n, ATTENTION_OPS)) + attentions and attention_why:
         attention += f"; {attention_why}: repadded there"
-    gm.meta["qfx_unpad"] = (f"on: {work} token-wise op(s) run on the real tokens only "
+    gm.meta[META_UNPAD] = (f"on: {work} token-wise op(s) run on the real tokens only "
                             f"({packs} pack, {repads} repad, {attention}, index from attention_mask)" if work
                             else "off: no GEMM, quantize or LayerNorm reads a [batch, seq, features] tensor")
     return gm

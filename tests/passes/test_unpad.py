@@ -104,9 +104,12 @@ def test_pass_packs_once_at_the_embeddings_and_repads_once_at_the_output(bert_pa
     assert gm.meta["qfx_unpad"].startswith("on:"), gm.meta["qfx_unpad"]
     assert f"{layers} attention(s) packed (varlen)" in gm.meta["qfx_unpad"]
     assert _count(gm, TOKEN_INDEX) == 1
-    # packed once (embeddings' LayerNorm input), attention runs on the packed q/k/v (no repad
-    # around it), repadded once: the last hidden state (the output, read by the pooler too)
-    assert _count(gm, PACK_TOKENS) == 1 and _count(gm, REPAD_TOKENS) == 1
+    # the embedding lookups read packed ids (word, token type, positions: integers, no float row
+    # is packed), attention runs on the packed q/k/v (no repad around it), repadded once: the
+    # last hidden state (the output, read by the pooler too)
+    packs = [n for n in gm.graph.nodes if is_call(n, PACK_TOKENS)]
+    assert len(packs) == 3 and all(u.target == torch.ops.aten.embedding.default for n in packs for u in n.users)
+    assert _count(gm, REPAD_TOKENS) == 1
     assert _count(gm, ATTENTION_OPS) == 0 and _count(gm, PACKED_ATTENTION) == layers
     for n in gm.graph.nodes:
         if is_call(n, tuple(INTEGER_LINEAR_OPS) + (QUANTIZE, PACKED_ATTENTION)):
