@@ -251,6 +251,44 @@ def linear_table(modes, iters: int, target) -> list[dict]:
     return rows
 
 
+def encode_table(n: int, target) -> list[dict]:
+    """--encode N: sentence-transformers all-MiniLM-L6-v2 encode() of N texts (lengths uniform in
+    [8, 128] words), texts/s: ST fp16 (its own loop), qfx int8 through ST's loop, and qfx int8's
+    encode (the throughput path, qfx.embeddings.st.ThroughputEncode); embeddings compared."""
+    import random
+
+    from sentence_transformers import SentenceTransformer
+
+    from qfx.models import minilm_path
+
+    rng = random.Random(0)
+    words = "the a film witty fresh dull plot actor scene story long short good bad music end".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 128))) for _ in range(n)]
+    fp16 = SentenceTransformer(str(minilm_path()), device="cuda").half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        int8 = qfx.compile(SentenceTransformer(str(minilm_path()), device="cpu"), mode="int8", target=target.name)
+    runs = {"st fp16 encode": lambda: fp16.encode(texts, batch_size=128),
+            "qfx int8 via st loop": lambda: type(int8).encode(int8, texts, batch_size=128),
+            "qfx int8 encode": lambda: int8.encode(texts)}
+    rows, embs = [], {}
+    for name, fn in runs.items():
+        embs[name] = fn()  # warm-up (captures graphs)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        rate = n / (time.perf_counter() - t0)
+        rows.append({"encode": name, "texts_per_s": rate})
+        print(f"encode {name:24s} {rate:10,.0f} texts/s", flush=True)
+    ref = torch.tensor(embs["st fp16 encode"]).float()
+    for name in list(runs)[1:]:
+        cos = torch.nn.functional.cosine_similarity(torch.tensor(embs[name]).float(), ref, dim=1)
+        print(f"encode {name}: cosine to st fp16 min {cos.min():.4f} mean {cos.mean():.4f}")
+    print(f"encode: qfx int8 encode / st fp16 = {rows[2]['texts_per_s'] / rows[0]['texts_per_s']:.2f}x")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert-base,bert-large,minilm-l6")
@@ -268,6 +306,7 @@ def main() -> None:
     ap.add_argument("--batch1-sweep", action="store_true")
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct-launch rows (time)")
+    ap.add_argument("--encode", type=int, default=0, help="also sentence-transformers encode() of N texts")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -279,6 +318,7 @@ def main() -> None:
           f"int4 runs on: {target.int4_execution}", flush=True)
     rows, profiles, notes, sweep_rows = [], {}, [], []
     linear_rows = linear_table(modes, args.iters, target) if args.linear else []
+    encode_rows = encode_table(args.encode, target) if args.encode else []
     for name in args.models.split(","):
         try:
             float_model = load(name)
@@ -400,7 +440,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "target": target.name, "torch": torch.__version__,
                        "date": time.strftime("%Y-%m-%d"), "rows": rows, "linear": linear_rows,
-                       "profiles": profiles, "notes": notes, "sweeps": sweep_rows}, f, indent=1)
+                       "profiles": profiles, "notes": notes, "sweeps": sweep_rows, "encode": encode_rows}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
 
