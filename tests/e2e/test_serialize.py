@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import qfx
 from qfx.runtime import serialize
-from models import inputs, make
+from models import ALL_FAMILIES, inputs, make
 
 
 def _compile(config, family="bert_cls", hidden=32, mode=None, layers=2):
@@ -65,6 +65,17 @@ def test_the_file_needs_no_float_weights_and_keeps_the_plan(w4):
     assert torch.equal(again(ids).logits, cm(ids).logits)
     with pytest.raises(ValueError, match="longer than the model supports"):
         again(torch.ones(1, 200, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_family_saves_inside_the_allowlist(tmp_path, family):
+    """Every call target a supported family's graph uses is on qfx.runtime.allowlist (save
+    refuses anything else), and the reload is bit-identical."""
+    cm, _ = _compile(qfx.QuantConfig(8, 8), family=family, layers=1)
+    again = qfx.load(qfx.save(cm, tmp_path / f"{family}.safetensors"))
+    x = inputs(2, 9, seed=6)
+    a, b = cm(**x), again(**x)
+    assert type(a) is type(b) and all(torch.equal(u, v) for u, v in zip(a.values(), b.values()))
 
 
 def test_truncated_file(w4, tmp_path):
