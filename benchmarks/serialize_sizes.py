@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
 import qfx
-from qfx.runtime import serialize
+from qfx.runtime import fileformat, serialize
 
 
 def main(argv=None) -> int:
@@ -50,8 +50,11 @@ def main(argv=None) -> int:
         t_load = time.time() - t
         same = torch.equal(cm(**batch).last_hidden_state, again(**batch).last_hidden_state)
         r = serialize.size_report(path, fp16_path)
+        with open(path, "rb") as f:  # the header: graph + metadata JSON (qfx.load reads at most 32 MiB)
+            header = int.from_bytes(f.read(8), "little")
         print(f"W{bits}A{bits}: file {r['file_bytes'] / 2**20:.1f} MiB ({r['file_bytes'] / r['fp16_file_bytes']:.3f}x the fp16 "
-              f"file), encoder linears {r['linear_bytes'] / 2**20:.1f} MiB ({r['linear_bytes'] / lin_fp16:.3f}x fp16), "
+              f"file; header {header / 2**10:.0f} KiB of at most {fileformat.MAX_HEADER_BYTES >> 20} MiB), "
+              f"encoder linears {r['linear_bytes'] / 2**20:.1f} MiB ({r['linear_bytes'] / lin_fp16:.3f}x fp16), "
               f"save {t_save:.1f} s, load {t_load:.1f} s, reload bit-identical: {same}")
     return 0
 
