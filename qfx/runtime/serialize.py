@@ -18,8 +18,9 @@ The safetensors header's string metadata holds (all JSON):
   JSON form (``{"node": name}``, ``{"dtype": "float16"}``, ``{"device": "cpu"}``,
   ``{"tuple": [...]}``, ``{"slice": [a, b, c]}``, ``{"float": "inf"}``) and ``meta``: qfx's
   node metadata (LinearInfo, QuantSpec, PlanChoice: the plan, i.e. each op's backend and why)
-  as tagged dataclasses (:mod:`qfx.runtime.tagged_json`). Plus the pytree input/output specs (torch's
-  ``treespec_dumps``, so the output keeps its HF class), the schema of every qfx op used
+  as tagged dataclasses (:mod:`qfx.runtime.tagged_json`). Plus the pytree input/output specs
+  (torch's ``treespec_dumps``, so the output keeps its HF class; read back by
+  :func:`qfx.runtime.allowlist.treespec_from_json`, not torch's loader), the schema of every qfx op used
   (a changed op schema is a version mismatch), the parameter names, and ``code``: the graph's
   Python source, for people to read (never executed).
 * ``qfx.capture``: every field of the capture record (:class:`qfx.capture.CaptureInfo`:
@@ -36,19 +37,21 @@ Why a node list rather than ``torch.export``'s serialized program: the L5 graph 
 fx graph of registered ops whose arguments are plain values, so a node list is exact, small,
 human-readable and loads without tracing or ``pickle``; torch.export's format would need the
 graph re-exported (fake-tensor tracing of every custom op, with their backends' constraints)
-and stores weights in its own archive, not in safetensors next to the plan. Dropped on save: export's shape-guard module (``_guards_fn``;
-qfx's own input checks in :func:`qfx.capture.check_inputs` still run) and the FakeTensor ``val``
-metadata of inner nodes.
+and stores weights in its own archive, not in safetensors next to the plan. Dropped on save:
+export's shape-guard module (``_guards_fn``; qfx's own input checks in
+:func:`qfx.capture.check_inputs` still run) and the FakeTensor ``val`` metadata of inner nodes.
 
 The loaded model runs on the device it was saved from (export bakes the device into the graph:
 ``arange(..., device=cpu)``); on the same device its outputs are bit-identical to the saved
 model's (same tensors, same ops, same order).
 
-Untrusted files: loading never runs code from the file, imports nothing it names, and never
-unpickles. The header is checked against fixed limits before it is parsed
-(:mod:`qfx.runtime.fileformat`); every name in the file becomes an object only through the
-tables of :mod:`qfx.runtime.allowlist` (call targets, dataclasses, dtypes, devices, pytree
-types), and names that fx writes into the generated ``forward`` must be plain identifiers.
+Untrusted files: loading never runs code from the file and never unpickles; the only module it
+may import by a name in the file is a transformers ``modeling_*`` module defining the output's
+``ModelOutput`` class (matched by pattern, :func:`qfx.runtime.allowlist.treespec_from_json`).
+The header is checked against fixed limits before it is parsed (:mod:`qfx.runtime.fileformat`);
+every name in the file becomes an object only through the tables of :mod:`qfx.runtime.allowlist`
+(call targets, dataclasses, dtypes, devices, pytree types), and names that fx writes into the
+generated ``forward`` must be plain identifiers.
 ``save`` applies the same tables, so qfx never writes a file it would refuse. A graph that
 passes can still compute anything the allowlisted tensor ops compute (time and memory at call
 time are the model's), as with any model file.
