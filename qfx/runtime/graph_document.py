@@ -171,15 +171,26 @@ def _fake_vals(entries: list[dict]) -> dict[str, torch.Tensor]:
     return out
 
 
+#: the most values one node's arguments may hold: fx writes them into the generated source as
+#: literals, and compiling a literal costs far more memory than its JSON (real nodes hold < 1000)
+MAX_ARGUMENT_VALUES = 1 << 16
+
+
 def _check_plain(node: str, value: Any) -> None:
-    """Arguments are values fx writes as literals: no dataclass (those live in metadata)."""
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            _check_plain(node, v)
-    elif isinstance(value, dict):
-        _check_plain(node, tuple(value.values()))
-    elif dataclasses.is_dataclass(value):
-        raise ValueError(f"node {node}: a {type(value).__name__} among its arguments")
+    """Arguments are values fx writes as literals: no dataclass (those live in metadata), and at
+    most :data:`MAX_ARGUMENT_VALUES` of them."""
+    stack, count = [value], 0
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > MAX_ARGUMENT_VALUES:
+            raise ValueError(f"node {node}: more than {MAX_ARGUMENT_VALUES} values among its arguments")
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif dataclasses.is_dataclass(v):
+            raise ValueError(f"node {node}: a {type(v).__name__} among its arguments")
 
 
 def _get_attr(gm: nn.Module, target: str):

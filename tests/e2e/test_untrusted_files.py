@@ -245,11 +245,15 @@ def test_graph_structure(saved, tmp_path, monkeypatch):
     def default(doc):  # fx writes a placeholder's argument into the def line as its default
         _node(doc, "placeholder")["args"] = ["x"]
 
+    def literal(doc):  # a literal that would cost gigabytes to compile into the generated forward
+        _node(doc, "call_function")["args"].append(list(range(graph_document.MAX_ARGUMENT_VALUES)))
+
     _refused(_craft(path, tmp_path / "fw.safetensors", graph=forward_reference), "not defined before it")
     _refused(_craft(path, tmp_path / "tw.safetensors", graph=twice), "used twice")
     _refused(_craft(path, tmp_path / "me.safetensors", graph=method), "op 'call_method'")
     _refused(_craft(path, tmp_path / "mo.safetensors", graph=module), "op 'call_module'")
     _refused(_craft(path, tmp_path / "de.safetensors", graph=default), "a placeholder node with arguments")
+    _refused(_craft(path, tmp_path / "li.safetensors", graph=literal), "more than 65536 values among its arguments")
     monkeypatch.setattr(graph_document, "MAX_NODES", 10)
     _refused(path, "at most 10 nodes")
 
