@@ -411,7 +411,7 @@ def remove_padding(gm: GraphModule) -> GraphModule:
     work = sum(1 for n in lay.packed if is_call(n, tokenwise) and n.graph is graph)
     packs, repads = (sum(1 for n in graph.nodes if is_call(n, op)) for op in (PACK_TOKENS, REPAD_TOKENS))
     attention = (f"{attentions} attention(s) packed (varlen)" if attentions else "attention repadded")
-    if attentions < sum(1 for n in graph.nodes if is_call(n, ATTENTION_OPS)) + attentions and attention_why:
+    if any(is_call(n, ATTENTION_OPS) for n in graph.nodes) and attention_why:  # some attention kept its form
         attention += f"; {attention_why}: repadded there"
     gm.meta[META_UNPAD] = (f"on: {work} token-wise op(s) run on the real tokens only "
                             f"({packs} pack, {repads} repad, {attention}, index from attention_mask)" if work

@@ -271,6 +271,7 @@ def test_gpu_unpadded_graphs_replay_what_the_padded_model_computes(mode):
     assert unpadded._graphs.last_key == (4, 64, 160) and len(unpadded._graphs.graphs) == 2
     report = unpadded.runtime_report()
     assert "padding removal: on" in report and "token buckets" in report, report
+    assert "2 attention(s) packed (varlen)" in report and "last call: graph (4, 64, 160)" in report, report
     zero = {k: v.clone() for k, v in x.items()}
     zero["attention_mask"][0] = 0  # an all-zero row: finite, zero hidden states
     out = unpadded(**zero).last_hidden_state
