@@ -226,6 +226,7 @@ def compile_sentence_transformer(
     config=None,
     skip: tuple[str, ...] = (),
     float_dtype: torch.dtype | None = None,
+    remove_padding: bool = False,
 ):
     """A copy of ``st`` whose encoder is ``qfx.compile`` of its encoder (float or QAT-prepared).
 
@@ -250,7 +251,8 @@ def compile_sentence_transformer(
     else:
         kwargs = example_kwargs if example_kwargs is not None else example_inputs(st, device=torch.device("cpu"))
         out_dtype = _float_dtype(encoder)
-    compiled = qfx_compile(encoder, mode=mode, target=target, example_kwargs=kwargs, config=config, skip=skip, float_dtype=float_dtype)
+    compiled = qfx_compile(encoder, mode=mode, target=target, example_kwargs=kwargs, config=config, skip=skip,
+                           float_dtype=float_dtype, remove_padding=remove_padding)
     out = _replace_encoder(st, EncoderAdapter(compiled, hf_config, out_dtype))
     # Pooling / Dense / Normalize run where the encoder's outputs are; the adapter is already there.
     for module in list(out)[1:]:

@@ -27,10 +27,10 @@ from torch.fx import GraphModule
 
 from qfx.capture import CaptureInfo, normalize_inputs
 from qfx.runtime.report import CompileReport
-from qfx.runtime.buckets import Buckets, dim_roles
+from qfx.runtime.buckets import Buckets, dim_roles, token_budget_batches
 from qfx.runtime.graphs import GraphPool
 from qfx.runtime.launch_plan import LaunchPlan, bind_launchers
-from qfx.schema import META_ATTENTION, META_FUSED_NORMS, META_FUSED_ROTATED_NORMS
+from qfx.schema import META_ATTENTION, META_FUSED_NORMS, META_FUSED_ROTATED_NORMS, META_UNPAD
 
 __all__ = ["CompiledModel", "check_input_values"]
 
@@ -143,8 +143,8 @@ class CompiledModel(nn.Module):
         lines = []
         meta = self.graph_module.meta
         if META_ATTENTION in meta:
-            lines.append(f"attention: {meta['qfx_attention']}")
-        lines.append(f"padding removal: {meta.get('qfx_unpad', 'off (remove_padding=False)')}")
+            lines.append(f"attention: {meta[META_ATTENTION]}")
+        lines.append(f"padding removal: {meta.get(META_UNPAD, 'off (remove_padding=False)')}")
         if META_FUSED_NORMS in meta:
             n, why = meta[META_FUSED_NORMS]
             rotated = meta.get(META_FUSED_ROTATED_NORMS, 0)
@@ -236,6 +236,41 @@ class CompiledModel(nn.Module):
         else:
             self.last_path = ("direct", self._graphs_off or "CUDA graphs off")
         return self.launch_plan.module.forward(**kwargs)
+
+    def run_many(self, sequences: list[dict[str, torch.Tensor]], token_budget: int = 16384) -> list[Any]:
+        """Run many sequences at throughput; one output per sequence, in the caller's order.
+
+        Each item holds one sequence's inputs as 1-D tensors of its length (a tokenizer's output
+        without padding, ``attention_mask`` included). Batches are length-sorted and cut by a
+        budget of padded positions (:func:`qfx.runtime.buckets.token_budget_batches`), padded on
+        the host (pinned for a GPU model: the runtime counts tokens there, copies asynchronously)
+        and run with no device sync between them; each output keeps the model's structure with
+        its batch and sequence dims cut to the sequence (``last_hidden_state`` [length, F]).
+
+        Example::
+
+            >>> enc = [{k: v[0] for k, v in tok(t, return_tensors="pt").items()} for t in texts]
+            >>> outs = compiled.run_many(enc)          # outs[i].last_hidden_state: [len_i, F]
+        """
+        roles = dim_roles(self.graph_module, self._capture.input_names)
+        if roles.why_not or not roles.has_seq:
+            raise ValueError(f"run_many: this model's inputs have no [batch, seq] dims to pack ({roles.why_not})")
+        names = [n for n in self._capture.input_names if n in sequences[0]] if sequences else []
+        lengths = [int(item[names[0]].shape[0]) for item in sequences]
+        pin = self.device.type == "cuda"
+        results: list[Any] = [None] * len(sequences)
+        with torch.inference_mode():
+            for rows in token_budget_batches(lengths, token_budget, self._buckets):
+                batch = {n: torch.nn.utils.rnn.pad_sequence([sequences[i][n] for i in rows], batch_first=True)
+                         for n in names}
+                out = self(**{n: t.pin_memory() if pin else t for n, t in batch.items()})
+                leaves, spec = pytree.tree_flatten(out)
+                for j, i in enumerate(rows):
+                    cut = [leaf if r is None else leaf[tuple(j if d == "b" else slice(0, lengths[i]) if d == "s"
+                                                             else slice(None) for d in r)]
+                           for leaf, r in zip(leaves, roles.outputs)]
+                    results[i] = pytree.tree_unflatten(cut, spec)
+        return results
 
     #: a mask on the GPU is read back (a device sync) only for calls this large, where dropping
     #: the attention bias saves more than the sync costs

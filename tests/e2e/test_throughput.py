@@ -76,3 +76,23 @@ def test_calls_the_throughput_path_does_not_serve_go_to_the_original_encode(comp
     np.testing.assert_array_equal(got, want)
     tokens = compiled_st.encode(texts, output_value="token_embeddings")
     assert isinstance(tokens, list) and tokens[0].dim() == 2
+
+
+def test_run_many_returns_each_sequence_cut_to_its_length_in_order():
+    from models import inputs, make
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
+        cm = qfx.compile(make("bert", layers=1), mode="int8", target="cpu", example_kwargs=inputs(2, 8))
+    rng = random.Random(2)
+    lengths = [rng.randint(1, 20) for _ in range(9)]
+    seqs = []
+    for n in lengths:
+        x = inputs(1, n, seed=n, pad=False)
+        seqs.append({k: v[0] for k, v in x.items()})
+    outs = cm.run_many(seqs, token_budget=48)
+    for n, item, out in zip(lengths, seqs, outs):
+        alone = cm(**{k: v[None] for k, v in item.items()})  # the sequence alone, no padding
+        assert out.last_hidden_state.shape == (n, alone.last_hidden_state.shape[-1])
+        torch.testing.assert_close(out.last_hidden_state, alone.last_hidden_state[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.pooler_output, alone.pooler_output[0], rtol=0, atol=1e-5)
