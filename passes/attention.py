@@ -162,6 +162,13 @@ def varlen_kernel_takes(q: torch.Tensor, heads: int) -> bool:
     return q.is_cuda and q.dtype in _VARLEN_DTYPES and d % 8 == 0 and d <= 256
 
 
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 scale: float | None) -> torch.Tensor:
+    """[T', H, D] attention within each cu_seqlens segment (rows past the last are left as they are)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False,
+                                                   False, scale=scale)[0]
+
+
 def packed_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cu_seqlens: torch.Tensor,
                           max_seqlen: int, gather: torch.Tensor, scatter: torch.Tensor, attention_mask: torch.Tensor,
                           attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
@@ -169,9 +176,8 @@ def packed_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     t, f = q.shape[1], q.shape[2]
     if varlen_kernel_takes(q, heads):
         d = f // heads
-        out = torch.ops.aten._flash_attention_forward(
-            q[0].view(t, heads, d), k[0].view(t, heads, d), v[0].view(t, heads, d), cu_seqlens, cu_seqlens,
-            max_seqlen, max_seqlen, 0.0, False, False, scale=scale)[0]
+        out = flash_varlen(q[0].view(t, heads, d), k[0].view(t, heads, d), v[0].view(t, heads, d), cu_seqlens,
+                           max_seqlen, scale)
         return out.view(1, t, f)
     from qfx.ops import gather_tokens
 

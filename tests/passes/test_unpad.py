@@ -333,3 +333,45 @@ def test_graph_pool_keys_calls_by_token_bucket_and_leaves_padded_rows_empty():
         p._fill(static, x)
         assert torch.equal(static["attention_mask"][:3, :10], x["attention_mask"])
         assert (static["attention_mask"][3] == filler).all() and (static["attention_mask"][:3, 10:] == 0).all()
+
+
+def test_the_varlen_path_computes_what_the_padded_model_does(bert_pair, monkeypatch):
+    """The GPU path's plumbing on the CPU: qfx::packed_attention takes its varlen branch, with the
+    flash kernel replaced by per-segment SDPA that checks what the kernel is given (int32
+    cu_seqlens, a max_seqlen that bounds every segment, [T', H, D] with a unit last stride),
+    through the lean graph, token-bucket dummies and the dense graph."""
+    import qfx.passes.attention as attention
+
+    seen = []
+
+    def segments(q, k, v, cu, max_seqlen, scale):
+        assert cu.dtype == torch.int32 and q.dim() == 3 and q.stride(-1) == 1 and k.stride(-1) == 1
+        ends = cu.tolist()
+        assert max(b - a for a, b in zip(ends, ends[1:])) <= max_seqlen and ends[-1] <= q.shape[0]
+        out = torch.full_like(q, float("nan"))  # rows past the last segment: unspecified
+        for a, b in zip(ends, ends[1:]):
+            if b > a:
+                out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                    *(x[a:b].transpose(0, 1) for x in (q, k, v)), scale=scale).transpose(0, 1)
+        seen.append(q.shape[0])
+        return out
+
+    monkeypatch.setattr(attention, "varlen_kernel_takes", lambda q, heads: True)
+    monkeypatch.setattr(attention, "flash_varlen", segments)
+    padded, unpadded = bert_pair
+    x = normalize_inputs(unpadded._capture, (), {**inputs(4, 10, seed=6), "attention_mask": _mask([10, 0, 3, 7], 10, left=(2,))})
+    plan = unpadded.launch_plan
+    with torch.no_grad():
+        want = padded(**x).last_hidden_state
+        plan.token_index.capacity = 32  # 20 real tokens + 12 dummies (NaN after attention: never read)
+        try:
+            got = plan.module(**x).last_hidden_state
+        finally:
+            plan.token_index.capacity = None
+    real = x["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
+    assert (got[~real] == 0).all() and seen == [32, 32]  # both layers, the bucket's rows
+    full = normalize_inputs(unpadded._capture, (), inputs(2, 10, seed=8, pad=False))
+    with torch.no_grad():
+        torch.testing.assert_close(plan.module(**full).last_hidden_state, padded(**full).last_hidden_state,
+                                   rtol=0, atol=1e-5)
