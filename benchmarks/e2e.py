@@ -88,8 +88,8 @@ def rates(bs: int, real: int, ms: float) -> str:
     return f"{bs / ms * 1e3:,.0f} seq/s, {real / ms * 1e3:,.0f} tok/s"
 
 
-def kernel_count(fn) -> tuple[int, float]:
-    """(kernels per forward, mean us per kernel) of one call after warm-up (torch.profiler)."""
+def cuda_events(fn) -> list:
+    """The CUDA events of one call of ``fn`` after a warm-up call (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -97,8 +97,12 @@ def kernel_count(fn) -> tuple[int, float]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
-               and "memset" not in e.name.lower()]
+    return [e for e in prof.events() if e.device_type.name == "CUDA"]
+
+
+def kernel_count(fn) -> tuple[int, float]:
+    """(kernels per forward, mean us per kernel) of one call after warm-up (torch.profiler)."""
+    kernels = [e for e in cuda_events(fn) if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
     total = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
     return len(kernels), total / max(1, len(kernels))
 
@@ -178,17 +182,8 @@ _CATEGORIES = (  # (category, substrings of kernel names), first match wins
 
 def kernel_breakdown(fn) -> dict[str, float]:
     """ms per forward by kernel category (torch.profiler, one call after warm-up)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
     out: dict[str, float] = defaultdict(float)
-    for e in prof.events():
-        if e.device_type.name != "CUDA":
-            continue
+    for e in cuda_events(fn):
         name = e.name.lower()
         cat = next((c for c, keys in _CATEGORIES if any(k in name for k in keys)), "other")
         out[cat] += e.device_time_total / 1e3 if hasattr(e, "device_time_total") else e.cuda_time_total / 1e3
