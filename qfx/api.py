@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,24 +107,28 @@ def _check_finite(model: nn.Module) -> None:
 _INDEX_INPUTS = ("input_ids", "token_type_ids", "position_ids")
 
 
+def _declared_kwargs(forward: Callable, params: Mapping[str, inspect.Parameter]) -> frozenset[str]:
+    """The keys ``forward``'s ``**kwargs: Unpack[SomeTypedDict]`` declares (HF's
+    ``TransformersKwargs``: ``output_hidden_states``, ``output_attentions``, ...); none without one."""
+    var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
+    if var_kw is None:
+        return frozenset()
+    try:
+        hint = typing.get_type_hints(forward).get(var_kw)
+    except (NameError, TypeError, AttributeError):  # an annotation that does not resolve declares nothing
+        return frozenset()
+    spec = next((a for a in typing.get_args(hint) if typing.is_typeddict(a)), None)
+    return frozenset(spec.__required_keys__ | spec.__optional_keys__) if spec is not None else frozenset()
+
+
 def _check_example(model: nn.Module, example_args: tuple, example_kwargs: dict[str, Any] | None) -> None:
     """Refuse, before capture, an example that capture would fail on with a raw message or take
-    wrongly: a key ``forward`` does not name (its ``**kwargs`` would swallow it, and the captured
-    graph would then require it on every call), lists / numpy arrays / meta tensors, and token
-    ids in a float dtype."""
+    wrongly: a key ``forward`` does not name (:func:`_check_example_keys`), lists / numpy arrays /
+    meta tensors, and token ids in a float dtype."""
     params = inspect.signature(model.forward).parameters
     named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     kwargs = dict(example_kwargs or {})
-    for key in kwargs:
-        if named and key not in named:
-            close = difflib.get_close_matches(key, named, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            swallowed = ("; its **kwargs would take it, and the captured model would then require it on every call"
-                         if any(p.kind is p.VAR_KEYWORD for p in params.values()) else "")
-            raise ValueError(
-                f"example_kwargs[{key!r}]: {type(model).__name__}.forward has no parameter {key!r} "
-                f"({hint}its parameters are {named}){swallowed}: drop it"
-            )
+    _check_example_keys(model, params, named, kwargs)
     values = dict(zip(named, example_args), **kwargs)
     check_input_values(values, "example input ")
     for name in _INDEX_INPUTS:
@@ -133,6 +138,28 @@ def _check_example(model: nn.Module, example_args: tuple, example_kwargs: dict[s
                 f"example input {name} has dtype {v.dtype}; token ids index an embedding table, so they are "
                 f"integers: pass {name}.long() (tokenizers return int64)"
             )
+
+
+def _check_example_keys(model: nn.Module, params: Mapping[str, inspect.Parameter], named: list[str],
+                        kwargs: dict[str, Any]) -> None:
+    """Each example key must be a named parameter of ``forward``: one that its ``**kwargs`` takes
+    would become an input the captured graph requires on every call. An HF option declared by
+    the ``**kwargs`` (``output_hidden_states``) is set on the model's config instead."""
+    declared = _declared_kwargs(model.forward, params)
+    for key in kwargs:
+        if not named or key in named:
+            continue
+        close = difflib.get_close_matches(key, named, n=1)
+        if key in declared and hasattr(getattr(model, "config", None), key):
+            fix = f"set model.config.{key} = {kwargs[key]!r} before capturing instead"
+        else:
+            fix = f"drop it{f' (did you mean {close[0]!r}?)' if close else ''}"
+        swallowed = (", so its **kwargs would take it and the captured model would require it on every call"
+                     if any(p.kind is p.VAR_KEYWORD for p in params.values()) else "")
+        raise ValueError(
+            f"example_kwargs[{key!r}]: {key!r} is not a named parameter of {type(model).__name__}.forward "
+            f"(those are {named}){swallowed}: {fix}"
+        )
 
 
 def prepare_qat(

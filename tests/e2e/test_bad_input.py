@@ -122,11 +122,16 @@ BAD_EXAMPLES = {
     ),
     "a key **kwargs would swallow": (
         lambda: _bert_example(foo=torch.ones(2, 8)),
-        r"example_kwargs\['foo'\]: BertModel.forward has no parameter 'foo'.*its \*\*kwargs would take it.*drop it",
+        r"example_kwargs\['foo'\]: 'foo' is not a named parameter of BertModel.forward .*its \*\*kwargs would take it "
+        r"and the captured model would require it on every call: drop it$",
     ),
     "a misspelt key": (
         lambda: _bert_example(atention_mask=torch.ones(2, 8, dtype=torch.long)),
-        r"has no parameter 'atention_mask' \(did you mean 'attention_mask'\?",
+        r"'atention_mask' is not a named parameter .*: drop it \(did you mean 'attention_mask'\?\)",
+    ),
+    "an HF option": (
+        lambda: _bert_example(output_hidden_states=True),
+        r"'output_hidden_states' is not a named parameter .*: set model.config.output_hidden_states = True before capturing",
     ),
     "lists": (lambda: {k: v.tolist() for k, v in inputs(2, 8).items()}, r"example input input_ids is a list, not a torch.Tensor"),
 }
@@ -141,6 +146,13 @@ def test_bad_examples_are_refused_before_capture(entry, case):
     fn = qfx.prepare_qat if entry == "prepare_qat" else qfx.compile
     with pytest.raises(ValueError, match=match):
         fn(make("bert"), example_kwargs=make_example())
+
+
+def test_the_config_route_the_hf_option_error_names_works():
+    model = make("bert")
+    model.config.output_hidden_states = True
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8))
+    assert len(qat(**inputs(1, 5)).hidden_states) == model.config.num_hidden_layers + 1
 
 
 def test_readme_names_resolve_after_a_plain_import_qfx():
