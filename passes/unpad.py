@@ -39,7 +39,9 @@ Elementwise ops never start a packed chain: only a lookup / GEMM / quantize / La
 So the sub-graph that builds the attention mask (elementwise ops on ``attention_mask``) stays
 padded. In a BERT: three integer packs (word ids, token types, positions), no float row packed
 or repadded inside the encoder, one repad per [B, S, F] output (the pooler's hidden[:, 0] reads
-the last hidden state's).
+the last hidden state's). When ``x[:, 0]`` is all that reads a packed ``x`` (a classifier's
+pooler: logits only), it reads the packed rows cu_seqlens[b] (zeros where position 0 is
+padding, what the repadded tensor holds there) and nothing is repadded at all.
 
 Why packed attention: attention is the one op that mixes tokens. Re-padding its input and
 packing its output (the first form of this pass) cost two [T, F] row copies and three padded
@@ -319,6 +321,29 @@ class _Layouts:
         self.mark_packed(node)
         return True
 
+    def read_first_tokens(self, node: Node) -> bool:
+        """``x[:, 0]`` (``select(x, 1, 0)``, the [CLS] row a pooler reads) of a packed ``x`` that
+        nothing else repads: the packed row cu_seqlens[b] where position 0 is real, zeros where it
+        is padding (what the repadded tensor holds there): B rows read, no [B, S, F] tensor made.
+        Say whether it does."""
+        x = node.args[0]
+        if not (x in self.packed and tuple(node.args[1:]) == (1, 0)
+                and all(is_call(u, (aten.select.int,)) and tuple(u.args[1:]) == (1, 0) for u in x.users)):
+            return False
+        cu, _ = self.cu_seqlens()
+        g = self.graph
+        with g.inserting_before(node):
+            first = g.call_function(aten.ne.Scalar, (g.call_function(aten.select.int, (self.mask, 1, 0)), 0))
+            starts = g.call_function(aten.slice.Tensor, (cu, 0, 0, -1))
+            index = g.call_function(aten.where.ScalarOther, (first, starts, 0))  # row 0 always exists
+            rows = g.call_function(aten.index_select.default, (g.call_function(aten.select.int, (x, 0, 0)), 0, index))
+            keep = g.call_function(aten.unsqueeze.default, (first, 1))
+            out = g.call_function(aten.where.ScalarOther, (keep, rows, 0.0))
+        out.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        return True
+
     def repad_inputs(self, node: Node) -> None:
         for a in [a for a in node.all_input_nodes if a in self.packed]:
             node.replace_input_with(a, self.repad(a, node))
@@ -383,6 +408,8 @@ def remove_padding(gm: GraphModule) -> GraphModule:
             lay.run_packed(node, list(node.args[:3]), rank=None)  # q, k, v: [B, S, F] tokens, always packable
             continue
         if is_call(node, _LOOKUPS) and lay.run_lookup(node):
+            continue
+        if is_call(node, (aten.select.int,)) and lay.read_first_tokens(node):
             continue
         val = _val(node)
         rank = val.dim() if val is not None else None

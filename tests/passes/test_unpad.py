@@ -152,6 +152,22 @@ def test_masks_with_holes_and_empty_rows_keep_real_tokens_bit_for_bit(bert_pair)
     assert unpadded.last_path == ("direct", "CPU target") and "last call: direct launch" in unpadded.runtime_report()
 
 
+def test_a_classifier_reads_its_cls_rows_packed_and_repads_nothing():
+    """BertForSequenceClassification returns logits only: the pooler's hidden[:, 0] reads the
+    packed rows cu_seqlens[b] (zeros where position 0 is padding, as the repadded tensor holds),
+    so no [B, S, F] tensor is ever made; logits bit for bit where position 0 is real."""
+    model = make("bert_cls", layers=2)
+    padded, unpadded = _compile(model), _compile(model, remove_padding=True)
+    gm = unpadded.graph_module
+    assert _count(gm, REPAD_TOKENS) == 0 and "0 repad" in gm.meta["qfx_unpad"], gm.meta["qfx_unpad"]
+    x = inputs(5, 9, seed=3)
+    x["attention_mask"] = _mask([9, 4, 0, 7, 2], 9, left=(3,))
+    want, got = padded(**x).logits, unpadded(**x).logits
+    first_real = x["attention_mask"][:, 0].bool()
+    assert torch.equal(got[first_real], want[first_real])
+    assert torch.equal(got[2], got[3])  # no real token at position 0: both read a zero row
+
+
 @pytest.mark.parametrize("family", ["distilbert", "albert", "modernbert"])
 def test_families_keep_real_tokens_bit_for_bit(family):
     """Other layer structures (DistilBERT, ALBERT's tanh-GELU chain and shared weights,
