@@ -3,8 +3,10 @@ quantization spec (L1 -> L2).
 
 Pattern (matched on use-def edges and op objects, never on node or module names).
 
-An *attention core* is either op below; cores are numbered in graph order, and core ``i`` is
-layer ``i``::
+An *attention core* is either op below. A core's layer is one more than the deepest layer among
+the cores it depends on (0 if none): sequential cores are successive layers, cores that do not
+feed each other are one layer (LiLT's text and layout attention, Canine's local-attention
+chunks)::
 
     scaled_dot_product_attention(q, k, v, mask/bias)                          (SDPA)
     matmul|bmm(softmax(scores) -> (dropout|view|...)*, v)                     (eager)
@@ -15,15 +17,21 @@ add further terms.) Around core ``i``, with "reaches" meaning a path of tensor e
 crosses no other linear:
 
     linear reaches v (and q and k)            role qkv, part v (fused: part qkv, ModernBERT Wqkv)
-    linear on the layer input reaches q / k   role qkv, part q / k
+    linear on the layer input reaches q / k   role qkv, part q / k ("on" the layer input: on a
+                                              view or slice of it, as Canine's chunks)
     other linear reaching the scores          role other, part attn_bias (DeBERTa's projections
-                                              of the relative-position embeddings; float unless
-                                              QuantConfig(quantize_other=True))
+                                              of the relative-position embeddings)
+    other linear on the layer input           role other, part attn_in (MobileBERT's bottlenecks)
     linear reached from the core's output     role attn_out
-    linear after core i (and before core i+1) role ffn_out if it reaches a residual add,
-                                              else ffn_in (gated / GLU FFNs: several ffn_in)
-    linear before core 0 (embedding projection) or after the last layer with no residual
-    add around it (pooler, classifier)         role other, layer None
+    other linear reaching attn_out's input    role other, part attn_side (ConvBERT's convolution)
+    linear after core i with a residual add   role ffn_out if it reaches the add without another
+    around it                                 linear, else ffn_in (GLU FFNs: several ffn_in)
+    linear before core 0 (embedding projection) or after a layer with no residual add around
+    it (pooler, classifier)                    role other, layer None
+
+Role other stays float unless QuantConfig(quantize_other=True); its reason says what it is. A
+core whose values come from no linear (SqueezeBERT's Conv1d projections) has no attn_out, and
+annotating for quantization refuses the model, naming the op it reads instead.
 
 A weight read by several linears (ALBERT: one layer's weights applied by every layer) gives
 each use its own layer, role and name; ``LinearInfo.shared_with`` names the other uses. They
@@ -50,7 +58,7 @@ from torch.fx import GraphModule, Node
 
 from qfx.config import OTHER_ROLE, QuantConfig
 from qfx.passes._attrs import param_or_buffer
-from qfx.schema import ATTENTION_OPS, LINEAR_OPS, LinearInfo, QuantSpec, linear_nodes
+from qfx.schema import ATTENTION_OPS, LINEAR_OPS, META_CAPTURE, META_LINEAR, LinearInfo, QuantSpec, linear_nodes
 
 __all__ = ["annotate", "attention_cores", "AttentionCore", "LinearInfo", "QuantSpec", "LINEAR_OPS", "linear_nodes"]
 
@@ -64,6 +72,15 @@ _PROBS_PASS = frozenset({
     aten.dropout.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
     aten.to.dtype, aten._to_copy.default, aten.contiguous.default, aten.clone.default,
     aten.type_as.default, aten.alias.default,
+})
+#: ops that only check a tensor's metadata and return nothing: a user that is no data edge
+#: (export adds one after ``softmax(x, dtype=torch.float32)``: Splinter, MarkupLM)
+_CHECK_OPS = frozenset({aten._assert_tensor_metadata.default})
+#: ops that take a view, slice or copy of one tensor (their first argument): a linear reading
+#: ``x[:, a:b]`` reads ``x`` (Canine's local attention computes q and k on chunks of it)
+_SAME_TENSOR = _PROBS_PASS | frozenset({
+    aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.permute.default, aten.transpose.int, aten.expand.default,
 })
 
 
@@ -98,7 +115,7 @@ def _through_probs(n: Node) -> Node | None:
     probabilities as its first operand (the value matmul); None if there is none."""
     cur = n
     while True:
-        users = list(cur.users)
+        users = [u for u in cur.users if not (u.op == "call_function" and u.target in _CHECK_OPS)]
         if len(users) != 1:
             return None
         u = users[0]
@@ -193,17 +210,51 @@ def _closes_residual(lin: Node, cross_linears: bool) -> bool:
     return False
 
 
-def _last_core_before(gm: GraphModule, cores: list[AttentionCore]) -> dict[Node, int | None]:
-    """node -> index of the last attention core among its (tensor-edge) ancestors."""
+def _core_layers(gm: GraphModule, cores: list[AttentionCore]) -> tuple[list[int], dict[Node, int | None]]:
+    """Each core's layer and each node's last layer before it.
+
+    A core's layer is one more than the deepest layer among its (tensor-edge) ancestors, 0 if
+    it has none: cores that do not feed each other are one layer (LiLT's text and layout
+    attention; the chunks of Canine's local attention), sequential cores are successive ones.
+    ``last[node]`` is the deepest layer among ``node``'s ancestors and itself (None: before
+    any attention)."""
     index = {c.node: i for i, c in enumerate(cores)}
+    layer = [0] * len(cores)
     last: dict[Node, int | None] = {}
     for n in gm.graph.nodes:
         prev = [last[a] for a in n.all_input_nodes if _is_tensor_edge(a) and last.get(a) is not None]
         here = max(prev) if prev else None
         if n in index:
-            here = index[n] if here is None else max(here, index[n])
+            here = layer[index[n]] = 0 if here is None else here + 1
         last[n] = here
-    return last
+    return layer, last
+
+
+def _root(n: Node) -> Node:
+    """The tensor ``n`` is a view, slice or copy of."""
+    while n.op == "call_function" and n.target in _SAME_TENSOR and isinstance(n.args[0], Node):
+        n = n.args[0]
+    return n
+
+
+def _softmax_feeds(gm: GraphModule) -> str:
+    """Where the graph's softmax probabilities go instead of a value matmul (XLNet: einsum),
+    said in a refusal; empty when the graph has no softmax."""
+    feeds = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in SOFTMAX_OPS:
+            continue
+        users = [u for u in n.users if u.target not in _CHECK_OPS]
+        while len(users) == 1 and users[0].target in _PROBS_PASS:
+            users = [u for u in users[0].users if u.target not in _CHECK_OPS]
+        feeds |= {str(u.target) for u in users}
+    return f": its softmax probabilities feed {', '.join(sorted(feeds))}" if feeds else ""
+
+
+def _producer(n: Node) -> str:
+    """The op that computes ``n`` (through views): what an attention reads instead of a linear."""
+    n = _root(n)
+    return str(n.target) if n.op == "call_function" else f"{n.op} {n.target}"
 
 
 @dataclass
@@ -214,32 +265,71 @@ class _Role:
     why_float: str = ""  # for role "other": the true reason it is not a transformer linear
 
 
-def _classify(gm: GraphModule) -> dict[Node, _Role]:
-    """linear node -> its layer, role and part, from the structure around attention cores."""
+@dataclass
+class _Projections:
+    """What one attention core reads from linears (empty when it reads none)."""
+
+    q: set[Node]
+    k: set[Node]
+    v: set[Node]
+    scores: set[Node]  # every linear reaching the scores (q, k and relative-position terms)
+
+
+def _projections(core: AttentionCore) -> _Projections:
+    v_lin = _linear_sources(core.v)
+    layer_in = {lin.args[0] for lin in v_lin}  # the tensor q, k and v are computed from
+    roots = {_root(x) for x in layer_in}
+    q_lin = _linear_sources(core.q, layer_in)
+    k_lin = _linear_sources(core.k, layer_in)
+    score_lin = _linear_sources(core.scores + core.extra, layer_in)
+    if core.scores:  # eager: q and k are the layer-input linears of the score matmul
+        q_lin, k_lin = _split_qk(core, {s for s in score_lin if _root(s.args[0]) in roots})
+    return _Projections(q_lin, k_lin, v_lin, score_lin)
+
+
+def _classify(gm: GraphModule) -> tuple[dict[Node, _Role], list[tuple[int, AttentionCore]]]:
+    """linear node -> its layer, role and part, from the structure around attention cores; and
+    the cores (with their layer) whose values come from no linear."""
     cores = attention_cores(gm)
+    layer_of, last = _core_layers(gm, cores)
+    proj = [_projections(c) for c in cores]
     roles: dict[Node, _Role] = {}
-    for i, core in enumerate(cores):
-        v_lin = _linear_sources(core.v)
-        layer_in = {lin.args[0] for lin in v_lin}  # the tensor q, k and v are computed from
-        q_lin = _linear_sources(core.q, layer_in)
-        k_lin = _linear_sources(core.k, layer_in)
-        score_lin = _linear_sources(core.scores + core.extra, layer_in)
-        if core.scores:  # eager: q and k are the layer-input linears of the score matmul
-            q_lin, k_lin = _split_qk(core, {s for s in score_lin if s.args[0] in layer_in})
-        for lin in q_lin | k_lin | v_lin | score_lin:
-            slots = "".join(p for p, s in (("q", q_lin), ("k", k_lin), ("v", v_lin)) if lin in s)
-            if lin in v_lin and lin.args[0] in layer_in and len(slots) == 3:
+    for i, p in zip(layer_of, proj):
+        for lin in p.q | p.k | p.v:
+            slots = "".join(s for s, group in (("q", p.q), ("k", p.k), ("v", p.v)) if lin in group)
+            if len(slots) == 3:
                 roles[lin] = _Role(i, "qkv", "qkv")
             elif len(slots) == 1:
                 roles[lin] = _Role(i, "qkv", slots)
-            else:
-                roles[lin] = _Role(i, OTHER_ROLE, "attn_bias", (
-                    f"in layer {i}, but it feeds the attention scores from a tensor other than the "
-                    "layer's input (DeBERTa: a relative-position projection), so it is none of qkv/attn_out/ffn_in/ffn_out"
-                ))
+    for i, p in zip(layer_of, proj):  # after every core's q/k/v: LiLT's layout q/k reach the text scores
+        for lin in p.scores | p.q | p.k | p.v:
+            roles.setdefault(lin, _Role(i, OTHER_ROLE, "attn_bias", (
+                f"in layer {i}, but it feeds the attention scores from a tensor other than the layer's input "
+                "(a relative-position projection, as in DeBERTa), so it is none of qkv/attn_out/ffn_in/ffn_out"
+            )))
+    outs = []
+    for i, core, p in zip(layer_of, cores, proj):
+        if not p.v:  # an attention over conv projections (SqueezeBERT) has no attention output linear
+            continue
         for lin in _linear_sinks(core.node):
-            roles.setdefault(lin, _Role(i, "attn_out", "attn_out"))
-    last = _last_core_before(gm, cores)
+            if lin not in roles:
+                roles[lin] = _Role(i, "attn_out", "attn_out")
+                outs.append((i, lin))
+    for i, out in outs:  # linears beside the core whose output joins it before attn_out (ConvBERT)
+        for lin in _linear_sources([out.args[0]]):
+            roles.setdefault(lin, _Role(i, OTHER_ROLE, "attn_side", (
+                f"in layer {i}'s attention block, beside the attention (its output joins the attention's "
+                "output before attn_out, as ConvBERT's span-based convolution), so it is none of qkv/attn_out/ffn_in/ffn_out"
+            )))
+    by_input = defaultdict(list)
+    for lin in linear_nodes(gm):
+        by_input[_root(lin.args[0])].append(lin)
+    for i, p in zip(layer_of, proj):  # other linears on the layer's input (MobileBERT's bottlenecks)
+        for lin in (x for v in p.v for x in by_input[_root(v.args[0])] if x not in roles):
+            roles[lin] = _Role(i, OTHER_ROLE, "attn_in", (
+                f"in layer {i}, it reads the layer's input beside q/k/v and feeds neither the attention nor its output "
+                "directly (a bottleneck projection, as in MobileBERT), so it is none of qkv/attn_out/ffn_in/ffn_out"
+            ))
     ffn: dict[int, list[Node]] = defaultdict(list)
     for lin in linear_nodes(gm):
         if lin in roles:
@@ -247,15 +337,15 @@ def _classify(gm: GraphModule) -> dict[Node, _Role]:
         i = last[lin]
         if i is None:
             roles[lin] = _Role(None, OTHER_ROLE, OTHER_ROLE, "outside the encoder layers (before the first attention: an input projection)")
-        elif i < len(cores) - 1 or _closes_residual(lin, cross_linears=True):
+        elif _closes_residual(lin, cross_linears=True):
             ffn[i].append(lin)
         else:
-            roles[lin] = _Role(None, OTHER_ROLE, OTHER_ROLE, "outside the encoder layers (after the last layer, with no residual around it: a pooler or head)")
+            roles[lin] = _Role(None, OTHER_ROLE, OTHER_ROLE, f"outside the encoder layers (after layer {i}, with no residual around it: a pooler or head)")
     for i, group in ffn.items():
-        outs = [lin for lin in group if _closes_residual(lin, cross_linears=False)] or group[-1:]
+        outs_ = [lin for lin in group if _closes_residual(lin, cross_linears=False)] or group[-1:]
         for lin in group:
-            roles[lin] = _Role(i, "ffn_out" if lin in outs else "ffn_in", "ffn_out" if lin in outs else "ffn_in")
-    return roles
+            roles[lin] = _Role(i, "ffn_out" if lin in outs_ else "ffn_in", "ffn_out" if lin in outs_ else "ffn_in")
+    return roles, [(i, c) for i, c, p in zip(layer_of, cores, proj) if not p.v]
 
 
 def _split_qk(core: AttentionCore, candidates: set[Node]) -> tuple[set[Node], set[Node]]:
@@ -326,16 +416,24 @@ def annotate(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] 
             "the model has no linear layers (no aten.linear in the captured graph): "
             "there is nothing for qfx to quantize"
         )
-    roles = _classify(gm)
+    roles, no_linear_qkv = _classify(gm)
+    family = getattr(gm.meta.get(META_CAPTURE), "model_class", type(gm).__name__)
+    if config is not None and no_linear_qkv:
+        layer, core = no_linear_qkv[0]
+        raise ValueError(
+            f"qfx does not support {family}: the attention of layer {layer} reads values computed by "
+            f"{_producer(core.v[0])}, not by a linear (aten.linear), and qfx quantizes linears only, so its "
+            "encoder would stay float (a Conv1d projection, as in SqueezeBERT). There is no option that makes "
+            "it quantizable; qfx supports encoders whose q/k/v are nn.Linear"
+        )
     in_layers = any(r.layer is not None for r in roles.values())
     if config is not None and not in_layers and not config.quantize_other:
-        family = getattr(gm.meta.get("qfx_capture"), "model_class", type(gm).__name__)
         raise ValueError(
             f"qfx does not support {family} yet: annotate found no attention that reads a linear "
-            "(neither aten.scaled_dot_product_attention nor matmul -> softmax -> matmul), so no linear "
-            "has a transformer role and nothing would be quantized. What to do: load the model with "
-            "attn_implementation='sdpa' or 'eager', or pass QuantConfig(quantize_other=True) to "
-            "quantize every linear as a plain linear"
+            "(neither aten.scaled_dot_product_attention nor matmul -> softmax -> matmul)"
+            f"{_softmax_feeds(gm)}, so no linear has a transformer role and nothing would be quantized. What to "
+            "do: if the model offers another attn_implementation ('sdpa' or 'eager'), load it with that; or pass "
+            "QuantConfig(quantize_other=True) to quantize every linear as a plain linear"
         )
     names = _names(gm, linears, roles)
     uses: dict[str, list[str]] = defaultdict(list)
@@ -378,5 +476,5 @@ def annotate(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] 
     if unknown:
         raise ValueError(f"skip={tuple(skip)!r}: no linear is called {unknown}; valid names: {sorted(valid)}")
     for node, info in infos:
-        node.meta["qfx"] = info
+        node.meta[META_LINEAR] = info
     return gm

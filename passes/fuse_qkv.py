@@ -1,6 +1,6 @@
 """fuse_qkv: integer linears that read one quantized input become one GEMM (L4 -> L5).
 
-Pattern (q, k and v of every attention block; any group of linears sharing an input)::
+Pattern (q, k and v of every attention block; any group of one layer's linears sharing an input)::
 
     q, s, c = qfx::quantize(x)
     y_i = qfx::int_linear(q, s, c, W_i, ...same bits, dtype, backend, no GELU...)   i = 1..n
@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx.passes._attrs import drop_unused_attrs, submodule_at
-from qfx.schema import INT_LINEAR, QUANTIZE, arg, is_call, op_buffer, set_args
+from qfx.schema import INT_LINEAR, META_LINEAR, META_PARTS, QUANTIZE, arg, is_call, op_buffer, set_args
 
 __all__ = ["fuse_qkv"]
 
@@ -43,16 +43,21 @@ def _groups(gm: GraphModule) -> list[list[Node]]:
         by_key: dict[tuple, list[Node]] = {}
         for lin in readers:
             scale_cols = op_buffer(gm, lin, "w_scale").shape[-1]
-            key = (tuple(arg(lin, a) for a in _SAME), scale_cols, arg(lin, "bias") is None)
+            # never across layers: skip="layer3" and the report keep a layer's linears apart
+            key = (tuple(arg(lin, a) for a in _SAME), scale_cols, arg(lin, "bias") is None, lin.meta["qfx"].layer)
             by_key.setdefault(key, []).append(lin)
         groups += [g for g in by_key.values() if len(g) > 1 and not arg(g[0], "gelu")]
     return groups
 
 
 def _fused_name(parts: list) -> str:
-    layer = parts[0].layer
-    if all(p.role == "qkv" for p in parts) and layer is not None:
-        return f"layer{layer}.qkv"
+    """``layer3.qkv``; ``layer0.qkv1`` for the second q/k/v of a layer that has two (LiLT's
+    streams: ``layer0.q1``, ``layer0.k1``, ``layer0.v1``), ``layer0.kv0`` for k and v alone
+    (Canine's chunks); else the parts' names joined by ``+``."""
+    layer, slots = parts[0].layer, {p.part for p in parts}
+    suffixes = {p.name.removeprefix(f"layer{layer}.{p.part}") for p in parts}
+    if all(p.role == "qkv" for p in parts) and slots <= set("qkv") and layer is not None and len(suffixes) == 1:
+        return f"layer{layer}.{''.join(s for s in 'qkv' if s in slots)}{suffixes.pop()}"
     return "+".join(p.name for p in parts)
 
 
@@ -60,7 +65,7 @@ def fuse_qkv(gm: GraphModule) -> GraphModule:
     """Fuse every group of same-input integer linears into one; return ``gm``."""
     graph = gm.graph
     for group in _groups(gm):
-        parts = [n.meta["qfx"] for n in group]
+        parts = [n.meta[META_LINEAR] for n in group]
         name = _fused_name(parts)
         holder = submodule_at(gm, name)
         widths = [p.out_features for p in parts]
@@ -75,8 +80,8 @@ def fuse_qkv(gm: GraphModule) -> GraphModule:
             split = graph.call_function(torch.ops.aten.split_with_sizes.default, (fused, widths, -1))
             outs = [graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
         fused._rename(name.replace(".", "_").replace("+", "_"))
-        fused.meta["qfx"] = replace(parts[0], name=name, part="+".join(p.part for p in parts), weight="", out_features=sum(widths))
-        fused.meta["qfx_parts"] = tuple(parts)
+        fused.meta[META_LINEAR] = replace(parts[0], name=name, part="+".join(p.part for p in parts), weight="", out_features=sum(widths))
+        fused.meta[META_PARTS] = tuple(parts)
         for old, new in zip(group, outs):
             new.meta["val"] = old.meta.get("val")
             old.replace_all_uses_with(new)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import itertools
+import re
 import traceback
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,13 +22,17 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["capture", "CaptureInfo", "capture_info", "QfxCaptureError"]
+__all__ = ["capture", "CaptureInfo", "capture_info", "QfxCaptureError", "FixedDimWarning"]
 
 _INTEGER_INPUTS = {torch.int64, torch.int32, torch.long}
 
 
 class QfxCaptureError(RuntimeError):
     """torch.export could not capture the model; the message names the op and the fix."""
+
+
+class FixedDimWarning(UserWarning):
+    """The model fixed or guarded a dim qfx captures as dynamic; the message names it and the fix."""
 
 
 @dataclass
@@ -45,6 +52,8 @@ class CaptureInfo:
     dims: dict[str, tuple[str | int, ...]] = field(default_factory=dict)
     #: per tensor input, the dtype the graph was captured with (export bakes it in)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    #: per tensor input, the dims qfx made dynamic but the model fixed (Canine: its sequence)
+    fixed_by_model: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def capture_info(gm: torch.fx.GraphModule) -> CaptureInfo:
@@ -113,9 +122,6 @@ def _with_defaults(params, kwargs: dict[str, Any]) -> dict[str, Any]:
     return filled
 
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _dim_names(v: torch.Tensor, ids_shape: tuple[int, ...] | None = None) -> tuple[str | None, ...]:
     """Which dims of an example input qfx makes dynamic, named by what an encoder does with
     them; None: static. Token ids / masks ``[batch, seq, ...]``: batch and seq (so is a float
@@ -163,6 +169,19 @@ def _example_and_shapes(kwargs: dict[str, Any], dynamic: bool, max_seq: int | No
     return examples, shapes, names
 
 
+def _recorded_dims(v: torch.Tensor, spec) -> tuple[str | int, ...]:
+    """Each dim of example ``v`` as capture left it: the name of its dynamic dim, or its size
+    when static (a feature dim, or one the model fixed)."""
+    return tuple(dim.__name__ if isinstance(dim, torch.export.Dim) else int(dim) if isinstance(dim, int) else int(v.shape[d])
+                 for d, dim in ((d, (spec or {}).get(d)) for d in range(v.dim())))
+
+
+def _exception_chain(e: BaseException | None):  # e, its cause, its cause's cause ...
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _refine_from_suggested_fixes(e: BaseException, shapes: dict) -> dict | None:
     """``shapes`` with torch.export's suggested fixes applied (None when it suggests none)."""
     from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
@@ -172,12 +191,7 @@ def _refine_from_suggested_fixes(e: BaseException, shapes: dict) -> dict | None:
         if "Suggested fixes:" not in text:
             continue
         # Keep the fixes block only ("  seq = 8" lines): the parser reads nothing else.
-        block = text.split("Suggested fixes:", 1)[1].splitlines()
-        fixes = []
-        for line in block[1:] if block and not block[0].strip() else block:
-            if not line.strip():
-                break
-            fixes.append(line)
+        fixes = list(itertools.takewhile(str.strip, text.split("Suggested fixes:", 1)[1].lstrip("\n").splitlines()))
         try:
             return refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + "\n".join(fixes), shapes)
         except Exception:  # a message this torch cannot parse back: report the original error
@@ -185,21 +199,32 @@ def _refine_from_suggested_fixes(e: BaseException, shapes: dict) -> dict | None:
     return None
 
 
-def _recorded_dims(v: torch.Tensor, spec) -> tuple[str | int, ...]:
-    """Each dim of example ``v`` as capture left it: the name of its dynamic dim, or its size
-    when static (a feature dim, or one the model fixed)."""
-    spec = spec or {}
-    out = []
-    for d in range(v.dim()):
-        dim = spec.get(d)
-        out.append(dim.__name__ if isinstance(dim, torch.export.Dim) else int(dim) if isinstance(dim, int) else int(v.shape[d]))
-    return tuple(out)
+_GUARD = re.compile(r"Not all values of (\w+) = (L\['\w+'\]\.size\(\)\[\d+\]) in the specified range .*? satisfy the generated guard (.+?)\.?$")
 
 
-def _exception_chain(e: BaseException):
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
+def _violated_guards(e: BaseException) -> dict[str, list[str]]:
+    """A constraint violation's guards by dim, in the dim's name: ``{"seq": ["((-1) + seq) != 1"]}``."""
+    found: dict[str, list[str]] = {}
+    for exc in _exception_chain(e):
+        for line in str(exc).splitlines():
+            m = _GUARD.search(line.strip())
+            if m:
+                dim, source, guard = m.groups()
+                guard = guard.replace(source, dim)
+                if guard not in found.setdefault(dim, []):
+                    found[dim].append(guard)
+    return found
+
+
+def _fixed_dims_message(model_class: str, fixed: dict[str, int], guarded: dict[str, list[str]]) -> str:
+    """The warning for dims the model fixed (``{"seq": 8}``) or guarded (``{"seq": ["seq != 2"]}``)."""
+    said = [f"{model_class} fixes {dim} to {size} (torch.export specialised it: the forward depends on its value, "
+            f"e.g. a table of that length or a Python loop over chunks), so the captured graph takes {dim} == {size} only. "
+            f"What to do: pad every input to {dim} = {size} (tokenizer(..., padding='max_length', "
+            f"max_length={size})), or capture with an example of the {dim} you will serve" for dim, size in fixed.items()]
+    said += [f"{model_class}'s forward guards {dim} ({'; '.join(g[:3])}{' ...' if len(g) > 3 else ''}), so a call "
+             f"whose {dim} breaks a guard is refused. What to do: pad such inputs" for dim, g in guarded.items()]
+    return "; ".join(said)
 
 
 def _failing_module(model: nn.Module, e: BaseException) -> str | None:
@@ -222,6 +247,41 @@ def _user_line(e: BaseException) -> str:
             if "following call raised this error" in line and i + 1 < len(lines):
                 return f"\n  at {lines[i + 1].strip()}"
     return ""
+
+
+def _advice(model_class: str, e: BaseException) -> str:
+    """Why and what to do, by the kind of failure (torch's first line alone names no fix)."""
+    if any(type(x).__name__ == "GuardOnDataDependentSymNode" for x in _exception_chain(e)):
+        return (f"Why: {model_class} computes a size or a branch from its inputs' values (data-dependent: u0, u1, ... "
+                "stand for such values); torch.export needs one graph for all inputs of a shape. What to do: qfx cannot "
+                f"capture {model_class} as it is; capture a model whose shapes and branches depend on input shapes only")
+    if _violated_guards(e):
+        return (f"Why: {model_class}'s forward constrains {', '.join(_violated_guards(e))} beyond what qfx can express. "
+                "What to do: capture with dynamic=False (the graph then takes the example's shapes only)")
+    return ("What to do: pass example inputs exactly as the model's forward takes them; use attn_implementation='sdpa' "
+            "or 'eager'; move data-dependent Python control flow out of forward; or capture the submodule that holds "
+            "the encoder (e.g. model.get_encoder()).")
+
+
+def _export(model: nn.Module, examples: dict, shapes: dict, dynamic: bool):
+    """torch.export; where the model constrains a dynamic dim, once more with export's suggested fixes
+    (a fixed dim, a range) or, for guards no range expresses (MobileBERT: ``seq != 2``), with DYNAMIC
+    dims whose guards the graph checks when called. Returns (program, its shapes, guards by dim)."""
+    def run(dynamic_shapes):
+        return torch.export.export(model, (), examples, dynamic_shapes=dynamic_shapes, strict=False)
+
+    try:
+        return run(shapes), shapes, {}
+    except Exception as e:
+        refined = _refine_from_suggested_fixes(e, shapes) if dynamic else None
+        relaxed = {k: {d: torch.export.Dim.DYNAMIC for d in spec} if spec else spec for k, spec in shapes.items()}
+        for retry, guarded in ((refined, {}), (relaxed if dynamic and _violated_guards(e) else None, _violated_guards(e))):
+            try:
+                if retry is not None:
+                    return run(retry), (shapes if guarded else retry), guarded
+            except Exception:  # noqa: BLE001 - the next retry, or the first failure (it names the guards)
+                continue
+        raise
 
 
 def capture(
@@ -255,8 +315,7 @@ def capture(
         raise ValueError("model is already a qfx-captured GraphModule; capture the original nn.Module")
     kwargs = _bind_inputs(model, tuple(example_args), dict(example_kwargs or {}))
     named = _named_params(model)
-    # A tensor forward takes only through **kwargs whose name is close to a parameter's is
-    # almost surely misspelt (HF forwards would silently ignore it).
+    # A tensor forward takes only through **kwargs, named close to a parameter: misspelt (HF would ignore it).
     misspelt = [k for k, v in kwargs.items() if k not in named and isinstance(v, torch.Tensor) and _did_you_mean(k, named)]
     if misspelt:
         raise ValueError(
@@ -278,26 +337,13 @@ def capture(
         # specialise the dynamic sequence length ("Constraints violated (seq)", torch 2.11).
         # The captured aten op still picks its kernel at run time.
         with sdpa_kernel([SDPBackend.MATH]):
-            try:
-                ep = torch.export.export(model, (), examples, dynamic_shapes=shapes, strict=False)
-            except Exception as e:
-                # The model constrains a dim qfx made dynamic (a position table of fixed
-                # length, a range): adopt export's own suggested fixes once and record them,
-                # so the dims are what the model does with them, and check_inputs enforces it.
-                refined = _refine_from_suggested_fixes(e, shapes) if dynamic else None
-                if refined is None:
-                    raise
-                shapes = refined
-                ep = torch.export.export(model, (), examples, dynamic_shapes=shapes, strict=False)
+            ep, final, guarded = _export(model, examples, shapes, dynamic)
     except Exception as e:  # torch.export raises many types; we re-raise one with advice
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = _failing_module(model, e)
         raise QfxCaptureError(
             f"qfx.capture: torch.export could not capture {type(model).__name__}"
-            f"{f' (in module {where})' if where else ''}: {first}{_user_line(e)}\n"
-            "What to do: pass example inputs exactly as the model's forward takes them; use "
-            "attn_implementation='sdpa' or 'eager'; move data-dependent Python control flow out "
-            "of forward; or capture the submodule that holds the encoder (e.g. model.get_encoder())."
+            f"{f' (in module {where})' if where else ''}: {first}{_user_line(e)}\n{_advice(type(model).__name__, e)}"
         ) from e
     finally:
         model.train(was_training)
@@ -308,18 +354,17 @@ def capture(
     gm.train = types.MethodType(nn.Module.train, gm)
     gm.eval = types.MethodType(nn.Module.eval, gm)
     some = next(iter(model.parameters()), None)
-    dims = {k: _recorded_dims(examples[k], shapes.get(k)) for k in dim_names}
+    dims = {k: _recorded_dims(examples[k], final.get(k)) for k in dim_names}
+    fixed = {k: tuple(d for d, dim in (shapes.get(k) or {}).items() if isinstance(dims[k][d], int)) for k in dims}
+    fixed_sizes = {shapes[k][d].__name__: dims[k][d] for k, ds in fixed.items() for d in ds}
+    if fixed_sizes or guarded:
+        warnings.warn(_fixed_dims_message(type(model).__name__, fixed_sizes, guarded), FixedDimWarning, stacklevel=2)
     gm.meta["qfx_capture"] = CaptureInfo(
-        model_class=type(model).__name__,
-        source=model,
-        input_names=tuple(examples),
-        max_seq_len=max_seq,
-        dynamic=dynamic,
-        device=some.device if some is not None else torch.device("cpu"),
-        dtype=some.dtype if some is not None else torch.float32,
-        example_kwargs=kwargs,
-        dims=dims,
+        model_class=type(model).__name__, source=model, input_names=tuple(examples), max_seq_len=max_seq,
+        dynamic=dynamic, device=some.device if some is not None else torch.device("cpu"),
+        dtype=some.dtype if some is not None else torch.float32, example_kwargs=kwargs, dims=dims,
         dtypes={k: v.dtype for k, v in examples.items() if isinstance(v, torch.Tensor)},
+        fixed_by_model={k: ds for k, ds in fixed.items() if ds},
     )
     return gm
 
@@ -410,10 +455,8 @@ def check_inputs(info: CaptureInfo, kwargs: dict) -> None:
             continue
         want = info.dtypes.get(name)
         if want is not None and v.dtype != want:
-            if not want.is_floating_point and v.is_floating_point():
-                fix = f"token ids are integers: pass {name}.long() (or the tokenizer's output as is)"
-            else:
-                fix = f"pass {name}.to({want})"
+            fix = (f"token ids are integers: pass {name}.long() (or the tokenizer's output as is)"
+                   if not want.is_floating_point and v.is_floating_point() else f"pass {name}.to({want})")
             raise ValueError(f"{name} has dtype {v.dtype}, expected {want} (the dtype it was captured with); {fix}")
         dims = info.dims.get(name)
         if dims is not None and v.dim() != len(dims):
@@ -431,24 +474,26 @@ def check_inputs(info: CaptureInfo, kwargs: dict) -> None:
             size = int(v.shape[d])
             if isinstance(dim, int):
                 if size != dim:
-                    raise ValueError(
-                        f"{name} has size {size} in dim {d} (shape {tuple(v.shape)}), expected {dim}: "
-                        f"the graph was captured with {name} of shape {_spelled(dims)}"
-                    )
+                    why = (f"{info.model_class} fixed this dim when captured (its forward depends on its value): pad "
+                           f"inputs to {dim}, or capture with an example of the size you serve"
+                           if d in info.fixed_by_model.get(name, ()) else f"the graph was captured with {name} of shape {_spelled(dims)}")
+                    raise ValueError(f"{name} has size {size} in dim {d} (shape {tuple(v.shape)}), expected {dim}: {why}")
                 continue
-            if dim == "seq" and info.max_seq_len is not None and size > info.max_seq_len:
-                raise ValueError(
-                    f"{name} has sequence length {size}, longer than the model supports "
-                    f"({info.max_seq_len}); truncate the input (tokenizer(..., truncation=True, max_length={info.max_seq_len}))"
-                )
+            if dim == "seq":
+                _check_length(info, name, size)
             first = sizes.setdefault(dim, (name, size))
             if first[1] != size:
                 raise ValueError(
                     f"{name} has {dim} size {size} (shape {tuple(v.shape)}), but {first[0]} has {first[1]}: "
                     f"inputs sharing the {dim} dim must match (e.g. an attention_mask as long as input_ids)"
                 )
-        if dims is None and info.max_seq_len is not None and v.dim() >= 2 and v.dtype in _INTEGER_INPUTS and v.shape[1] > info.max_seq_len:
-            raise ValueError(
-                f"{name} has sequence length {v.shape[1]}, longer than the model supports "
-                f"({info.max_seq_len}); truncate the input (tokenizer(..., truncation=True, max_length={info.max_seq_len}))"
-            )
+        if dims is None and v.dim() >= 2 and v.dtype in _INTEGER_INPUTS:
+            _check_length(info, name, int(v.shape[1]))
+
+
+def _check_length(info: CaptureInfo, name: str, size: int) -> None:
+    if info.max_seq_len is not None and size > info.max_seq_len:
+        raise ValueError(
+            f"{name} has sequence length {size}, longer than the model supports "
+            f"({info.max_seq_len}); truncate the input (tokenizer(..., truncation=True, max_length={info.max_seq_len}))"
+        )

@@ -59,6 +59,8 @@ def make(family: str, layers=LAYERS, hidden=HIDDEN, heads=HEADS, seed=0, attn: s
                             encoder_attention_heads=heads, decoder_attention_heads=heads,
                             encoder_ffn_dim=4 * hidden, decoder_ffn_dim=4 * hidden, max_position_embeddings=64)
         cls = tf.BartModel
+    elif family in _MORE:
+        cfg, cls = _MORE[family](c, layers, hidden, heads)
     else:
         raise KeyError(family)
     if attn is not None:
@@ -68,6 +70,33 @@ def make(family: str, layers=LAYERS, hidden=HIDDEN, heads=HEADS, seed=0, attn: s
         m = m.get_encoder()
     return m.eval()
 
+
+#: families beyond BERT's layout (issue 22): family -> (common kwargs, layers, hidden, heads) -> (config, class)
+_MORE = {
+    # Conv1d q/k/v and FFN (refused: qfx quantizes linears only)
+    "squeezebert": lambda c, l, h, n: (tf.SqueezeBertConfig(**c, embedding_size=h, max_position_embeddings=64), tf.SqueezeBertModel),
+    # local attention over chunks of the characters, downsampling Conv1d, deep encoder, upsampling
+    "canine": lambda c, l, h, n: (tf.CanineConfig(hidden_size=h, num_hidden_layers=l, num_attention_heads=n, intermediate_size=2 * h,
+                                                  max_position_embeddings=64, downsampling_rate=4, num_hash_functions=2,
+                                                  num_hash_buckets=64, local_transformer_stride=4), tf.CanineModel),
+    # span-based dynamic convolution beside self-attention (two linears per layer)
+    "convbert": lambda c, l, h, n: (tf.ConvBertConfig(**c, embedding_size=h, max_position_embeddings=64, conv_kernel_size=3), tf.ConvBertModel),
+    # a text and a layout stream, each with q/k/v/attn_out/FFN; its layout embedding needs hidden % 6 == 0
+    "lilt": lambda c, l, h, n: (tf.LiltConfig(**{**c, "hidden_size": 48, "intermediate_size": 96}, max_position_embeddings=66,
+                                              channel_shrink_ratio=4, max_2d_position_embeddings=64), tf.LiltModel),
+    # BERT attention written as softmax(scores, dtype=float32).to(dtype)
+    "splinter": lambda c, l, h, n: (tf.SplinterConfig(**c, max_position_embeddings=64, question_token_id=VOCAB - 1), tf.SplinterModel),
+    "markuplm": lambda c, l, h, n: (tf.MarkupLMConfig(**c, max_position_embeddings=66, max_depth=8, xpath_unit_hidden_size=16,
+                                                      max_xpath_tag_unit_embeddings=16, max_xpath_subs_unit_embeddings=16,
+                                                      tag_pad_id=15, subs_pad_id=15), tf.MarkupLMModel),
+    # bottleneck projections on each layer's input, stacked FFNs
+    "mobilebert": lambda c, l, h, n: (tf.MobileBertConfig(**c, max_position_embeddings=64, embedding_size=16, intra_bottleneck_size=16,
+                                                          true_hidden_size=16, num_feedforward_networks=2), tf.MobileBertModel),
+    # two-stream relative attention in einsum over raw parameters (refused: no attention qfx knows)
+    "xlnet": lambda c, l, h, n: (tf.XLNetConfig(vocab_size=VOCAB, d_model=h, n_layer=l, n_head=n, d_inner=2 * h), tf.XLNetModel),
+    # sliding-window attention sized from the inputs' values (refused at capture: data-dependent)
+    "longformer": lambda c, l, h, n: (tf.LongformerConfig(**c, max_position_embeddings=66, attention_window=4, pad_token_id=1), tf.LongformerModel),
+}
 
 #: the families the capture and pass tests sweep (SDPA attention, 6 linears per layer)
 FAMILIES = ("bert", "bert_cls", "roberta", "distilbert", "bart_encoder")

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from models import FAMILIES, first_tensor, inputs, make
 
 import qfx
+from qfx.capture import FixedDimWarning
 
 _CAPTURED: dict[str, tuple] = {}
 
@@ -158,13 +159,46 @@ class _FixedLength(torch.nn.Module):
 
 def test_dims_the_model_fixes_are_recorded_and_checked():
     model = _FixedLength().eval()
-    gm = qfx.capture(model, example_args=(torch.randn(2, 8, 16),))
+    with pytest.warns(FixedDimWarning, match=r"_FixedLength fixes seq to 8 .*What to do: pad every input to seq = 8"):
+        gm = qfx.capture(model, example_args=(torch.randn(2, 8, 16),))
     assert gm.meta["qfx_capture"].dims["x"] == ("batch", 8, 16)  # export's own fix: seq = 8
     x = torch.randn(5, 8, 16)
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
-    with pytest.raises(ValueError, match=r"x has size 9 in dim 1 .*expected 8"):
+    with pytest.raises(ValueError, match=r"x has size 9 in dim 1 .*expected 8: _FixedLength fixed this dim when captured"):
         gm(torch.randn(2, 9, 16))
+
+
+def test_a_sequence_length_the_model_fixes_is_said_at_capture_with_the_fix():
+    """Canine's local attention loops over chunks in Python: export fixes seq (issue 22)."""
+    model = make("canine")
+    with pytest.warns(FixedDimWarning, match=r"CanineModel fixes seq to 8 .*padding='max_length', max_length=8"):
+        gm = qfx.capture(model, example_kwargs=inputs(2, 8))
+    x = inputs(3, 8, seed=1)
+    with torch.no_grad():
+        assert torch.equal(first_tensor(gm(**x)), first_tensor(model(**x)))
+    with pytest.raises(ValueError, match=r"input_ids has size 11 in dim 1 .*CanineModel fixed this dim when captured.*pad"):
+        gm(**inputs(2, 11))
+
+
+def test_a_guard_no_range_expresses_keeps_seq_dynamic_and_is_said():
+    """MobileBERT's trigram embedding slices [:, 1:]: export guards seq != 2, which no range
+    expresses ("Constraints violated (seq)" before issue 22); capture keeps seq dynamic."""
+    model = make("mobilebert")
+    with pytest.warns(FixedDimWarning, match=r"MobileBertModel's forward guards seq \(\(\(-1\) \+ seq\) != 1\)"):
+        gm = qfx.capture(model, example_kwargs=inputs(2, 8))
+    assert gm.meta["qfx_capture"].dims["input_ids"] == ("batch", "seq")
+    for batch, seq in ((1, 5), (3, 11), (2, 30)):
+        x = inputs(batch, seq, seed=seq)
+        with torch.no_grad():
+            assert torch.equal(first_tensor(gm(**x)), first_tensor(model(**x)))
+
+
+def test_a_data_dependent_model_is_refused_with_why_and_where():
+    with pytest.raises(qfx.QfxCaptureError, match=(
+            r"(?s)could not capture LongformerModel \(in module encoder.layer.0.attention.self\).*"
+            r"modeling_longformer.py.*Why: LongformerModel computes a size or a branch from its inputs' values.*What to do")):
+        qfx.capture(make("longformer"), example_kwargs=inputs(2, 8))
 
 
 def test_float_mask_shaped_like_the_ids_keeps_batch_and_seq_dynamic():

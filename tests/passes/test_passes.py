@@ -290,6 +290,18 @@ def test_model_without_attention_names_the_family_and_the_fix():
     assert len(_modules(qat, WeightFakeQuant)) == 2
 
 
+def test_attention_over_conv_projections_gives_no_roles_and_quantizing_it_is_refused():
+    """SqueezeBERT (issue 22): its q/k/v are Conv1d; the pooler after it was reported as
+    ``layer0.attn_out`` and quantized W4A4. Roles only: the pooler is a plain linear outside the
+    layers; quantizing: refused, naming the op the attention reads instead of a linear."""
+    gm = qfx.capture(make("squeezebert"), example_kwargs=inputs(2, 8))
+    annotate(gm, None)
+    [pooler] = [n.meta["qfx"] for n in linear_nodes(gm)]
+    assert (pooler.name, pooler.role, pooler.layer) == ("pooler.dense", "other", None)
+    with pytest.raises(ValueError, match=r"reads values computed by aten.conv1d.default, not by a linear"):
+        annotate(gm, qfx.QuantConfig(4, 4, quantize_other=True))
+
+
 @pytest.mark.parametrize("cfg", [qfx.QuantConfig(4, 4), qfx.QuantConfig(8, 8, symmetric=False), qfx.QuantConfig(4, 8, weight_group=16)])
 def test_fuse_qkv_is_bit_exact_and_makes_one_gemm_per_attention(cfg):
     from qfx.passes import fuse_qkv
