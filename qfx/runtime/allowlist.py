@@ -30,7 +30,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["ATEN_OPS", "QFX_OPS", "OPERATOR_FUNCTIONS", "call_target", "target_name", "call_targets",
-           "dataclass_for", "dataclass_tag", "DTYPES", "dtype_named", "device_named", "check_identifier",
+           "dataclass_for", "dataclass_tag", "DTYPES", "dtype_named", "device_named", "layout_named",
+           "memory_format_named", "check_identifier",
            "check_attr_path", "treespec_from_json", "MAX_NESTING"]
 
 #: the aten ops (``name.overload``) a qfx L5 graph may call: what torch.export emits for the

@@ -340,5 +340,7 @@ def test_pickling_a_compiled_model_says_use_qfx_save(saved):
 def test_every_qfx_op_is_in_the_allowlist():
     """A new qfx op must be added to allowlist.QFX_OPS (or graphs using it cannot be saved)."""
     registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("qfx::")}
-    assert registered == set(allowlist.QFX_OPS)
+    assert registered == set(allowlist.QFX_OPS), (
+        f"qfx ops not in allowlist.QFX_OPS: {sorted(registered - set(allowlist.QFX_OPS))}; "
+        f"listed but not registered: {sorted(set(allowlist.QFX_OPS) - registered)}")
     assert not any(bad in op for op in allowlist.ATEN_OPS for bad in ("from_file", "save", "load", "empty"))
