@@ -51,10 +51,13 @@ class BlockConfig:
     block_n: int
     warps: int
     stages: int
+    #: tile rows launched together per column group (L2 reuse of the weight tiles)
+    group_m: int = 8
 
 
 #: tile configurations by M (first whose max_m >= M); BLOCK_K is the activation block. Small M: a
 #: narrower tile keeps more CTAs busy; large M: 128 x 128 x 128 int8 tiles, 3 stages (96 KiB smem).
+#: Starting points, not yet tuned on a GPU (benchmarks/gemm.py --block 128 times them per shape).
 CONFIGS = (
     BlockConfig(max_m=256, block_m=64, block_n=128, warps=4, stages=3),
     BlockConfig(max_m=1 << 62, block_m=128, block_n=128, warps=8, stages=3),
@@ -133,11 +136,11 @@ def int_linear_blocks(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, bi
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m:
         cfg = config_for(m)
-        grid = (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n))
+        grid = (_cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n),)
         kernels.block_linear_kernel[grid](a2, wq, sa, ca, sw, bs, sw if bias is None else bias, out, m, n, k, blocks, groups,
                                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=sub,
                                    HAS_OFFSET=not symmetric, GROUPED=groups > 1, HAS_BIAS=bias is not None, GELU=bool(gelu),
-                                   STAGES=cfg.stages, num_warps=cfg.warps, enable_fp_fusion=False)
+                                   STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.warps, enable_fp_fusion=False)
     return out.reshape(*a.shape[:-1], n)
 
 
@@ -163,12 +166,12 @@ def int_linear_blocks_quantize(a, a_scale, a_offset, w, w_bits, w_scale, w_block
     if m:
         cfg = config_for(m)
         lo, hi = (0.0, 0.0) if clip is None else (float(clip[0]), float(clip[1]))
-        kernels.block_linear_quantize_kernel[(_cdiv(m, cfg.block_m), n // q_block)](
+        kernels.block_linear_quantize_kernel[(_cdiv(m, cfg.block_m) * (n // q_block),)](
             a2, wq, sa, ca, sw, bs, sw if bias is None else bias, codes, scale, offset, m, n, k, blocks, groups, lo, hi,
             OUT_T=kernels.TL_DTYPES[out_dtype], BLOCK_M=cfg.block_m, BLOCK_N=q_block, BLOCK_K=block_k, SUB=sub,
             HAS_OFFSET=not symmetric, GROUPED=groups > 1, HAS_BIAS=bias is not None, STAGES=cfg.stages,
             Q_GELU=bool(gelu), HAS_CLIP=clip is not None, BITS=int(bits), SYMMETRIC=bool(q_symmetric),
-            EPS=numerics.EPS, num_warps=cfg.warps, enable_fp_fusion=False)
+            EPS=numerics.EPS, GROUP_M=cfg.group_m, num_warps=cfg.warps, enable_fp_fusion=False)
     lead = a.shape[:-1]
     return codes.reshape(*lead, n), scale.reshape(*lead, -1), offset.reshape(*lead, -1)
 

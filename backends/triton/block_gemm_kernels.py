@@ -40,6 +40,18 @@ def _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K,
     return p
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of this program on a 1-D grid, GROUP_M tile rows at a time down each
+    column group, so the CTAs running together share weight tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+
+@triton.jit
 def _epilogue(p, sw_ptr, bias_ptr, rn, N, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, GELU: tl.constexpr):
     rw = rn % N
     y = p if GROUPED else p * tl.load(sw_ptr + rw)[None, :]
@@ -79,9 +91,10 @@ def _gelu_clip(v, OUT_T: tl.constexpr, GELU: tl.constexpr, HAS_CLIP: tl.constexp
 def block_linear_kernel(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, J, G,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
                          HAS_OFFSET: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         GELU: tl.constexpr, STAGES: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                         GELU: tl.constexpr, STAGES: tl.constexpr, GROUP_M: tl.constexpr):
+    tm, tn = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tn * BLOCK_N + tl.arange(0, BLOCK_N)
     p = _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K, J, G, rm, rn, BLOCK_M, BLOCK_N,
                               BLOCK_K, SUB, HAS_OFFSET, GROUPED, STAGES)
     y = _epilogue(p, sw_ptr, bias_ptr, rn, N, HAS_BIAS, GROUPED, GELU)
@@ -94,10 +107,11 @@ def block_linear_quantize_kernel(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, b
                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
                                   HAS_OFFSET: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
                                   STAGES: tl.constexpr, Q_GELU: tl.constexpr, HAS_CLIP: tl.constexpr,
-                                  BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr):
-    """As _block_linear_kernel, then the codes of its [BLOCK_M, BLOCK_N] tile (one block per row)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                                  BITS: tl.constexpr, SYMMETRIC: tl.constexpr, EPS: tl.constexpr, GROUP_M: tl.constexpr):
+    """As block_linear_kernel, then the codes of its [BLOCK_M, BLOCK_N] tile (one block per row)."""
+    tm, tn = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tn * BLOCK_N + tl.arange(0, BLOCK_N)
     p = _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K, J, G, rm, rn, BLOCK_M, BLOCK_N,
                               BLOCK_K, SUB, HAS_OFFSET, GROUPED, STAGES)
     y = _epilogue(p, sw_ptr, bias_ptr, rn, N, HAS_BIAS, GROUPED, False).to(OUT_T).to(tl.float32)
@@ -105,8 +119,8 @@ def block_linear_quantize_kernel(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, b
     rows = rm < M
     tl.store(q_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], codes.to(tl.int8), mask=rows[:, None])
     qj = N // BLOCK_N
-    tl.store(qs_ptr + rm * qj + tl.program_id(1), scale, mask=rows)
-    tl.store(qc_ptr + rm * qj + tl.program_id(1), offset, mask=rows)
+    tl.store(qs_ptr + rm * qj + tn, scale, mask=rows)
+    tl.store(qc_ptr + rm * qj + tn, offset, mask=rows)
 
 @triton.jit
 def quantize_blocks_kernel(x_ptr, q_ptr, qs_ptr, qc_ptr, M, K, clip_lo, clip_hi, BLOCK_M: tl.constexpr,

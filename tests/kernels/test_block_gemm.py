@@ -52,6 +52,14 @@ for sym, w_bits, grouped, gelu in [(True, 4, False, False), (False, 8, True, Tru
     x = torch.randn(37, 256).half()
     want = nx.quantize_activation(x, 4, sym, (-1.0, 1.5), gelu, block=64)
     assert all(torch.equal(a, b) for a, b in zip(bg.quantize_blocks(x, 4, sym, -1.0, 1.5, gelu, 64), want))
+# many tiles, a partial group of tile rows and partial tiles (a small tile config)
+bg.CONFIGS = (bg.BlockConfig(max_m=1 << 62, block_m=32, block_n=128, warps=4, stages=2, group_m=2),)
+q, s, c, q_w, packed, s_w, bs, bias = _case(300, 384, 256, 128, 8, 8, False, False, "cpu")
+ref = nx.int_linear_blocks_reference(q, s, c, q_w, s_w, bs, bias)
+assert torch.equal(bg.int_linear_blocks(q, s, c, packed, 8, s_w, bs, bias, False, torch.float32, 8, 128), ref)
+y = nx.int_linear_blocks_reference(q, s, c, q_w, s_w, bs, bias, False, torch.float16)
+got = bg.int_linear_blocks_quantize(q, s, c, packed, 8, s_w, bs, bias, torch.float16, 128, 4, True, None, False)
+assert all(torch.equal(a, b) for a, b in zip(got, nx.quantize_activation(y, 4, True, block=128)))
 print("interpreted kernels exact")
 """
 
