@@ -12,6 +12,7 @@ import io
 import json
 import pickle
 import sys
+import tracemalloc
 
 import pytest
 import torch
@@ -286,7 +287,13 @@ def _raw_file(path, header: bytes, data: bytes = b"", claimed: int | None = None
 
 
 def test_huge_or_lying_headers_are_refused_before_reading(tmp_path):
+    tracemalloc.start()
     _refused(_raw_file(tmp_path / "h1.safetensors", b"{}", claimed=2**62), "claims 4611686018427387904 bytes, more than qfx reads")
+    _refused(_raw_file(tmp_path / "h5.safetensors", json.dumps({"w": {"dtype": "F32", "shape": [2**39, 2**39],
+                                                                      "data_offsets": [0, 4]}}).encode(), b"\0" * 4), "tensor 'w'")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes allocated to refuse a 4-byte file"
     _refused(_raw_file(tmp_path / "h2.safetensors", b"{}", claimed=fileformat.MAX_HEADER_BYTES), "truncated")
     _refused(_raw_file(tmp_path / "h3.safetensors", _nested(100_000).encode()), "nested too deeply")
     _refused(_raw_file(tmp_path / "h4.safetensors", b"\xff\xfe"), "corrupt")
