@@ -257,7 +257,8 @@ def compile_sentence_transformer(
     # Pooling / Dense / Normalize run where the encoder's outputs are; the adapter is already there.
     for module in list(out)[1:]:
         module.to(compiled.device)
-    out.encode = ThroughputEncode(out)  # the instance's encode: the throughput path, same embeddings
+    if compiled.device.type == "cuda":  # host-bound there: the instance's encode is the throughput path
+        out.encode = ThroughputEncode(out)
     return out.eval()
 
 
@@ -279,12 +280,18 @@ class ThroughputEncode:
     * nothing is read back until the end: one copy of all embeddings, restored to the caller's
       order. Tokenizing batch i + 1 overlaps the GPU running batch i.
 
+    ``batch_size``, when given, caps the texts per batch (memory); ``show_progress_bar`` shows
+    the batches. It is the compiled model's ``encode`` on a GPU; on the CPU ``encode`` stays
+    sentence-transformers' own loop, whose batches (hence padding) are those the QAT twin sees, so
+    the two agree bit for bit there. Other batches pad differently: embeddings agree up to float
+    rounding.
+
     Calls this path does not serve (prompts, ``output_value`` other than sentence embeddings,
     ``precision``, non-text inputs, ``device``, multi-process pools) go to the original ``encode``.
     """
 
     _SERVED = frozenset({"batch_size", "show_progress_bar", "convert_to_numpy", "convert_to_tensor",
-                         "normalize_embeddings", "output_value", "precision"})
+                         "normalize_embeddings", "output_value", "precision", "device"})
 
     def __init__(self, st, token_budget: int = 16384) -> None:
         self.st = st
@@ -295,10 +302,11 @@ class ThroughputEncode:
         texts = [inputs] if isinstance(inputs, str) else inputs
         served = (not args and set(kwargs) <= self._SERVED and kwargs.get("output_value", "sentence_embedding") ==
                   "sentence_embedding" and kwargs.get("precision", "float32") == "float32"
+                  and kwargs.get("device") is None
                   and isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts))
         if not served:
             return self.original(inputs, *args, **kwargs)
-        emb = self.embed(list(texts))
+        emb = self.embed(list(texts), kwargs.get("batch_size"), bool(kwargs.get("show_progress_bar")))
         if kwargs.get("normalize_embeddings"):
             emb = torch.nn.functional.normalize(emb, p=2, dim=1)
         if isinstance(inputs, str):
@@ -307,9 +315,9 @@ class ThroughputEncode:
             return emb
         return emb.float().cpu().numpy() if kwargs.get("convert_to_numpy", True) else list(emb)
 
-    def embed(self, texts: list[str]) -> torch.Tensor:
+    def embed(self, texts: list[str], batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
         """[len(texts), D] sentence embeddings on the model's device, in the order of ``texts``."""
-        from qfx.runtime.buckets import token_budget_batches
+        from qfx.runtime.buckets import Buckets, token_budget_batches
 
         st = self.st
         holder, name = _transformer_slot(st)
@@ -318,7 +326,14 @@ class ThroughputEncode:
         device = compiled.device
         names = set(_capture_of(compiled).input_names)
         lengths = [len(ids) for ids in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]]
-        batches = token_budget_batches(lengths, self.token_budget, getattr(compiled, "_buckets", None))
+        buckets = getattr(compiled, "_buckets", None) or Buckets()
+        if batch_size:  # the caller's cap on texts per batch
+            buckets = Buckets(tuple(b for b in buckets.batch if b < batch_size) + (batch_size,), buckets.seq)
+        batches = token_budget_batches(lengths, self.token_budget, buckets)
+        if progress:
+            from tqdm.autonotebook import tqdm
+
+            batches = tqdm(batches, desc="Batches")
         preprocess = getattr(st, "preprocess", None) or st.tokenize
         pin = device.type == "cuda"
         outs = []
@@ -335,7 +350,7 @@ class ThroughputEncode:
                     features = module(features)
                 outs.append(features["sentence_embedding"])
             emb = torch.cat(outs)
-            order = torch.tensor([i for rows in batches for i in rows], device=emb.device)
+            order = torch.tensor([i for rows in getattr(batches, "iterable", batches) for i in rows], device=emb.device)
             return torch.empty_like(emb).index_copy_(0, order, emb)
 
 

@@ -50,31 +50,37 @@ def _texts(n: int) -> list[str]:
     return [" ".join(f"w{rng.randrange(90)}" for _ in range(rng.randint(1, 40))) for _ in range(n)]
 
 
-def test_compiled_encode_is_the_throughput_path_with_the_same_embeddings_in_order(compiled_st):
+def test_the_throughput_encode_gives_the_same_embeddings_in_order(compiled_st, capsys):
     from qfx.embeddings.st import ThroughputEncode
 
-    assert isinstance(compiled_st.encode, ThroughputEncode)
-    compiled_st.encode.token_budget = 96  # several batches of a few texts each
+    assert not isinstance(compiled_st.encode, ThroughputEncode)  # CPU: ST's own loop (the twin's batches)
+    encode = ThroughputEncode(compiled_st, token_budget=96)  # several batches of a few texts each
     texts = _texts(37)
-    got = compiled_st.encode(texts, normalize_embeddings=True)
+    got = encode(texts, normalize_embeddings=True)
     want = type(compiled_st).encode(compiled_st, texts, batch_size=5, normalize_embeddings=True)  # ST's own loop
     assert isinstance(got, np.ndarray) and got.shape == want.shape and got.dtype == want.dtype
     # other batch compositions pad to other lengths: equal up to float rounding, in the caller's order
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
-    single = compiled_st.encode(texts[3])
+    single = encode(texts[3])
     assert single.shape == want.shape[1:]
-    tensor = compiled_st.encode(texts[:4], convert_to_tensor=True)
+    capped = encode(texts, batch_size=4, show_progress_bar=True)  # at most 4 texts a batch, a bar
+    np.testing.assert_allclose(capped, type(compiled_st).encode(compiled_st, texts), rtol=0, atol=2e-5)
+    assert "Batches" in capsys.readouterr().err
+    tensor = encode(texts[:4], convert_to_tensor=True)
     assert isinstance(tensor, torch.Tensor) and tensor.shape == (4, want.shape[1])
     by_st = type(compiled_st).encode(compiled_st, texts[:4], batch_size=4)
     np.testing.assert_allclose(tensor.numpy(), by_st, rtol=0, atol=2e-5)
 
 
 def test_calls_the_throughput_path_does_not_serve_go_to_the_original_encode(compiled_st):
+    from qfx.embeddings.st import ThroughputEncode
+
+    encode = ThroughputEncode(compiled_st)
     texts = _texts(3)
-    got = compiled_st.encode(texts, prompt="query: ")
+    got = encode(texts, prompt="query: ")
     want = type(compiled_st).encode(compiled_st, texts, prompt="query: ")
     np.testing.assert_array_equal(got, want)
-    tokens = compiled_st.encode(texts, output_value="token_embeddings")
+    tokens = encode(texts, output_value="token_embeddings")
     assert isinstance(tokens, list) and tokens[0].dim() == 2
 
 
