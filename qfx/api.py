@@ -62,9 +62,10 @@ class WrapperAdapter:
         encoder_of: ``wrapper -> nn.Module``: the encoder inside (float, QAT graph or compiled).
         prepare_qat: ``(wrapper, example_args, example_kwargs, config, skip) -> wrapper`` whose
             encoder is :func:`prepare_qat` of the original's.
-        compile: ``(wrapper, mode, target, example_args, example_kwargs, config, skip, float_dtype)
-            -> wrapper`` whose encoder is :func:`compile` of the original's; it receives the values
-            :func:`compile` parsed (canonical mode, :class:`qfx.targets.Target`, float dtype).
+        compile: ``(wrapper, mode, target, example_args, example_kwargs, config, skip, float_dtype,
+            remove_padding=...) -> wrapper`` whose encoder is :func:`compile` of the original's; it
+            receives the values :func:`compile` parsed (canonical mode, :class:`qfx.targets.Target`,
+            float dtype). The other options of :func:`compile` are refused for wrappers.
         run: ``(wrapper, data) -> Any``: one run of the wrapper on ``data`` in its own input form (a
             list of texts for a SentenceTransformer); calibration hooks on the encoder see it.
 
@@ -375,8 +376,9 @@ def compile(
     run_dtype = _run_dtype(float_dtype, tgt, mode)
     if adapter is not None:  # e.g. a SentenceTransformer in and out (qfx.embeddings.st)
         _refuse_wrapper_options(adapter, cuda_graphs=cuda_graphs is not None, buckets=buckets is not None,
-                                tune=tune is not None, remove_padding=bool(remove_padding))
-        return adapter.compile(model, mode, tgt, example_args, example_kwargs, config, skip, run_dtype)
+                                tune=tune is not None)
+        return adapter.compile(model, mode, tgt, example_args, example_kwargs, config, skip, run_dtype,
+                               remove_padding=bool(remove_padding))
     if not is_qat_model(model) and isinstance(model, GraphModule) and META_CAPTURE in getattr(model, "meta", {}):
         raise ValueError("compile takes the original nn.Module or a qfx.prepare_qat model, not a bare capture")
     if is_qat_model(model) and not example_args and not example_kwargs:

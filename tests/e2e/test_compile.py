@@ -268,9 +268,10 @@ def pooled_adapter(monkeypatch):
     monkeypatch.setattr(qfx.api, "_WRAPPER_ADAPTERS", dict(qfx.api._WRAPPER_ADAPTERS))
     seen = []
 
-    def compile_pooled(w, mode, target, example_args, example_kwargs, config, skip, float_dtype):
-        seen.append((mode, target.name, float_dtype))
-        return _Pooled(qfx.compile(w.encoder, mode, target, example_args, example_kwargs, config, skip, float_dtype))
+    def compile_pooled(w, mode, target, example_args, example_kwargs, config, skip, float_dtype, remove_padding):
+        seen.append((mode, target.name, float_dtype, remove_padding))
+        return _Pooled(qfx.compile(w.encoder, mode, target, example_args, example_kwargs, config, skip, float_dtype,
+                                   remove_padding=remove_padding))
 
     register_wrapper_adapter(WrapperAdapter(
         name="Pooled",
@@ -288,10 +289,14 @@ def test_a_registered_wrapper_goes_through_its_adapter_with_the_parsed_arguments
     qat = qfx.prepare_qat(_Pooled(make("bert", layers=1)), example_kwargs=x, config=qfx.QuantConfig(8, 8)).eval()
     assert isinstance(qat, _Pooled) and qfx.is_qat_model(qat.encoder)
     compiled = qfx.compile(qat, mode=None, target="CPU")  # the width of the encoder's trained config
-    assert pooled_adapter == [("int8", "cpu", torch.float32)]
+    assert pooled_adapter == [("int8", "cpu", torch.float32, False)]
     with torch.no_grad():
         assert torch.equal(compiled(x), qat(x))
-    for option in (dict(tune=True), dict(remove_padding=True), dict(cuda_graphs=False), dict(buckets=qfx.Buckets())):
+    qfx.compile(qat, mode="W8A8", remove_padding=True)
+    assert pooled_adapter[-1] == ("int8", "cpu", torch.float32, True)
+    qfx.compile(_Pooled(make("bert", layers=1)), mode="half", example_kwargs=x)  # a float wrapper
+    assert pooled_adapter[-1] == ("fp16", "cpu", torch.float16, False)
+    for option in (dict(tune=True), dict(cuda_graphs=False), dict(buckets=qfx.Buckets())):
         with pytest.raises(ValueError, match=rf"{next(iter(option))}=\.\.\.: not supported for a Pooled yet; compile its encoder"):
             qfx.compile(qat, mode="int8", **option)
 
