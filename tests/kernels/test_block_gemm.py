@@ -75,26 +75,28 @@ def test_block_kernels_under_the_triton_interpreter():
 
 
 def bind_block_launch_plan(compiled, producers: bool = True):
-    """The launch plan the runtime will make once qfx/runtime/launch_plan.py knows backend 'triton'
-    (BINDERS['triton'] = block_gemm.binder; block_gemm.bind_producers beside the rotate + quantize
-    binding): made here by patching that module for one call. Returns the plan."""
+    """The compiled model's launch plan with backend 'triton' bound (BINDERS['triton'] =
+    block_gemm.binder) and, with ``producers``, the FFN-in producers bound as one kernel
+    (block_gemm.bind_producers), without them otherwise: made by patching qfx/runtime/launch_plan.py
+    for one call, whether or not it already does either itself. Returns the plan."""
     from qfx.backends.triton import block_gemm as bg
     from qfx.runtime import launch_plan
 
-    launch_plan.BINDERS["triton"] = bg.binder
-    rotate_quantize = launch_plan._bind_rotate_quantize
+    launch_plan.BINDERS.setdefault("triton", bg.binder)
+    rotate_quantize, bind_producers = launch_plan._bind_rotate_quantize, bg.bind_producers
 
     def with_producers(gm, graph, plan):
         rotate_quantize(gm, graph, plan)
-        for name in bg.bind_producers(gm, graph) if producers else ():
+        for name in bind_producers(gm, graph) if producers else ():
             plan.bound[name] = "triton+quantize"
 
     launch_plan._bind_rotate_quantize = with_producers
+    bg.bind_producers = lambda gm, graph: []  # a later call finds nothing left to bind (or must not bind)
     try:
         compiled._plan, compiled._graphs = None, None  # the CUDA-graph pool replays the plan it captured
         return compiled.launch_plan
     finally:
-        launch_plan._bind_rotate_quantize = rotate_quantize
+        launch_plan._bind_rotate_quantize, bg.bind_producers = rotate_quantize, bind_producers
 
 
 _INTERPRETED_PRODUCER = """
