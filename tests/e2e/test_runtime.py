@@ -210,9 +210,10 @@ def test_fuse_add_layer_norm_quantize_matches_the_unfused_graph_on_the_reference
     op computes exactly the unfused ops, so the whole model output is unchanged bit for bit."""
     import copy
 
+    from qfx.backends import only
     from qfx.passes.fuse_norm_quant import fuse_add_layer_norm_quantize
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), only("reference"):  # target cpu plans the "cpu" backend first
         warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
         cm = qfx.compile(make("bert_cls", layers=2), mode="int8", target="cpu", example_kwargs=inputs(2, 8),
                          float_dtype=torch.bfloat16)

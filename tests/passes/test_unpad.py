@@ -190,7 +190,10 @@ def test_the_gpu_shaped_graph_packs_through_the_key_padding_bias_and_fused_norms
     from qfx.passes.attention import key_padding_attention
     from qfx.passes.fuse_norm_quant import fuse_add_layer_norm_quantize
 
-    cm = _compile(make("bert", layers=2), config=qfx.QuantConfig(8, 8), float_dtype=torch.bfloat16)
+    from qfx.backends import only
+
+    with only("reference"):  # the backend the fused op's reference runs on (target cpu plans "cpu" first)
+        cm = _compile(make("bert", layers=2), config=qfx.QuantConfig(8, 8), float_dtype=torch.bfloat16)
     gm = key_padding_attention(copy.deepcopy(cm.graph_module), torch.bfloat16)
     gm = fuse_add_layer_norm_quantize(gm, torch.bfloat16, backend="reference", fits=lambda k, dtype: (True, ""))
     assert gm.meta["qfx_attention"].startswith("key-padding bias") and gm.meta["qfx_fused_norms"][0] == 4
