@@ -39,7 +39,7 @@ from torch.fx import GraphModule, Node
 
 from qfx.numerics.fake_quant import ActFakeQuant
 from qfx.passes.annotate import annotate
-from qfx.schema import ATTENTION_OPS, LinearInfo, linear_nodes
+from qfx.schema import ATTENTION_OPS, META_LINEAR, LinearInfo, linear_nodes
 
 __all__ = ["expose_features", "FeatureTap", "FeatureRecorder", "feature_taps"]
 
@@ -114,7 +114,7 @@ def _ffn_out_by_layer(gm: GraphModule) -> dict[int, Node]:
     """
     out: dict[int, Node] = {}
     for node in linear_nodes(gm):
-        info: LinearInfo | None = node.meta.get("qfx")
+        info: LinearInfo | None = node.meta.get(META_LINEAR)
         if info is not None and info.role == "ffn_out" and info.layer is not None:
             out.setdefault(info.layer, node)
     return out
@@ -122,7 +122,7 @@ def _ffn_out_by_layer(gm: GraphModule) -> dict[int, Node]:
 
 def _first_qkv_linear(gm: GraphModule) -> Node:
     for node in linear_nodes(gm):
-        info: LinearInfo | None = node.meta.get("qfx")
+        info: LinearInfo | None = node.meta.get(META_LINEAR)
         if info is not None and info.role == "qkv" and info.layer == 0:
             return node
     raise ValueError("expose_features: the first attention op reads no linear q/k/v projection")
@@ -161,7 +161,7 @@ def expose_features(gm: GraphModule) -> GraphModule:
     attention = _attention_nodes(gm)
     if not attention:
         raise ValueError("expose_features: no scaled_dot_product_attention op in the graph; capture with attn_implementation='sdpa'")
-    if not any("qfx" in n.meta for n in linear_nodes(gm)):
+    if not any(META_LINEAR in n.meta for n in linear_nodes(gm)):
         annotate(gm, None)  # roles only; changes no node
     ffn_out = _ffn_out_by_layer(gm)
     missing = [i for i in range(len(attention)) if i not in ffn_out]

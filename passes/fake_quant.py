@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from qfx.numerics.fake_quant import ActFakeQuant, WeightFakeQuant, activation_codes, integer_linear
-from qfx.schema import LinearInfo, linear_nodes
+from qfx.schema import META_FAKE_QUANT, META_LINEAR, LinearInfo, linear_nodes
 
 __all__ = ["insert_fake_quant", "fake_quant_module_name"]
 
@@ -43,7 +43,7 @@ def _call_module(gm: GraphModule, target: str, module, args: tuple) -> Node:
     gm.add_submodule(target, module)
     with gm.graph.inserting_after(args[-1]):
         node = gm.graph.call_module(target, args)
-    node.meta["qfx_fq"] = target
+    node.meta[META_FAKE_QUANT] = target
     return node
 
 
@@ -51,7 +51,7 @@ def insert_fake_quant(gm: GraphModule) -> GraphModule:
     """Insert fake-quant modules on every annotated, quantized linear; return ``gm``."""
     act_fq: dict[tuple[Node, object], tuple[Node, Node]] = {}  # (x, act) -> (codes, act_fq)
     for node in linear_nodes(gm):
-        info: LinearInfo = node.meta.get("qfx")
+        info: LinearInfo = node.meta.get(META_LINEAR)
         if info is None or info.spec is None:
             continue
         spec = info.spec

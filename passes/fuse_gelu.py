@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from qfx.schema import INT_LINEAR, QUANTIZE, arg, is_call, set_args
+from qfx.schema import INT_LINEAR, META_FUSED, QUANTIZE, arg, is_call, set_args
 
 __all__ = ["fuse_gelu_quantize", "fuse_bias_gelu"]
 
@@ -54,7 +54,7 @@ def fuse_gelu_quantize(gm: GraphModule) -> GraphModule:
         quant.replace_input_with(gelu, gelu.args[0])
         quant.kwargs = {**quant.kwargs, "gelu": True}
         gm.graph.erase_node(gelu)
-        quant.meta["qfx_fused"] = quant.meta.get("qfx_fused", ()) + ("gelu",)
+        quant.meta[META_FUSED] = quant.meta.get(META_FUSED, ()) + ("gelu",)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -73,7 +73,7 @@ def fuse_bias_gelu(gm: GraphModule) -> GraphModule:
         set_args(lin, gelu=True)
         gelu.replace_all_uses_with(lin)
         gm.graph.erase_node(gelu)
-        lin.meta["qfx_fused"] = lin.meta.get("qfx_fused", ()) + ("gelu",)
+        lin.meta[META_FUSED] = lin.meta.get(META_FUSED, ()) + ("gelu",)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -43,7 +43,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.schema import QUANTIZE, ROTATE, arg, is_call
+from qfx.schema import META_FUSED_NORMS, META_FUSED_ROTATED_NORMS, QUANTIZE, ROTATE, arg, is_call
 
 __all__ = ["fuse_add_layer_norm_quantize"]
 
@@ -71,7 +71,7 @@ def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, back
     (default: :func:`qfx.backends.triton.rotation_quant.fits`); tests pass another backend and predicates.
     """
     if float_dtype not in (torch.float16, torch.bfloat16):
-        gm.meta["qfx_fused_norms"] = (0, f"float parts in {float_dtype}: torch's LayerNorm kept")
+        gm.meta[META_FUSED_NORMS] = (0, f"float parts in {float_dtype}: torch's LayerNorm kept")
         return gm
     if fits is None:
         from qfx.backends.cutlass.launch import add_layer_norm_fits as fits
@@ -121,6 +121,6 @@ def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, back
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    gm.meta["qfx_fused_norms"] = (fused, "; ".join(sorted(refused)))
-    gm.meta["qfx_fused_rotated_norms"] = fused_rotated
+    gm.meta[META_FUSED_NORMS] = (fused, "; ".join(sorted(refused)))
+    gm.meta[META_FUSED_ROTATED_NORMS] = fused_rotated
     return gm

@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 import qfx.numerics as numerics
 from qfx.numerics.fake_quant import ActFakeQuant, WeightFakeQuant
 from qfx.passes._attrs import drop_unused_attrs, param_or_buffer, submodule_at
-from qfx.schema import LinearInfo, linear_nodes
+from qfx.schema import META_LINEAR, LinearInfo, linear_nodes
 
 __all__ = ["lower_to_integer"]
 
@@ -71,7 +71,7 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
     # read the first use's codes (same parameter, same spec, so the same codes).
     stored: dict[tuple, tuple[str, str, str]] = {}
     for node in linear_nodes(gm):
-        info: LinearInfo | None = node.meta.get("qfx")
+        info: LinearInfo | None = node.meta.get(META_LINEAR)
         w_mod = _module(gm, node.args[1], WeightFakeQuant)
         if info is None or info.spec is None or w_mod is None:
             continue

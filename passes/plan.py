@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from qfx.backends import LinearWork, backends_for
 from qfx.ops import registered_backends
-from qfx.schema import INT_LINEAR, INTEGER_LINEAR_OPS, QUANTIZE, arg, is_call, set_args
+from qfx.schema import INTEGER_LINEAR_OPS, INT_LINEAR, META_LINEAR, META_PLAN, QUANTIZE, arg, is_call, set_args
 
 __all__ = ["plan", "PlanChoice"]
 
@@ -31,7 +31,7 @@ class PlanChoice:
 
 
 def _work(node) -> LinearWork:
-    info = node.meta["qfx"]
+    info = node.meta[META_LINEAR]
     spec = info.spec
     gelu = node.target == INT_LINEAR and bool(arg(node, "gelu"))
     return LinearWork(info.name, info.out_features, info.in_features, spec.weight_bits, spec.act_bits, spec.symmetric, spec.group_size, gelu)
@@ -51,11 +51,11 @@ def plan(gm: GraphModule, target) -> GraphModule:
             ok, why = backend.can_implement(_work(node), target)
             if ok:
                 _with_backend(node, backend.name)
-                node.meta["qfx_plan"] = PlanChoice(backend.name, why, tuple(refused))
+                node.meta[META_PLAN] = PlanChoice(backend.name, why, tuple(refused))
                 break
             refused.append((backend.name, why))
         else:  # the reference backend implements everything; reaching here is a bug
-            raise RuntimeError(f"no backend can implement {node.meta['qfx'].name}: {refused}")
+            raise RuntimeError(f"no backend can implement {node.meta[META_LINEAR].name}: {refused}")
     # Quantize ops go with the backend of their consumers when it has a quantize kernel.
     for node in gm.graph.nodes:
         if is_call(node, QUANTIZE):

@@ -37,7 +37,7 @@ from torch.fx import GraphModule, Node
 
 import qfx.numerics as numerics
 from qfx.passes._attrs import param_or_buffer
-from qfx.schema import ROTATE, LinearInfo, linear_nodes
+from qfx.schema import META_LINEAR, META_ROTATED, ROTATE, LinearInfo, linear_nodes
 
 __all__ = ["rotate_inputs"]
 
@@ -70,7 +70,7 @@ def rotate_inputs(
     rotated: dict[str, int] = {}
     inputs: dict[tuple[Node, int, int], Node] = {}
     for node in linear_nodes(gm):
-        info: LinearInfo | None = node.meta.get("qfx")
+        info: LinearInfo | None = node.meta.get(META_LINEAR)
         if info is None:
             continue
         if already_rotated is not None:
@@ -95,7 +95,7 @@ def rotate_inputs(
                 m = master_weights[info.weight]
                 master_weights[info.weight] = (m.double() @ r.to(m.device)).to(m.dtype)
         rotated[info.weight] = block
-    gm.meta["qfx_rotated"] = dict(already_rotated or rotated)
+    gm.meta[META_ROTATED] = dict(already_rotated or rotated)
     gm.graph.lint()
     gm.recompile()
     return gm

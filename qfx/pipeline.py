@@ -32,6 +32,7 @@ from qfx.passes.lower_integer import lower_to_integer
 from qfx.passes.plan import plan
 from qfx.passes.rotate_inputs import rotate_inputs
 from qfx.passes.unpad import remove_padding
+from qfx.schema import META_PASSES
 from qfx.targets import Target
 
 __all__ = ["PassContext", "QAT_PASSES", "TRAIN_PASSES", "COMPILE_PASSES", "run_passes", "QfxPassError"]
@@ -107,5 +108,5 @@ def run_passes(gm: GraphModule, passes: tuple[Pass, ...], ctx: PassContext, stop
         done.append(name)
         if name == stop_after:
             break
-    gm.meta["qfx_passes"] = tuple(gm.meta.get("qfx_passes", ())) + tuple(done)
+    gm.meta[META_PASSES] = tuple(gm.meta.get(META_PASSES, ())) + tuple(done)
     return gm

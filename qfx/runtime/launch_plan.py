@@ -37,7 +37,8 @@ from qfx.backends.triton.rotation import rotate as rotate_tokens
 from qfx.ops import gather_tokens, scatter_tokens, token_rows
 from qfx.passes.attention import PACKED_ATTENTION, packed_attention_impl
 from qfx.schema import (
-    ATTENTION_OPS, INT_LINEAR, PACK_TOKENS, QUANTIZE, REPAD_TOKENS, ROTATE, TOKEN_INDEX, arg, is_call, op_buffer,
+    ATTENTION_OPS, INT_LINEAR, META_ATTENTION, META_LINEAR, PACK_TOKENS, QUANTIZE, REPAD_TOKENS, ROTATE,
+    TOKEN_INDEX, arg, is_call, op_buffer,
 )
 
 __all__ = ["LaunchPlan", "TokenIndex", "bind_launchers"]
@@ -134,7 +135,7 @@ def _bind_rotate_quantize(gm: GraphModule, graph, plan: "LaunchPlan") -> None:
         except (RuntimeError, OSError):
             unfused = None
         launcher = RotateQuantizeLauncher(signs, block, arg(node, "bits"), arg(node, "symmetric"), clip, unfused=unfused)
-        name = node.meta["qfx"].name if "qfx" in node.meta else node.name
+        name = node.meta[META_LINEAR].name if META_LINEAR in node.meta else node.name
         node.target, node.args, node.kwargs = launcher.__call__, (x,), {}
         plan.bound[name] = "cutlass+rotate"
 
@@ -168,7 +169,7 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
             continue
         backend = arg(node, "backend")
         binder = BINDERS.get(backend)
-        name = node.meta["qfx"].name if "qfx" in node.meta else node.name
+        name = node.meta[META_LINEAR].name if META_LINEAR in node.meta else node.name
         if binder is None:
             plan.unbound[name] = f"backend {backend!r} has no launcher (runs through qfx::{node.target._opname})"
             continue
@@ -185,7 +186,7 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
         if hasattr(gm, attr):
             setattr(lean, attr, getattr(gm, attr))
     plan.module = lean
-    if str(gm.meta.get("qfx_attention", "")).startswith("key-padding bias"):
+    if str(gm.meta.get(META_ATTENTION, "")).startswith("key-padding bias"):
         plan.dense_module = _unmasked(lean)
     return plan
 

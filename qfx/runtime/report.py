@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.fx import GraphModule
 
-from qfx.schema import INT_LINEAR, INTEGER_LINEAR_OPS, QUANTIZE, ROTATE, LinearInfo, arg, is_call, linear_nodes
+from qfx.schema import INTEGER_LINEAR_OPS, INT_LINEAR, META_FUSED, META_LINEAR, META_PARTS, META_PLAN, QUANTIZE, ROTATE, LinearInfo, arg, is_call, linear_nodes
 
 
 class ReportSection(Protocol):
@@ -91,16 +91,16 @@ def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: 
     rep = CompileReport(mode, target.name, target.int4_execution, origin, str(run_dtype).removeprefix("torch."))
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and (n.target in _INT_OPS or n in set(linear_nodes(gm)))]
     for node in nodes:
-        info: LinearInfo = node.meta["qfx"]
+        info: LinearInfo = node.meta[META_LINEAR]
         if node.target in _INT_OPS:
-            choice = node.meta.get("qfx_plan")
+            choice = node.meta.get(META_PLAN)
             backend = arg(node, "backend")
             notes = []
-            if "gelu" in node.meta.get("qfx_fused", ()):
+            if "gelu" in node.meta.get(META_FUSED, ()):
                 notes.append("bias+GELU fused")
             if _input_quantizer_has_gelu(node):
                 notes.append("GELU of its input fused into the quantizer")
-            parts = node.meta.get("qfx_parts", (info,))
+            parts = node.meta.get(META_PARTS, (info,))
             if len(parts) > 1:
                 notes.append(f"one GEMM {info.name} ({info.out_features} x {info.in_features})")
             if choice is not None and choice.refused:

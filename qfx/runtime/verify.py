@@ -34,7 +34,7 @@ from torch.fx import GraphModule, Interpreter
 
 from qfx.capture import capture_info, normalize_inputs
 from qfx.numerics.fake_quant import ActFakeQuant
-from qfx.schema import INT_LINEAR, LINEAR_OPS, arg, weight_owner
+from qfx.schema import INT_LINEAR, LINEAR_OPS, META_LINEAR, META_PARTS, arg, weight_owner
 from qfx.runtime import CompiledModel
 
 __all__ = ["LinearCheck", "OutputCheck", "OutputMismatchError", "compare_linears", "compare_outputs", "dot_error_bound"]
@@ -78,7 +78,7 @@ class _Recorder(Interpreter):
 
     def run_node(self, n):
         out = super().run_node(n)
-        info = n.meta.get("qfx")
+        info = n.meta.get(META_LINEAR)
         if n.op == "call_function" and n.target in LINEAR_OPS and info is not None and info.spec is not None:
             x_node = n.args[0]
             is_fq = x_node.op == "call_module" and isinstance(self.module.get_submodule(x_node.target), ActFakeQuant)
@@ -96,11 +96,11 @@ def _int_node(compiled: CompiledModel, name: str) -> tuple:
     (a slice of the wider GEMM when fuse_qkv merged it with its neighbours)."""
     found = []
     for node in compiled.graph_module.graph.nodes:
-        info = node.meta.get("qfx")
+        info = node.meta.get(META_LINEAR)
         if info is None or node.target in LINEAR_OPS:
             continue
         start = 0
-        for part in node.meta.get("qfx_parts", (info,)):
+        for part in node.meta.get(META_PARTS, (info,)):
             if part.name == name:
                 found.append((node, slice(start, start + part.out_features)))
             start += part.out_features
@@ -206,7 +206,7 @@ def compare_linears(qat: GraphModule, compiled: CompiledModel, *args: Any, outpu
         dev = compiled.device
         owner = weight_owner(node)
         buf = lambda attr: gm.get_buffer(f"{owner}.{attr}")  # noqa: E731
-        fused = len(node.meta.get("qfx_parts", ())) > 1
+        fused = len(node.meta.get(META_PARTS, ())) > 1
         # a fused op reads its concatenated bias buffer; its output columns ``cols`` are this linear
         b = buf("bias").to(dev) if fused and bias is not None else (None if bias is None else bias.to(dev))
         if node.target == INT_LINEAR:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qfx.schema import META_CONFIG
 import qfx.train.ddp as ddp
 
 __all__ = ["LAST", "BEST", "fingerprint", "check_fingerprint", "model_and_optim_state", "load_model_and_optim_state",
@@ -43,7 +44,7 @@ def fingerprint(cfg_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     student's quantization config (the world size may differ)."""
     net = ddp.unwrap(model)
     params = sorted((k, tuple(shape)) for k, shape in _full_shapes(net).items())
-    qcfg = getattr(net, "meta", {}).get("qfx_config") if isinstance(net, torch.fx.GraphModule) else None
+    qcfg = getattr(net, "meta", {}).get(META_CONFIG) if isinstance(net, torch.fx.GraphModule) else None
     return {"run": {k: cfg_dict.get(k) for k in _RUN_FIELDS}, "params": params, "quant": None if qcfg is None else repr(qcfg)}
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from qfx.schema import LinearInfo, linear_nodes
+from qfx.schema import META_LINEAR, LinearInfo, linear_nodes
 
 __all__ = ["two_four_mask", "two_four_masks", "SparsityKeeper", "sparsity", "default_keep", "reduce_layers", "encoder_layers"]
 
@@ -48,7 +48,7 @@ def _quantized_weights(student: GraphModule) -> list[str]:
     """Qualified weight names of the linears the student quantizes (``meta["qfx"].spec``)."""
     names = []
     for node in linear_nodes(student):
-        info: LinearInfo | None = node.meta.get("qfx")
+        info: LinearInfo | None = node.meta.get(META_LINEAR)
         if info is not None and info.spec is not None:
             names.append(info.weight)
     return names

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from qfx.schema import META_CAPTURE
 import qfx.train.ddp as ddp
 
 __all__ = ["EncodedData", "input_names", "fit_inputs", "batch_indices", "rank_slice", "check_batch_split", "Prefetcher"]
@@ -86,7 +87,7 @@ def input_names(model: Callable) -> frozenset[str] | None:
     """The keyword inputs ``model`` takes: a qfx graph's captured inputs, a CompiledModel's,
     or the names in ``forward``'s signature (None: it takes ``**kwargs``, pass everything)."""
     net = ddp.unwrap(model) if isinstance(model, nn.Module) else model
-    info = getattr(net, "meta", {}).get("qfx_capture") if isinstance(net, torch.fx.GraphModule) else getattr(net, "_capture", None)
+    info = getattr(net, "meta", {}).get(META_CAPTURE) if isinstance(net, torch.fx.GraphModule) else getattr(net, "_capture", None)
     if info is not None:
         return frozenset(info.input_names)
     params = inspect.signature(net.forward).parameters

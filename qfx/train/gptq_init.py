@@ -21,7 +21,7 @@ from qfx import numerics as nx
 from qfx.api import is_qat_model, wrapper_adapter_of
 from qfx.numerics.fake_quant import ActFakeQuant
 from qfx.numerics.gptq import GPTQConfig, collect_hessians, gptq_quantize_weight, quantize_error
-from qfx.schema import LinearInfo, linear_nodes
+from qfx.schema import META_LINEAR, LinearInfo, linear_nodes
 
 __all__ = ["gptq_init"]
 
@@ -93,7 +93,7 @@ def _activation_readers(gm: torch.fx.GraphModule) -> dict[str, list[LinearInfo]]
     refuses a linear GPTQ cannot round here (not 4-bit weights with quantized activations)."""
     readers: dict[str, list[LinearInfo]] = {}
     for node in linear_nodes(gm):
-        info = node.meta.get("qfx")
+        info = node.meta.get(META_LINEAR)
         if info is None or info.spec is None:
             continue
         x = node.args[0]

@@ -38,6 +38,7 @@ from qfx.capture import capture
 from qfx.config import QuantConfig
 from qfx.passes.expose_features import FeatureRecorder, feature_taps
 from qfx.pipeline import TRAIN_PASSES, PassContext, run_passes
+from qfx.schema import META_CAPTURE
 import qfx.train.checkpoint as checkpoint
 import qfx.train.ddp as ddp
 from qfx.train.config import PRECISIONS, TrainConfig, TrainResult, adamw_with_warmup  # noqa: F401  (named here too)
@@ -86,8 +87,8 @@ def make_student(
 
 def _num_labels(model: nn.Module) -> int | None:
     src = model
-    if isinstance(model, torch.fx.GraphModule) and "qfx_capture" in getattr(model, "meta", {}):
-        src = model.meta["qfx_capture"].source
+    if isinstance(model, torch.fx.GraphModule) and META_CAPTURE in getattr(model, "meta", {}):
+        src = model.meta[META_CAPTURE].source
     return getattr(getattr(src, "config", None), "num_labels", None)
 
 
