@@ -11,7 +11,9 @@ from qfx.backends.triton.rotation_quant import _rint
 
 __all__ = ["block_linear_kernel", "block_linear_quantize_kernel", "quantize_blocks_kernel", "TL_DTYPES"]
 
-_SQRT1_2 = 0.7071067811865476  # M_SQRT1_2 (math.sqrt(0.5)), rounded to fp32 in the kernel as in torch's GELU
+#: M_SQRT1_2 (math.sqrt(0.5)), rounded to fp32 in the kernel as in torch's GELU; a constexpr, as
+#: Triton requires of the globals a kernel reads
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit

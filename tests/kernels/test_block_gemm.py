@@ -162,6 +162,37 @@ def test_block_scaled_model_on_the_triton_kernels_under_the_interpreter_is_its_t
     assert run.returncode == 0 and "interpreted model exact" in run.stdout, run.stderr[-3000:]
 
 
+@needs_triton
+def test_block_gemm_compiles_for_sm90_to_pipelined_int8_wgmma_without_fma():
+    """Ahead of time, no GPU needed (Triton's bundled ptxas): the large-M config of the GEMM compiles for
+    sm_90 to s8 x s8 -> s32 wgmma, its int8 tiles are staged through shared memory (as the runtime
+    specializes 16-divisible pointers and K), and our fp32 arithmetic has no fma (exp2 / erf inside
+    libdevice keep theirs, as in torch's GELU)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qfx.backends.triton import block_gemm as bg
+    from qfx.backends.triton import block_gemm_kernels as kernels
+
+    cfg = bg.config_for(1 << 20)
+    sig = {**{p: "*i8" for p in ("a_ptr", "w_ptr")}, **{p: "*fp32" for p in ("sa_ptr", "ca_ptr", "sw_ptr", "bs_ptr", "bias_ptr")},
+           "out_ptr": "*fp16", **{d: "i32" for d in ("M", "N", "K", "J", "G")}}
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, SUB=1, HAS_OFFSET=True, GROUPED=False,
+                  HAS_BIAS=True, GELU=False, STAGES=cfg.stages, GROUP_M=cfg.group_m)
+    sig.update({c: "constexpr" for c in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10)}  # pointers, N, K
+    try:
+        compiled = triton.compile(ASTSource(kernels.block_linear_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": cfg.warps, "num_stages": cfg.stages, "enable_fp_fusion": False})
+    except RuntimeError as e:  # a Triton build without the NVIDIA backend or its ptxas
+        pytest.skip(f"Triton cannot compile for sm_90 here: {e}")
+    ptx = compiled.asm["ptx"]
+    assert ".s32.s8.s8" in ptx and "wgmma.mma_async" in ptx
+    assert "fma.rn.f32" not in ptx and "mul.rn.f32" in ptx and "add.rn.f32" in ptx
+    assert compiled.metadata.shared >= cfg.stages * (cfg.block_m + cfg.block_n) * 128
+
+
 gpu = pytest.mark.gpu
 _ON_GPU = torch.cuda.is_available() and HAS_TRITON
 needs_gpu = pytest.mark.skipif(not _ON_GPU, reason="needs a CUDA GPU and Triton")
