@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from qfx.targets import mma_operand
-
 import qfx.backends.cutlass._library as _library
+from qfx.targets import get_target, mma_operand
+
 from .configs import ARCH_GROUPS
 
 __all__ = ["available", "can_implement", "family_for", "MAX_EXACT_K"]
@@ -50,9 +50,7 @@ def target_sm(target) -> int:
         return int(sm)
     if isinstance(target, int):
         return target
-    from qfx.targets import get_target  # one parser of target names
-
-    parsed = get_target(str(target)).sm
+    parsed = get_target(str(target)).sm  # the one parser of target names
     if parsed is None:
         raise ValueError(f"target={target!r} is not a GPU target (e.g. 'sm_90')")
     return int(parsed)

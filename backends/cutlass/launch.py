@@ -16,20 +16,21 @@ ctypes struct, one ctypes call, one status check.
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
+import qfx.backends.cutlass._library as _library
 from qfx.targets import mma_operand
 
-import qfx.backends.cutlass._library as _library
 from ._validate import BadInput
 from .capability import family_for
 from .configs import KernelConfig, by_name
 from .dispatch import choose
 
-__all__ = ["library", "sm_count", "device_family", "pick_config", "run_gemm", "unpack_int4_into",
-           "add_layer_norm_row_fits", "ADD_LN_DTYPES", "pack_rows_int4", "quantize_rows", "LinearLauncher", "QuantizeLauncher",
-           "AddLayerNormQuantizeLauncher", "add_layer_norm_fits", "BadInput"]
+__all__ = ["library", "sm_count", "device_family", "pick_config", "run_gemm", "unpack_int4_into", "unpacked_int4",
+           "pack_rows_int4", "quantize_rows", "LinearLauncher", "QuantizeLauncher", "AddLayerNormQuantizeLauncher",
+           "add_layer_norm_fits", "add_layer_norm_row_fits", "ADD_LN_DTYPES", "BadInput"]
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -122,6 +123,29 @@ def unpack_int4_into(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# id(packed weight) -> (weakref to it, (data_ptr, version), int8 codes). Keyed by id, not by
+# the tensor (tensor == tensor is elementwise); the weakref drops the entry with the weight.
+_UNPACKED: dict[int, tuple] = {}
+
+
+def unpacked_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 codes ``[N, K]`` of a packed int4 weight ``[N, K/2]``, unpacked once per weight
+    tensor and kept while it lives (an in-place edit of the weight unpacks again): the one
+    cache of unpacked weights, shared by the checked ops and the launchers a compiled model
+    binds, so a weight read both ways is unpacked once. Nothing is cached while a CUDA graph is
+    being captured (the codes would live in the graph's private pool)."""
+    key = id(packed)
+    hit = _UNPACKED.get(key)
+    stamp = (packed.data_ptr(), packed._version)
+    if hit is not None and hit[0]() is packed and hit[1] == stamp:
+        return hit[2]
+    codes = unpack_int4_into(packed, torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int8,
+                                                 device=packed.device))
+    if not torch.cuda.is_current_stream_capturing():
+        _UNPACKED[key] = (weakref.ref(packed, lambda _, key=key: _UNPACKED.pop(key, None)), stamp, codes)
+    return codes
+
+
 def pack_rows_int4(x: torch.Tensor) -> torch.Tensor:
     """int8 codes in [-8, 7] ``[R, K]`` -> packed ``[R, K/2]`` (no range check: no host sync)."""
     nib = x.view(torch.uint8) & 0x0F
@@ -194,7 +218,7 @@ class LinearLauncher:
         self.n = w.shape[0]
         self.k = w.shape[1] * (2 if w_bits == 4 else 1)
         if self.operand == "s8" and w_bits == 4:
-            w = unpack_int4_into(w, torch.empty(self.n, self.k, dtype=torch.int8, device=device))
+            w = unpacked_int4(w)  # shared with the checked ops: one copy per weight
         self.w = w.contiguous()
         self.w_scale = w_scale.reshape(-1).float().contiguous()
         self.w_offset_sum = None if w_offset_sum is None else w_offset_sum.float().contiguous()

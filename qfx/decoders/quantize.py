@@ -40,7 +40,7 @@ import qfx.numerics as nx
 from qfx.backends.triton import HAS_TRITON
 from qfx.backends.triton.weight_only import code_table, dequantize_packed, weight_only_linear
 from qfx.numerics.gptq import GPTQConfig, collect_hessians, gptq_quantize_weight, linear_weight, target_linears
-from qfx.train.config import KDConfigBase
+from qfx.train.config import KDConfigBase, optimizer_step
 from qfx.train.losses import KDWeights, kd_loss
 
 __all__ = ["MODES", "WEIGHT_PATHS", "DecoderQuantizationWarning", "QuantizedLinear", "set_weight_path", "quantize_decoder",
@@ -456,12 +456,7 @@ def distill_decoder(
         if config.rep:
             terms["rep"] = _rep_loss(s_out.hidden_states, t_out.hidden_states, mask)
         loss = config.logit * terms.get("logit", 0.0) + config.rep * terms.get("rep", 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, params, opt, sched, config.grad_clip)
         if step % every == 0 or step == config.steps - 1:
             row = {"step": step, "loss": float(loss.detach()), **{k: float(v_.detach()) for k, v_ in terms.items()},
                    "seconds": round(time.time() - t0, 2)}

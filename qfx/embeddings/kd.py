@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from qfx.embeddings.st import EncoderAdapter, _replace_encoder, encoder_of, example_inputs, require_sentence_transformers
+from qfx.train.config import KDConfigBase, optimizer_step
 from qfx.train.losses import _masked_mse
-from qfx.train.config import KDConfigBase
 
 __all__ = ["EmbeddingKDWeights", "DistillConfig", "DistillResult", "distill", "embedding_kd_loss"]
 
@@ -256,12 +256,7 @@ def distill(
                 s_att = _scores(s_rec) if weights.att else []
             loss, parts = embedding_kd_loss(s_emb, t_emb, s_hidden, t_hidden, mask, weights, s_att, t_att)
             t_rec.clear(), s_rec.clear()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, params, opt, sched, cfg.grad_clip)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()})
             last = step + 1 == cfg.steps

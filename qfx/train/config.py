@@ -22,7 +22,7 @@ from torch import nn
 
 import qfx.train.ddp as ddp
 
-__all__ = ["KDConfigBase", "TrainConfig", "TrainResult", "PRECISIONS", "DECAYS", "adamw_with_warmup"]
+__all__ = ["KDConfigBase", "TrainConfig", "TrainResult", "PRECISIONS", "DECAYS", "adamw_with_warmup", "optimizer_step"]
 
 #: the learning-rate decays after the warmup
 DECAYS = ("linear", "cosine")
@@ -161,3 +161,15 @@ def adamw_with_warmup(params, lr: float, weight_decay: float, steps: int, warmup
         return (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(steps - warm, 1))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def optimizer_step(loss: torch.Tensor, params, opt: torch.optim.Optimizer, sched, grad_clip: float) -> None:
+    """One update of the single-process trainers (embedding and decoder KD): the gradients of
+    ``loss``, their global norm clipped to ``grad_clip`` (0: not clipped), the AdamW step, then
+    the schedule's."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()

@@ -17,7 +17,6 @@ from models import inputs, make
 from qfx.capture import capture
 from qfx.passes.annotate import annotate
 from qfx.targets import get_target
-import qfx.pipeline
 from qfx.tune import Scenario
 from qfx.tune import autotune as at
 from qfx.tune.select import choose_parts, layer_parts, scenario_for_compile
@@ -110,18 +109,13 @@ def test_measured_choice_skip_reasons_and_report(model, int4_graph, monkeypatch)
     assert attn_out.trained_us == pytest.approx(_gemm_us("int4", 16) + QUANTIZE_US)  # a quantize kernel of its own
     ffn_in = next(d for d in decision.parts if d.part == "ffn_in")
     ffn_out = next(d for d in decision.parts if d.part == "ffn_out")
-    if any(name == "fuse_gelu_quantize" for name, _ in qfx.pipeline.COMPILE_PASSES):
-        # the FFN pair with ffn_in in fp16 (as chosen): an int4 ffn_out's quantize applies the
-        # GELU, an fp16 one leaves it to a kernel of its own
-        assert ffn_out.trained_us == pytest.approx(_gemm_us("fp16", 16) + _gemm_us("int4", 16) + QUANTIZE_GELU_US)
-        assert ffn_out.fp16_us == pytest.approx(2 * _gemm_us("fp16", 16) + GELU_US)
-        assert ffn_in.trained_us == pytest.approx(_gemm_us("int4", 16, gelu=True) + NORM_QUANTIZE_US - NORM_US)
-        assert decision.ffn_pairs[0][("int4", "int4")] == pytest.approx(
-            _gemm_us("int4", 16) + NORM_QUANTIZE_US - NORM_US + _gemm_us("int4", 16) + QUANTIZE_GELU_US)
-    else:  # the GELU stays with ffn_in: the parts are independent
-        assert not decision.ffn_pairs
-        assert ffn_out.trained_us == pytest.approx(_gemm_us("int4", 16) + QUANTIZE_US)
-        assert ffn_in.fp16_us == pytest.approx(_gemm_us("fp16", 16) + GELU_US)
+    # the FFN pair with ffn_in in fp16 (as chosen): an int4 ffn_out's quantize applies the GELU
+    # (fuse_gelu_quantize), an fp16 one leaves it to a kernel of its own
+    assert ffn_out.trained_us == pytest.approx(_gemm_us("fp16", 16) + _gemm_us("int4", 16) + QUANTIZE_GELU_US)
+    assert ffn_out.fp16_us == pytest.approx(2 * _gemm_us("fp16", 16) + GELU_US)
+    assert ffn_in.trained_us == pytest.approx(_gemm_us("int4", 16, gelu=True) + NORM_QUANTIZE_US - NORM_US)
+    assert decision.ffn_pairs[0][("int4", "int4")] == pytest.approx(
+        _gemm_us("int4", 16) + NORM_QUANTIZE_US - NORM_US + _gemm_us("int4", 16) + QUANTIZE_GELU_US)
     assert decision.reasons["layer0.q"] == (f"autotuner: fp16 faster at 1x16 ({qkv.fp16_us:.1f} us vs "
                                             f"{qkv.trained_us:.1f} us int4, measured)")
     assert decision.total_us() <= min(decision.total_us(r) for r in at.fixed_strategies("int4").values())
