@@ -75,8 +75,11 @@ def batch(bs: int, seq: int, spread: bool = False) -> dict[str, torch.Tensor]:
 
 
 def padded_batch(bs: int, seq: int, padding: float) -> dict[str, torch.Tensor]:
-    """Rows of round(seq * (1 - padding)) real tokens, lengths jittered by +-10 % (the mean kept)."""
+    """Rows of round(seq * (1 - padding)) real tokens, lengths jittered by +-10 % (the mean kept);
+    padding 0: every token real."""
     x = batch(bs, seq)
+    if padding == 0:
+        return x
     g = torch.Generator().manual_seed(bs + seq)
     mean = seq * (1 - padding)
     lengths = (mean + (torch.rand(bs, generator=g) - 0.5) * 0.2 * mean).round().clamp(1, seq).long()
@@ -119,7 +122,7 @@ def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
             a, b = median_ms(lambda: padded(**x), args.iters), median_ms(lambda: packed(**x), args.iters)
             out.append({"sweep": "padding", "model": name, "padding": 1 - real / x["attention_mask"].numel(),
                         "qfx int8": a, "qfx int8 unpad": b})
-            print(f"pad-sweep {name} 128x128 padding {1 - real / (128 * 128):.0%}: padded {a:.3f} ms, packed {b:.3f} ms "
+            print(f"pad-sweep {name} 128x128 padding {1 - real / x['attention_mask'].numel():.0%}: padded {a:.3f} ms, packed {b:.3f} ms "
                   f"({a / b:.2f}x) path {packed.last_path}", flush=True)
     if args.batch1_sweep and padded is not None:
         for seq in (16, 32, 64, 128, 256, 384, 512):
