@@ -316,7 +316,12 @@ def main() -> None:
           f"int4 runs on: {target.int4_execution}", flush=True)
     rows, profiles, notes, sweep_rows = [], {}, [], []
     linear_rows = linear_table(modes, args.iters, target) if args.linear else []
-    encode_rows = encode_table(args.encode, target) if args.encode else []
+    try:
+        encode_rows = encode_table(args.encode, target) if args.encode else []
+    except (ImportError, FileNotFoundError) as e:  # sentence-transformers or the MiniLM weights absent
+        encode_rows = []
+        notes.append(f"encode: skipped ({type(e).__name__}: {e})")
+        print(notes[-1], flush=True)
     for name in args.models.split(","):
         try:
             float_model = load(name)
