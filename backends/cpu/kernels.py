@@ -73,25 +73,36 @@ def _affine_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.T
     return y
 
 
-#: (function, key) -> its compiled copy; see _compiled
+#: (function, key) -> its compiled copy; see _run
 _COMPILED: dict[tuple, Callable] = {}
 
 
-def _compiled(fn: Callable, key: tuple) -> Callable:
-    """``fn`` compiled by Inductor for one static configuration ``key`` (bits, bias or not, ...)
-    and the current number of torch threads, with dynamic sizes. Each key gets a copy of ``fn`` with its own code object: Dynamo keeps its
-    compiled variants per code object, up to a small limit, and a process that runs several
-    models (bits, clips, shapes) would otherwise exhaust it and silently run eager."""
+def _key(value) -> object:
+    """What Dynamo would specialize a compiled function on: a tensor's dtype, which of its sizes
+    are 0 or 1, whether it is contiguous; any other argument's value."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, tuple(d <= 1 for d in value.shape), value.is_contiguous()
+    return value
+
+
+def _run(fn: Callable, *args):
+    """``fn(*args)`` compiled by Inductor, with dynamic sizes, once per specialization key
+    (:func:`_key` of every argument, grad / inference mode) and torch thread count (Inductor
+    writes it into the loops it generates). Each key gets a copy of ``fn`` with its own code object, so no code object is
+    compiled twice: Dynamo keeps its variants per code object up to a small limit, and a process
+    that runs several models (bits, clips, dtypes, batch 1 and more) would otherwise exhaust it."""
     if EPILOGUE != "inductor":
-        return fn
-    # Inductor writes the thread count into the loops it generates: a new count, a new compile
-    key = (*key, torch.get_num_threads())
-    found = _COMPILED.get((fn, key))
+        return fn(*args)
+    # detached: a plain tensor (not a Parameter, whose sizes Dynamo takes as static) and not a
+    # view (Dynamo guards a view's base sizes too); the same data, no copy
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    key = (fn, torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled(), *map(_key, args))
+    found = _COMPILED.get(key)
     if found is None:
         code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{len(_COMPILED)}")
         copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-        found = _COMPILED[(fn, key)] = torch.compile(copy, fullgraph=True, dynamic=True)
-    return found
+        found = _COMPILED[key] = torch.compile(copy, fullgraph=True, dynamic=True)
+    return found(*args)
 
 
 _ONEDNN = torch.ops.onednn if hasattr(torch.ops.onednn, "qlinear_pointwise") else None
@@ -145,8 +156,7 @@ def quantize(x, bits, symmetric, clip_lo, clip_hi, gelu=False):
         x = F.gelu(x)
     clip = None if clip_lo is None else (clip_lo, clip_hi)
     lead, k = x.shape[:-1], x.shape[-1]
-    rows = _compiled(numerics.quantize_activation, (bits, symmetric, clip, x.dtype))
-    q, scale, offset = rows(x.reshape(-1, k), bits, symmetric, clip)
+    q, scale, offset = _run(numerics.quantize_activation, x.reshape(-1, k), bits, symmetric, clip)
     return q.reshape(x.shape), scale.reshape(lead), offset.reshape(lead)
 
 
@@ -166,8 +176,7 @@ def int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gel
         acc = _accumulate(a2, operands[0]).unsqueeze(0)  # a view: no copy of the accumulator
     else:
         acc = torch.stack([_accumulate(a2[:, j * g:(j + 1) * g], op) for j, op in enumerate(operands)])
-    epilogue = _compiled(_affine_epilogue, (groups, bias is None))
-    y = epilogue(acc, a_scale.reshape(-1), a_offset.reshape(-1), w_scale, w_offset_sum, bias)
+    y = _run(_affine_epilogue, acc, a_scale.reshape(-1), a_offset.reshape(-1), w_scale, w_offset_sum, bias)
     if gelu:
         y = F.gelu(y)
     return y.to(out_dtype).reshape(*lead, y.shape[-1])
