@@ -327,8 +327,8 @@ def _classify(gm: GraphModule) -> tuple[dict[Node, _Role], list[tuple[int, Atten
     for i, p in zip(layer_of, proj):  # other linears on the layer's input (MobileBERT's bottlenecks)
         for lin in (x for v in p.v for x in by_input[_root(v.args[0])] if x not in roles):
             roles[lin] = _Role(i, OTHER_ROLE, "attn_in", (
-                f"in layer {i}, it reads the layer's input beside q/k/v and feeds neither the attention nor its output "
-                "directly (a bottleneck projection, as in MobileBERT), so it is none of qkv/attn_out/ffn_in/ffn_out"
+                f"in layer {i}, a projection of the layer's input beside q/k/v (MobileBERT's bottlenecks: of the "
+                "tensor q and k read, or of the residual), so it is none of qkv/attn_out/ffn_in/ffn_out"
             ))
     ffn: dict[int, list[Node]] = defaultdict(list)
     for lin in linear_nodes(gm):

@@ -35,7 +35,7 @@ class Family:
     name: str
     hf_class: str
     attention: str  # how the tested model computes attention
-    quantized: int  # in-layer linears quantized with the default QuantConfig (2 layers; MiniLM 6)
+    quantized: int  # in-layer linears quantized with the default QuantConfig (``layers`` layers)
     note: str = ""
     #: int8 PTQ (W8A8 sym, dynamic per token) vs float: cosine of the last hidden states of the
     #: real (non-padded) tokens
@@ -46,6 +46,10 @@ class Family:
     seq: int | None = None
     #: a regex the refusal (prepare_qat's error) must match: the family is not supported
     refused: str = ""
+    #: attention layers of the tested model
+    layers: int = 2
+    #: a known bug outside the family's support that fails its row (strict xfail: it flips when fixed)
+    xfail: str = ""
 
 
 TABLE = (
@@ -64,7 +68,8 @@ TABLE = (
     # resolve as well as random ones (measured 0.995 on the test batch); QAT recovers it
     # (examples/RESULTS.md).
     Family("minilm", "all-MiniLM-L6-v2 (packaged, pretrained)", "BertForSequenceClassification", "SDPA", 36,
-           "int8 PTQ of its encoder: cosine 0.995 (pretrained outlier activations); QAT: examples/RESULTS.md", ptq_cosine=0.99),
+           "int8 PTQ of its encoder: cosine 0.995 (pretrained outlier activations); QAT: examples/RESULTS.md", ptq_cosine=0.99,
+           layers=6),
     Family("splinter", "Splinter", "SplinterModel", "eager, softmax(dtype=float32).to(dtype)", 12,
            roles=(("encoder.layer.1.attention.self.query.weight", "layer1.q", "qkv"),)),
     Family("markuplm", "MarkupLM", "MarkupLMModel", "eager, softmax(dtype=float32).to(dtype)", 12,
@@ -76,22 +81,25 @@ TABLE = (
            roles=(("encoder.layer.1.attention.self.conv_kernel_layer.weight", "layer1.attn_side0", "other"),
                   ("encoder.layer.1.attention.self.conv_out_layer.weight", "layer1.attn_side1", "other"),
                   ("encoder.layer.1.attention.self.key.weight", "layer1.k", "qkv"))),
-    Family("lilt", "LiLT", "LiltModel", "eager, text + layout streams sharing scores", 24,
-           "two streams per layer (suffix 0: layout, 1: text); hidden 48 (its layout embedding needs hidden % 6 == 0)",
+    Family("lilt", "LiLT", "LiltModel", "eager, text + layout streams sharing scores", 20,
+           "two streams per layer (suffix 0: layout, 1: text); the last layer's layout v/attn_out/FFN feed no output "
+           "(dead code); hidden 48 (its layout embedding needs hidden % 6 == 0)",
            roles=(("encoder.layer.1.attention.self.layout_query.weight", "layer1.q0", "qkv"),
                   ("encoder.layer.1.attention.self.query.weight", "layer1.q1", "qkv"),
-                  ("encoder.layer.1.layout_output.dense.weight", "layer1.ffn_out1", "ffn_out"))),
+                  ("encoder.layer.0.layout_output.dense.weight", "layer0.ffn_out1", "ffn_out"))),
     Family("mobilebert", "MobileBERT", "MobileBertModel", "SDPA, bottlenecks, stacked FFNs", 18,
            "bottleneck projections (attn_in) float unless quantize_other=True; seq = 2 refused (export's guard)",
            roles=(("encoder.layer.1.bottleneck.input.dense.weight", "layer1.attn_in0", "other"),
                   ("encoder.layer.1.attention.self.value.weight", "layer1.v", "qkv"),
                   ("encoder.layer.1.output.bottleneck.dense.weight", "layer1.ffn_out2", "ffn_out"))),
-    Family("canine", "CANINE", "CanineModel", "eager; local attention over chunks", 24,
+    Family("canine", "CANINE", "CanineModel", "eager; local attention over chunks", 27,
            "sequence length fixed at capture (a Python loop over chunks: FixedDimWarning); chunks share weights; pooler float",
-           seq=8, roles=(("initial_char_encoder.layer.0.attention.self.query.weight", "layer0.q0", "qkv"),
+           seq=8, layers=4, roles=(("initial_char_encoder.layer.0.attention.self.query.weight", "layer0.q0", "qkv"),
                          ("encoder.layer.1.attention.self.value.weight", "layer2.v", "qkv"),
                          ("pooler.dense.weight", "pooler.dense", "other"),
-                         ("final_char_encoder.layer.0.output.dense.weight", "layer3.ffn_out", "ffn_out"))),
+                         ("final_char_encoder.layer.0.output.dense.weight", "layer3.ffn_out", "ffn_out")),
+           xfail="CPU backend: its Inductor epilogue recompiles per bias width (bias is guarded as a static "
+                 "parameter) and hits Dynamo's recompile limit (8) on Canine's many linears"),
     Family("squeezebert", "SqueezeBERT", "SqueezeBertModel", "eager over Conv1d projections", 0,
            "refused: q/k/v and FFN are Conv1d (aten.conv1d), qfx quantizes linears only",
            refused=r"does not support SqueezeBertModel: the attention of layer 0 reads values computed by aten.conv1d"),
@@ -132,7 +140,8 @@ def _prepared(key: str, request):
     return model, qat, example, inputs(3, fam.seq or 11, seed=1), True
 
 
-@pytest.mark.parametrize("fam", WORKING, ids=[f.key for f in WORKING])
+@pytest.mark.parametrize("fam", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=f.xfail)) if f.xfail else f
+                                 for f in WORKING], ids=[f.key for f in WORKING])
 def test_family_compiles_exactly(fam: Family, request):
     model, qat, example, new, own = _prepared(fam.key, request)
     assert new["attention_mask"][:, -1].eq(0).any() and new["input_ids"].shape != example["input_ids"].shape
@@ -272,11 +281,12 @@ def readme_section() -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for f in TABLE:
-        layers = "6 layers" if f.key == "minilm" else "2 layers"
+        layers = f"{f.layers} layers"
         if f.refused:
             rows.append(f"| {f.name} | `{f.hf_class}` | {f.attention} | - | refused with the reason (tested) | - | {f.note} |")
             continue
-        rows.append(f"| {f.name} | `{f.hf_class}` | {f.attention} | {f.quantized} ({layers}) | compiled == QAT twin, bit for bit | >= {f.ptq_cosine} | {f.note} |")
+        status = f"roles right; compile fails: {f.xfail}" if f.xfail else "compiled == QAT twin, bit for bit"
+        rows.append(f"| {f.name} | `{f.hf_class}` | {f.attention} | {f.quantized} ({layers}) | {status} | >= {f.ptq_cosine} | {f.note} |")
     return "\n".join([
         START,
         "<!-- generated by `python tests/e2e/test_families.py --readme` from tests/e2e/test_families.py::TABLE; do not edit -->",
