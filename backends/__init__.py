@@ -20,13 +20,17 @@ from dataclasses import dataclass
 
 from qfx.backends.cpu import CpuBackend
 from qfx.backends.reference import ReferenceBackend
+from qfx.backends.triton import block_gemm as _triton_blocks
 from qfx.backends.triton import rotation as _triton_rotation
 from qfx.ops import register_rotate_forward
 
 # qfx::rotate runs the Triton kernel on a GPU (the same bits as the definition elsewhere)
 register_rotate_forward(_triton_rotation.rotate)
+# the block-scaled forms of qfx::int_linear / qfx::quantize (act_block set) on a GPU
+_triton_blocks.register()
+TritonBlockBackend = _triton_blocks.TritonBlockBackend
 
-__all__ = ["LinearWork", "backends_for", "only", "CpuBackend", "CutlassBackend", "ReferenceBackend"]
+__all__ = ["LinearWork", "backends_for", "only", "CpuBackend", "CutlassBackend", "TritonBlockBackend", "ReferenceBackend"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class LinearWork:
     symmetric: bool
     group_size: int | None
     gelu: bool
+    #: block-scaled activations (QuantConfig(act_block=...)): one scale per token per this many
+    #: input channels; None: token-wise. Backends without a block-scaled kernel refuse it.
+    act_block: int | None = None
 
 
 class CutlassBackend:
@@ -66,6 +73,9 @@ class CutlassBackend:
         ok, why = self.available()
         if not ok:
             return False, why
+        if work.act_block is not None:
+            return False, (f"{work.name}: block-scaled activations (act_block={work.act_block}) have no CUTLASS "
+                           "kernel yet (the Triton backend runs them)")
         mod, _ = self._module()
         return mod.can_implement(work, target)
 
@@ -81,7 +91,7 @@ def only(*names: str):
     ``only("reference")`` runs the float64 oracle on the CPU. A name that is no backend, or a
     target none of the named backends serves, is a ValueError.
     """
-    known = {b.name for b in (CpuBackend(), CutlassBackend(), ReferenceBackend())}
+    known = {b.name for b in (CpuBackend(), CutlassBackend(), TritonBlockBackend(), ReferenceBackend())}
     bad = [n for n in names if n not in known]
     if bad or not names:
         raise ValueError(f"only({', '.join(map(repr, names))}): name one or more of {sorted(known)}")
@@ -94,7 +104,7 @@ def only(*names: str):
 
 def backends_for(target) -> list:
     """Backends to try for ``target``, fastest first (the reference last, always)."""
-    order = [CpuBackend(), ReferenceBackend()] if target.device == "cpu" else [CutlassBackend(), ReferenceBackend()]
+    order = [CpuBackend(), ReferenceBackend()] if target.device == "cpu" else [CutlassBackend(), TritonBlockBackend(), ReferenceBackend()]
     allowed = _ONLY.get()
     if allowed is None:
         return order

@@ -34,7 +34,8 @@ def _work(node) -> LinearWork:
     info = node.meta[META_LINEAR]
     spec = info.spec
     gelu = node.target == INT_LINEAR and bool(arg(node, "gelu"))
-    return LinearWork(info.name, info.out_features, info.in_features, spec.weight_bits, spec.act_bits, spec.symmetric, spec.group_size, gelu)
+    return LinearWork(info.name, info.out_features, info.in_features, spec.weight_bits, spec.act_bits, spec.symmetric,
+                      spec.group_size, gelu, spec.act_block)
 
 
 def _with_backend(node, backend: str) -> None:
@@ -61,7 +62,8 @@ def plan(gm: GraphModule, target) -> GraphModule:
         if is_call(node, QUANTIZE):
             users = [u for g in node.users for u in g.users]
             chosen = {arg(u, "backend") for u in users if u.target in _LINEAR_OPS}
-            if len(chosen) == 1 and (op_backend := chosen.pop()) in registered_backends("quantize"):
+            blocks = arg(node, "act_block") is not None
+            if len(chosen) == 1 and (op_backend := chosen.pop()) in registered_backends("quantize", blocks=blocks):
                 _with_backend(node, op_backend)
     gm.graph.lint()
     gm.recompile()

@@ -80,6 +80,9 @@ class TokenIndex:
 def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
     from qfx.backends.cutlass.launch import AddLayerNormQuantizeLauncher, LinearLauncher, QuantizeLauncher
 
+    if is_call(node, (QUANTIZE, INT_LINEAR)) and arg(node, "act_block") is not None:
+        return None  # the token-wise launchers would read block scales as token scales
+
     if is_call(node, _ADD_LN_ROTATE_QUANTIZE):
         from qfx.backends.triton.rotation_quant import AddLayerNormRotateQuantizeLauncher
 
@@ -105,8 +108,14 @@ def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
     return None
 
 
+def _triton_binder(gm: GraphModule, node) -> Callable | None:
+    from qfx.backends.triton.block_gemm import binder
+
+    return binder(gm, node)
+
+
 #: backend name -> function(gm, node) -> launcher or None
-BINDERS: dict[str, Callable] = {"cutlass": _cutlass_binder}
+BINDERS: dict[str, Callable] = {"cutlass": _cutlass_binder, "triton": _triton_binder}
 
 
 def _bind_rotate_quantize(gm: GraphModule, graph, plan: "LaunchPlan") -> None:
@@ -145,6 +154,10 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
     graph = copy.deepcopy(gm.graph)
     plan = LaunchPlan(module=None)  # type: ignore[arg-type]
     _bind_rotate_quantize(gm, graph, plan)
+    from qfx.backends.triton.block_gemm import bind_producers
+
+    for name in bind_producers(gm, graph):  # block-scaled FFN-in GEMM + GELU + quantize: one kernel
+        plan.bound[name] = "triton+quantize"
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)

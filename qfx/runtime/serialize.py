@@ -244,6 +244,18 @@ def _runtime_settings(doc: Any) -> dict:
     return {"buckets": buckets, "cuda_graphs": doc["cuda_graphs"], "target": target}
 
 
+def _adds_optional_args(now: str | None, saved: str) -> bool:
+    """``now`` is the ``saved`` op schema with defaulted arguments appended (e.g. ``act_block=None``):
+    a graph saved before them calls the op exactly as it did, so the file stays loadable."""
+    if now is None:
+        return False
+    head, sep, ret = saved.rpartition(") -> ")
+    now_head, now_sep, now_ret = now.rpartition(") -> ")
+    if not (sep and now_sep and ret == now_ret and now_head.startswith(head + ", ")):
+        return False
+    return all("=" in extra for extra in now_head[len(head) + 2:].split(", "))
+
+
 def load(path: str | os.PathLike):
     """Load a model written by :func:`save` (a :class:`qfx.CompiledModel`), with the buckets,
     CUDA-graph setting and target it was saved with.
@@ -280,7 +292,7 @@ def load(path: str | os.PathLike):
             now = str(call_target(name, "op_schemas")._schema)
         except (AttributeError, ValueError):
             now = None
-        if now != schema:
+        if now != schema and not _adds_optional_args(now, str(schema)):
             raise fail(path, f"version mismatch: op {str(name)[:80]} was saved as `{str(schema)[:200]}`, this qfx has "
                              f"`{now or 'no such op'}`; compile and save the model again with this qfx")
     try:

@@ -216,9 +216,10 @@ def compare_linears(qat: GraphModule, compiled: CompiledModel, *args: Any, outpu
             # Quantize the very values the fake-quant graph saw (fp32), so both sides hold the
             # same codes; the compiled model itself feeds its fp16 activations here.
             x_in = x_raw.to(device=dev)
-            q, s, c = torch.ops.qfx.quantize(x_in, bits, sym, lo, hi, qbackend)
+            block = arg(node, "act_block")  # block-scaled codes (QuantConfig(act_block=...)) or None
+            q, s, c = torch.ops.qfx.quantize(x_in, bits, sym, lo, hi, qbackend, act_block=block)
             b = None if b is None else b.to(out_dtype)
-            y = torch.ops.qfx.int_linear(q, s, c, buf("w_codes"), arg(node, "w_bits"), buf("w_scale"), buf("w_offset_sum"), b, False, out_dtype, arg(node, "a_bits"), arg(node, "backend"))
+            y = torch.ops.qfx.int_linear(q, s, c, buf("w_codes"), arg(node, "w_bits"), buf("w_scale"), buf("w_offset_sum"), b, False, out_dtype, arg(node, "a_bits"), arg(node, "backend"), act_block=block)
             dot_dtype = torch.float32
         else:
             out_dtype = x_raw.dtype if dev.type == "cpu" else torch.float16
