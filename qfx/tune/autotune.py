@@ -29,8 +29,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import qfx.tune.cost_model as cost_model
 from qfx.targets import Target, family_of, get_target
-from qfx.tune import cost_model
 from qfx.tune.cost_model import ModelShape
 from qfx.tune.measure import AutotuneCacheWarning, Launchers, TuneCache, machine_identity, time_us
 from qfx.tune.parts import (

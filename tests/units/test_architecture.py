@@ -65,8 +65,10 @@ def _resolve(name: str) -> str | None:
 def _imported_modules(module: str, path: Path) -> set[str]:
     """Library modules that `module` imports anywhere in its file (top level and inside functions).
 
-    `from pkg import name` is an edge to `pkg.name` when that is a module, else to `pkg`;
-    `from . import x` and `from .x import y` resolve against the importer's package."""
+    `from pkg import name` is an edge to `pkg.name` when that is a module, else to `pkg`; inside
+    a subpackage `pkg` itself it is also an edge to `pkg` (its __init__ runs first: a circle
+    when that __init__ imports the importer back). `from . import x` and `from .x import y` resolve
+    against the importer's package."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -82,6 +84,10 @@ def _imported_modules(module: str, path: Path) -> set[str]:
                 f"{source}.{alias.name}" if f"{source}.{alias.name}" in MODULES else source
                 for alias in node.names
             ]
+            if source != "qfx" and module.startswith(source + "."):
+                # `from pkg import sibling` inside pkg runs pkg/__init__ first: an edge to the
+                # package (the top package is exempt: `from qfx import numerics` names a room)
+                names.append(source)
         else:
             continue
         for name in names:
@@ -140,6 +146,19 @@ def test_the_walk_sees_the_known_structure():
     assert "qfx.passes.annotate" in MODULES and "qfx.backends.cutlass" in MODULES
     assert "qfx.targets" in GRAPH["qfx.passes.annotate"] or "qfx.schema" in GRAPH["qfx.passes.annotate"]
     assert "qfx.api" in GRAPH["qfx"]
+
+
+def test_the_walk_reads_every_kind_of_import(tmp_path):
+    src = tmp_path / "probe.py"
+    src.write_text(
+        "from qfx.train import ddp\n"          # a sibling through its package: the package runs too
+        "from qfx import numerics\n"           # a room of the top package: that room only
+        "def later():\n"
+        "    import qfx\n"                     # inside a function: counted all the same
+        "    from .losses import kd_loss\n"    # relative, resolved against qfx.train
+    )
+    assert _imported_modules("qfx.train.probe", src) == {
+        "qfx.train.ddp", "qfx.train", "qfx.numerics", "qfx", "qfx.train.losses"}
 
 
 def test_every_module_has_a_floor():
