@@ -73,6 +73,15 @@ def _affine_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.T
     return y
 
 
+def _affine_epilogue_in_place(acc: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, w_scale: torch.Tensor,
+                              w_offset_sum: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_affine_epilogue` written over ``acc[0]`` (fp32 accumulators, a buffer of our own):
+    one loop that reads each element and writes it back, no new output buffer to fault in."""
+    y = _affine_epilogue(acc, a_scale, a_offset, w_scale, w_offset_sum, bias)
+    acc[0].copy_(y)
+    return acc[0]
+
+
 #: (function, key) -> its compiled copy; see _run
 _COMPILED: dict[tuple, Callable] = {}
 
@@ -176,7 +185,8 @@ def int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gel
         acc = _accumulate(a2, operands[0]).unsqueeze(0)  # a view: no copy of the accumulator
     else:
         acc = torch.stack([_accumulate(a2[:, j * g:(j + 1) * g], op) for j, op in enumerate(operands)])
-    y = _run(_affine_epilogue, acc, a_scale.reshape(-1), a_offset.reshape(-1), w_scale, w_offset_sum, bias)
+    epilogue = _affine_epilogue_in_place if acc.dtype == torch.float32 else _affine_epilogue
+    y = _run(epilogue, acc, a_scale.reshape(-1), a_offset.reshape(-1), w_scale, w_offset_sum, bias)
     if gelu:
         y = F.gelu(y)
     return y.to(out_dtype).reshape(*lead, y.shape[-1])
