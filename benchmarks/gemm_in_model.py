@@ -29,6 +29,7 @@ import statistics
 import torch
 
 import qfx
+from qfx.runtime import block_binding
 from qfx.schema import INT_LINEAR, arg, is_call, op_buffer
 
 from e2e import batch, load, median_ms  # noqa: E402  (run from benchmarks/ or with it on sys.path)
@@ -78,7 +79,7 @@ def blocks_as_called(args) -> None:
         del token
         cfg = qfx.QuantConfig(bits, bits, act_block=args.act_block)
         blocks = qfx.compile(hf, mode=f"int{bits}", config=cfg, target=target, example_kwargs=inputs)
-        bound = bg.rebind_block_ops(blocks.graph_module)
+        bound = block_binding.rebind_block_ops(blocks.graph_module)
         rows[f"qfx int{bits} block {args.act_block} (triton, {bound} ops)"] = _median_ms(lambda: blocks(**inputs))
         kernels = [(n, t) for n, t in _gemm_kernels(lambda: blocks(**inputs), ("block_linear",))]
         if kernels and len(kernels) % 4 == 0:

@@ -70,7 +70,9 @@ def fuse_add_layer_norm_quantize(gm: GraphModule, float_dtype: torch.dtype, back
     CUTLASS library's answer), ``fits_rotated(k, dtype, block)`` the same for the rotated form
     (default: :func:`qfx.backends.triton.rotation_quant.fits`); tests pass another backend and predicates.
     """
-    if float_dtype not in (torch.float16, torch.bfloat16):
+    from qfx.backends.cutlass.launch import ADD_LN_DTYPES  # the kernel's own dtype rule
+
+    if float_dtype not in ADD_LN_DTYPES:
         gm.meta[META_FUSED_NORMS] = (0, f"float parts in {float_dtype}: torch's LayerNorm kept")
         return gm
     if fits is None:

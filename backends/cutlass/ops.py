@@ -7,18 +7,17 @@ the fix), then launched through :mod:`.launch`. These are the implementations re
 from __future__ import annotations
 
 import ctypes
-import weakref
 
 import torch
 
 from qfx.targets import mma_operand
 
-from . import _library
+import qfx.backends.cutlass._library as _library
 from ._validate import BadInput, check_multiple, check_same_device, check_tensor
 from .capability import MAX_EXACT_K
 from .configs import by_name
 from .launch import (AddLayerNormQuantizeLauncher, add_layer_norm_fits, device_family, dtype_code, library, pack_rows_int4, pick_config, quantize_rows,
-                     run_gemm, sm_count, unpack_int4_into)
+                     run_gemm, sm_count, unpack_int4_into, unpacked_int4)
 
 __all__ = ["int_matmul", "int_linear", "quantize", "unpack_int4", "add_layer_norm_quantize", "add_layer_norm_rotate_quantize"]
 
@@ -53,14 +52,8 @@ def _family_and_operand(device, lib, config: str | None, w_bits: int, a_bits: in
     return cfg.arch, cfg.operand
 
 
-
 # ---------------------------------------------------------------------------------------------
 # int4 handling
-
-# id(packed weight) -> (weakref to it, (data_ptr, version), int8 codes). Keyed by id, not by
-# the tensor (tensor == tensor is elementwise); the weakref drops the entry with the weight.
-_UNPACKED: dict[int, tuple] = {}
-
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Packed int4 ``[N, K/2]`` uint8 (qfx.numerics.pack_int4 order) -> int8 codes ``[N, K]``.
@@ -75,19 +68,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     unpack_int4_into(packed, out)
     return out
 
-
-def _unpacked_weight(w: torch.Tensor) -> torch.Tensor:
-    """int8 codes of a packed weight, cached per weight tensor (invalidated by in-place edits)."""
-    key = id(w)
-    hit = _UNPACKED.get(key)
-    stamp = (w.data_ptr(), w._version)
-    if hit is not None and hit[0]() is w and hit[1] == stamp:
-        return hit[2]
-    codes = unpack_int4(w)
-    if not torch.cuda.is_current_stream_capturing():
-        _UNPACKED[key] = (weakref.ref(w, lambda _, key=key: _UNPACKED.pop(key, None)), stamp,
-                          codes)
-    return codes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +162,7 @@ def int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gel
     if operand == "s4":
         a_op, w_op = pack_rows_int4(a2), w
     else:
-        a_op, w_op = a2, (_unpacked_weight(w) if w_bits == 4 else w)
+        a_op, w_op = a2, (unpacked_int4(w) if w_bits == 4 else w)
     a_ptr, w_ptr = a_op.data_ptr(), w_op.data_ptr()
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()

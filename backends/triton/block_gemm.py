@@ -36,8 +36,8 @@ from qfx import numerics
 from qfx.backends.triton import HAS_TRITON
 
 __all__ = ["HAS_TRITON", "CONFIGS", "BlockConfig", "config_for", "int_linear_blocks", "int_linear_blocks_quantize",
-           "quantize_blocks", "can_implement", "register", "rebind_block_ops", "TritonBlockBackend", "BlockLinearLauncher",
-           "BlockLinearQuantizeLauncher", "binder", "bind_producers"]
+           "quantize_blocks", "can_implement", "register", "TritonBlockBackend", "BlockLinearLauncher",
+           "BlockLinearQuantizeLauncher"]
 
 NAME = "triton"
 
@@ -255,89 +255,6 @@ class BlockLinearQuantizeLauncher(BlockLinearLauncher):
         return int_linear_blocks_quantize(a, a_scale, a_offset, self.w, 8, self.w_scale, self.w_block_sums, self.bias,
                                           self.out_dtype, self.act_block, self.bits, self.q_symmetric, self.clip,
                                           self.q_gelu, self.q_block, symmetric=self.symmetric)
-
-
-def _clip(node):
-    from qfx.schema import arg
-
-    lo = arg(node, "clip_lo")
-    return None if lo is None else (lo, arg(node, "clip_hi"))
-
-
-def _linear_launcher(gm, node) -> BlockLinearLauncher:
-    import operator
-
-    from qfx.schema import ADD_LAYER_NORM_QUANTIZE, QUANTIZE, arg, is_call, op_buffer
-
-    a = arg(node, "a")  # getitem(quantize, 0): its producer says whether the offsets are zeros
-    producer = a.args[0] if getattr(a, "target", None) is operator.getitem else None
-    symmetric = bool(arg(producer, "symmetric")) if is_call(producer, (QUANTIZE, ADD_LAYER_NORM_QUANTIZE)) else False
-    return BlockLinearLauncher(op_buffer(gm, node, "w"), arg(node, "w_bits"), op_buffer(gm, node, "w_scale"),
-                               op_buffer(gm, node, "w_offset_sum"), op_buffer(gm, node, "bias"), arg(node, "gelu"),
-                               arg(node, "out_dtype"), arg(node, "act_block"), symmetric)
-
-
-def binder(gm, node):
-    """Launch-plan binder of backend 'triton' (qfx.runtime.launch_plan.BINDERS): a launcher taking the
-    op's activation arguments, or None for what these kernels do not run."""
-    from qfx.schema import INT_LINEAR, QUANTIZE, arg, is_call
-
-    if arg(node, "act_block") is None:
-        return None
-    if is_call(node, INT_LINEAR):
-        return _linear_launcher(gm, node).__call__
-    if is_call(node, QUANTIZE):
-        bits, symmetric, clip, gelu, block = (arg(node, "bits"), arg(node, "symmetric"), _clip(node), arg(node, "gelu"),
-                                              arg(node, "act_block"))
-        lo, hi = (None, None) if clip is None else clip
-        return lambda x: quantize_blocks(x, bits, symmetric, lo, hi, gelu, block)
-    return None
-
-
-def bind_producers(gm, graph) -> list[str]:
-    """Pattern (in ``graph``, a copy of ``gm``'s for the launch plan): ``y = qfx::int_linear(..., 'triton',
-    act_block=B, gelu=False)`` read only by ``qfx::quantize(y, ..., 'triton', gelu=g, act_block=B')``
-    (B' a power of two dividing N) -> the quantize calls :class:`BlockLinearQuantizeLauncher` on the
-    linear's activation arguments, one kernel, and the linear is left dead: the fp16 FFN intermediate
-    is never written. The codes are exactly the two ops' (tested). Returns the bound linears' names."""
-    from qfx.schema import INT_LINEAR, META_LINEAR, QUANTIZE, arg, is_call, op_buffer
-
-    bound = []
-    for node in list(graph.nodes):
-        if not (is_call(node, QUANTIZE) and arg(node, "backend") == NAME and arg(node, "act_block") is not None):
-            continue
-        lin = arg(node, "x")
-        if not (is_call(lin, INT_LINEAR) and arg(lin, "backend") == NAME and arg(lin, "act_block") is not None
-                and len(lin.users) == 1 and not arg(lin, "gelu")):
-            continue
-        q_block = arg(node, "act_block")
-        n = op_buffer(gm, lin, "w_offset_sum").shape[0]
-        if n % q_block or q_block & (q_block - 1) or q_block < 16:
-            continue
-        launcher = BlockLinearQuantizeLauncher(_linear_launcher(gm, lin), arg(node, "bits"), arg(node, "symmetric"),
-                                               _clip(node), arg(node, "gelu"), q_block)
-        node.target, node.args, node.kwargs = launcher.__call__, (arg(lin, "a"), arg(lin, "a_scale"), arg(lin, "a_offset")), {}
-        bound.append(lin.meta[META_LINEAR].name if META_LINEAR in lin.meta else lin.name)
-        graph.erase_node(lin)  # its only reader now reads its inputs
-    return bound
-
-
-def rebind_block_ops(gm) -> int:
-    """Bind every block-scaled ``qfx::int_linear`` / ``qfx::quantize`` of a planned graph to these
-    kernels (``backend='triton'``) and unpack its int4 weights now (not inside a CUDA-graph
-    capture); returns how many ops it bound. The interim planner step until ``qfx.passes.plan``
-    asks ``LinearWork.act_block`` (then :class:`TritonBlockBackend` is chosen there)."""
-    from qfx.schema import INT_LINEAR, QUANTIZE, arg, is_call, op_buffer, set_args
-
-    bound = 0
-    for node in gm.graph.nodes:
-        if is_call(node, (INT_LINEAR, QUANTIZE)) and arg(node, "act_block") is not None:
-            set_args(node, backend=NAME)
-            if is_call(node, INT_LINEAR):
-                _int8_weight(op_buffer(gm, node, "w"), arg(node, "w_bits"))
-            bound += 1
-    gm.recompile()
-    return bound
 
 
 def register() -> None:

@@ -109,7 +109,7 @@ def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
 
 
 def _triton_binder(gm: GraphModule, node) -> Callable | None:
-    from qfx.backends.triton.block_gemm import binder
+    from qfx.runtime.block_binding import binder
 
     return binder(gm, node)
 
@@ -154,7 +154,7 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
     graph = copy.deepcopy(gm.graph)
     plan = LaunchPlan(module=None)  # type: ignore[arg-type]
     _bind_rotate_quantize(gm, graph, plan)
-    from qfx.backends.triton.block_gemm import bind_producers
+    from qfx.runtime.block_binding import bind_producers
 
     for name in bind_producers(gm, graph):  # block-scaled FFN-in GEMM + GELU + quantize: one kernel
         plan.bound[name] = "triton+quantize"

@@ -76,14 +76,14 @@ def test_block_kernels_under_the_triton_interpreter():
 
 def bind_block_launch_plan(compiled, producers: bool = True):
     """The compiled model's launch plan with backend 'triton' bound (BINDERS['triton'] =
-    block_gemm.binder) and, with ``producers``, the FFN-in producers bound as one kernel
-    (block_gemm.bind_producers), without them otherwise: made by patching qfx/runtime/launch_plan.py
+    qfx.runtime.block_binding.binder) and, with ``producers``, the FFN-in producers bound as one kernel
+    (qfx.runtime.block_binding.bind_producers), without them otherwise: made by patching qfx/runtime/launch_plan.py
     for one call, whether or not it already does either itself. Returns the plan."""
-    from qfx.backends.triton import block_gemm as bg
+    from qfx.runtime import block_binding as bb
     from qfx.runtime import launch_plan
 
-    launch_plan.BINDERS.setdefault("triton", bg.binder)
-    rotate_quantize, bind_producers = launch_plan._bind_rotate_quantize, bg.bind_producers
+    launch_plan.BINDERS.setdefault("triton", bb.binder)
+    rotate_quantize, bind_producers = launch_plan._bind_rotate_quantize, bb.bind_producers
 
     def with_producers(gm, graph, plan):
         rotate_quantize(gm, graph, plan)
@@ -91,12 +91,12 @@ def bind_block_launch_plan(compiled, producers: bool = True):
             plan.bound[name] = "triton+quantize"
 
     launch_plan._bind_rotate_quantize = with_producers
-    bg.bind_producers = lambda gm, graph: []  # a later call finds nothing left to bind (or must not bind)
+    bb.bind_producers = lambda gm, graph: []  # a later call finds nothing left to bind (or must not bind)
     try:
         compiled._plan, compiled._graphs = None, None  # the CUDA-graph pool replays the plan it captured
         return compiled.launch_plan
     finally:
-        launch_plan._bind_rotate_quantize, bg.bind_producers = rotate_quantize, bind_producers
+        launch_plan._bind_rotate_quantize, bb.bind_producers = rotate_quantize, bind_producers
 
 
 _INTERPRETED_PRODUCER = """
@@ -104,12 +104,13 @@ import torch
 import qfx
 from models import inputs, make
 from qfx.backends.triton import block_gemm as bg
+from qfx.runtime import block_binding as bb
 from test_block_gemm import bind_block_launch_plan
 bg.register()
 for cfg in (qfx.QuantConfig(4, 4, symmetric=False, act_block=64, weight_group=128), qfx.QuantConfig(8, 8, act_block=32)):
     qat = qfx.prepare_qat(make("bert_cls", layers=1, hidden=128, heads=2), example_kwargs=inputs(2, 8), config=cfg).eval()
     compiled = qfx.compile(qat, mode=f"int{cfg.weight_bits}", target="cpu")
-    bg.rebind_block_ops(compiled.graph_module)
+    bb.rebind_block_ops(compiled.graph_module)
     x = inputs(3, 11, seed=2)
     assert set(bind_block_launch_plan(compiled, producers=False).bound.values()) == {"triton"}
     unfused = compiled(**x).logits
@@ -135,12 +136,13 @@ import torch
 import qfx
 from models import inputs, make
 from qfx.backends.triton import block_gemm as bg
+from qfx.runtime import block_binding as bb
 from qfx.schema import QUANTIZE, arg, is_call, set_args
 bg.register()
 cfg = qfx.QuantConfig(4, 4, symmetric=False, act_block=64, weight_group=128)
 qat = qfx.prepare_qat(make("bert_cls", layers=1, hidden=128, heads=2), example_kwargs=inputs(2, 8), config=cfg).eval()
 compiled = qfx.compile(qat, mode="int4", target="cpu")
-assert bg.rebind_block_ops(compiled.graph_module) == 8  # 4 GEMMs (q, k, v fused) and 4 quantizers
+assert bb.rebind_block_ops(compiled.graph_module) == 8  # 4 GEMMs (q, k, v fused) and 4 quantizers
 for node in compiled.graph_module.graph.nodes:  # the interpreter's erf is not torch's: GELU codes on the reference
     if is_call(node, QUANTIZE) and arg(node, "gelu"):
         set_args(node, backend="reference")
@@ -267,12 +269,13 @@ def _cuda(x: dict) -> dict:
 def test_gpu_block_scaled_compiled_fp32_is_its_twin_bit_for_bit(cfg):
     """fp32 float parts: the compiled block-scaled model (Triton kernels) equals its QAT twin on the GPU."""
     from qfx.backends.triton import block_gemm as bg
+    from qfx.runtime import block_binding as bb
 
     bg.register()
     model = make("bert_cls", layers=2, hidden=128, heads=2).cuda()
     qat = qfx.prepare_qat(model, example_kwargs=_cuda(inputs(2, 8)), config=cfg).eval()
     compiled = qfx.compile(qat, mode=f"int{cfg.weight_bits}", target=qfx.detect_target().name, float_dtype=torch.float32)
-    assert bg.rebind_block_ops(compiled.graph_module) > 0
+    assert bb.rebind_block_ops(compiled.graph_module) > 0
     x = _cuda(inputs(3, 37, seed=5))
     with torch.no_grad():
         twin = qat(**x).logits
