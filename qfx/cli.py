@@ -113,12 +113,14 @@ def _cmd_compile(args) -> int:
     with torch.no_grad():
         ref = model(**batch)[0].float()
         got = compiled(**batch)[0].float().cpu()
-    cos = torch.nn.functional.cosine_similarity(ref.flatten(1), got.flatten(1), dim=-1)
+    from qfx.runtime.agreement import real_token_cosine
+
+    cos = real_token_cosine(ref, got, batch.get("attention_mask"))  # padded positions are not compared
     backends = sorted({r.backend for r in rep.quantized})
     print(f"compiled {type(model).__name__} from {path} in {secs:.1f} s: mode={args.mode} target={args.target} ({rep.execution})")
     print(f"  {len(rep.quantized)} linears on integer GEMMs ({', '.join(backends) or 'none'}), "
           f"{len(rep.linears) - len(rep.quantized)} left in float; weights from {rep.origin}")
-    print(f"  check on {len(_EXAMPLE_TEXTS)} example texts: output cosine to the float model {float(cos.min()):.4f} (min)")
+    print(f"  check on {len(_EXAMPLE_TEXTS)} example texts: output cosine to the float model over real tokens {float(cos.min()):.4f} (min)")
     if args.report:
         print(rep.render(width=140))
     else:

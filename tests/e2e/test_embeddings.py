@@ -320,7 +320,7 @@ def test_plot_embedding_runs_reads_results_and_names_a_missing_folder(tmp_path):
 
 
 def test_gptq_init_of_a_sentence_transformer_student_calibrates_on_texts(tiny_st):
-    from qfx.numerics.gptq import gptq_init
+    from qfx.train.gptq_init import gptq_init
 
     qat = qfx.prepare_qat(tiny_st, config=qfx.QuantConfig(4, 4, symmetric=False, rotation=16))
     errs = gptq_init(qat, TEXTS)

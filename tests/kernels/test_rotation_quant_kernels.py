@@ -25,7 +25,8 @@ TESTS = Path(__file__).resolve().parents[1]  # tests/: models.py
 
 
 def _rotated_compile(float_dtype=torch.float32, layers=2):
-    with warnings.catch_warnings():
+    """A rotated W4A4 BERT planned on the reference backend (the ops these tests fuse and bind)."""
+    with warnings.catch_warnings(), qfx.backends.only("reference"):
         warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
         return qfx.compile(make("bert", layers=layers, hidden=64, heads=2).eval(), mode="int4", target="cpu",
                            config=qfx.QuantConfig(4, 4, symmetric=False, rotation=32), example_kwargs=inputs(2, 8),
@@ -116,10 +117,11 @@ _INTERPRETED = textwrap.dedent('''
 
     # 2. the launch plan binds rotate -> quantize to one kernel: the whole model output is unchanged
     warnings.simplefilter("ignore")
-    def compiled(dtype):
-        return qfx.compile(make("bert", layers=2, hidden=64, heads=2).eval(), mode="int4", target="cpu",
-                           config=qfx.QuantConfig(4, 4, symmetric=False, rotation=32), example_kwargs=inputs(2, 8),
-                           float_dtype=dtype)
+    def compiled(dtype):  # planned on the reference backend: the ops this script binds
+        with qfx.backends.only("reference"):
+            return qfx.compile(make("bert", layers=2, hidden=64, heads=2).eval(), mode="int4", target="cpu",
+                               config=qfx.QuantConfig(4, 4, symmetric=False, rotation=32), example_kwargs=inputs(2, 8),
+                               float_dtype=dtype)
     cm = compiled(torch.float32)
     gm = copy.deepcopy(cm.graph_module)
     for node in gm.graph.nodes:
