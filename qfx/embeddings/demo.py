@@ -127,8 +127,9 @@ def run_demo(
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import qfx
+    from qfx.api import PostTrainingQuantizationWarning, compile
     from qfx.models import minilm_path
+    from qfx.targets import detect_target, get_target
 
     if repeat < 1:
         raise ValueError(f"repeat={repeat}: time at least one call (--repeat 1)")
@@ -138,7 +139,7 @@ def run_demo(
         torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()  # loading messages and the weight-loading bar are not part of the story
     hf_logging.disable_progress_bar()
-    tgt = qfx.get_target(target) if target else qfx.detect_target()
+    tgt = get_target(target) if target else detect_target()
     path = model_dir or minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()  # the fp32 reference, whatever the files hold
@@ -159,8 +160,8 @@ def run_demo(
         rows, compiled = [fp32, peer], {}
         for mode in (("fp16", "int8", "int4") if cuda else ("int8", "int4")):
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
-                cm = qfx.compile(model, mode=mode, target=tgt.name, example_kwargs=batch)
+                warnings.simplefilter("ignore", PostTrainingQuantizationWarning)
+                cm = compile(model, mode=mode, target=tgt.name, example_kwargs=batch)
             compiled[mode] = cm
             tag = {"fp16": "qfx fp16", "int8": "qfx int8 W8A8 PTQ", "int4": "qfx int4 W4A4 PTQ"}[mode]
             row = _Row(tag, _embed(cm, batch), _timed(lambda: cm(**batch), repeat, cuda))

@@ -114,8 +114,14 @@ def _triton_binder(gm: GraphModule, node) -> Callable | None:
     return binder(gm, node)
 
 
+def _cpu_binder(gm: GraphModule, node) -> Callable | None:
+    from qfx.runtime.cpu_binding import bind
+
+    return bind(gm, node)
+
+
 #: backend name -> function(gm, node) -> launcher or None
-BINDERS: dict[str, Callable] = {"cutlass": _cutlass_binder, "triton": _triton_binder}
+BINDERS: dict[str, Callable] = {"cutlass": _cutlass_binder, "triton": _triton_binder, "cpu": _cpu_binder}
 
 
 def _bind_rotate_quantize(gm: GraphModule, graph, plan: "LaunchPlan") -> None:

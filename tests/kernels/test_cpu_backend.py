@@ -189,13 +189,14 @@ def test_a_new_thread_count_gets_its_own_compiled_loops():
 
 
 def test_bound_launchers_give_the_ops_bits(monkeypatch):
-    """qfx.backends.cpu.launch.bind as the runtime's binder for "cpu": the lean graph calls the
+    """qfx.runtime.cpu_binding.bind, the runtime's binder for "cpu": the lean graph calls the
     kernels without the dispatcher, and the output is unchanged bit for bit."""
-    from qfx.backends.cpu.launch import bind
+    from qfx.runtime.cpu_binding import bind
     from qfx.runtime import launch_plan
 
     qat = qfx.prepare_qat(make("bert_cls", layers=2), example_kwargs=inputs(2, 8), config=qfx.QuantConfig(4, 4, symmetric=False)).eval()
     x = inputs(3, 9, seed=3)
+    monkeypatch.delitem(launch_plan.BINDERS, "cpu")  # first through the ops (the dispatcher)
     through_ops = qfx.compile(qat, mode="int4", target="cpu")
     want = through_ops(**x).logits
     monkeypatch.setitem(launch_plan.BINDERS, "cpu", bind)

@@ -215,12 +215,16 @@ def test_fuse_gelu_quantize_is_bit_exact(cfg):
     assert torch.equal(before, after)
 
 
-def test_plan_for_cpu_uses_the_reference_backend_everywhere():
+def test_plan_for_cpu_uses_one_backend_everywhere_the_cpu_one_where_the_cpu_has_int8_instructions():
+    from qfx.backends.cpu import int8_path
+    from qfx.schema import arg
+
     _, _, gm = _lowered(qfx.QuantConfig(4, 4))
     plan(gm, get_target("cpu"))
-    backends = {n.args[-1] for n in gm.graph.nodes if n.target in (qops.int_linear.default, qops.quantize.default)}
-    assert backends == {"reference"}
-    assert all(n.meta["qfx_plan"].backend == "reference" for n in gm.graph.nodes if n.target == qops.int_linear.default)
+    expected = "cpu" if int8_path().isa else "reference"
+    backends = {arg(n, "backend") for n in gm.graph.nodes if n.target in (qops.int_linear.default, qops.quantize.default)}
+    assert backends == {expected}
+    assert all(n.meta["qfx_plan"].backend == expected for n in gm.graph.nodes if n.target == qops.int_linear.default)
 
 
 # ---------------------------------------------------------------- the whole pipeline, property-tested
