@@ -103,14 +103,13 @@ def test_parse_mode_spellings_and_inference():
             parse_mode(bad)
 
 
-def test_resolve_config_infers_the_mode_of_a_qat_model():
+def test_resolve_config_takes_the_qat_models_config_and_refuses_another_mode():
     import qfx
     from qfx.api import _resolve_config
     from models import inputs, make
 
     qat = qfx.prepare_qat(make("bert", hidden=32, layers=1), example_kwargs=inputs(1, 4), config=qfx.QuantConfig(8, 8))
-    cfg, _, origin = _resolve_config(qat, None, None)
+    cfg, _, origin = _resolve_config(qat, "int8", None)  # compile() parses mode first (None: the trained width)
     assert cfg == qfx.QuantConfig(8, 8) and origin.startswith("QAT")
-    assert _resolve_config(qat, "W8A8", None)[0] == cfg
     with pytest.raises(ValueError, match="use mode='int8'"):
         _resolve_config(qat, "int4", None)
