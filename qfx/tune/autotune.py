@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import qfx.tune.cost_model as cost_model
 from qfx.targets import Target, family_of, get_target
+from qfx.tune import evidence
 from qfx.tune.cost_model import ModelShape
 from qfx.tune.measure import AutotuneCacheWarning, Launchers, TuneCache, machine_identity, time_us
 from qfx.tune.parts import (
@@ -115,7 +116,7 @@ def _modelled_candidates(target: Target, spec: PartSpec, m: int, fused_quantize:
         est = cost_model.part_time(target, spec.part, m, spec.n // gemms, spec.k, prec, gelu=spec.has_gelu,
                                    fused_quantize=fused_quantize or spec.quantize_in_norm, fused_epilogue=fused_epilogue)
         kernel = est.gemm.kernel + (f" x{gemms}" if gemms > 1 else "")
-        if prec == "int4" and not target.int4_tensor_cores:
+        if prec == "int4" and target.mma_operand(4, 4) == "s8":
             kernel += " (int4 codes on INT8 tensor cores)"
         out.append(Candidate(prec, kernel, gemms * est.gemm.us, gemms * (est.us - est.gemm.us)))
     return out
@@ -276,8 +277,8 @@ def autotune(
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else gpu
         origin = f"measured on {gpu} (GEMM + quantize/epilogue kernels); float parts modelled"
     else:
-        origin = (f"modelled for {target.name} ({target.gpu}): roofline from published peaks and bandwidth, "
-                  "efficiencies fitted on the H100 (qfx.tune.cost_model); not measured")
+        origin = (f"modelled for {target.name} ({target.gpu}), not measured: roofline from published peaks and "
+                  f"bandwidth" + (f"; trust: {evidence.trust_statement(target)}" if target.is_gpu else ""))
 
     unique = sorted({dataclasses.replace(s, layer=None) for s in specs}, key=repr)  # one timing per GEMM kind
     bar = None
