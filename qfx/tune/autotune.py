@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import qfx.tune.cost_model as cost_model
 from qfx.targets import Target, family_of, get_target
-from qfx.tune import evidence
+import qfx.tune.evidence as evidence
 from qfx.tune.cost_model import ModelShape
 from qfx.tune.measure import AutotuneCacheWarning, Launchers, TuneCache, machine_identity, time_us
 from qfx.tune.parts import (

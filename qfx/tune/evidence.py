@@ -28,7 +28,7 @@ from functools import lru_cache
 from importlib import resources
 
 from qfx.targets import GPUS, Target, get_target
-from qfx.tune import cost_model as cm
+import qfx.tune.cost_model as cm
 
 __all__ = ["trust_statement", "load_h100_measurements", "fit_gemm", "gemm_errors", "figure1_speedups", "PAPER_FIGURE1", "KNOWN_OUTSIDE",
            "PublishedCheck", "load_published", "row_target", "modelled_ratio", "check_published", "fit_family",
