@@ -149,7 +149,8 @@ class Target:
     @property
     def int4_execution(self) -> str:
         if self.device == "cpu":
-            return "reference (exact, float64 accumulation)"
+            return ("integer GEMMs on the CPU's int8 instructions where it has them, else the exact float64 "
+                    "reference (the plan line says which)")
         return "native INT4 tensor cores" if self.int4_tensor_cores else "INT8 tensor cores (int4 codes sign-extended)"
 
     @property
