@@ -102,26 +102,22 @@ def registered_backends(op: str, blocks: bool = False) -> list[str]:
     return sorted(b for (o, b) in (_BLOCK_IMPLS if blocks else _IMPLS) if o == op)
 
 
-def _block_impl(op: str, backend: str, act_block: int) -> Callable:
+def _impl(op: str, backend: str, act_block: int | None = None) -> Callable:
+    """The implementation of ``qfx::<op>`` for ``backend`` (of its block-scaled form when
+    ``act_block`` is set); a missing one is an error that says what to do instead."""
+    blocks = act_block is not None
     try:
-        return _BLOCK_IMPLS[(op, backend)]
+        return (_BLOCK_IMPLS if blocks else _IMPLS)[(op, backend)]
     except KeyError:
-        raise RuntimeError(
-            f"qfx::{op} with act_block={act_block} (block-scaled activations) has no implementation for "
-            f"backend={backend!r}; backends with one: {registered_backends(op, blocks=True)}. Plan it on one "
-            "of those, or use QuantConfig(act_block=None) (token-wise) for this backend."
-        ) from None
-
-
-def _impl(op: str, backend: str) -> Callable:
-    try:
-        return _IMPLS[(op, backend)]
-    except KeyError:
-        raise RuntimeError(
-            f"qfx::{op} has no implementation for backend={backend!r}; registered: "
-            f"{registered_backends(op)}. Import qfx (it registers 'reference') and, for "
-            "'cutlass', build the native library (see README)."
-        ) from None
+        if blocks:
+            why = (f"qfx::{op} with act_block={act_block} (block-scaled activations) has no implementation for "
+                   f"backend={backend!r}; backends with one: {registered_backends(op, blocks=True)}. Plan it on one "
+                   "of those, or use QuantConfig(act_block=None) (token-wise) for this backend.")
+        else:
+            why = (f"qfx::{op} has no implementation for backend={backend!r}; registered: "
+                   f"{registered_backends(op)}. Import qfx (it registers 'reference') and, for "
+                   "'cutlass', build the native library (see README).")
+        raise RuntimeError(why) from None
 
 
 def _packed_k(w: Tensor, w_bits: int) -> int:
@@ -140,7 +136,7 @@ def quantize(
     act_block: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if act_block is not None:
-        return _block_impl("quantize", backend, act_block)(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block)
+        return _impl("quantize", backend, act_block)(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block)
     return _impl("quantize", backend)(x, bits, symmetric, clip_lo, clip_hi, gelu)
 
 
@@ -181,7 +177,7 @@ def int_linear(
     act_block: Optional[int] = None,
 ) -> Tensor:
     if act_block is not None:
-        return _block_impl("int_linear", backend, act_block)(
+        return _impl("int_linear", backend, act_block)(
             a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gelu, out_dtype, a_bits, act_block
         )
     return _impl("int_linear", backend)(
