@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from qfx.backends.cpu import CpuBackend
 from qfx.backends.reference import ReferenceBackend
 from qfx.backends.triton import block_gemm as _triton_blocks
+from qfx.backends.triton import norm_block_quant as _triton_norm_blocks
 from qfx.backends.triton import rotation as _triton_rotation
 from qfx.ops import register_rotate_forward
 
@@ -28,6 +29,7 @@ from qfx.ops import register_rotate_forward
 register_rotate_forward(_triton_rotation.rotate)
 # the block-scaled forms of qfx::int_linear / qfx::quantize (act_block set) on a GPU
 _triton_blocks.register()
+_triton_norm_blocks.register()  # and of qfx::add_layer_norm_quantize (the fused LayerNorm producer)
 TritonBlockBackend = _triton_blocks.TritonBlockBackend
 
 __all__ = ["LinearWork", "backends_for", "only", "CpuBackend", "CutlassBackend", "TritonBlockBackend", "ReferenceBackend"]

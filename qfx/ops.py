@@ -33,9 +33,10 @@ token-wise or float run.
     qfx::weight_only_linear(x [..., K] float, w, w_bits, w_scale [N, G], bias [N]?, backend)
         -> [..., N] x.dtype
     qfx::add_layer_norm_quantize(a [..., K], b [..., K]?, weight [K], bias [K], eps, bits,
-                                 symmetric, clip_lo, clip_hi, backend)
+                                 symmetric, clip_lo, clip_hi, backend, act_block=None)
         -> (y = layer_norm(a + b) [..., K] a.dtype, codes, scale [...], offset [...])
-                                     (the codes are those of quantize(y): a fused producer)
+                                     (the codes are those of quantize(y): a fused producer;
+                                      act_block=B: block-scaled, scale/offset [..., K / B])
     qfx::add_layer_norm_rotate_quantize(a, b?, weight, bias, eps, signs [K] f32, block, bits,
                                         symmetric, clip_lo, clip_hi, backend)
         -> (y = layer_norm(a + b), codes, scale, offset)
@@ -82,7 +83,7 @@ _IMPLS: dict[tuple[str, str], Callable] = {}
 #: (op name, backend name) -> implementation of the block-scaled form (``act_block`` set)
 _BLOCK_IMPLS: dict[tuple[str, str], Callable] = {}
 #: the ops with a block-scaled form
-BLOCK_OPS = ("quantize", "int_linear")
+BLOCK_OPS = ("quantize", "int_linear", "add_layer_norm_quantize")
 OPS = ("quantize", "int_matmul", "int_linear", "weight_only_linear", "add_layer_norm_quantize",
        "add_layer_norm_rotate_quantize")
 #: the token layout ops (no backend): see the module doc
@@ -219,13 +220,17 @@ def add_layer_norm_quantize(
     clip_lo: Optional[float],
     clip_hi: Optional[float],
     backend: str,
+    act_block: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if act_block is not None:
+        return _impl("add_layer_norm_quantize", backend, act_block)(a, b, weight, bias, eps, bits, symmetric,
+                                                                     clip_lo, clip_hi, act_block)
     return _impl("add_layer_norm_quantize", backend)(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi)
 
 
-def _layer_norm_codes_fake(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _layer_norm_codes_fake(a: Tensor, act_block: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, codes, scale, offset) of a fused LayerNorm producer over ``a [..., K]``."""
-    lead = a.shape[:-1]
+    lead = a.shape[:-1] if act_block is None else (*a.shape[:-1], a.shape[-1] // act_block)
     return (
         torch.empty_like(a),
         a.new_empty(a.shape, dtype=torch.int8),
@@ -235,8 +240,8 @@ def _layer_norm_codes_fake(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @add_layer_norm_quantize.register_fake
-def _(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, backend):
-    return _layer_norm_codes_fake(a)
+def _(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, backend, act_block=None):
+    return _layer_norm_codes_fake(a, act_block)
 
 
 @torch.library.custom_op("qfx::add_layer_norm_rotate_quantize", mutates_args=())

@@ -75,6 +75,12 @@ def _add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo, 
     return (y, *_quantize(y, bits, symmetric, clip_lo, clip_hi))
 
 
+def _add_layer_norm_quantize_blocks(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, act_block):
+    s = a if b is None else a + b
+    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return (y, *_quantize_blocks(y, bits, symmetric, clip_lo, clip_hi, False, act_block))
+
+
 def _add_layer_norm_rotate_quantize(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo, clip_hi):
     s = a if b is None else a + b
     y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
@@ -89,6 +95,7 @@ register_impl("int_linear", NAME, _int_linear)
 register_impl("weight_only_linear", NAME, _weight_only_linear)
 register_impl("quantize", NAME, _quantize_blocks, blocks=True)
 register_impl("int_linear", NAME, _int_linear_blocks, blocks=True)
+register_impl("add_layer_norm_quantize", NAME, _add_layer_norm_quantize_blocks, blocks=True)
 
 
 class ReferenceBackend:
