@@ -52,12 +52,10 @@ class GPU:
 #: INT4 619.3 TOPS). GeForce cards run fp16 with fp32 accumulation at half rate.
 GPUS: dict[str, tuple[GPU, ...]] = {
     "sm_80": (
-        GPU("NVIDIA A100-SXM4-80GB", {"fp16": 312.0, "int8": 624.0, "int4": 1248.0}, 2039.0, 108,
-            "A100 data sheet (SXM4 80GB)"),
-        GPU("NVIDIA A100-PCIE-40GB", {"fp16": 312.0, "int8": 624.0, "int4": 1248.0}, 1555.0, 108,
-            "A100 data sheet (PCIe 40GB)"),
-        GPU("NVIDIA A100-SXM4-40GB", {"fp16": 312.0, "int8": 624.0, "int4": 1248.0}, 1555.0, 108,
-            "A100 data sheet (SXM4 40GB)"),
+        *(GPU(f"NVIDIA A100-{model}", {"fp16": 312.0, "int8": 624.0, "int4": 1248.0}, bandwidth, 108,
+              f"A100 data sheet ({sheet})")  # the A100s differ only in memory: one row per memory
+          for model, bandwidth, sheet in (("SXM4-80GB", 2039.0, "SXM4 80GB"), ("PCIE-40GB", 1555.0, "PCIe 40GB"),
+                                          ("SXM4-40GB", 1555.0, "SXM4 40GB"))),
         GPU("NVIDIA A30", {"fp16": 165.0, "int8": 330.0, "int4": 661.0}, 933.0, 56, "A30 data sheet"),
     ),
     "sm_86": (
