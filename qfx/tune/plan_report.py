@@ -46,8 +46,17 @@ def layers_text(layers: list[int | None]) -> str:
     return ",".join(map(str, known))
 
 
+class _VersusFp16:
+    """A chosen time (``chosen_us``) beside the time of the same work in fp16 (``fp16_us``)."""
+
+    @property
+    def speedup(self) -> float:
+        """The fp16 time over the chosen time (1.0 when fp16 is chosen)."""
+        return self.fp16_us / self.chosen_us
+
+
 @dataclass(frozen=True)
-class PartTiming:
+class PartTiming(_VersusFp16):
     """One layer part in one scenario bucket, as the report's tuning table shows it.
 
     ``times``: microseconds per candidate (the trained precision and fp16), each with the work
@@ -72,11 +81,8 @@ class PartTiming:
     times: dict[str, float] = field(hash=False)
 
     @property
-    def m(self) -> int:
-        return self.batch * self.seq
-
-    @property
-    def us(self) -> float:
+    def chosen_us(self) -> float:
+        """The chosen precision's time."""
         return self.times[self.precision]
 
     @property
@@ -84,13 +90,12 @@ class PartTiming:
         return self.times["fp16"]
 
     @property
-    def speedup(self) -> float:
-        """fp16 time over the chosen time (1.0 when fp16 is chosen)."""
-        return self.fp16_us / self.us
+    def m(self) -> int:
+        return self.batch * self.seq
 
 
 @dataclass(frozen=True)
-class BucketTotal:
+class BucketTotal(_VersusFp16):
     """The tuned parts' summed time in one bucket, microseconds: the decision's (``chosen_us``)
     and each fixed strategy's under the same times (``strategies``: ``"all-fp16"``,
     ``"all-int4"`` / ``"all-int8"``, ``"q3-only"``; :func:`qfx.tune.autotune.fixed_strategies`)."""
@@ -99,15 +104,7 @@ class BucketTotal:
     seq: int
     chosen_us: float
     strategies: dict[str, float] = field(hash=False)
-
-    @property
-    def fp16_us(self) -> float:
-        return self.strategies["all-fp16"]
-
-    @property
-    def speedup(self) -> float:
-        """all-fp16 time over the chosen plan's time."""
-        return self.fp16_us / self.chosen_us
+    fp16_us = property(lambda self: self.strategies["all-fp16"], doc="The all-fp16 strategy's time.")
 
 
 #: what an fp16 part runs (the float graph's linears; cuBLAS under the hood on a GPU)
@@ -181,7 +178,7 @@ class TuningTable:
             for t in members[0][1]:
                 out.append(dict(layer=label, part=t.part, batch=t.batch, seq=t.seq, m=t.m, n=t.n, k=t.k,
                                 trained=t.trained, precision=t.precision, kernel=t.kernel, times=dict(t.times),
-                                us=t.us, fp16_us=t.fp16_us, speedup=t.speedup))
+                                us=t.chosen_us, fp16_us=t.fp16_us, speedup=t.speedup))
         return out
 
 
