@@ -8,6 +8,7 @@ import operator
 
 from qfx.backends.triton.block_gemm import (NAME, BlockLinearLauncher, BlockLinearQuantizeLauncher, _int8_weight,
                                             quantize_blocks)
+from qfx.backends.triton.norm_block_quant import AddLayerNormBlockQuantizeLauncher
 from qfx.schema import (ADD_LAYER_NORM_QUANTIZE, INT_LINEAR, META_LINEAR, QUANTIZE, arg, is_call, op_buffer,
                         set_args)
 
@@ -35,6 +36,9 @@ def binder(gm, node):
         return None
     if is_call(node, INT_LINEAR):
         return _linear_launcher(gm, node).__call__
+    if is_call(node, ADD_LAYER_NORM_QUANTIZE):  # the fused LayerNorm producer (backends/triton/norm_block_quant.py)
+        return AddLayerNormBlockQuantizeLauncher(arg(node, "eps"), arg(node, "bits"), arg(node, "symmetric"),
+                                                 _clip(node), arg(node, "act_block")).__call__
     if is_call(node, QUANTIZE):
         bits, symmetric, clip, gelu, block = (arg(node, "bits"), arg(node, "symmetric"), _clip(node), arg(node, "gelu"),
                                               arg(node, "act_block"))
