@@ -10,8 +10,8 @@
 * Epilogue and activation quantizer: element-wise fp32 arithmetic, compiled by Inductor into one
   loop each. Inductor's C++ is built with ``-ffp-contract=off`` and never reassociates float
   arithmetic, so every operation rounds once, in the order written: the bits of eager torch.
-  The quantizer is :func:`qfx.numerics.quantize_activation` itself; the epilogue is
-  :func:`_affine_epilogue`, the order of :func:`qfx.numerics.int_linear_reference`. GELU is
+  The quantizer is :func:`qfx.numerics.quantize_activation` itself and the epilogue
+  :func:`qfx.numerics.int_linear_epilogue` itself (the reference's own). GELU is
   left to ATen (``torch.nn.functional.gelu``, as the reference and the twin call it): Inductor's
   erf differs from ATen's in the last bit. tests/kernels/test_cpu_backend.py checks every op
   against the reference bit for bit.
@@ -51,33 +51,12 @@ def _inductor_compiler() -> str | None:
 EPILOGUE = "inductor" if _inductor_compiler() else "eager"
 
 
-def _affine_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, w_scale: torch.Tensor,
-                     w_offset_sum: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``((acc * S_a) * s_w + c_a * ws) + bias`` in fp32, the operation order of
-    :func:`qfx.numerics.int_linear_reference` (without its GELU and output cast).
-
-    ``acc [G, M, N]`` int32: one exact accumulator per weight group (G = 1: row-wise scales).
-    """
-    n = w_scale.shape[0]
-    sa = a_scale.float().unsqueeze(-1)
-    if acc.shape[0] == 1:
-        y = acc[0].float() * sa * w_scale.float().reshape(1, n)
-    else:
-        y = torch.zeros(acc.shape[1], n, dtype=torch.float32, device=acc.device)
-        for j in range(acc.shape[0]):
-            y = y + acc[j].float() * w_scale[:, j].float().reshape(1, n)
-        y = y * sa
-    y = y + a_offset.float().unsqueeze(-1) * w_offset_sum.float().reshape(1, n)
-    if bias is not None:
-        y = y + bias.float().reshape(1, n)
-    return y
-
-
-def _affine_epilogue_in_place(acc: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, w_scale: torch.Tensor,
-                              w_offset_sum: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`_affine_epilogue` written over ``acc[0]`` (fp32 accumulators, a buffer of our own):
-    one loop that reads each element and writes it back, no new output buffer to fault in."""
-    y = _affine_epilogue(acc, a_scale, a_offset, w_scale, w_offset_sum, bias)
+def _epilogue_in_place(acc: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, w_scale: torch.Tensor,
+                       w_offset_sum: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`qfx.numerics.int_linear_epilogue` written over ``acc[0]`` (fp32 accumulators, a
+    buffer of our own): one loop that reads each element and writes it back, no new output
+    buffer to fault in."""
+    y = numerics.int_linear_epilogue(acc, a_scale, a_offset, w_scale, w_offset_sum, bias)
     acc[0].copy_(y)
     return acc[0]
 
@@ -185,7 +164,7 @@ def int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gel
         acc = _accumulate(a2, operands[0]).unsqueeze(0)  # a view: no copy of the accumulator
     else:
         acc = torch.stack([_accumulate(a2[:, j * g:(j + 1) * g], op) for j, op in enumerate(operands)])
-    epilogue = _affine_epilogue_in_place if acc.dtype == torch.float32 else _affine_epilogue
+    epilogue = _epilogue_in_place if acc.dtype == torch.float32 else numerics.int_linear_epilogue
     y = _run(epilogue, acc, a_scale.reshape(-1), a_offset.reshape(-1), w_scale, w_offset_sum, bias)
     if gelu:
         y = F.gelu(y)

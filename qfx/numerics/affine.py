@@ -95,6 +95,7 @@ __all__ = [
     "unpack_int4",
     "int_matmul_reference",
     "int_matmul",
+    "int_linear_epilogue",
     "int_linear_reference",
     "int_linear_blocks_reference",
     "weight_offset_sum",
@@ -347,38 +348,50 @@ def weight_offset_sum(q_w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     return (sums * w_scale.double()).sum(dim=-1).float()
 
 
+def int_linear_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, w_scale: torch.Tensor,
+                        w_offset_sum: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The integer linear's fp32 epilogue, without its GELU and output cast: ``((acc * S_a) * s_w
+    + c_a * ws) + bias`` for row-wise weight scales; for grouped ones ``((0 + acc_0 * s_w[:, 0])
+    + acc_1 * s_w[:, 1] + ...) * S_a``, then the same ``+ c_a * ws + bias``.
+
+    ``acc [G, M, N]``: one exact accumulator per weight group (int32, or its exact fp32 value),
+    ``a_scale, a_offset [M]``, ``w_scale [N, G]``, ``w_offset_sum [N]``, ``bias [N]`` or None.
+    The one statement of this order: :func:`int_linear_reference` and the CPU backend call it.
+    """
+    n = w_scale.shape[0]
+    sa = a_scale.float().unsqueeze(-1)
+    if acc.shape[0] == 1:
+        y = acc[0].float() * sa * w_scale.float().reshape(1, n)
+    else:
+        y = torch.zeros(acc.shape[1], n, dtype=torch.float32, device=acc.device)
+        for j in range(acc.shape[0]):
+            y = y + acc[j].float() * w_scale[:, j].float().reshape(1, n)
+        y = y * sa
+    y = y + a_offset.float().unsqueeze(-1) * w_offset_sum.float().reshape(1, n)
+    if bias is not None:
+        y = y + bias.float().reshape(1, n)
+    return y
+
+
 def int_linear_reference(
-    a: torch.Tensor,
-    a_scale: torch.Tensor,
-    a_offset: torch.Tensor,
-    q_w: torch.Tensor,
-    w_scale: torch.Tensor,
-    w_offset_sum: torch.Tensor,
-    bias: torch.Tensor | None,
-    gelu: bool = False,
-    out_dtype: torch.dtype = torch.float32,
+    a: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor,  # the activation codes and parameters
+    q_w: torch.Tensor, w_scale: torch.Tensor, w_offset_sum: torch.Tensor,  # the weight's
+    bias: torch.Tensor | None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The integer linear layer: exact int32 accumulation, then the fp32 epilogue.
 
     Shapes: ``a [M, K]`` int8, ``a_scale, a_offset [M]``, ``q_w [N, K]`` int8 (unpacked),
     ``w_scale [N, G]`` (G = 1 for row-wise), ``w_offset_sum [N]``, ``bias [N]`` or None.
-    The fp32 operation order below is the reference the GPU epilogue is bounded against.
+    The fp32 operation order (:func:`int_linear_epilogue`) is the reference the GPU epilogue is
+    bounded against.
     """
-    n, k = q_w.shape
     groups = w_scale.shape[-1]
     if groups == 1:
-        acc = int_matmul(a, q_w).float()
-        y = acc * a_scale.float().unsqueeze(-1) * w_scale.float().reshape(1, n)
+        acc = int_matmul(a, q_w).unsqueeze(0)
     else:
-        g = k // groups
-        y = torch.zeros(a.shape[0], n, dtype=torch.float32, device=a.device)
-        for j in range(groups):
-            acc_g = int_matmul(a[:, j * g:(j + 1) * g], q_w[:, j * g:(j + 1) * g])
-            y = y + acc_g.float() * w_scale[:, j].float().reshape(1, n)
-        y = y * a_scale.float().unsqueeze(-1)
-    y = y + a_offset.float().unsqueeze(-1) * w_offset_sum.float().reshape(1, n)
-    if bias is not None:
-        y = y + bias.float().reshape(1, n)
+        g = q_w.shape[1] // groups
+        acc = torch.stack([int_matmul(a[:, j * g:(j + 1) * g], q_w[:, j * g:(j + 1) * g]) for j in range(groups)])
+    y = int_linear_epilogue(acc, a_scale, a_offset, w_scale, w_offset_sum, bias)
     if gelu:
         y = torch.nn.functional.gelu(y)
     return y.to(out_dtype)
@@ -394,15 +407,9 @@ def weight_block_sums(q_w: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def int_linear_blocks_reference(
-    a: torch.Tensor,
-    a_scale: torch.Tensor,
-    a_offset: torch.Tensor | None,
-    q_w: torch.Tensor,
-    w_scale: torch.Tensor,
-    w_block_sums: torch.Tensor,
-    bias: torch.Tensor | None,
-    gelu: bool = False,
-    out_dtype: torch.dtype = torch.float32,
+    a: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor | None,  # the activation codes and parameters
+    q_w: torch.Tensor, w_scale: torch.Tensor, w_block_sums: torch.Tensor,  # the weight's
+    bias: torch.Tensor | None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The block-scaled integer linear (module doc: the fp32 order every kernel follows).
 
