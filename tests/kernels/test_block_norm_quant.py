@@ -211,6 +211,34 @@ def test_block_norm_kernel_under_the_triton_interpreter():
     assert run.returncode == 0 and "interpreted block norm exact" in run.stdout, run.stderr[-3000:]
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype,k", [("fp16", 768), ("bf16", 1024), ("fp32", 4096)])
+def test_block_norm_kernel_compiles_for_sm90_without_fma(dtype, k):
+    """Ahead of time, no GPU needed (Triton's bundled ptxas): the kernel compiles for sm_90 with the
+    launcher's constants, with IEEE divisions (the quantizer's) and no contracted fma."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qfx.backends.triton import norm_block_quant as nbq
+    from qfx.backends.triton import norm_block_quant_kernels as kernels
+
+    nb, rows = nbq._tile(k, 128)
+    sig = {**{p: f"*{dtype}" for p in ("a_ptr", "b_ptr", "w_ptr", "bias_ptr", "y_ptr")}, "q_ptr": "*i8",
+           "qs_ptr": "*fp32", "qc_ptr": "*fp32", "M": "i32", "K": "i32", "ln_eps": "fp32", "clip_lo": "fp32",
+           "clip_hi": "fp32"}
+    consts = dict(HAS_B=True, B=128, NB=nb, BLOCK=rows, BITS=4, SYMMETRIC=False, HAS_CLIP=True, EPS=nx.EPS)
+    sig.update({c: "constexpr" for c in consts})
+    try:
+        compiled = triton.compile(ASTSource(kernels.add_layer_norm_block_quantize_kernel, sig, consts),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": nbq.WARPS, "enable_fp_fusion": False})
+    except RuntimeError as e:  # a Triton build without the NVIDIA backend or its ptxas
+        pytest.skip(f"Triton cannot compile for sm_90 here: {e}")
+    ptx = compiled.asm["ptx"]
+    assert "div.rn.f32" in ptx and "fma.rn.f32" not in ptx
+
+
 # --------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu
