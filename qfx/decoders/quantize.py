@@ -157,12 +157,24 @@ def set_weight_path(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
-def _check_block_size(targets: Mapping[str, nn.Module], block_size: int) -> None:
+def _check_mode(mode: str, fmt: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a decoder mode; expected one of {tuple(MODES)}")
+    nx.formats._check_format(fmt)
+
+
+def _quantized_linears(model: nn.Module, skip: Iterable[str], block_size: int) -> dict[str, nn.Module]:
+    """The linears of ``model`` to quantize (every one outside ``skip``), each with an input size
+    ``block_size`` divides; refused naming what is wrong otherwise."""
+    targets = target_linears(model, skip)
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D outside skip={tuple(skip)}: nothing to quantize")
     for name, mod in targets.items():
         k = linear_weight(mod).shape[1]
         if not isinstance(block_size, int) or block_size <= 0 or k % block_size:
             raise ValueError(f"block_size={block_size} does not divide K={k} of {name} "
                              f"({type(mod).__name__}); pick a divisor of every linear's input size")
+    return targets
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -172,19 +184,10 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantize_decoder(
     model: nn.Module,
-    mode: str = "w4a16",
-    fmt: str = "nf4",
-    block_size: int = nx.DEFAULT_BLOCK_SIZE,
-    double_quant: bool = False,
-    gptq: bool = False,
-    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
-    rotate: bool = False,
-    act_symmetric: bool = False,
-    act_order: bool = False,
-    damp: float = 0.01,
-    skip: Iterable[str] = ("lm_head",),
-    seed: int = 0,
-    inplace: bool = False,
+    mode: str = "w4a16", fmt: str = "nf4", block_size: int = nx.DEFAULT_BLOCK_SIZE, double_quant: bool = False,
+    gptq: bool = False, calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    rotate: bool = False, act_symmetric: bool = False, act_order: bool = False, damp: float = 0.01,
+    skip: Iterable[str] = ("lm_head",), seed: int = 0, inplace: bool = False,
 ) -> nn.Module:
     """Quantize a causal decoder's linears to 4-bit weights (and 8 / 4-bit activations).
 
@@ -199,9 +202,7 @@ def quantize_decoder(
         >>> q = quantize_decoder(llama, mode="w4a16", fmt="nf4", double_quant=True)
         >>> q4 = quantize_decoder(llama, mode="w4a4", fmt="int4", rotate=True, gptq=True, calibration=batches)
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a decoder mode; expected one of {tuple(MODES)}")
-    nx.formats._check_format(fmt)
+    _check_mode(mode, fmt)
     if gptq and calibration is None:
         raise ValueError("gptq=True needs calibration data: pass calibration=[{'input_ids': ...}, ...] "
                          "(batches of the training distribution), or use gptq=False (round-to-nearest)")
@@ -216,10 +217,7 @@ def quantize_decoder(
         from qfx.decoders.rotate import rotate_decoder
 
         model = rotate_decoder(model, seed=seed, inplace=True)
-    targets = target_linears(model, skip)
-    if not targets:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D outside skip={tuple(skip)}: nothing to quantize")
-    _check_block_size(targets, block_size)
+    targets = _quantized_linears(model, skip, block_size)
     hessians = collect_hessians(model, calibration, targets) if gptq else {}
     cfg = GPTQConfig(fmt, block_size, act_order=act_order, damp=damp, double_quant=double_quant) if gptq else None
     with torch.no_grad():
@@ -318,12 +316,8 @@ class QATLinear(nn.Module):
 
 def prepare_decoder_qat(
     model: nn.Module,
-    mode: str = "w4a4",
-    fmt: str = "int4",
-    block_size: int = nx.DEFAULT_BLOCK_SIZE,
-    double_quant: bool = False,
-    act_symmetric: bool = False,
-    skip: Iterable[str] = ("lm_head",),
+    mode: str = "w4a4", fmt: str = "int4", block_size: int = nx.DEFAULT_BLOCK_SIZE, double_quant: bool = False,
+    act_symmetric: bool = False, skip: Iterable[str] = ("lm_head",),
 ) -> nn.Module:
     """A trainable copy of the causal LM ``model`` whose linears (except ``skip``) are :class:`QATLinear`.
 
@@ -338,15 +332,9 @@ def prepare_decoder_qat(
         >>> distill_decoder(teacher, student, batches, DecoderKDConfig(steps=200))
         >>> q = convert_decoder_qat(student)
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a decoder mode; expected one of {tuple(MODES)}")
-    nx.formats._check_format(fmt)
+    _check_mode(mode, fmt)
     model = copy.deepcopy(model)
-    targets = target_linears(model, skip)
-    if not targets:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D outside skip={tuple(skip)}: nothing to quantize")
-    _check_block_size(targets, block_size)
-    for name, mod in targets.items():
+    for name, mod in _quantized_linears(model, skip, block_size).items():
         _set_module(model, name, QATLinear(linear_weight(mod), mod.bias, fmt, block_size, double_quant,
                                            MODES[mode], act_symmetric))
     return model
