@@ -66,16 +66,33 @@ struct TokenQuant {
   }
 };
 
+// Widen a row's running range by one quantizer input f: symmetric codes need only max|f| (in
+// hi; lo unused), asymmetric ones min and max. Every kernel that emits codes reduces this way.
+__device__ __forceinline__ void widen_range(float f, int symmetric, float& lo, float& hi) {
+  if (symmetric) {
+    hi = fmaxf(hi, fabsf(f));
+  } else {
+    lo = fminf(lo, f);
+    hi = fmaxf(hi, f);
+  }
+}
+
+// The range over a warp's 32 lanes, in every lane (butterfly shuffles; min and max are exact in
+// any order, so the result does not depend on it).
+__device__ __forceinline__ void warp_min_max(float& lo, float& hi) {
+  for (int off = 16; off > 0; off >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+  }
+}
+
 struct MinMax {
   float lo, hi;
 };
 
 __device__ MinMax block_min_max(float lo, float hi) {
   __shared__ float s_lo[kThreads / 32], s_hi[kThreads / 32];
-  for (int off = 16; off > 0; off >>= 1) {
-    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-  }
+  warp_min_max(lo, hi);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
     s_lo[warp] = lo;
@@ -102,13 +119,7 @@ __global__ void quantize_rows_kernel(T const* __restrict__ x, long long k, int b
   auto load = [&](long long i) { return quantizer_input(xr[i], gelu != 0, has_clip, clip_lo, clip_hi); };
   float lo = FLT_MAX, hi = -FLT_MAX;
   for (long long i = threadIdx.x; i < k; i += kThreads) {
-    const float v = load(i);
-    if (symmetric) {
-      hi = fmaxf(hi, fabsf(v));
-    } else {
-      lo = fminf(lo, v);
-      hi = fmaxf(hi, v);
-    }
+    widen_range(load(i), symmetric, lo, hi);
   }
   const MinMax mm = block_min_max(lo, hi);
   const TokenQuant tq(mm.lo, mm.hi, bits, symmetric);
@@ -128,6 +139,33 @@ __global__ void quantize_rows_kernel(T const* __restrict__ x, long long k, int b
 // operation for operation, and min/max reductions are exact in any order: the codes, scales and
 // offsets are bit-identical to quantize_rows_kernel's (tested against the CPU reference).
 constexpr int kWarpRowsPerBlock = 4;
+
+// Write a register-held row's codes (a lane's vector j holds elements (lane + kLanes * j) * kN
+// onwards: one 8- or 4-byte store of kN codes) and, from lane 0, the row's scale and offset.
+template <int kN, int kMaxVecs, int kLanes>
+__device__ __forceinline__ void store_row_codes(TokenQuant const& tq, float const (&v)[kMaxVecs][kN], int lane,
+                                                int nvec, long long row, int k, int8_t* __restrict__ q,
+                                                float* __restrict__ scale, float* __restrict__ offset) {
+  int8_t* qr = q + row * k;
+#pragma unroll
+  for (int j = 0; j < kMaxVecs; ++j) {
+    const int idx = lane + kLanes * j;
+    if (idx < nvec) {
+      int8_t codes[kN];
+#pragma unroll
+      for (int t = 0; t < kN; ++t) codes[t] = tq.code(v[j][t]);
+      if constexpr (kN == 8) {
+        *reinterpret_cast<uint2*>(qr + idx * kN) = *reinterpret_cast<uint2 const*>(codes);
+      } else {
+        *reinterpret_cast<unsigned*>(qr + idx * kN) = *reinterpret_cast<unsigned const*>(codes);
+      }
+    }
+  }
+  if (lane == 0) {
+    scale[row] = tq.scale;
+    offset[row] = tq.offset;
+  }
+}
 
 template <class T> struct Vec;  // one 16-byte vector of T
 template <> struct Vec<__half> { static constexpr int n = 8; using raw = uint4; };
@@ -160,21 +198,12 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
       T const* e = reinterpret_cast<T const*>(&raw);
 #pragma unroll
       for (int t = 0; t < kN; ++t) {
-        const float f = quantizer_input(e[t], kGelu, has_clip, clip_lo, clip_hi);
-        v[j][t] = f;
-        if (symmetric) {
-          hi = fmaxf(hi, fabsf(f));
-        } else {
-          lo = fminf(lo, f);
-          hi = fmaxf(hi, f);
-        }
+        v[j][t] = quantizer_input(e[t], kGelu, has_clip, clip_lo, clip_hi);
+        widen_range(v[j][t], symmetric, lo, hi);
       }
     }
   }
-  for (int off = 16; off > 0; off >>= 1) {
-    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-  }
+  warp_min_max(lo, hi);
   if constexpr (kWarps > 1) {  // min/max are exact in any order: the result does not change
     __shared__ float s_lo[kWarps], s_hi[kWarps];
     if (threadIdx.x % 32 == 0) {
@@ -188,26 +217,7 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
       hi = fmaxf(hi, s_hi[w]);
     }
   }
-  const TokenQuant tq(lo, hi, bits, symmetric);
-  int8_t* qr = q + row * k;
-#pragma unroll
-  for (int j = 0; j < kMaxVecs; ++j) {
-    const int idx = lane + kLanes * j;
-    if (idx < nvec) {
-      int8_t codes[kN];
-#pragma unroll
-      for (int t = 0; t < kN; ++t) codes[t] = tq.code(v[j][t]);
-      if constexpr (kN == 8) {
-        *reinterpret_cast<uint2*>(qr + idx * kN) = *reinterpret_cast<uint2 const*>(codes);
-      } else {
-        *reinterpret_cast<unsigned*>(qr + idx * kN) = *reinterpret_cast<unsigned const*>(codes);
-      }
-    }
-  }
-  if (lane == 0) {
-    scale[row] = tq.scale;
-    offset[row] = tq.offset;
-  }
+  store_row_codes<kN, kMaxVecs, kLanes>(TokenQuant(lo, hi, bits, symmetric), v, lane, nvec, row, k, q, scale, offset);
 }
 
 // Launch the warp kernel with the fewest register vectors that hold a row; false if the row
@@ -370,36 +380,13 @@ __global__ void add_ln_quantize_kernel(T const* __restrict__ a, T const* __restr
         float f = to_f32(yt);  // quantize the values the model carries on, as the unfused graph does
         f = has_clip ? fminf(fmaxf(f, clip_lo), clip_hi) : f;
         v[j][t] = f;
-        if (symmetric) {
-          hi = fmaxf(hi, fabsf(f));
-        } else {
-          lo = fminf(lo, f);
-          hi = fmaxf(hi, f);
-        }
+        widen_range(f, symmetric, lo, hi);
       }
       yr[idx] = out;
     }
   }
-  for (int off = 16; off > 0; off >>= 1) {
-    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-  }
-  const TokenQuant tq(lo, hi, bits, symmetric);
-  int8_t* qr = q + row * k;
-#pragma unroll
-  for (int j = 0; j < kMaxVecs; ++j) {
-    const int idx = lane + 32 * j;
-    if (idx < nvec) {
-      int8_t codes[kN];
-#pragma unroll
-      for (int t = 0; t < kN; ++t) codes[t] = tq.code(v[j][t]);
-      *reinterpret_cast<uint2*>(qr + idx * kN) = *reinterpret_cast<uint2 const*>(codes);
-    }
-  }
-  if (lane == 0) {
-    scale[row] = tq.scale;
-    offset[row] = tq.offset;
-  }
+  warp_min_max(lo, hi);
+  store_row_codes<kN, kMaxVecs, 32>(TokenQuant(lo, hi, bits, symmetric), v, lane, nvec, row, k, q, scale, offset);
 }
 
 template <class T>
