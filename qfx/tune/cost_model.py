@@ -66,6 +66,7 @@ __all__ = [
     "KernelFit", "FIT", "TILES", "GemmEstimate", "gemm_time", "quantize_time", "epilogue_time",
     "elementwise_time", "attention_time", "part_time", "fused_quantize_time", "QUANTIZE_IN_NORM", "PartEstimate", "ModelShape", "MODEL_SHAPES",
     "model_latency", "BYTES_PER_ELEMENT", "PIPELINES", "TILES_BY_FAMILY", "fit_for", "fit_key", "codes_bytes",
+    "SM_RATES", "promotion_ops", "promotion_us", "quantize_bytes",
 ]
 
 #: bytes per element of each GEMM operand precision
@@ -117,28 +118,14 @@ class KernelFit:
 #: takes the longer of the two) and sm80's fixed cost at its 10 us bound (at M <= 1024 the
 #: published engines are latency-bound, which the fit can only express as fixed cost). ``evidence.check_published()`` gives each
 #: row's error; tests/units/test_cost_model.py holds them to 25 % (the rows outside are named).
+#: the assumed factors ("memory", "attention", "quantize"; see above), the same in every family
+_ASSUMED = {"memory": KernelFit(1.0, 0.80, 1.0, 2.0), "attention": KernelFit(0.25, 0.80, 1.0, 4.0),
+            "quantize": KernelFit(1.0, 0.50, 1.0, 4.0)}
 FIT: dict[str, dict[str, KernelFit]] = {
-    "sm90a": {
-        "int": KernelFit(1.0, 1.0, 1.187, 4.899, 1.717),
-        "fp16": KernelFit(0.808, 0.969, 1.666, 3.722, 0.0),
-        "memory": KernelFit(1.0, 0.80, 1.0, 2.0),
-        "attention": KernelFit(0.25, 0.80, 1.0, 4.0),
-        "quantize": KernelFit(1.0, 0.50, 1.0, 4.0),
-    },
-    "sm80": {
-        "int": KernelFit(0.725, 0.85, 8.0, 10.0, 1.142),
-        "fp16": KernelFit(0.881, 0.85, 8.0, 10.0, 1.142),
-        "memory": KernelFit(1.0, 0.80, 1.0, 2.0),
-        "attention": KernelFit(0.25, 0.80, 1.0, 4.0),
-        "quantize": KernelFit(1.0, 0.50, 1.0, 4.0),
-    },
-    "sm_89": {
-        "int": KernelFit(1.0, 0.85, 8.0, 6.91, 0.316),
-        "fp16": KernelFit(0.961, 0.85, 8.0, 6.91, 0.316),
-        "memory": KernelFit(1.0, 0.80, 1.0, 2.0),
-        "attention": KernelFit(0.25, 0.80, 1.0, 4.0),
-        "quantize": KernelFit(1.0, 0.50, 1.0, 4.0),
-    },
+    "sm90a": {"int": KernelFit(1.0, 1.0, 1.187, 4.899, 1.717), "fp16": KernelFit(0.808, 0.969, 1.666, 3.722, 0.0),
+              **_ASSUMED},
+    "sm80": {"int": KernelFit(0.725, 0.85, 8.0, 10.0, 1.142), "fp16": KernelFit(0.881, 0.85, 8.0, 10.0, 1.142), **_ASSUMED},
+    "sm_89": {"int": KernelFit(1.0, 0.85, 8.0, 6.91, 0.316), "fp16": KernelFit(0.961, 0.85, 8.0, 6.91, 0.316), **_ASSUMED},
 }
 
 #: output tiles the model chooses from per family: the sm90 table's shapes
@@ -163,6 +150,32 @@ def fit_for(target: Target, kind: str) -> KernelFit:
     return FIT[fit_key(target)][kind]
 
 
+#: Block-scaled activations (``QuantConfig(act_block=B)``, backends/cutlass/EPILOGUES.md), modelled, not yet
+#: measured: each K block's int32 accumulator is promoted on the CUDA cores (a conversion, then
+#: :func:`promotion_ops` fp32 operations per output element and block, no fma) by the warps that issue the
+#: MMAs (the Triton kernel: no overlap assumed). Per SM and clock: dense INT8 tensor-core ops (architecture
+#: whitepapers), fp32 add / mul results, int32 -> fp32 conversions (CUDA C Programming Guide, "all other type
+#: conversions": assumed, calibrate with benchmarks/gemm.py --block); the clock is the INT8 peak over the first.
+SM_RATES: dict[str, tuple[int, int, int]] = {
+    "sm_80": (4096, 64, 16), "sm_86": (2048, 128, 16), "sm_89": (2048, 128, 16), "sm_90": (8192, 128, 16),
+}
+
+
+def promotion_ops(symmetric: bool, grouped: bool = False) -> int:
+    """fp32 operations per output element per activation block: scale, accumulate; the offset
+    term (multiply, add) when asymmetric; the group scale with grouped weights."""
+    return 2 + (0 if symmetric else 2) + int(grouped)
+
+
+def promotion_us(target: Target, elements_blocks: float, symmetric: bool = True) -> float:
+    """CUDA-core time of one SM promoting ``elements_blocks`` (output elements x K blocks), microseconds."""
+    if target.name not in SM_RATES:
+        raise ValueError(f"target {target.name}: the cost model has no CUDA-core rates for block-scaled activations")
+    int8_clk, fp32_clk, convert_clk = SM_RATES[target.name]
+    clocks_per_us = target.peak_for("int8") * 1e6 / (target.sm_count * int8_clk)
+    return elements_blocks * (1 / convert_clk + promotion_ops(symmetric) / fp32_clk) / clocks_per_us
+
+
 def codes_bytes(target: Target, bits: int) -> float:
     """Bytes per activation code in memory: packed nibbles only where the target's MMA takes
     s4 operands (:meth:`Target.mma_operand`), else one int8 byte per code."""
@@ -183,6 +196,7 @@ class GemmEstimate:
     compute_us: float
     memory_us: float
     precision: str  # what the tensor cores run ("int4" on sm_90 runs as "int8")
+    bytes_moved: float = 0.0  # the DRAM traffic counted in memory_us
 
 
 def _kind(precision: str) -> str:
@@ -196,13 +210,16 @@ def _check_gpu(target: Target) -> None:
 
 def gemm_time(target: "Target | str", m: int, n: int, k: int, precision: str, *, out_bytes: float | None = None,
               fit: KernelFit | None = None, tiles: Iterable[tuple[int, int]] | None = None,
-              fused_epilogue: bool | None = None) -> GemmEstimate:
+              fused_epilogue: bool | None = None, act_block: int | None = None,
+              symmetric: bool = True) -> GemmEstimate:
     """Modelled time of ``[M, K] @ [N, K]^T`` in ``precision`` ("fp16", "int8", "int4") on ``target``.
 
     ``out_bytes``: bytes per output element; default fp16 (2) where the epilogue is fused or
     the GEMM is fp16, int32 (4) for unfused integer GEMMs. ``fused_epilogue``: None = what
     the backend builds today for the target's family (:data:`FUSED_EPILOGUE`).
-    On a target without INT4 tensor cores "int4" runs (and is costed) as "int8".
+    On a target without INT4 tensor cores "int4" runs (and is costed) as "int8". ``act_block``:
+    block-scaled activations (:data:`SM_RATES`: the promotion per tile and K block, the scales read;
+    ``symmetric=False`` adds the offset terms), the Triton block kernel.
 
     Example::
 
@@ -222,22 +239,28 @@ def gemm_time(target: "Target | str", m: int, n: int, k: int, precision: str, *,
     per_sm = peak / target.sm_count
     # the per-tile overhead is counted in MMA steps of this GPU's own SM, its factor fitted per family
     step_us = _STEP_OPS / (target.peak_for("int8") * 1e6 / target.sm_count)
-    if fused_epilogue is None:
-        fused_epilogue = FUSED_EPILOGUE.get(target.family, True)
+    if fused_epilogue is None:  # the Triton block kernel has its epilogue in every family
+        fused_epilogue = act_block is not None or FUSED_EPILOGUE.get(target.family, True)
     if out_bytes is None:
         out_bytes = 2.0 if (run == "fp16" or fused_epilogue) else 4.0
     ab = BYTES_PER_ELEMENT[run]
-    memory = (m * k * ab + n * k * ab + m * n * out_bytes) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
+    blocks = 0 if act_block is None or run == "fp16" else k / act_block
+    scales = 4 * blocks * (m * (1 if symmetric else 2) + (0 if symmetric else n))  # fp32 scales, offsets, code sums
+    moved = m * k * ab + n * k * ab + m * n * out_bytes + scales
+    memory = moved / (fit.eff_memory * target.bandwidth_gbs * 1e3)
     best: GemmEstimate | None = None
     bits = 4 if precision == "int4" else 8
     kernel = "cuBLAS fp16" if run == "fp16" else f"cutlass {target.family} {target.mma_operand(bits, bits)}"
+    if blocks:
+        kernel = f"triton block {target.mma_operand(bits, bits)} (act_block={act_block})"
     for tm, tn in tiles:
         tiles_n = math.ceil(m / tm) * math.ceil(n / tn)
         waves = math.ceil(tiles_n / target.sm_count)
-        compute = waves * (2 * tm * tn * k / (fit.eff_compute * per_sm) + fit.tile_overhead_steps * step_us * tm * tn / (128 * 128))
+        compute = waves * (2 * tm * tn * k / (fit.eff_compute * per_sm) + fit.tile_overhead_steps * step_us * tm * tn / (128 * 128)
+                           + (promotion_us(target, tm * tn * blocks, symmetric) if blocks else 0.0))
         t = fit.fixed_us + (compute**fit.alpha + memory**fit.alpha) ** (1 / fit.alpha)
         if best is None or t < best.us:
-            best = GemmEstimate(t, kernel, compute, memory, run)
+            best = GemmEstimate(t, kernel, compute, memory, run, moved)
     return best
 
 
@@ -249,13 +272,21 @@ def elementwise_time(target: "Target | str", bytes_moved: float) -> float:
     return fit.fixed_us + bytes_moved / (fit.eff_memory * target.bandwidth_gbs * 1e3)
 
 
-def quantize_time(target: "Target | str", m: int, k: int, bits: int, in_bytes: float = 2.0) -> float:
-    """qfx's token-wise quantize kernel: reads ``[M, K]`` (fp16), writes the codes (int8 bytes;
-    packed nibbles on INT4 tensor cores) and a scale and offset per token, microseconds."""
+def quantize_bytes(target: Target, m: int, k: int, bits: int, in_bytes: float = 2.0,
+                   act_block: int | None = None) -> float:
+    """DRAM bytes of a quantize: reads ``[M, K]`` (``in_bytes`` each; 0: folded into its producer), writes
+    the codes (int8 bytes; packed nibbles on INT4 tensor cores) and a scale and offset per token, or per
+    (token, block of ``act_block``)."""
+    return m * k * (in_bytes + codes_bytes(target, bits)) + 8 * m * (1 if act_block is None else k / act_block)
+
+
+def quantize_time(target: "Target | str", m: int, k: int, bits: int, in_bytes: float = 2.0,
+                  act_block: int | None = None) -> float:
+    """qfx's quantize kernel (token-wise, or block-scaled), microseconds: :func:`quantize_bytes`."""
     target = get_target(target)
     _check_gpu(target)
     fit = fit_for(target, "quantize")
-    return fit.fixed_us + (m * k * (in_bytes + codes_bytes(target, bits)) + 8 * m) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
+    return fit.fixed_us + quantize_bytes(target, m, k, bits, in_bytes, act_block) / (fit.eff_memory * target.bandwidth_gbs * 1e3)
 
 
 def epilogue_time(target: "Target | str", m: int, n: int) -> float:
@@ -295,43 +326,48 @@ class PartEstimate:
     quantize_us: float
     epilogue_us: float
     extra_us: float = 0.0
+    quantize_bytes: float = 0.0  # the DRAM traffic of the input quantize (in its producer when folded)
 
     @property
     def us(self) -> float:
         return self.gemm.us + self.quantize_us + self.epilogue_us + self.extra_us
 
 
-def fused_quantize_time(target: "Target | str", m: int, k: int, bits: int) -> float:
+def fused_quantize_time(target: "Target | str", m: int, k: int, bits: int, act_block: int | None = None) -> float:
     """The quantize folded into the kernel before it (LayerNorm, GELU epilogue), as the paper's
-    pipeline does: only the codes and per-token parameters are written, no launch."""
+    pipeline does: only the codes and per-token (per-block) parameters are written, no launch."""
     target = get_target(target)
     _check_gpu(target)
-    return (m * k * codes_bytes(target, bits) + 8 * m) / (fit_for(target, "memory").eff_memory * target.bandwidth_gbs * 1e3)
+    return quantize_bytes(target, m, k, bits, 0.0, act_block) / (fit_for(target, "memory").eff_memory * target.bandwidth_gbs * 1e3)
 
 
 def part_time(target: "Target | str", part: str, m: int, n: int, k: int, precision: str, *, gelu: bool = False,
               quantize_input: bool = True, fused_quantize: bool = False,
-              fused_epilogue: bool | None = None, out_bytes: float | None = None) -> PartEstimate:
+              fused_epilogue: bool | None = None, out_bytes: float | None = None,
+              act_block: int | None = None, symmetric: bool = True) -> PartEstimate:
     """Time of one layer part (``qkv``/``attn_out``/``ffn_in``/``ffn_out``) in ``precision``,
     counting the quantize of its input, an unfused epilogue and an unfused GELU honestly.
 
     ``fused_quantize``: cost the quantize as folded into the previous kernel (a fused
     LayerNorm, or the paper's pipeline), else a separate quantize kernel. ``fused_epilogue``:
     None = the backend of today (:data:`FUSED_EPILOGUE`), True = the dequant in the GEMM.
-    ``out_bytes``: of the integer GEMM's output (1: int8 codes, as TensorRT's INT8 engines write)."""
+    ``out_bytes``: of the integer GEMM's output (1: int8 codes, as TensorRT's INT8 engines write).
+    ``act_block``, ``symmetric``: block-scaled activations (:func:`gemm_time`, the quantize's block scales)."""
     target = get_target(target)
     if fused_epilogue is None:
-        fused_epilogue = FUSED_EPILOGUE.get(target.family, True)
+        fused_epilogue = (act_block is not None and precision != "fp16") or FUSED_EPILOGUE.get(target.family, True)
     g = gemm_time(target, m, n, k, precision, fused_epilogue=fused_epilogue,
-                  out_bytes=out_bytes if precision != "fp16" else None)
+                  out_bytes=out_bytes if precision != "fp16" else None, act_block=act_block, symmetric=symmetric)
     bits = 4 if precision == "int4" else 8
-    quant = 0.0
+    quant = moved = 0.0
     if precision != "fp16" and quantize_input:
-        quant = fused_quantize_time(target, m, k, bits) if fused_quantize else quantize_time(target, m, k, bits)
+        fq = fused_quantize_time if fused_quantize else quantize_time
+        quant = fq(target, m, k, bits, act_block=act_block)
+        moved = quantize_bytes(target, m, k, bits, 0.0 if fused_quantize else 2.0, act_block)
     epi = epilogue_time(target, m, n) if (precision != "fp16" and not fused_epilogue) else 0.0
     # cuBLAS fuses the bias but not GELU: a separate read+write of the [M, N] output
     extra = elementwise_time(target, 4.0 * m * n) if (gelu and precision == "fp16") else 0.0
-    return PartEstimate(part, precision, m, n, k, g, quant, epi, extra)
+    return PartEstimate(part, precision, m, n, k, g, quant, epi, extra, moved)
 
 
 @dataclass(frozen=True)
@@ -404,7 +440,8 @@ PIPELINES: dict[str, dict[str, bool]] = {
 def model_latency(target: "Target | str", shape: ModelShape, batch: int, seq: int,
                   precisions: dict[str, str] | str, *, fused_quantize: bool = False,
                   fused_epilogue: bool | None = None, int8_io: bool = False, fp16_fused: bool = False,
-                  quantize_in_norm: tuple[str, ...] = QUANTIZE_IN_NORM) -> tuple[float, list[PartEstimate]]:
+                  quantize_in_norm: tuple[str, ...] = QUANTIZE_IN_NORM, act_block: int | None = None,
+                  symmetric: bool = True) -> tuple[float, list[PartEstimate]]:
     """Predicted forward latency (microseconds, under a CUDA graph) of the whole encoder.
 
     ``precisions``: one precision for every part, or ``{part: precision}``. Integer parts
@@ -418,7 +455,9 @@ def model_latency(target: "Target | str", shape: ModelShape, batch: int, seq: in
     the GEMMs write int8 codes, attention and the residual LayerNorms read and write int8, so
     no quantize kernel runs and activations move one byte per element. ``fp16_fused``: the fp16
     parts as TensorRT builds them (q/k/v one GEMM, GELU in the FFN-in GEMM's epilogue).
-    :data:`PIPELINES` names these settings per published engine.
+    :data:`PIPELINES` names these settings per published engine. ``act_block`` (``symmetric``): block-scaled
+    integer parts (:data:`SM_RATES`); an integer FFN-in whose FFN-out is integer writes the FFN-out's codes
+    and block scales from its epilogue (the FFN intermediate never in fp16, no quantize kernel).
     Returns the total and one :class:`PartEstimate` per part of one layer.
     """
     target = get_target(target)
@@ -429,6 +468,9 @@ def model_latency(target: "Target | str", shape: ModelShape, batch: int, seq: in
         raise ValueError("int8_io=True describes an engine whose every GEMM is integer; got fp16 parts in precisions")
     io = 1 if int8_io else 2  # bytes per activation element between kernels
     parts, norm_sites = [], 0.0
+    ints = {p for p, _, _ in shape.parts() if precisions.get(p, "fp16") != "fp16"}
+    producer = act_block is not None and not int8_io and {"ffn_in", "ffn_out"} <= ints
+    blocks = dict(act_block=None if int8_io else act_block, symmetric=symmetric)
     for part, n, k in shape.parts():
         prec = precisions.get(part, "fp16")
         in_norm = part in quantize_in_norm and prec != "fp16"
@@ -439,9 +481,13 @@ def model_latency(target: "Target | str", shape: ModelShape, batch: int, seq: in
             parts.append(PartEstimate(part, prec, m, n, k, GemmEstimate(3 * one.gemm.us, one.gemm.kernel + " x3",
                                                                          3 * one.gemm.compute_us, 3 * one.gemm.memory_us, "fp16"), 0.0, 0.0))
         else:
+            out = 1.0 if int8_io else None
+            if producer and part == "ffn_in":  # codes + a scale and an offset per (row, block)
+                out = codes_bytes(target, 4 if precisions["ffn_out"] == "int4" else 8) + 8 / act_block
             parts.append(part_time(target, part, m, n, k, prec, gelu=(part == "ffn_in" and not fp16_fused),
-                                   quantize_input=not int8_io, fused_quantize=fused_quantize or in_norm,
-                                   fused_epilogue=True if int8_io else fused_epilogue, out_bytes=1.0 if int8_io else None))
+                                   quantize_input=not int8_io and not (producer and part == "ffn_out"),
+                                   fused_quantize=fused_quantize or in_norm,
+                                   fused_epilogue=True if int8_io else fused_epilogue, out_bytes=out, **blocks))
     per_layer_float = (
         attention_time(target, batch, seq, h, "int8" if int8_io else "fp16")
         + elementwise_time(target, 2 * m * h * io)  # attention output transpose/contiguous copy
