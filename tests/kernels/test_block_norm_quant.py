@@ -138,6 +138,26 @@ def test_block_scaled_layer_norms_are_left_with_the_reason_where_the_kernel_cann
         assert torch.equal(kept(**normalize_inputs(cm32._capture, (), x)).logits, qat(**x).logits)
 
 
+def test_fused_block_norms_pack_with_padding_removal():
+    """remove_padding (the last GPU pass) runs the fused block op on the real tokens only: the same
+    outputs on those tokens, bit for bit, on the reference."""
+    from qfx.passes.fuse_norm_quant import fuse_add_layer_norm_quantize
+    from qfx.passes.unpad import remove_padding
+
+    _, cm = _compile(qfx.QuantConfig(4, 4, symmetric=False, act_block=32), torch.bfloat16)
+    gm = fuse_add_layer_norm_quantize(copy.deepcopy(cm.graph_module), torch.bfloat16, block_backend="reference",
+                                      fits_block=_FITS)
+    unpadded = remove_padding(copy.deepcopy(gm))
+    assert unpadded.meta["qfx_unpad"].startswith("on:"), unpadded.meta["qfx_unpad"]
+    assert all(n.meta.get("qfx_tokens") == "packed" for n in _fused(unpadded)) and len(_fused(unpadded)) == 4
+    x = inputs(3, 12, seed=1)
+    x["attention_mask"][0, 5:] = 0
+    x = normalize_inputs(cm._capture, (), x)
+    with torch.no_grad():
+        want, got = gm(**x).logits, unpadded(**x).logits
+    assert torch.equal(got, want)
+
+
 _INTERPRETED = textwrap.dedent('''
     import copy, itertools, warnings
     import torch
