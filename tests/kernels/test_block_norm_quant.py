@@ -36,10 +36,10 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installe
 _FITS = lambda k, dtype, block: (True, "")  # noqa: E731  (the kernel's rule: its own test below)
 
 
-def _qat(cfg, layers=2, hidden=64, seed=0):
+def _qat(cfg, layers=2, hidden=64, seed=0, family="bert_cls"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return qfx.prepare_qat(make("bert_cls", layers=layers, hidden=hidden, heads=2, seed=seed),
+        return qfx.prepare_qat(make(family, layers=layers, hidden=hidden, heads=2, seed=seed),
                                example_kwargs=inputs(2, 8), config=cfg).eval()
 
 
@@ -304,24 +304,25 @@ def test_gpu_block_scaled_model_fuses_its_layer_norms_and_runs_the_kernel(cfg, d
     """qfx.compile on the GPU (fp16 / bf16 float parts): every LayerNorm feeding a block-scaled quantize is one
     fused op on backend 'triton', the launch plan binds it, and the model agrees with the same graph whose fused
     ops run on the reference (torch's LayerNorm; the same everywhere else) up to LayerNorm rounding."""
-    qat = _qat(cfg, layers=2, hidden=256).cuda()
+    qat = _qat(cfg, layers=2, hidden=256, family="bert").cuda()
     compiled = qfx.compile(qat, mode=f"int{cfg.weight_bits}", target=qfx.detect_target().name, float_dtype=dtype)
     gm = compiled.graph_module
     nodes = _fused(gm)
     assert gm.meta["qfx_fused_norms"][0] == len(nodes) == 4, gm.meta["qfx_fused_norms"]
     assert all(arg(n, "backend") == "triton" and arg(n, "act_block") == 128 for n in nodes)
-    x = _cuda(inputs(3, 37, seed=5))
     plan = compiled.launch_plan
-    assert sum(v == "triton" for k, v in plan.bound.items()) >= 4, (plan.bound, plan.unbound)
+    assert all(plan.bound.get(n.name) == "triton" for n in nodes), (plan.bound, plan.unbound)
+    x = _cuda(inputs(3, 37, seed=5))
+    ref_gm = copy.deepcopy(gm)
+    for node in _fused(ref_gm):
+        set_args(node, backend="reference")
+    ref_gm.recompile()
     with torch.no_grad():
-        got = compiled(**x).logits.float()
-        ref_gm = copy.deepcopy(gm)
-        for node in _fused(ref_gm):
-            set_args(node, backend="reference")
-        ref_gm.recompile()
-        ref = ref_gm(**normalize_inputs(compiled._capture, (), x)).logits.float()
-        twin = qat(**x).logits.float()
-    assert torch.isfinite(got).all()
-    assert torch.allclose(got, ref, atol=5e-2, rtol=5e-2), (got - ref).abs().max()
-    cos = torch.nn.functional.cosine_similarity(got, twin, dim=-1)
-    assert (cos > 0.99).all(), cos
+        got = compiled(**x).last_hidden_state.float()
+        ref = ref_gm(**normalize_inputs(compiled._capture, (), x)).last_hidden_state.float()
+        twin = qat(**x).last_hidden_state.float()
+    real = x["attention_mask"].bool()
+    assert torch.isfinite(got[real]).all()
+    cos = torch.nn.functional.cosine_similarity(got[real], ref[real], dim=-1)
+    assert cos.min() > 0.995, cos.min()
+    assert torch.nn.functional.cosine_similarity(got[real], twin[real], dim=-1).min() > 0.95
