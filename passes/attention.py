@@ -36,7 +36,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from qfx.schema import ATTENTION_OPS, META_ATTENTION, ancestors, is_call, sdpa_mask
 
-__all__ = ["key_padding_attention", "PACKED_ATTENTION", "packed_attention_impl", "attention_block", "AttentionBlock"]
+__all__ = ["key_padding_attention", "PACKED_ATTENTION", "packed_attention_impl", "check_packed_args", "attention_block",
+           "AttentionBlock"]
 
 aten = torch.ops.aten
 _MASK_INPUT = "attention_mask"  # the HF input convention: 1 = attend, 0 = padding
@@ -169,10 +170,43 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
                                                    False, scale=scale)[0]
 
 
+def check_packed_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cu_seqlens: torch.Tensor,
+                      max_seqlen: int, gather: torch.Tensor, scatter: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """What the kernels trust, as a ValueError naming the argument: shapes and dtypes (free, every
+    call); cu_seqlens' values (starts at 0, steps in [0, max_seqlen], ends at most at T) where
+    they are on the host, on a GPU only with QFX_CHECK_INDICES=1 (a sync; the runtime checks the
+    graph computes them from attention_mask instead: qfx.runtime.packed.check_index_plumbing)."""
+    from qfx.ops import CHECK_INDEX_VALUES, check_index
+
+    if q.dim() != 3 or q.shape[0] != 1 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"packed_attention: q, k, v have shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; "
+                         "expected the same [1, T, heads * head_dim]")
+    if not isinstance(heads, int) or heads < 1 or q.shape[2] % heads:
+        raise ValueError(f"packed_attention: heads={heads!r} does not divide q's {q.shape[2]} features")
+    if attention_mask.dim() != 2:
+        raise ValueError(f"packed_attention: attention_mask has shape {tuple(attention_mask.shape)}; expected [batch, seq]")
+    b, s = attention_mask.shape
+    t = q.shape[1]
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() != b + 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"packed_attention: cu_seqlens has shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}; "
+                         f"expected [{b + 1}] int32, the prefix sums of attention_mask's row lengths")
+    if max_seqlen != s:
+        raise ValueError(f"packed_attention: max_seqlen={max_seqlen!r}; expected attention_mask's sequence length {s}")
+    check_index("packed_attention", "gather", gather, t, b * s - 1)
+    check_index("packed_attention", "scatter", scatter, t, b * s)
+    if CHECK_INDEX_VALUES or not cu_seqlens.is_cuda:
+        ends = cu_seqlens.tolist()
+        steps = [b1 - b0 for b0, b1 in zip(ends, ends[1:])]
+        if ends[0] != 0 or min(steps) < 0 or max(steps) > s or ends[-1] > t:
+            raise ValueError(f"packed_attention: cu_seqlens {ends[:6]}{'...' if len(ends) > 6 else ''} is not a run of "
+                             f"row lengths in [0, {s}] from 0 to at most the {t} packed rows")
+
+
 def packed_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cu_seqlens: torch.Tensor,
                           max_seqlen: int, gather: torch.Tensor, scatter: torch.Tensor, attention_mask: torch.Tensor,
                           attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """qfx::packed_attention (see above); the runtime calls it directly, without the dispatcher."""
+    check_packed_args(q, k, v, heads, cu_seqlens, max_seqlen, gather, scatter, attention_mask)
     t, f = q.shape[1], q.shape[2]
     if varlen_kernel_takes(q, heads):
         d = f // heads

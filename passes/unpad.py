@@ -1,5 +1,8 @@
 """remove_padding: token-wise work runs on the real tokens only (L5, option ``remove_padding``).
 
+On by default for GPU targets (``remove_padding="auto"``; ``True`` on any target, ``False`` off:
+:mod:`qfx.runtime.packed` says why the CPU is off by default and which calls run packed).
+
 A batch of sentences padded to the longest spends every GEMM, quantize, LayerNorm, GELU and
 attention on padding. As FasterTransformer's "remove padding" (and FlashAttention's varlen
 path), this pass runs the whole encoder on the real tokens packed together: the embedding
@@ -72,12 +75,15 @@ or LayerNorm kernel chosen per M may round differently, and packed attention in 
 runs flash attention's varlen kernel, which rounds as the padded model's fused SDPA kernels do
 (not bit for bit: another kernel); in fp32 it runs the repadded reference, bit for bit. Padded positions of every ``[B, S, ...]`` output are zero. A batch row with no real
 token (all-zero mask) has no packed row: its hidden states are zero (what HF would compute from
-uniform attention over padding is not reproduced), e.g. its pooler output is ``tanh(bias)``.
+uniform attention over padding is not reproduced), e.g. its pooler output is ``tanh(bias)``; so
+the runtime runs a call with such a row (or with padding at position 0) on the graph's padded
+twin when an output reads position 0 (:class:`qfx.runtime.packed.PaddingRouter`).
 The graph's other (non-token) values are unchanged.
 
 Cost: ``token_index`` with ``capacity=None`` sizes T from the mask (one device sync per call
-on a GPU). The runtime's CUDA graphs bind it with a fixed capacity per token bucket instead
-(no sync inside the graph; :mod:`qfx.runtime.graphs`).
+on a GPU). The runtime sizes it on the host instead (T counted from the caller's mask when it
+routes the call): a fixed capacity per token bucket in its CUDA graphs (:mod:`qfx.runtime.graphs`),
+the exact T in a direct launch; no sync inside the graph.
 """
 from __future__ import annotations
 

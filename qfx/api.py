@@ -26,7 +26,8 @@ from qfx.pipeline import COMPILE_PASSES, QAT_PASSES, PassContext, run_passes
 from qfx.runtime.report import build_report
 from qfx.runtime import Buckets, CompiledModel
 from qfx.runtime.compiled import check_input_values
-from qfx.schema import META_CAPTURE, META_CONFIG, META_ROTATED, META_SKIP, META_STAGE
+from qfx.runtime.packed import resolve_remove_padding
+from qfx.schema import META_CAPTURE, META_CONFIG, META_ROTATED, META_SKIP, META_STAGE, META_UNPAD
 from qfx.targets import Target, get_target
 
 __all__ = ["prepare_qat", "compile", "is_qat_model", "PostTrainingQuantizationWarning", "WrapperAdapter",
@@ -322,7 +323,7 @@ def compile(
     cuda_graphs: bool | None = None,
     buckets: Buckets | None = None,
     tune: Any = None,
-    remove_padding: bool = False,
+    remove_padding: bool | str = "auto",
 ) -> CompiledModel:
     """Compile a float or QAT-prepared encoder to integer ops for ``target``.
 
@@ -348,12 +349,16 @@ def compile(
             ``False``: every call launches its kernels directly).
         buckets: the :class:`qfx.Buckets` calls are padded into (default: batch 1..256,
             seq 16..512 in tensor-core-friendly steps, capped at the model's maximum).
-        remove_padding: run the token-wise ops (GEMMs, quantize, LayerNorm, GELU, residual
-            adds) on the real tokens of a padded batch only, packed from ``attention_mask``,
-            and give attention its padded layout back around it (:mod:`qfx.passes.unpad`).
-            Outputs at real tokens are unchanged (bit for bit on the CPU); padded positions of
-            ``[batch, seq, ...]`` outputs are zero. Default off until measured on the GPU;
-            ``runtime_report()`` says whether it is on and why not where it cannot apply.
+        remove_padding: run a padded call on its real tokens only, packed from
+            ``attention_mask`` (embeddings, GEMMs, quantize, LayerNorm, GELU, residual adds and
+            varlen attention; :mod:`qfx.passes.unpad`). ``"auto"`` (default): on for GPU targets
+            where the graph can be packed, off on the CPU (:mod:`qfx.runtime.packed` says why);
+            ``True``: on for any target, a ValueError where the graph cannot be packed;
+            ``False``: off. Per call, only calls with padding run packed, and only where that is
+            exact (else the padded graph runs): outputs at real tokens and per-sequence outputs
+            equal the padded model's (bit for bit on the CPU); padded positions of
+            ``[batch, seq, ...]`` outputs of a packed call are zero. ``runtime_report()`` says
+            whether it is on, why not, and which path each call took.
         tune: per layer part (qkv, attn_out, ffn_in, ffn_out), keep the trained precision or
             run fp16, whichever is faster for the scenario: ``None`` (no tuning), ``True`` (the
             example call's batch x seq) or a :class:`qfx.tune.Scenario` (several buckets: the
@@ -374,11 +379,12 @@ def compile(
     mode = parse_mode(mode, _trained_config(encoder))
     tgt = require_device(target)
     run_dtype = _run_dtype(float_dtype, tgt, mode)
+    requested, remove_padding = remove_padding, resolve_remove_padding(remove_padding, tgt)  # "auto" | True | False
     if adapter is not None:  # e.g. a SentenceTransformer in and out (qfx.embeddings.st)
         _refuse_wrapper_options(adapter, cuda_graphs=cuda_graphs is not None, buckets=buckets is not None,
                                 tune=tune is not None)
         return adapter.compile(model, mode, tgt, example_args, example_kwargs, config, skip, run_dtype,
-                               remove_padding=bool(remove_padding))
+                               remove_padding=remove_padding)
     if not is_qat_model(model) and isinstance(model, GraphModule) and META_CAPTURE in getattr(model, "meta", {}):
         raise ValueError("compile takes the original nn.Module or a qfx.prepare_qat model, not a bare capture")
     if is_qat_model(model) and not example_args and not example_kwargs:
@@ -398,12 +404,25 @@ def compile(
     rotated = dict(model.meta.get(META_ROTATED, {})) if is_qat_model(model) else None  # trained as W R
     master = {k: v.detach().float().clone() for k, v in source.named_parameters()}
     ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype,
-                      remove_padding=bool(remove_padding), rotated_weights=rotated)
+                      remove_padding=remove_padding, rotated_weights=rotated)
     gm = run_passes(gm, COMPILE_PASSES, ctx)
+    _check_remove_padding(gm, requested, remove_padding, tgt)
     report = build_report(gm, mode=mode, target=tgt, origin=origin, run_dtype=run_dtype)
     if decision is not None:
         decision.apply_to_report(report)
     return CompiledModel(gm, report, gm.meta[META_CAPTURE], device, cuda_graphs=cuda_graphs, buckets=buckets, target=tgt)
+
+
+def _check_remove_padding(gm: GraphModule, requested: Any, remove_padding: bool | str, target: Target) -> None:
+    """``remove_padding=True`` on a graph the pass could not pack is an error naming why; with
+    ``"auto"`` resolved off (the CPU target) the report says so."""
+    done = str(gm.meta.get(META_UNPAD, ""))
+    if remove_padding is True and not done.startswith("on"):
+        raise ValueError(f"remove_padding=True: this model cannot run packed ({done.removeprefix('off: ')}); "
+                         "compile with remove_padding='auto' (packs where it can, else runs padded) or False")
+    if requested is not False and remove_padding is False:
+        gm.meta[META_UNPAD] = (f"off (remove_padding='auto' packs on GPU targets only; for target {target.name} "
+                               "remove_padding=True packs, bit for bit at real tokens)")
 
 
 def _capture_for_target(source: nn.Module, device: torch.device, run_dtype: torch.dtype,

@@ -69,6 +69,7 @@ runtime binds these functions directly, without the dispatcher)::
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
@@ -336,13 +337,35 @@ def token_rows(attention_mask: Tensor, capacity: Optional[int] = None) -> tuple[
     return gather, scatter.clone()
 
 
+#: also check the values of token indices (a device sync each on a GPU): QFX_CHECK_INDICES=1
+CHECK_INDEX_VALUES = os.environ.get("QFX_CHECK_INDICES", "0") not in ("", "0")
+
+
+def check_index(op: str, name: str, index: Tensor, length: Optional[int], rows: int) -> None:
+    """``index`` must be 1-D int64 (``length`` entries unless None), values in [0, rows] (checked
+    when :data:`CHECK_INDEX_VALUES` is on: the shape checks are free, the values cost a sync)."""
+    if index.dim() != 1 or index.dtype != torch.int64 or (length is not None and index.numel() != length):
+        want = f"[{length}]" if length is not None else "1-D"
+        raise ValueError(f"{op}: {name} has shape {tuple(index.shape)} and dtype {index.dtype}; expected {want} int64 "
+                         "row indices (what qfx::token_index returns for attention_mask)")
+    if CHECK_INDEX_VALUES and index.numel() and not (0 <= int(index.min()) and int(index.max()) <= rows):
+        raise ValueError(f"{op}: {name} holds indices outside [0, {rows}]; take it from qfx::token_index")
+
+
 def gather_tokens(x: Tensor, gather: Tensor) -> Tensor:
     """[B, S, *F] -> [1, T', *F]: the rows ``gather`` of ``x.flatten(0, 1)``."""
+    if x.dim() < 2:
+        raise ValueError(f"pack_tokens: x has shape {tuple(x.shape)}; expected [batch, seq, ...]")
+    check_index("pack_tokens", "gather", gather, None, x.shape[0] * x.shape[1] - 1)
     return x.flatten(0, 1).index_select(0, gather).unsqueeze(0)
 
 
 def scatter_tokens(x: Tensor, scatter: Tensor, like: Tensor) -> Tensor:
     """[1, T', *F] -> [B, S, *F] (B, S from ``like``): zeros except row ``scatter[t]`` = ``x[0, t]``."""
+    if x.dim() < 2 or x.shape[0] != 1 or like.dim() < 2:
+        raise ValueError(f"repad_tokens: x has shape {tuple(x.shape)} and like {tuple(like.shape)}; expected "
+                         "x [1, T, ...] packed rows and like [batch, seq, ...]")
+    check_index("repad_tokens", "scatter", scatter, x.shape[1], like.shape[0] * like.shape[1])
     b, s = like.shape[0], like.shape[1]
     feat = x.shape[2:]
     out = x.new_zeros((b * s + 1, *feat))  # + the trash row dummies write to

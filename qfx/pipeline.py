@@ -45,7 +45,7 @@ class PassContext:
     target: Target | None = None
     master_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     float_dtype: torch.dtype = torch.float32  # what the float parts of the target graph run in
-    remove_padding: bool = False  # token-wise ops on the real tokens only (passes/unpad.py)
+    remove_padding: bool | str = False  # "auto" / True: token-wise ops on the real tokens only (passes/unpad.py)
     #: compiling a QAT model whose weights prepare_qat rotated (weight name -> block): only the
     #: inputs are rotated again (passes/rotate_inputs.py)
     rotated_weights: dict[str, int] | None = None

@@ -226,7 +226,7 @@ def compile_sentence_transformer(
     config=None,
     skip: tuple[str, ...] = (),
     float_dtype: torch.dtype | None = None,
-    remove_padding: bool = False,
+    remove_padding: bool | str = "auto",
 ):
     """A copy of ``st`` whose encoder is ``qfx.compile`` of its encoder (float or QAT-prepared).
 

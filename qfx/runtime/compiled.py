@@ -11,9 +11,15 @@ A call runs, in order:
 3. Direct launch: the lean graph (:mod:`qfx.runtime.launch_plan`), whose integer ops call
    launchers bound at compile time.
 
-With ``remove_padding=True`` (:mod:`qfx.passes.unpad`) the graph runs its token-wise ops on
-the real tokens only; a replayed call first counts them (free for a CPU mask, one small sync for
-a GPU one) to choose its token bucket, a direct launch sizes them inside the graph (one sync).
+Padding removal (``remove_padding="auto"``, the default: on for GPU targets; ``True``: on any
+target; :mod:`qfx.passes.unpad`) makes a graph that runs its token-wise ops on the real tokens
+only. Each call is routed first (:class:`qfx.runtime.packed.PaddingRouter`, from three numbers of
+the mask on the host: free for a CPU mask, one small sync for a GPU one): a call with padding
+runs packed (its token bucket's graph, or a direct launch sized on the host: no sync inside), a
+call without padding, or one packing would not reproduce exactly (left padding or an empty row
+under a pooler, a mask with values other than 0 / 1), runs the graph's padded twin
+(:func:`qfx.runtime.packed.padded_twin`: what ``remove_padding=False`` computes).
+``runtime_report()`` counts the calls per path and names the last call's.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from qfx.runtime.report import CompileReport
 from qfx.runtime.buckets import Buckets, dim_roles, token_budget_batches
 from qfx.runtime.graphs import GraphPool
 from qfx.runtime.launch_plan import LaunchPlan, bind_launchers
+from qfx.runtime.packed import NO_PADDING, PaddingRouter, Route, check_index_plumbing, packed_forward, packs_tokens, padded_twin
 from qfx.schema import META_ATTENTION, META_FUSED_NORMS, META_FUSED_ROTATED_NORMS, META_UNPAD
 
 __all__ = ["CompiledModel", "check_input_values"]
@@ -52,6 +59,24 @@ def check_input_values(inputs: dict[str, Any], where: str = "") -> None:
                 f"{where}{name} is a {kind}, not a torch.Tensor; pass torch.as_tensor({name}) "
                 "(or tokenize with return_tensors='pt')"
             )
+
+
+def _sequence_length(i: int, item: dict, names: list[str]) -> int:
+    """The length of ``run_many``'s ``sequences[i]``: every input 1-D and of one length, at least 1."""
+    lengths = set()
+    for name in names:
+        value = item.get(name) if isinstance(item, dict) else None
+        if not isinstance(value, torch.Tensor) or value.dim() != 1:
+            what = f"a {value.dim()}-D tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"run_many: sequences[{i}][{name!r}] is {what}; give each input of each sequence as "
+                             "a 1-D tensor of its tokens (no batch dim, no padding)")
+        lengths.add(int(value.shape[0]))
+    if len(lengths) > 1:
+        raise ValueError(f"run_many: the inputs of sequences[{i}] have lengths {sorted(lengths)}; give them one length")
+    if lengths == {0}:
+        raise ValueError(f"run_many: sequences[{i}] has no tokens (length 0); drop it, or keep at least one token "
+                         "(a tokenizer adds [CLS] and [SEP] to an empty text)")
+    return lengths.pop() if lengths else 0
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -96,8 +121,15 @@ class CompiledModel(nn.Module):
         self._graphs: GraphPool | None = None
         self._graphs_off = ""
         #: the path of the last call: a replayed graph's key ((batch, seq), + "dense" for a call
-        #: with no padding, + its token bucket with padding removal), or ("direct", why)
+        #: with no padding, + "padded" or its token bucket with padding removal), or ("direct", why)
         self.last_path: tuple | None = None
+        #: padding removal: the route of the last call (packed / padded and why), else None
+        self.last_route: Route | None = None
+        self._router: PaddingRouter | None = None
+        self._twin: GraphModule | None = None
+        if packs_tokens(graph_module):  # a packed graph (a loaded file too): its kernels trust these indices
+            check_index_plumbing(graph_module)
+            self._router = PaddingRouter(graph_module, dim_roles(graph_module, capture.input_names))
         on_gpu = device.type == "cuda"
         if target is not None and on_gpu and getattr(target, "family", None) is not None:
             # the kernels are chosen by the GPU present: refuse a plan made for another family
@@ -122,6 +154,12 @@ class CompiledModel(nn.Module):
             self._plan = bind_launchers(self.graph_module)
         return self._plan
 
+    def _padded_module(self) -> GraphModule:
+        """Padding removal: the lean graph over every position (the padded twin), made once."""
+        if self._twin is None:
+            self._twin = padded_twin(self.launch_plan.module)
+        return self._twin
+
     def _pool(self) -> GraphPool | None:
         if self._graphs is None and self._want_graphs and not self._graphs_off:
             roles = dim_roles(self.graph_module, self._capture.input_names)
@@ -131,7 +169,8 @@ class CompiledModel(nn.Module):
             dense = self.launch_plan.dense_module
             self._graphs = GraphPool(self.launch_plan.module.forward, roles, self._buckets, self.device,
                                      dense_forward=None if dense is None else dense.forward,
-                                     token_index=self.launch_plan.token_index)
+                                     token_index=self.launch_plan.token_index,
+                                     padded_forward=self._padded_module().forward if self._router else None)
         return self._graphs
 
     def report(self) -> CompileReport:
@@ -145,6 +184,8 @@ class CompiledModel(nn.Module):
         if META_ATTENTION in meta:
             lines.append(f"attention: {meta[META_ATTENTION]}")
         lines.append(f"padding removal: {meta.get(META_UNPAD, 'off (remove_padding=False)')}")
+        if self._router is not None:
+            lines.append(f"  {self._router.describe()}")
         if META_FUSED_NORMS in meta:
             n, why = meta[META_FUSED_NORMS]
             rotated = meta.get(META_FUSED_ROTATED_NORMS, 0)
@@ -163,7 +204,8 @@ class CompiledModel(nn.Module):
             lines.append(f"CUDA graphs: {self._graphs_off or 'not used yet'}")
         if self.last_path is not None:
             direct = self.last_path[0] == "direct"
-            lines.append(f"last call: {'direct launch, ' + self.last_path[1] if direct else f'graph {self.last_path}'}")
+            route = f"{self.last_route.label}, " if self.last_route is not None else ""
+            lines.append(f"last call: {route}{'direct launch, ' + self.last_path[1] if direct else f'graph {self.last_path}'}")
         if self._plan is not None:
             lines.append(f"direct launch: {len(self._plan.bound)} integer op(s) bound to launchers")
             for name, why in self._plan.unbound.items():
@@ -216,18 +258,19 @@ class CompiledModel(nn.Module):
     def _run(self, kwargs: dict) -> Any:
         """One call on the normalized inputs, inside inference mode."""
         pool = self._pool()
-        tokens = None
-        if pool is not None and pool.token_index is not None and "attention_mask" in kwargs:
-            # the token bucket needs the real-token count on the host (before the mask is
-            # moved: free for a CPU mask, one small sync for a GPU one)
-            mask = kwargs["attention_mask"]
-            tokens = int(mask.count_nonzero())
-            dense = self._plan is not None and self._plan.dense_module is not None and tokens == mask.numel()
+        route = None
+        mask = kwargs.get("attention_mask")
+        if self._router is not None and isinstance(mask, torch.Tensor):
+            # before the mask is moved: free for a CPU mask, one small sync for a GPU one
+            route = self._router.route(mask)
+            dense = route.why == NO_PADDING and self.launch_plan.dense_module is not None
         else:
             dense = pool is not None and self._all_attended(kwargs)
+        self.last_route = route
+        padded = route is not None and route.path == "padded"
         kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
         if pool is not None:
-            ok, out = pool.run(kwargs, dense, tokens)
+            ok, out = pool.run(kwargs, dense, None if route is None else route.tokens, padded)
             if ok:
                 self.last_path = pool.last_key
                 return out
@@ -235,7 +278,11 @@ class CompiledModel(nn.Module):
                               f"bucket {pool.last_key} failed to capture")
         else:
             self.last_path = ("direct", self._graphs_off or "CUDA graphs off")
-        return self.launch_plan.module.forward(**kwargs)
+        if padded:
+            return self._padded_module().forward(**kwargs)
+        if route is None:
+            return self.launch_plan.module.forward(**kwargs)
+        return packed_forward(self.launch_plan, route.tokens, kwargs)
 
     def run_many(self, sequences: list[dict[str, torch.Tensor]], token_budget: int = 16384) -> list[Any]:
         """Run many sequences at throughput; one output per sequence, in the caller's order.
@@ -256,7 +303,9 @@ class CompiledModel(nn.Module):
         if roles.why_not or not roles.has_seq:
             raise ValueError(f"run_many: this model's inputs have no [batch, seq] dims to pack ({roles.why_not})")
         names = [n for n in self._capture.input_names if n in sequences[0]] if sequences else []
-        lengths = [int(item[names[0]].shape[0]) for item in sequences]
+        if sequences and not names:
+            raise ValueError(f"run_many: sequences[0] holds none of the model's inputs {list(self._capture.input_names)}")
+        lengths = [_sequence_length(i, item, names) for i, item in enumerate(sequences)]
         pin = self.device.type == "cuda"
         results: list[Any] = [None] * len(sequences)
         with torch.inference_mode():

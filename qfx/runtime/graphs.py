@@ -11,14 +11,17 @@ new shape and first call (tens of seconds for BERT-base), keep their own output-
 part that is specific to us is small: pad into a bucket, replay, slice back. The capture
 itself is ``torch.cuda.CUDAGraph`` with one shared memory pool.
 
-Padding removal (``remove_padding=True``, :mod:`qfx.passes.unpad`): the graph packs the real
-tokens, T of them, and T changes from call to call while a graph needs fixed shapes. So a graph
-is captured per (batch, seq, token bucket) (:meth:`qfx.runtime.buckets.Buckets.tokens`): the
-lean graph's ``qfx::token_index`` (:class:`qfx.runtime.launch_plan.TokenIndex`) is given the
-bucket as its capacity while capturing, so the graph computes the index on the GPU with fixed
-shapes (real tokens first, dummy rows after, whose outputs land in a dropped row). The runtime
-needs T on the host to choose the bucket: counted from the caller's mask, free for a CPU mask,
-one small device sync for a GPU one. Padded batch rows get an all-zero mask (no tokens).
+Padding removal (on by default for GPU targets, :mod:`qfx.passes.unpad`, :mod:`qfx.runtime.packed`):
+the graph packs the real tokens, T of them, and T changes from call to call while a graph needs
+fixed shapes. So a packed call replays the graph of its (batch, seq, token bucket)
+(:meth:`qfx.runtime.buckets.Buckets.tokens`): the lean graph's ``qfx::token_index``
+(:class:`qfx.runtime.launch_plan.TokenIndex`) is given the bucket as its capacity while capturing,
+so the graph computes the index on the GPU with fixed shapes (real tokens first, dummy rows
+after, whose outputs land in a dropped row). The runtime needs T on the host to choose the
+bucket: counted from the caller's mask, free for a CPU mask, one small device sync for a GPU
+one. Padded batch rows get an all-zero mask (no tokens). A call the runtime routes padded (no
+padding, or packing would not be exact) replays the padded twin's graph, key
+(batch, seq, "padded"), or the unmasked one, (batch, seq, "dense"), when it fills its bucket.
 
 Memory: graphs share one private pool (replays are sequential on one stream, so their
 intermediates may overlap); each keeps static inputs and outputs alive. Outputs returned to the
@@ -82,6 +85,9 @@ class GraphPool:
     dense_forward: Callable[..., Any] | None = None
     #: the lean graph's bound qfx::token_index (padding removal), else None
     token_index: Any = None
+    #: padding removal: the graph over every position (qfx.runtime.packed.padded_twin), replayed
+    #: for calls routed padded; None: no such graph
+    padded_forward: Callable[..., Any] | None = None
     graphs: "OrderedDict[tuple, _Captured]" = field(default_factory=OrderedDict)
     failed: dict[tuple, str] = field(default_factory=dict)
     captures: int = 0
@@ -101,16 +107,20 @@ class GraphPool:
         # attention: the sequence length then stays exact
         return fit if self.roles.has_seq else (fit[0], first.shape[1])
 
-    def key_for(self, kwargs: dict[str, torch.Tensor], dense: bool, tokens: int | None = None) -> tuple | None:
+    def key_for(self, kwargs: dict[str, torch.Tensor], dense: bool, tokens: int | None = None,
+                padded: bool = False) -> tuple | None:
         """The graph a call replays: its bucket, plus "dense" when nothing is padded (the call
         fills its bucket exactly and ``dense`` says its attention_mask is all ones); with
-        padding removal, plus the token bucket of its ``tokens`` real tokens otherwise."""
+        padding removal, plus "padded" for a call routed padded (``padded``), else the token
+        bucket of its ``tokens`` real tokens."""
         bucket = self.bucket_for(kwargs)
         if bucket is None:
             return None
         first = next(iter(kwargs.values()))
         if dense and self.dense_forward is not None and tuple(first.shape[:2]) == tuple(bucket):
             return (*bucket, "dense")
+        if padded and self.padded_forward is not None:
+            return (*bucket, "padded")
         if self.token_index is not None:
             slots = bucket[0] * bucket[1]
             return (*bucket, self.buckets.tokens(slots if tokens is None else tokens, slots))
@@ -126,7 +136,7 @@ class GraphPool:
             out[name] = torch.zeros(shape, dtype=x.dtype, device=self.device)
         return out
 
-    def _fill(self, static: dict[str, torch.Tensor], kwargs: dict[str, torch.Tensor]) -> None:
+    def _fill(self, static: dict[str, torch.Tensor], kwargs: dict[str, torch.Tensor], packed: bool = False) -> None:
         for name, x in kwargs.items():
             dst = static[name]
             roles = self.roles.inputs[name]
@@ -136,10 +146,9 @@ class GraphPool:
             region = tuple(slice(0, x.shape[i]) if r else slice(None) for i, r in enumerate(roles))
             dst.zero_()
             dst[region].copy_(x, non_blocking=True)
-            if (name == "attention_mask" and roles[:1] == ("b",) and dst.shape[0] > x.shape[0]
-                    and self.token_index is None):
+            if name == "attention_mask" and roles[:1] == ("b",) and dst.shape[0] > x.shape[0] and not packed:
                 dst[x.shape[0]:].fill_(1)  # padded rows attend to something: no NaN anywhere
-            # with padding removal padded rows stay all-zero: no packed token reads them
+            # a packed graph's padded rows stay all-zero: no packed token reads them
 
     def _slice(self, entry: _Captured, batch: int, seq: int) -> Any:
         leaves = entry.leaves
@@ -158,8 +167,8 @@ class GraphPool:
 
     def _capture(self, key: tuple, kwargs: dict[str, torch.Tensor]) -> _Captured:
         bucket = key[:2]
-        forward = self.dense_forward if key[2:] == ("dense",) else self.forward
-        if self.token_index is not None:  # the graph's token index: fixed to the token bucket
+        forward = {("dense",): self.dense_forward, ("padded",): self.padded_forward}.get(key[2:], self.forward)
+        if self.token_index is not None and forward is self.forward:  # the token index: fixed to the token bucket
             capacity = key[2] if len(key) > 2 and isinstance(key[2], int) else bucket[0] * bucket[1]
             try:
                 self.token_index.capacity = capacity
@@ -170,7 +179,7 @@ class GraphPool:
 
     def _capture_with(self, key: tuple, forward: Callable[..., Any], kwargs: dict[str, torch.Tensor]) -> _Captured:
         static = self._static_inputs(key[:2], kwargs)
-        self._fill(static, kwargs)
+        self._fill(static, kwargs, self._packed(key))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -184,11 +193,17 @@ class GraphPool:
         leaves, spec = pytree.tree_flatten(outputs)
         return _Captured(graph, static, outputs, leaves, _rebuilder(spec))
 
-    def run(self, kwargs: dict[str, torch.Tensor], dense: bool = False, tokens: int | None = None) -> tuple[bool, Any]:
+    def _packed(self, key: tuple) -> bool:
+        """Whether the graph of ``key`` packs tokens (its padded batch rows get no token)."""
+        return self.token_index is not None and isinstance(key[-1], int) and len(key) > 2
+
+    def run(self, kwargs: dict[str, torch.Tensor], dense: bool = False, tokens: int | None = None,
+            padded: bool = False) -> tuple[bool, Any]:
         """(True, outputs) replayed from a graph, or (False, None) when this call's shape has
         no usable bucket (the caller then launches directly). ``dense``: the caller checked that
-        attention_mask is all ones; ``tokens``: its real-token count (padding removal)."""
-        bucket = self.key_for(kwargs, dense, tokens)
+        attention_mask is all ones; ``tokens``: its real-token count (padding removal);
+        ``padded``: the call is routed to the padded twin (padding removal)."""
+        bucket = self.key_for(kwargs, dense, tokens, padded)
         self.last_key = bucket
         if bucket is None or bucket in self.failed:
             return False, None
@@ -207,7 +222,7 @@ class GraphPool:
                 self.graphs.popitem(last=False)
         else:
             self.graphs.move_to_end(bucket)
-            self._fill(entry.inputs, kwargs)
+            self._fill(entry.inputs, kwargs, self._packed(bucket))
         entry.graph.replay()
         first = next(iter(kwargs.values()))
         return True, self._slice(entry, first.shape[0], first.shape[1] if first.dim() > 1 else 0)

@@ -119,6 +119,13 @@ def test_pass_packs_once_at_the_embeddings_and_repads_once_at_the_output(bert_pa
     assert "qfx_unpad" not in padded.graph_module.meta
 
 
+def _packed_graph(cm, x: dict):
+    """The packed lean graph itself on ``x`` (what a call routed packed runs), exact token count."""
+    x = normalize_inputs(cm._capture, (), x)
+    with torch.no_grad():
+        return cm.launch_plan.module(**x)
+
+
 @given(lengths=st.lists(st.integers(0, 11), min_size=1, max_size=4), left=st.booleans())
 @example(lengths=[11, 1], left=False)  # a full row and a length-1 row
 @example(lengths=[0, 5, 11], left=True)  # an all-zero row
@@ -130,32 +137,45 @@ def test_real_tokens_are_bit_identical_to_the_padded_compile(bert_pair, lengths,
     want, got = padded(**x), unpadded(**x)
     real = x["attention_mask"].bool()
     assert torch.equal(got.last_hidden_state[real], want.last_hidden_state[real])
-    assert (got.last_hidden_state[~real] == 0).all()  # padded positions: zero
-    first_real = real[:, 0]  # the pooler reads position 0: equal where it is a real token
-    assert torch.equal(got.pooler_output[first_real], want.pooler_output[first_real])
-    empty = ~real.any(1)  # no real token: hidden states zero, so the pooler gives tanh(bias)
+    assert torch.equal(got.pooler_output, want.pooler_output)  # per sequence: always the padded model's
+    if unpadded.last_route.path == "packed":  # every row's position 0 real: padded positions zero
+        assert real[:, 0].all() and not real.all() and (got.last_hidden_state[~real] == 0).all()
+    else:  # no padding, or position 0 padded under the pooler: the padded twin, every position
+        assert not real[:, 0].all() or real.all(), unpadded.last_route
+        assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+    # the packed graph itself: zeros at padding, an empty row's pooler reads zeros (tanh(bias))
+    packed = _packed_graph(unpadded, x)
+    assert torch.equal(packed.last_hidden_state[real], want.last_hidden_state[real])
+    assert (packed.last_hidden_state[~real] == 0).all() and torch.isfinite(packed.last_hidden_state).all()
+    first_real = real[:, 0]
+    assert torch.equal(packed.pooler_output[first_real], want.pooler_output[first_real])
+    empty = ~real.any(1)
     bias = unpadded.graph_module.get_parameter("pooler.dense.bias")
-    assert torch.equal(got.pooler_output[empty], torch.tanh(bias).expand(int(empty.sum()), -1))
-    assert torch.isfinite(got.last_hidden_state).all()
+    assert torch.equal(packed.pooler_output[empty], torch.tanh(bias).expand(int(empty.sum()), -1))
 
 
 def test_masks_with_holes_and_empty_rows_keep_real_tokens_bit_for_bit(bert_pair):
     """Not only left / right padding: a key-padding mask with holes and an all-zero row (each
-    row's real tokens are contiguous in the packed order, so packed attention is exact)."""
+    row's real tokens are contiguous in the packed order, so packed attention is exact). The
+    pooler reads position 0, padding in two rows here: the call runs the padded twin."""
     padded, unpadded = bert_pair
     x = inputs(3, 9, seed=11)
     x["attention_mask"] = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 1, 0], [0] * 9, [0, 1, 1, 0, 1, 1, 1, 1, 1]])
     want, got = padded(**x), unpadded(**x)
     real = x["attention_mask"].bool()
-    assert torch.equal(got.last_hidden_state[real], want.last_hidden_state[real])
-    assert (got.last_hidden_state[~real] == 0).all()
-    assert unpadded.last_path == ("direct", "CPU target") and "last call: direct launch" in unpadded.runtime_report()
+    assert torch.equal(got.last_hidden_state, want.last_hidden_state) and torch.equal(got.pooler_output, want.pooler_output)
+    assert unpadded.last_path == ("direct", "CPU target") and unpadded.last_route.path == "padded"
+    assert "last call: padded (position 0 is padding in some row" in unpadded.runtime_report()
+    packed = _packed_graph(unpadded, x)
+    assert torch.equal(packed.last_hidden_state[real], want.last_hidden_state[real])
+    assert (packed.last_hidden_state[~real] == 0).all()
 
 
 def test_a_classifier_reads_its_cls_rows_packed_and_repads_nothing():
     """BertForSequenceClassification returns logits only: the pooler's hidden[:, 0] reads the
     packed rows cu_seqlens[b] (zeros where position 0 is padding, as the repadded tensor holds),
-    so no [B, S, F] tensor is ever made; logits bit for bit where position 0 is real."""
+    so no [B, S, F] tensor is ever made; logits bit for bit where position 0 is real. A call
+    with position 0 padded somewhere runs the padded twin: logits bit for bit everywhere."""
     model = make("bert_cls", layers=2)
     padded, unpadded = _compile(model), _compile(model, remove_padding=True)
     gm = unpadded.graph_module
@@ -163,9 +183,13 @@ def test_a_classifier_reads_its_cls_rows_packed_and_repads_nothing():
     x = inputs(5, 9, seed=3)
     x["attention_mask"] = _mask([9, 4, 0, 7, 2], 9, left=(3,))
     want, got = padded(**x).logits, unpadded(**x).logits
+    assert torch.equal(got, want) and unpadded.last_route.path == "padded"
+    packed = _packed_graph(unpadded, x).logits
     first_real = x["attention_mask"][:, 0].bool()
-    assert torch.equal(got[first_real], want[first_real])
-    assert torch.equal(got[2], got[3])  # no real token at position 0: both read a zero row
+    assert torch.equal(packed[first_real], want[first_real])
+    assert torch.equal(packed[2], packed[3])  # no real token at position 0: both read a zero row
+    x["attention_mask"] = _mask([9, 4, 1, 7, 2], 9)  # right padding: packed
+    assert torch.equal(unpadded(**x).logits, padded(**x).logits) and unpadded.last_route.path == "packed"
 
 
 @pytest.mark.parametrize("family", ["distilbert", "albert", "modernbert"])
@@ -254,9 +278,8 @@ def test_graphs_whose_attention_does_not_mask_padding_are_left_alone(bert_pair):
     gm = remove_padding(gm)
     assert gm.meta["qfx_unpad"] == "off: an SDPA attention takes no mask: padded keys reach real tokens"
     assert _count(gm, PACK_TOKENS) == 0
-    eager = _compile(make("deberta_v2", layers=1), remove_padding=True, config=qfx.QuantConfig(8, 8))
-    assert eager.graph_module.meta["qfx_unpad"].startswith("off: no SDPA attention")
-    assert "padding removal: off: no SDPA attention" in eager.runtime_report()
+    with pytest.raises(ValueError, match=r"remove_padding=True: this model cannot run packed \(no SDPA attention"):
+        _compile(make("deberta_v2", layers=1), remove_padding=True, config=qfx.QuantConfig(8, 8))
 
 
 # -- GPU: token-bucketed CUDA graphs ------------------------------------------------------------
@@ -271,7 +294,7 @@ def test_gpu_unpadded_graphs_replay_what_the_padded_model_computes(mode):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
         kw = dict(mode=mode, target=target, example_kwargs=inputs(2, 8), buckets=buckets)
-        padded, unpadded = qfx.compile(model, **kw), qfx.compile(model, remove_padding=True, **kw)
+        padded, unpadded = qfx.compile(model, remove_padding=False, **kw), qfx.compile(model, remove_padding=True, **kw)
     x = {k: v.cuda() for k, v in inputs(3, 50, seed=5).items()}
     x["attention_mask"] = _mask([50, 17, 1], 50).cuda()  # 68 real tokens of 256 bucket slots
     want = padded(**x).last_hidden_state
@@ -290,11 +313,14 @@ def test_gpu_unpadded_graphs_replay_what_the_padded_model_computes(mode):
     assert unpadded._graphs.last_key == (4, 64, 160) and len(unpadded._graphs.graphs) == 2
     report = unpadded.runtime_report()
     assert "padding removal: on" in report and "token buckets" in report, report
-    assert "2 attention(s) packed (varlen)" in report and "last call: graph (4, 64, 160)" in report, report
+    assert "2 attention(s) packed (varlen)" in report and "last call: packed, graph (4, 64, 160)" in report, report
     zero = {k: v.clone() for k, v in x.items()}
-    zero["attention_mask"][0] = 0  # an all-zero row: finite, zero hidden states
+    zero["attention_mask"][0] = 0  # an all-zero row under the pooler: the padded twin, as the padded model
     out = unpadded(**zero).last_hidden_state
-    assert torch.isfinite(out).all() and (out[0] == 0).all()
+    assert unpadded._graphs.last_key == (4, 64, "padded") and unpadded.last_route.path == "padded"
+    want = padded(**zero).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), want.float().flatten(), dim=0)
+    assert torch.isfinite(out).all() and cos > 0.999, cos
 
 
 @pytest.mark.gpu
@@ -349,7 +375,7 @@ def test_graph_pool_keys_calls_by_token_bucket_and_leaves_padded_rows_empty():
     assert unpadded.key_for(full, dense=True, tokens=64) == (4, 16, "dense")
     for p, filler in ((unpadded, 0), (padded, 1)):
         static = p._static_inputs((4, 16), x)
-        p._fill(static, x)
+        p._fill(static, x, p._packed(p.key_for(x, dense=False, tokens=14)))
         assert torch.equal(static["attention_mask"][:3, :10], x["attention_mask"])
         assert (static["attention_mask"][3] == filler).all() and (static["attention_mask"][:3, 10:] == 0).all()
 
