@@ -51,6 +51,7 @@ Example::
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -60,7 +61,8 @@ from qfx.config import OTHER_ROLE, QuantConfig
 from qfx.passes._attrs import param_or_buffer
 from qfx.schema import ATTENTION_OPS, LINEAR_OPS, META_CAPTURE, META_LINEAR, LinearInfo, QuantSpec, linear_nodes
 
-__all__ = ["annotate", "attention_cores", "AttentionCore", "LinearInfo", "QuantSpec", "LINEAR_OPS", "linear_nodes"]
+__all__ = ["annotate", "linear_infos", "keep_float", "attention_cores", "AttentionCore", "LinearInfo", "QuantSpec",
+           "LINEAR_OPS", "linear_nodes"]
 
 aten = torch.ops.aten
 SOFTMAX_OPS = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
@@ -162,20 +164,24 @@ def _linear_sources(starts: list[Node], stop: set[Node] = frozenset()) -> set[No
     return found
 
 
-def _linear_sinks(start: Node) -> set[Node]:
-    """Linears reached from ``start`` along tensor edges without crossing another linear."""
-    found, seen, stack = set(), set(), [start]
+def _users_reached(start: Node, crosses: Callable[[Node], bool]) -> Iterator[tuple[Node, Node]]:
+    """Every node reached from ``start`` along user edges, once, as ``(node it was reached from,
+    node)``; the walk goes on past a node only where ``crosses(node)``."""
+    seen, stack = set(), [start]
     while stack:
         n = stack.pop()
         for u in n.users:
             if u in seen:
                 continue
             seen.add(u)
-            if _is_linear(u):
-                found.add(u)
-            elif _is_tensor_edge(u):
+            yield n, u
+            if crosses(u):
                 stack.append(u)
-    return found
+
+
+def _linear_sinks(start: Node) -> set[Node]:
+    """Linears reached from ``start`` along tensor edges without crossing another linear."""
+    return {u for _, u in _users_reached(start, lambda u: not _is_linear(u) and _is_tensor_edge(u)) if _is_linear(u)}
 
 
 def _ancestors(n: Node) -> set[Node]:
@@ -192,21 +198,10 @@ def _closes_residual(lin: Node, cross_linears: bool) -> bool:
     """Some ``add`` downstream of ``lin`` adds a tensor that is an ancestor of ``lin``'s
     input: ``lin`` sits inside a residual block (an FFN), not in a head."""
     anc = _ancestors(lin)
-    seen, stack = set(), [lin]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if u.op == "call_function" and u.target in ADD_OPS:
-                other = [a for a in u.args[:2] if isinstance(a, Node) and a is not n]
-                if any(o in anc for o in other):
-                    return True
-            if _is_linear(u) and not cross_linears:
-                continue
-            if _is_tensor_edge(u):
-                stack.append(u)
+    for n, u in _users_reached(lin, lambda u: _is_tensor_edge(u) and (cross_linears or not _is_linear(u))):
+        if u.op == "call_function" and u.target in ADD_OPS:
+            if any(a in anc for a in u.args[:2] if isinstance(a, Node) and a is not n):
+                return True
     return False
 
 
@@ -405,17 +400,43 @@ def _skip_matches(entry: str, info_name: str, role: str, layer: int | None) -> b
 
 
 def annotate(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] = ()) -> GraphModule:
-    """Record a :class:`LinearInfo` on every ``aten.linear`` node; return ``gm`` unchanged otherwise.
+    """Record a :class:`LinearInfo` on every ``aten.linear`` node (:func:`linear_infos`); return
+    ``gm`` unchanged otherwise."""
+    for node, info in linear_infos(gm, config, skip).items():
+        node.meta[META_LINEAR] = info
+    return gm
 
-    ``config=None`` annotates roles only (every linear stays float). ``skip`` entries are
+
+def keep_float(gm: GraphModule, reasons: Mapping[str, str]) -> GraphModule:
+    """Keep the linears ``reasons`` names in float, each with its reason (the autotuner's choice,
+    made on the annotated graph); return ``gm``.
+
+    Pattern: each linear of an annotated graph (L2) whose ``LinearInfo.name`` is in ``reasons``.
+    Invariant: its info loses its spec and takes its reason, as annotating with the name in
+    ``skip`` would; the nodes and the other infos are unchanged, and the graph is not walked
+    again (layers and roles stay what annotate found)."""
+    kept = set()
+    for node in linear_nodes(gm):
+        info = node.meta.get(META_LINEAR)
+        if info is not None and info.name in reasons:
+            node.meta[META_LINEAR] = replace(info, spec=None, float_reason=reasons[info.name])
+            kept.add(info.name)
+    if kept != set(reasons):
+        raise ValueError(f"keep_float: no annotated linear is called {sorted(set(reasons) - kept)}")
+    return gm
+
+
+def linear_infos(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] = ()) -> dict[Node, LinearInfo]:
+    """Every ``aten.linear`` node's :class:`LinearInfo`, in graph order: the module doc's
+    pattern, read without changing the graph or its nodes.
+
+    ``config=None`` gives roles only (every linear stays float). ``skip`` entries are
     linear names ("layer3.ffn_in"), roles ("ffn_out") or whole layers ("layer3").
     """
     linears = linear_nodes(gm)
     if not linears:
-        raise ValueError(
-            "the model has no linear layers (no aten.linear in the captured graph): "
-            "there is nothing for qfx to quantize"
-        )
+        raise ValueError("the model has no linear layers (no aten.linear in the captured graph): "
+                         "there is nothing for qfx to quantize")
     roles, no_linear_qkv = _classify(gm)
     family = getattr(gm.meta.get(META_CAPTURE), "model_class", type(gm).__name__)
     if config is not None and no_linear_qkv:
@@ -439,7 +460,7 @@ def annotate(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] 
     uses: dict[str, list[str]] = defaultdict(list)
     for node in linears:
         uses[_param_name(node.args[1])].append(names[node])
-    infos: list[tuple[Node, LinearInfo]] = []
+    infos: dict[Node, LinearInfo] = {}
     for node in linears:
         weight = _param_name(node.args[1])
         n_out, k = _shape(gm, weight)
@@ -469,12 +490,10 @@ def annotate(gm: GraphModule, config: QuantConfig | None, skip: tuple[str, ...] 
         shared = tuple(u for u in uses[weight] if u != name)
         if shared:
             info = replace(info, shared_with=shared)
-        infos.append((node, info))
-    names_set = {i.name for _, i in infos}
-    valid = names_set | {i.role for _, i in infos} | {f"layer{i.layer}" for _, i in infos if i.layer is not None}
+        infos[node] = info
+    valid = {i.name for i in infos.values()} | {i.role for i in infos.values()} | {
+        f"layer{i.layer}" for i in infos.values() if i.layer is not None}
     unknown = [s for s in skip if s not in valid]
     if unknown:
         raise ValueError(f"skip={tuple(skip)!r}: no linear is called {unknown}; valid names: {sorted(valid)}")
-    for node, info in infos:
-        node.meta[META_LINEAR] = info
-    return gm
+    return infos

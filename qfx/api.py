@@ -396,16 +396,17 @@ def compile(
     skip = tuple(skip) or trained_skip
     device = torch.device("cuda") if tgt.device == "cuda" else torch.device("cpu")
     gm = _capture_for_target(source, device, run_dtype, example_args, example_kwargs)
-    decision = None
-    if tune is not None:  # parts where fp16 is faster join skip (qfx/tune/select.py)
-        from qfx.tune.select import tune_for_compile
-        decision = tune_for_compile(gm, tune, tgt, cfg, skip, run_dtype)
-        skip = tuple(skip) + decision.skip
     rotated = dict(model.meta.get(META_ROTATED, {})) if is_qat_model(model) else None  # trained as W R
     master = {k: v.detach().float().clone() for k, v in source.named_parameters()}
     ctx = PassContext(config=cfg, skip=skip, target=tgt, master_weights=master, float_dtype=run_dtype,
                       remove_padding=remove_padding, rotated_weights=rotated)
-    gm = run_passes(gm, COMPILE_PASSES, ctx)
+    gm = run_passes(gm, COMPILE_PASSES, ctx, stop_after="annotate")
+    decision = None
+    if tune is not None:  # parts where fp16 is faster stay float, chosen on the annotated graph (qfx/tune/select.py)
+        from qfx.tune.select import tune_for_compile
+        decision = tune_for_compile(gm, tune, tgt, cfg, run_dtype)
+        gm = decision.apply_to_graph(gm)
+    gm = run_passes(gm, COMPILE_PASSES, ctx, start_after="annotate")
     _check_remove_padding(gm, requested, remove_padding, tgt)
     report = build_report(gm, mode=mode, target=tgt, origin=origin, run_dtype=run_dtype)
     if decision is not None:

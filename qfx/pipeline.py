@@ -9,7 +9,9 @@
 
 Each pass is ``GraphModule -> GraphModule`` (qfx.passes); here each is wrapped to take the
 one :class:`PassContext`. :func:`run_passes` lints after every pass and, when one fails,
-names it and the passes that ran before it.
+names it and the passes that ran before it. ``qfx.compile(..., tune=...)`` runs
+:data:`COMPILE_PASSES` in two calls: the autotuner reads the graph annotate made (L2) and keeps
+the parts where fp16 is faster in float (``qfx.passes.annotate.keep_float``), then the rest runs.
 """
 from __future__ import annotations
 
@@ -94,17 +96,30 @@ class QfxPassError(RuntimeError):
     """A pass failed; the message names it and the passes before it."""
 
 
-def run_passes(gm: GraphModule, passes: tuple[Pass, ...], ctx: PassContext, stop_after: str | None = None) -> GraphModule:
-    """Run ``passes`` in order (up to and including ``stop_after``)."""
+def run_passes(gm: GraphModule, passes: tuple[Pass, ...], ctx: PassContext, stop_after: str | None = None,
+               start_after: str | None = None) -> GraphModule:
+    """Run ``passes`` in order: those after ``start_after`` (from the first when None) up to and
+    including ``stop_after`` (to the last when None).
+
+    A pipeline run in two calls, the graph read between them (``qfx.compile`` hands the tuner
+    the annotated graph: ``stop_after="annotate"``, then ``start_after="annotate"``), records
+    and names its passes as one call does.
+    """
+    names = [name for name, _ in passes]
+    for which, asked in (("stop_after", stop_after), ("start_after", start_after)):
+        if asked is not None and asked not in names:
+            raise ValueError(f"run_passes({which}={asked!r}): no such pass; the passes are {names}")
+    first = names.index(start_after) + 1 if start_after is not None else 0
     done: list[str] = []
-    for name, fn in passes:
+    for name, fn in passes[first:]:
         try:
             gm = fn(gm, ctx)
             gm.graph.lint()
         except ValueError:
             raise  # bad input: the pass's own message names the parameter
         except Exception as e:
-            raise QfxPassError(f"pass {name!r} failed after {done or 'no passes'}: {type(e).__name__}: {e}") from e
+            before = names[:first] + done
+            raise QfxPassError(f"pass {name!r} failed after {before or 'no passes'}: {type(e).__name__}: {e}") from e
         done.append(name)
         if name == stop_after:
             break

@@ -1,11 +1,12 @@
 """The autotuner inside ``qfx.compile(..., tune=...)``: which layer parts stay fp16.
 
-``qfx.compile`` hands this module the annotated graph (every linear's layer, role and trained
-spec) and the user's scenario; :func:`choose_parts` groups the linears into layer parts, asks
+``qfx.compile`` hands this module the graph its pipeline annotated (every linear's layer, role
+and trained spec: ``run_passes(..., stop_after="annotate")``) and the user's scenario; :func:`choose_parts` groups the linears into layer parts, asks
 :func:`qfx.tune.autotune.autotune` for every candidate's time in every ``(batch, seq)`` bucket
 (measured on a GPU of the target's kernel family, else modelled by :mod:`qfx.tune.cost_model`
-and marked so) and returns a :class:`TuneDecision`: the linears to keep in float (applied
-through the existing ``skip`` mechanism) and, for each, the reason the report prints.
+and marked so) and returns a :class:`TuneDecision`: the linears to keep in float (written into that graph by
+:meth:`TuneDecision.apply_to_graph`, before the rest of the pipeline runs) and, for each, the
+reason the report prints.
 
 A part is accounted as the compiled graph will run it:
 
@@ -49,7 +50,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from qfx.passes.annotate import annotate
+from qfx.passes.annotate import keep_float
 from qfx.schema import META_CAPTURE
 from qfx.targets import Target, get_target
 from qfx.tune.autotune import Plan, autotune, dominant_precision, fixed_strategies
@@ -83,7 +84,7 @@ class PartDecision:
 
 @dataclass(frozen=True)
 class TuneDecision:
-    """What :func:`choose_parts` decided; ``skip`` and ``reasons`` go into ``qfx.compile``.
+    """What :func:`choose_parts` decided; ``qfx.compile`` applies it to the annotated graph and the report.
 
     Attributes:
         plan: the autotuner's plan (every candidate of every part and bucket).
@@ -160,6 +161,11 @@ class TuneDecision:
             lines.append(f"per-bucket preference: {per}" + ("" if agree else
                          " (buckets disagree: one graph per compiled model, the summed latency decides)"))
         return "\n".join(lines)
+
+    def apply_to_graph(self, gm: GraphModule) -> GraphModule:
+        """Keep the ``skip`` linears of the annotated graph ``gm`` in float, each with its reason
+        (:func:`qfx.passes.annotate.keep_float`: no second annotation); return ``gm``."""
+        return keep_float(gm, {name: self.reasons[name] for name in self.skip})
 
     def apply_to_report(self, report) -> None:
         """Write the reasons into a :class:`qfx.runtime.report.CompileReport` (float parts and notes of
@@ -342,16 +348,15 @@ def scenario_for_compile(tune: Any, capture) -> Scenario:
                      "pass tune=qfx.tune.Scenario.of(batch=..., seq=...)")
 
 
-def tune_for_compile(gm: GraphModule, tune: Any, target: Target, config, skip: tuple[str, ...],
+def tune_for_compile(annotated: GraphModule, tune: Any, target: Target, config,
                      float_dtype: torch.dtype) -> TuneDecision:
-    """What ``qfx.compile(..., tune=...)`` calls on the captured graph: annotate it with the
-    compile's config and skip (metadata only; the pipeline annotates again with the decision's
-    skip added), then :func:`choose_parts`."""
+    """What ``qfx.compile(..., tune=...)`` calls on the graph its pipeline annotated with the
+    compile's config and skip: :func:`choose_parts` (the graph is read, not changed;
+    :meth:`TuneDecision.apply_to_graph` writes the decision)."""
     if config is None:
         raise ValueError(f"tune={tune!r} with mode='fp16': nothing is quantized, so there is nothing to tune; "
                          "drop tune or compile with mode='int4'/'int8'")
-    capture = gm.meta[META_CAPTURE]
+    capture = annotated.meta[META_CAPTURE]
     scenario = scenario_for_compile(tune, capture)
     _check_limits(scenario, capture.max_seq_len)
-    annotate(gm, config, skip)
-    return choose_parts(gm, target, scenario, float_dtype=float_dtype, max_seq=capture.max_seq_len)
+    return choose_parts(annotated, target, scenario, float_dtype=float_dtype, max_seq=capture.max_seq_len)
