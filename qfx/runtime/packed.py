@@ -42,6 +42,11 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+try:
+    import numpy as _np
+except ImportError:  # torch runs without numpy: the router counts with torch ops
+    _np = None
+
 from qfx.ops import gather_tokens, scatter_tokens
 from qfx.passes.attention import PACKED_ATTENTION, packed_attention_impl
 from qfx.runtime.buckets import DimRoles
@@ -262,6 +267,24 @@ class Route:
 NO_PADDING = "no padding"
 
 
+def _mask_counts(mask: torch.Tensor) -> tuple[int, int, int]:
+    """(nonzero entries, rows whose position 0 is nonzero, entries equal to 1) of a [B, S] mask:
+    with numpy for a CPU mask (~6 us at 1 x 128, torch's op overhead is ~4x), else one sync."""
+    if mask.device.type == "cpu" and _np is not None:
+        try:
+            a = mask.numpy()
+        except (RuntimeError, TypeError):  # a tensor that needs grad, a dtype numpy lacks
+            a = None
+        if a is not None:
+            real = a != 0
+            tokens = int(_np.count_nonzero(real))
+            return tokens, int(_np.count_nonzero(real[:, 0])), tokens if a.dtype == bool else int(_np.count_nonzero(a == 1))
+    real = mask != 0
+    ones = real if mask.dtype == torch.bool else mask == 1
+    tokens, first, count = torch.stack((real.sum(), real[:, 0].sum(), ones.sum())).tolist()
+    return tokens, first, count
+
+
 class PaddingRouter:
     """Chooses each call's path (see the module doc) and counts them."""
 
@@ -271,11 +294,9 @@ class PaddingRouter:
 
     def route(self, mask: torch.Tensor) -> Route:
         """The path of a call with this ``attention_mask`` (on any device: one sync for a GPU one)."""
-        real = mask != 0
-        binary = real if mask.dtype == torch.bool else (mask == 0) | (mask == 1)
-        tokens, first, ok = torch.stack((real.sum(), real[:, 0].sum(), binary.all().long())).tolist()
+        tokens, first, ones = _mask_counts(mask)
         b, s = mask.shape
-        if not ok:
+        if ones != tokens:  # some nonzero entry is not 1
             why = "attention_mask holds values other than 0 and 1"
         elif tokens == b * s:
             why = NO_PADDING
