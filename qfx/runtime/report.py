@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.fx import GraphModule
 
-from qfx.schema import INTEGER_LINEAR_OPS, INT_LINEAR, META_FUSED, META_LINEAR, META_PARTS, META_PLAN, QUANTIZE, ROTATE, LinearInfo, arg, is_call, linear_nodes
+from qfx.schema import (INTEGER_LINEAR_OPS, INT_LINEAR, META_FUSED, META_LINEAR, META_PARTS, META_PLAN, META_UNPAD, QUANTIZE, ROTATE,
+                        LinearInfo, arg, is_call, linear_nodes)
 
 
 class ReportSection(Protocol):
@@ -51,6 +52,9 @@ class CompileReport:
     plan_origin: str = "rule: first backend in priority order that can implement the op"
     #: a tuned compile's per-part table as data (set by ``TuneDecision.apply_to_report``); None untuned
     tuning: ReportSection | None = None
+    #: what padding removal did (``remove_padding``, passes/unpad.py); the path of each call is in
+    #: ``CompiledModel.runtime_report()``
+    padding_removal: str = ""
 
     @property
     def quantized(self) -> list[LinearRow]:
@@ -61,6 +65,8 @@ class CompileReport:
         con = Console(file=buf, width=width, force_terminal=False, color_system=None)
         con.print(f"qfx compile report: mode={self.mode} target={self.target} ({self.execution})")
         con.print(f"weights from: {self.origin}; float parts run in {self.run_dtype}; plan: {self.plan_origin}")
+        if self.padding_removal:
+            con.print(f"padding removal: {self.padding_removal} (each call's path: compiled.runtime_report())")
         t = Table("linear", "layer", "role", "N x K", "precision", "backend", "note")
         for r in self.linears:
             t.add_row(r.name, "-" if r.layer is None else str(r.layer), r.role, r.shape, r.precision, r.backend, r.note)
@@ -88,7 +94,8 @@ def _input_quantizer_has_gelu(node) -> bool:
 
 
 def build_report(gm: GraphModule, *, mode: str, target, origin: str, run_dtype: torch.dtype) -> CompileReport:
-    rep = CompileReport(mode, target.name, target.int4_execution, origin, str(run_dtype).removeprefix("torch."))
+    rep = CompileReport(mode, target.name, target.int4_execution, origin, str(run_dtype).removeprefix("torch."),
+                        padding_removal=str(gm.meta.get(META_UNPAD, "off (remove_padding=False)")))
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and (n.target in _INT_OPS or n in set(linear_nodes(gm)))]
     for node in nodes:
         info: LinearInfo = node.meta[META_LINEAR]

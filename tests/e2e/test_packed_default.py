@@ -93,6 +93,7 @@ def test_auto_packs_on_gpu_targets_and_stays_padded_on_the_cpu():
     cm = _compile(make("bert", layers=1))  # the default on the CPU target: padded, and said so
     assert not any(is_call(n, TOKEN_INDEX) for n in cm.graph_module.graph.nodes) and cm._router is None
     assert "padding removal: off (remove_padding='auto' packs on GPU targets only" in cm.runtime_report()
+    assert "padding removal: off (remove_padding='auto'" in cm.report().render(width=400)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -103,6 +104,7 @@ def test_auto_packs_a_padded_call_and_equals_the_padded_model_bit_for_bit(pairs,
     assert _check_exact(padded, auto, x) == "packed"
     report = auto.runtime_report()
     assert "last call: packed, direct launch, CPU target" in report and "per call: calls with padding run packed" in report
+    assert "padding removal: on: " in auto.report().render(width=400)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
