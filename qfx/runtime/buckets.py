@@ -2,10 +2,11 @@
 
 A compiled GPU model replays one CUDA graph per bucket. Inputs are padded into the bucket
 (token inputs with 0, ``attention_mask`` with 0 on padded positions so no real token attends
-to them, and with 1 on padded batch rows so they stay finite; with padding removal 0, so they
-add no token), and every output is sliced back to the caller's batch and sequence. With padding
-removal a graph is captured per (batch, seq, token bucket) (:meth:`Buckets.tokens`). Dims are told apart by the symbols torch.export gave them
-(``s0`` batch, ``s1`` seq), never by comparing sizes (a 128 x 128 call has equal sizes).
+to them, and with 1 on padded batch rows so they stay finite; for a packed call 0, so they
+add no token), and every output is sliced back to the caller's batch and sequence. A packed
+call (padding removal, on by default for GPU targets) replays the graph of its (batch, seq,
+token bucket) (:meth:`Buckets.tokens`). Dims are told apart by the symbols torch.export gave
+them (``s0`` batch, ``s1`` seq), never by comparing sizes (a 128 x 128 call has equal sizes).
 """
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ class Buckets:
     Example::
 
         >>> qfx.compile(model, mode="int8", target="sm_90", buckets=qfx.Buckets(batch=(1, 8, 32), seq=(128,)))
-        >>> qfx.compile(model, mode="int8", target="sm_90", remove_padding=True,   # graphs per token bucket
+        >>> qfx.compile(model, mode="int8", target="sm_90",   # packed calls: graphs per token bucket
         ...             buckets=qfx.Buckets(seq=(128,), token_step=128, token_buckets=4))
     """
 
     batch: tuple[int, ...] = _BATCH
     seq: tuple[int, ...] = _SEQ
     max_graphs: int = 32  # captured graphs kept at once (least recently used dropped)
-    #: padding removal (``remove_padding=True``): the real-token count T of a call is padded up
+    #: padding removal (a packed call, the default on GPU targets): its real-token count T is padded up
     #: to a multiple of ``token_step`` (a GEMM tile's M), coarsened geometrically: between two
     #: powers of two there are ``token_buckets`` buckets, so the dummy rows a bucket adds are
     #: at most 1 / token_buckets of T (6 % by default; any mix of lengths with about the same
