@@ -23,6 +23,13 @@ Which path a call takes (:class:`PaddingRouter`, every call of a model whose gra
   them; packing keeps only ``!= 0``). The padded twin is exact for any mask: at real tokens and
   at per-row outputs it computes what ``remove_padding=False`` computes.
 
+Why a padded twin of the packed graph rather than a second compile, or the packed graph for
+every call: the twin is made from the packed graph's lean form in microseconds (no second
+compile, nothing more to save or verify, loaded files included), shares its launchers and
+weights, and runs the very kernels of a padded compile (exact for any mask); the packed graph
+on a call without padding would only add the token index, the row copies and, on the CPU and
+in fp32, the repadded attention's scatters.
+
 Choosing needs three numbers of the mask on the host (real tokens, rows whose position 0 is
 real, whether it is 0/1): free for a CPU mask (a tokenizer's), one small device sync for a GPU
 one. ``compiled.runtime_report()`` counts the calls per path and names the last one.
@@ -117,8 +124,11 @@ def check_index_plumbing(gm: GraphModule) -> None:
     index = {(n, i) for n in gm.graph.nodes if is_call(n, TOKEN_INDEX) for i in (0, 1)}
     gathers, scatters = set(), set()
     for n in gm.graph.nodes:
-        if n.target is operator.getitem and (n.args[0], n.args[1]) in index:
+        if n.target is operator.getitem and isinstance(n.args[1], int) and (n.args[0], n.args[1]) in index:
             (gathers if n.args[1] == 0 else scatters).add(n)
+
+    def arg(node: Node, i: int):
+        return node.args[i] if len(node.args) > i else None  # the pass passes every index positionally
 
     def refuse(node: Node, argument: str, what: str) -> None:
         raise ValueError(f"packed graph: node {node.name} ({node.target}) takes a {argument} that is not {what}; "
@@ -126,19 +136,19 @@ def check_index_plumbing(gm: GraphModule) -> None:
                          "the model again with qfx")
 
     for n in gm.graph.nodes:
-        if is_call(n, TOKEN_INDEX) and (mask is None or n.args[0] is not mask or (len(n.args) > 1 and n.args[1] is not None)):
+        if is_call(n, TOKEN_INDEX) and (mask is None or arg(n, 0) is not mask or arg(n, 1) is not None or n.kwargs):
             refuse(n, "mask or capacity", "the attention_mask input with capacity None")
-        elif is_call(n, PACK_TOKENS) and n.args[1] not in gathers:
+        elif is_call(n, PACK_TOKENS) and arg(n, 1) not in gathers:
             refuse(n, "gather index", "qfx::token_index's gather")
-        elif is_call(n, REPAD_TOKENS) and (n.args[1] not in scatters or n.args[2] is not mask):
+        elif is_call(n, REPAD_TOKENS) and (arg(n, 1) not in scatters or arg(n, 2) is not mask):
             refuse(n, "scatter index or layout", "qfx::token_index's scatter and attention_mask")
         elif is_call(n, PACKED_ATTENTION):
-            seq = n.args[5]
-            if not _is_cu_seqlens(n.args[4], mask):
+            seq = arg(n, 5)
+            if not _is_cu_seqlens(arg(n, 4), mask):
                 refuse(n, "cu_seqlens", "the prefix sums of attention_mask's row lengths")
             if not (is_call(seq, (aten.sym_size.int,)) and seq.args[0] is mask and seq.args[1] == 1):
                 refuse(n, "max_seqlen", "attention_mask's sequence length")
-            if n.args[6] not in gathers or n.args[7] not in scatters or n.args[8] is not mask:
+            if arg(n, 6) not in gathers or arg(n, 7) not in scatters or arg(n, 8) is not mask:
                 refuse(n, "gather / scatter / mask", "qfx::token_index's and attention_mask")
     for out, _, cu in _first_token_reads(gm.graph):
         if not _is_cu_seqlens(cu, mask):
@@ -157,7 +167,7 @@ def _output_names(gm: GraphModule, count: int) -> list[str]:
 def _per_row_reads(gm: GraphModule, roles: DimRoles) -> tuple[str, str]:
     """Which token positions the outputs that are not [batch, seq, ...] tensors (a pooler's, logits)
     read from packed rows: "" (none), "first" (position 0 only) or "any"; and the first such output."""
-    leaves = list(torch.utils._pytree.tree_leaves(gm.graph.output_node().args[0]))
+    leaves = list(gm.graph.output_node().args[0])  # as dim_roles reads them: one role per entry
     names = _output_names(gm, len(leaves))
     firsts = {out for out, _, _ in _first_token_reads(gm.graph)}
     reads, reader = "", ""
