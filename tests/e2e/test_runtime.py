@@ -131,7 +131,8 @@ def _cuda_inputs(b, s, seed=0):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_gpu_bucketed_graphs_replay_what_direct_launch_computes(mode):
     model = make("bert_cls", layers=2, hidden=64, heads=2)
-    cm = _ptq(model, mode=mode, target=qfx.detect_target().name, buckets=Buckets(batch=(1, 4), seq=(16, 64)))
+    cm = _ptq(model, mode=mode, target=qfx.detect_target().name, buckets=Buckets(batch=(1, 4), seq=(16, 64)),
+              remove_padding=False)  # the padded graphs' keys; packed calls: tests/e2e/test_packed_default.py
     x = _cuda_inputs(3, 37, seed=5)  # padded to (4, 64)
     got = cm(**x).logits
     assert got.shape == (3, 2) and len(cm._graphs.graphs) == 1, cm.runtime_report()
@@ -157,7 +158,7 @@ def test_gpu_bucketed_graphs_replay_what_direct_launch_computes(mode):
 
 @pytest.mark.gpu
 def test_gpu_unpadded_calls_replay_the_unmasked_graph():
-    cm = _ptq(make("bert_cls", layers=2, hidden=64, heads=2), mode="int8", target=qfx.detect_target().name,
+    cm = _ptq(make("bert_cls", layers=2, hidden=64, heads=2), mode="int8", target=qfx.detect_target().name, remove_padding=False,
               buckets=Buckets(batch=(4,), seq=(16,)))
     assert cm.launch_plan.dense_module is not None  # the key-padding rewrite ran (fp16 float parts)
     dense = inputs(4, 16, pad=False)  # CPU mask, all ones: checked on the host, no sync
