@@ -15,8 +15,9 @@ Pattern (use-def edges, op objects and module classes; never node or module name
   before any activation fake-quant, so teacher and student tap the same float tensor.
 
 Layers are numbered by the attention op's graph order and ffn_out roles come from
-:mod:`qfx.passes.annotate` (``node.meta["qfx"]``); the pass annotates roles-only when the
-graph was not annotated yet (a bare :func:`qfx.capture`).
+:mod:`qfx.passes.annotate`: the graph's own ``node.meta["qfx"]`` when it was annotated, else the
+roles :func:`~qfx.passes.annotate.linear_infos` reads from a bare :func:`qfx.capture` (not written
+to the nodes: the metadata stays as it was).
 
 Invariant: only ``call_module`` nodes of :class:`FeatureTap` (the identity) are added and
 the tapped values are rewired through them, so the graph computes exactly what it computed
@@ -38,7 +39,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from qfx.numerics.fake_quant import ActFakeQuant
-from qfx.passes.annotate import annotate
+from qfx.passes.annotate import linear_infos
 from qfx.schema import ATTENTION_OPS, META_LINEAR, LinearInfo, linear_nodes
 
 __all__ = ["expose_features", "FeatureTap", "FeatureRecorder", "feature_taps"]
@@ -106,24 +107,29 @@ def _attention_nodes(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
 
 
-def _ffn_out_by_layer(gm: GraphModule) -> dict[int, Node]:
+def _roles(gm: GraphModule) -> dict[Node, LinearInfo]:
+    """Each linear's :class:`LinearInfo` in graph order: the annotation the graph carries, or
+    the roles-only reading of an unannotated graph (read, never written to its nodes)."""
+    annotated = {n: n.meta[META_LINEAR] for n in linear_nodes(gm) if META_LINEAR in n.meta}
+    return annotated or linear_infos(gm, None)
+
+
+def _ffn_out_by_layer(infos: dict[Node, LinearInfo]) -> dict[int, Node]:
     """The first ffn_out linear of each layer in graph order.
 
     The first, because annotate also calls a classifier head's Linear -> ReLU -> Linear
     (DistilBERT's pre_classifier / classifier) ffn_in / ffn_out of the last layer.
     """
     out: dict[int, Node] = {}
-    for node in linear_nodes(gm):
-        info: LinearInfo | None = node.meta.get(META_LINEAR)
-        if info is not None and info.role == "ffn_out" and info.layer is not None:
+    for node, info in infos.items():
+        if info.role == "ffn_out" and info.layer is not None:
             out.setdefault(info.layer, node)
     return out
 
 
-def _first_qkv_linear(gm: GraphModule) -> Node:
-    for node in linear_nodes(gm):
-        info: LinearInfo | None = node.meta.get(META_LINEAR)
-        if info is not None and info.role == "qkv" and info.layer == 0:
+def _first_qkv_linear(infos: dict[Node, LinearInfo]) -> Node:
+    for node, info in infos.items():
+        if info.role == "qkv" and info.layer == 0:
             return node
     raise ValueError("expose_features: the first attention op reads no linear q/k/v projection")
 
@@ -161,13 +167,12 @@ def expose_features(gm: GraphModule) -> GraphModule:
     attention = _attention_nodes(gm)
     if not attention:
         raise ValueError("expose_features: no scaled_dot_product_attention op in the graph; capture with attn_implementation='sdpa'")
-    if not any(META_LINEAR in n.meta for n in linear_nodes(gm)):
-        annotate(gm, None)  # roles only; changes no node
-    ffn_out = _ffn_out_by_layer(gm)
+    infos = _roles(gm)
+    ffn_out = _ffn_out_by_layer(infos)
     missing = [i for i in range(len(attention)) if i not in ffn_out]
     if missing:
         raise ValueError(f"expose_features: layers {missing} have an attention op but no FFN output linear")
-    first = _first_qkv_linear(gm)
+    first = _first_qkv_linear(infos)
     emb = _float_input(gm, first)
     # Every user of the embedding output reads the tap (the fake-quant and the residual).
     _insert_tap(gm, f"{_TAP_ROOT}.hidden0", FeatureTap("hidden", 0), emb, list(emb.users))

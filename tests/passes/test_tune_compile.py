@@ -171,9 +171,10 @@ def test_a_cached_tune_does_not_time_again(int4_graph, monkeypatch, tmp_path):
     assert second.parts == first.parts and second.skip == first.skip
 
 
-def test_compile_applies_the_decision_through_skip(model, monkeypatch):
+def test_compile_keeps_the_decision_float_on_the_annotated_graph_as_skip_would(model, monkeypatch):
     """The api glue on the CPU: the decision (modelled for sm_86, as the CPU has nothing to tune)
-    joins skip, the report carries its reasons, and the model equals the same skip by hand."""
+    is applied to the annotated graph with keep_float (no second annotation), the report carries
+    its reasons, and the model equals compiling with the same names in skip."""
     from qfx.tune import select
 
     real, decisions = select.choose_parts, []
@@ -182,9 +183,17 @@ def test_compile_applies_the_decision_through_skip(model, monkeypatch):
         decisions.append(real(gm, "sm_86", scenario, measure=False, **dict(kw, float_dtype=torch.float16)))
         return decisions[-1]
     monkeypatch.setattr(select, "choose_parts", modelled_for_sm86)
+    kept = []  # each keep_float call: the names it was asked to keep float
+
+    def spy_keep_float(gm, reasons):
+        kept.append(set(reasons))
+        return real_keep_float(gm, reasons)
+    real_keep_float = select.keep_float
+    monkeypatch.setattr(select, "keep_float", spy_keep_float)
     qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 16), config=qfx.QuantConfig(4, 4))
     tuned = qfx.compile(qat, mode="int4", target="cpu", tune=True)
     decision, = decisions
+    assert kept == [set(decision.skip)]  # once, on the annotated graph, with exactly the decision
     assert decision.scenario.buckets == ((2, 16),)
     assert decision.skip and len(decision.skip) < 12  # at 2 x 16 qkv stays int4, the rest goes fp16
     report = tuned.report()
