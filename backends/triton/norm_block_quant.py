@@ -33,6 +33,7 @@ import torch
 
 from qfx import numerics
 from qfx.backends.triton import HAS_TRITON
+from qfx.backends.triton.norm_rows import check_norm_operands, clip_bounds, norm_rows
 
 __all__ = ["HAS_TRITON", "MAX_K", "fits", "add_layer_norm_quantize_blocks", "AddLayerNormBlockQuantizeLauncher",
            "register"]
@@ -77,17 +78,14 @@ class AddLayerNormBlockQuantizeLauncher:
         self.eps, self.act_block = float(eps), int(act_block)
         self._consts = dict(EPS=numerics.EPS, B=self.act_block, BITS=int(bits), SYMMETRIC=bool(symmetric),
                             HAS_CLIP=clip is not None, num_warps=WARPS, enable_fp_fusion=False)
-        self._lo, self._hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
+        self._lo, self._hi = clip_bounds(clip)
 
     def __call__(self, a, b, weight, bias):
         from qfx.backends.triton import norm_block_quant_kernels as kernels  # imports Triton on first use
 
         k = a.shape[-1]
-        fa = a.reshape(-1, k).contiguous()
-        fb = None if b is None else b.reshape(-1, k).contiguous()
+        fa, fb, y, q = norm_rows(a, b)
         m = fa.shape[0]
-        y = torch.empty_like(fa)
-        q = torch.empty(fa.shape, dtype=torch.int8, device=a.device)
         scale = torch.empty(m, k // self.act_block, dtype=torch.float32, device=a.device)
         offset = torch.empty_like(scale)
         if m:
@@ -108,10 +106,7 @@ def add_layer_norm_quantize_blocks(a, b, weight, bias, eps, bits, symmetric, cli
         raise ValueError(f"add_layer_norm_quantize: {why}")
     if bits not in (4, 8):
         raise ValueError(f"bits={bits}: the fused add + LayerNorm + block quantize kernel takes 4 or 8")
-    if b is not None and (b.shape != a.shape or b.dtype != a.dtype):
-        raise ValueError(f"b: shape {tuple(b.shape)} {b.dtype}; expected a's {tuple(a.shape)} {a.dtype}")
-    if tuple(weight.shape) != (k,) or tuple(bias.shape) != (k,):
-        raise ValueError(f"weight / bias have shapes {tuple(weight.shape)} / {tuple(bias.shape)}; expected ({k},)")
+    check_norm_operands(a, b, weight, bias)
     clip = None if clip_lo is None else (clip_lo, clip_hi)
     return AddLayerNormBlockQuantizeLauncher(eps, bits, symmetric, clip, act_block)(
         a, b, weight.contiguous(), bias.contiguous())

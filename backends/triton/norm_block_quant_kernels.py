@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from qfx.backends.triton.block_gemm_kernels import _block_codes, _gelu_clip
-from qfx.backends.triton.rotation_quant import _row_tile
+from qfx.backends.triton.rotation_quant import _add_layer_norm_tile, _row_tile
 
 __all__ = ["add_layer_norm_block_quantize_kernel"]
 
@@ -22,19 +22,8 @@ def add_layer_norm_block_quantize_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, y_ptr, q
     of that stored y, one scale / offset per (row, block)."""
     rows, cols, colmask, rowmask, mask, offs = _row_tile(M, K, B, NB, BLOCK)
     out_t = a_ptr.dtype.element_ty
-    s = tl.load(a_ptr + offs, mask=mask, other=0.0)
-    if HAS_B:  # a + b rounded to the activation dtype, as torch's add
-        s = (s.to(tl.float32) + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(out_t)
-    s = s.to(tl.float32)
-    # the LayerNorm of the token-wise fused kernels (rotation_quant), in fp32
-    mean = tl.sum(tl.sum(s, axis=2), axis=1) / K
-    d = tl.where(mask, s - mean[:, None, None], 0.0)
-    var = tl.sum(tl.sum(d * d, axis=2), axis=1) / K
-    rstd = 1.0 / tl.sqrt(var + ln_eps)
-    w = tl.load(w_ptr + cols, mask=colmask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + cols, mask=colmask, other=0.0).to(tl.float32)
-    y = (d * rstd[:, None, None] * w[None, :, :] + bias[None, :, :]).to(out_t)
-    tl.store(y_ptr + offs, y, mask=mask)
+    # the LayerNorm of the token-wise fused kernels (rotation_quant), in fp32: one definition, the same y
+    y = _add_layer_norm_tile(a_ptr, b_ptr, w_ptr, bias_ptr, y_ptr, offs, mask, cols, colmask, K, ln_eps, HAS_B)
     # the block quantizer of qfx/numerics/ on what the graph stores (y in its dtype), one block per tile row
     v = _gelu_clip(tl.reshape(y.to(tl.float32), (BLOCK * NB, B)), out_t, False, HAS_CLIP, clip_lo, clip_hi)
     codes, scale, offset = _block_codes(v, BITS, SYMMETRIC, EPS)

@@ -33,6 +33,7 @@ import torch
 
 from qfx import numerics
 from qfx.backends.triton import HAS_TRITON
+from qfx.backends.triton.norm_rows import check_norm_operands, clip_bounds, norm_rows
 from qfx.numerics import rotation_scale
 
 __all__ = ["HAS_TRITON", "MAX_K", "rotate_quantize", "add_layer_norm_rotate_quantize", "RotateQuantizeLauncher",
@@ -94,6 +95,28 @@ if HAS_TRITON:  # module level: Triton resolves the helpers a kernel calls among
         return rows, cols, colmask, rowmask, mask, offs
 
     @triton.jit
+    def _add_layer_norm_tile(a_ptr, b_ptr, w_ptr, bias_ptr, y_ptr, offs, mask, cols, colmask, K, ln_eps,
+                             HAS_B: tl.constexpr):
+        """y = layer_norm(a + b) of a :func:`_row_tile` tile, stored at ``y_ptr`` and returned, in a's dtype:
+        ``a + b`` rounded to a's dtype (as torch's add), mean and variance in fp32 as two-level tree sums.
+        The one LayerNorm of the fused kernels (here and :mod:`qfx.backends.triton.norm_block_quant_kernels`),
+        so a row's y is the same whichever quantizer follows."""
+        out_t = a_ptr.dtype.element_ty
+        s = tl.load(a_ptr + offs, mask=mask, other=0.0)
+        if HAS_B:  # a + b rounded to the activation dtype, as torch's add
+            s = (s.to(tl.float32) + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(out_t)
+        s = s.to(tl.float32)
+        mean = tl.sum(tl.sum(s, axis=2), axis=1) / K
+        d = tl.where(mask, s - mean[:, None, None], 0.0)
+        var = tl.sum(tl.sum(d * d, axis=2), axis=1) / K
+        rstd = 1.0 / tl.sqrt(var + ln_eps)
+        w = tl.load(w_ptr + cols, mask=colmask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=colmask, other=0.0).to(tl.float32)
+        y = (d * rstd[:, None, None] * w[None, :, :] + bias[None, :, :]).to(out_t)
+        tl.store(y_ptr + offs, y, mask=mask)
+        return y
+
+    @triton.jit
     def _rint(v):
         # round half to even from floor: v - floor(v) is exact for |v| < 2^23
         t = tl.floor(v)
@@ -148,18 +171,7 @@ if HAS_TRITON:  # module level: Triton resolves the helpers a kernel calls among
                                              BLOCK: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
                                              HAS_CLIP: tl.constexpr):
         rows, cols, colmask, rowmask, mask, offs = _row_tile(M, K, B, NB, BLOCK)
-        s = tl.load(a_ptr + offs, mask=mask, other=0.0)
-        if HAS_B:  # a + b rounded to the activation dtype, as torch's add
-            s = (s.to(tl.float32) + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(a_ptr.dtype.element_ty)
-        s = s.to(tl.float32)
-        mean = tl.sum(tl.sum(s, axis=2), axis=1) / K
-        d = tl.where(mask, s - mean[:, None, None], 0.0)
-        var = tl.sum(tl.sum(d * d, axis=2), axis=1) / K
-        rstd = 1.0 / tl.sqrt(var + ln_eps)
-        w = tl.load(w_ptr + cols, mask=colmask, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + cols, mask=colmask, other=0.0).to(tl.float32)
-        y = (d * rstd[:, None, None] * w[None, :, :] + bias[None, :, :]).to(a_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs, y, mask=mask)
+        y = _add_layer_norm_tile(a_ptr, b_ptr, w_ptr, bias_ptr, y_ptr, offs, mask, cols, colmask, K, ln_eps, HAS_B)
         _rotate_then_quantize(y.to(tl.float32), mask, rowmask, s_ptr, cols, colmask, q_ptr, offs, scale_ptr, offset_ptr,
                               rows, rscale, clip_lo, clip_hi, a_ptr.dtype.element_ty, EPS, B, LOG_B, NB, BLOCK, BITS,
                               SYMMETRIC, HAS_CLIP)
@@ -203,7 +215,7 @@ class RotateQuantizeLauncher:
         self.block, self.bits, self.symmetric, self.clip = int(block), int(bits), bool(symmetric), clip
         self._consts = dict(EPS=numerics.EPS, B=self.block, LOG_B=self.block.bit_length() - 1, BITS=self.bits,
                             SYMMETRIC=self.symmetric, HAS_CLIP=clip is not None, enable_fp_fusion=False)
-        self._lo, self._hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
+        self._lo, self._hi = clip_bounds(clip)
         self._scale = rotation_scale(self.block)
 
     def __call__(self, x: torch.Tensor):
@@ -238,16 +250,13 @@ class AddLayerNormRotateQuantizeLauncher:
         self.block = int(block)
         self._consts = dict(EPS=numerics.EPS, B=self.block, LOG_B=self.block.bit_length() - 1, BITS=int(bits),
                             SYMMETRIC=bool(symmetric), HAS_CLIP=clip is not None, enable_fp_fusion=False)
-        self._lo, self._hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
+        self._lo, self._hi = clip_bounds(clip)
         self._scale = rotation_scale(self.block)
 
     def __call__(self, a, b, weight, bias):
         k = a.shape[-1]
-        fa = a.reshape(-1, k).contiguous()
-        fb = None if b is None else b.reshape(-1, k).contiguous()
+        fa, fb, y, q = norm_rows(a, b)
         m = fa.shape[0]
-        y = torch.empty_like(fa)
-        q = torch.empty(fa.shape, dtype=torch.int8, device=a.device)
         scale = torch.empty(m, dtype=torch.float32, device=a.device)
         offset = torch.empty(m, dtype=torch.float32, device=a.device)
         if m:
@@ -282,10 +291,6 @@ def add_layer_norm_rotate_quantize(a, b, weight, bias, eps: float, signs: torch.
     """``y = layer_norm(a + b)`` (``b`` may be None) in ``a.dtype`` and the codes of ``rotate(y)``,
     one kernel: (y, codes, scale, offset); see the module doc for what is exact."""
     _check(a, "a", block, bits)
-    k = a.shape[-1]
-    if b is not None and (b.shape != a.shape or b.dtype != a.dtype):
-        raise ValueError(f"b: shape {tuple(b.shape)} {b.dtype}; expected a's {tuple(a.shape)} {a.dtype}")
-    if tuple(weight.shape) != (k,) or tuple(bias.shape) != (k,):
-        raise ValueError(f"weight / bias have shapes {tuple(weight.shape)} / {tuple(bias.shape)}; expected ({k},)")
+    check_norm_operands(a, b, weight, bias)
     return AddLayerNormRotateQuantizeLauncher(eps, signs.to(a.device), block, bits, symmetric, clip)(
         a, b, weight.contiguous(), bias.contiguous())

@@ -199,15 +199,24 @@ def bind_launchers(gm: GraphModule) -> LaunchPlan:
         node.args, node.kwargs = tuple(arg(node, a) for a in _CALL_ARGS[node.target]), {}
         node.target = fn
         plan.bound[name] = backend
-    graph.eliminate_dead_code()
-    lean = GraphModule(gm, graph, class_name="QfxLaunchPlan")
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(lean, attr, getattr(gm, attr))
+    lean = module_over(gm, graph, "QfxLaunchPlan")
     plan.module = lean
     if str(gm.meta.get(META_ATTENTION, "")).startswith("key-padding bias"):
         plan.dense_module = _unmasked(lean)
     return plan
+
+
+def module_over(source: GraphModule, graph, class_name: str) -> GraphModule:
+    """``graph`` (an edited copy of ``source``'s) as a module over ``source``'s submodules,
+    parameters and buffers (shared, not copied), after dead-code elimination. ``source``'s
+    pytree specs come along: a captured graph is called with the model's keyword arguments,
+    and the specs are what flatten them to the placeholders."""
+    graph.eliminate_dead_code()
+    module = GraphModule(source, graph, class_name=class_name)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(source, attr):
+            setattr(module, attr, getattr(source, attr))
+    return module
 
 
 def _pack_all(x: torch.Tensor, _gather: torch.Tensor) -> torch.Tensor:
@@ -248,9 +257,4 @@ def _unmasked(lean: GraphModule) -> GraphModule:
         elif node.op == "call_function" and node.target is packed_attention_impl:
             node.target, node.args = _dense_attention, (*node.args[:4], None, None, None, None, *node.args[8:9], None,
                                                          *node.args[10:])
-    graph.eliminate_dead_code()
-    dense = GraphModule(lean, graph, class_name="QfxLaunchPlanDense")
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(lean, attr):
-            setattr(dense, attr, getattr(lean, attr))
-    return dense
+    return module_over(lean, graph, "QfxLaunchPlanDense")

@@ -57,6 +57,7 @@ except ImportError:  # torch runs without numpy: the router counts with torch op
 from qfx.ops import gather_tokens, scatter_tokens
 from qfx.passes.attention import PACKED_ATTENTION, packed_attention_impl
 from qfx.runtime.buckets import DimRoles
+from qfx.runtime.launch_plan import module_over
 from qfx.schema import PACK_TOKENS, REPAD_TOKENS, TOKEN_INDEX, ancestors, is_call
 
 __all__ = ["AUTO_DEVICES", "resolve_remove_padding", "Route", "PaddingRouter", "padded_twin", "packed_forward",
@@ -236,12 +237,7 @@ def padded_twin(lean: GraphModule) -> GraphModule:
             a = node.args
             node.target, node.args = _padded_attention, (a[0], a[1], a[2], a[3], a[8], a[9] if len(a) > 9 else None,
                                                          a[10] if len(a) > 10 else None)
-    graph.eliminate_dead_code()
-    twin = GraphModule(lean, graph, class_name="QfxLaunchPlanPadded")
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(lean, attr):
-            setattr(twin, attr, getattr(lean, attr))
-    return twin
+    return module_over(lean, graph, "QfxLaunchPlanPadded")
 
 
 # -- per call ------------------------------------------------------------------------------------
