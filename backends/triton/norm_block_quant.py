@@ -35,7 +35,7 @@ from qfx import numerics
 from qfx.backends.triton import HAS_TRITON
 from qfx.backends.triton.norm_rows import check_norm_operands, clip_bounds, norm_rows
 
-__all__ = ["HAS_TRITON", "MAX_K", "fits", "add_layer_norm_quantize_blocks", "AddLayerNormBlockQuantizeLauncher",
+__all__ = ["HAS_TRITON", "MAX_K", "fits", "row_fits", "add_layer_norm_quantize_blocks", "AddLayerNormBlockQuantizeLauncher",
            "register"]
 
 NAME = "triton"
@@ -55,11 +55,17 @@ def _tile(k: int, block: int) -> tuple[int, int]:
 
 
 def fits(k: int, dtype: torch.dtype, block: int) -> tuple[bool, str]:
-    """Whether the kernel takes rows of ``k`` ``dtype`` values quantized in blocks of ``block``;
-    ``(False, why)`` names what does not fit."""
+    """Whether the kernel takes rows of ``k`` ``dtype`` values quantized in blocks of ``block`` here:
+    Triton is importable and :func:`row_fits`; ``(False, why)`` names what does not fit."""
     if not HAS_TRITON:
         return False, ("act_block: the fused add + LayerNorm + block quantize kernel needs Triton (it comes with CUDA "
                        "builds of torch); LayerNorm and quantize run apart")
+    return row_fits(k, dtype, block)
+
+
+def row_fits(k: int, dtype: torch.dtype, block: int) -> tuple[bool, str]:
+    """The kernel's row rule alone, whatever is installed here: what a planner asks for a GPU it is
+    not running on (qfx.tune.parts; the target's CUDA build of torch ships Triton)."""
     if dtype not in _FLOAT_DTYPES:
         return False, f"dtype {dtype}: the fused add + LayerNorm + block quantize kernel reads fp16, bf16 or fp32"
     if block < 16 or block & (block - 1) or k % block:

@@ -114,7 +114,8 @@ def _modelled_candidates(target: Target, spec: PartSpec, m: int, fused_quantize:
     for prec in allowed_precisions(spec.trained):
         gemms = spec.fp16_gemms if prec == "fp16" else 1
         est = cost_model.part_time(target, spec.part, m, spec.n // gemms, spec.k, prec, gelu=spec.has_gelu,
-                                   fused_quantize=fused_quantize or spec.quantize_in_norm, fused_epilogue=fused_epilogue)
+                                   fused_quantize=fused_quantize or spec.quantize_in_norm, fused_epilogue=fused_epilogue,
+                                   act_block=spec.act_block, symmetric=spec.symmetric)
         kernel = est.gemm.kernel + (f" x{gemms}" if gemms > 1 else "")
         if prec == "int4" and target.mma_operand(4, 4) == "s8":
             kernel += " (int4 codes on INT8 tensor cores)"
@@ -196,8 +197,22 @@ def _latency(target: Target, shape: ModelShape | None, batch: int, seq: int, cho
     gemm_total = sum(c.us for c in choices)
     if shape is None or not target.is_gpu:
         return gemm_total
-    float_only, parts = cost_model.model_latency(target, shape, batch, seq, "fp16")
+    # the float parts are priced in the parts' own activation form (one block and scheme per model:
+    # QuantConfig's), so the accounting stays model_latency's if it ever charges the block there
+    act_block, symmetric = _activation_form([c.spec for c in choices])
+    float_only, parts = cost_model.model_latency(target, shape, batch, seq, "fp16", act_block=act_block,
+                                                 symmetric=symmetric)
     return gemm_total + float_only - shape.layers * sum(p.us for p in parts)
+
+
+def _activation_form(specs: Sequence[PartSpec]) -> tuple[int | None, bool]:
+    """The integer parts' ``(act_block, symmetric)``: token-wise and symmetric when none is integer;
+    a model quantizes every part one way (one QuantConfig), so more than one form is refused."""
+    forms = {(s.act_block, s.symmetric) for s in specs if s.trained != "fp16"}
+    if len(forms) > 1:
+        raise ValueError(f"parts: the integer parts mix activation forms {sorted(forms, key=repr)} "
+                         "((act_block, symmetric)); plan a model quantized one way (one QuantConfig)")
+    return forms.pop() if forms else (None, True)
 
 
 def autotune(
@@ -215,6 +230,8 @@ def autotune(
     progress: bool = True,
     fused_quantize: bool = False,
     fused_epilogue: bool | None = None,
+    act_block: int | None = None,
+    symmetric: bool = True,
 ) -> Plan:
     """Choose precision and kernel per layer part for ``target`` and ``scenario``.
 
@@ -237,6 +254,9 @@ def autotune(
             as in the paper's pipeline, instead of qfx's separate quantize kernel of today.
         fused_epilogue: (modelled plans) None: the backend of today (fused on sm_90, int32
             output + a dequant kernel on sm_80/86/89); True: the dequant fused everywhere.
+        act_block, symmetric: with ``shape``, the integer parts' activations (a model trained with
+            ``QuantConfig(act_block=B, symmetric=...)``); ``parts`` carry their own. A block-scaled
+            plan is modelled (the launchers time token-wise kernels) and its origin says so.
 
     Returns:
         a :class:`Plan` whose ``source`` is ``"measured"`` or ``"modelled"``.
@@ -246,13 +266,20 @@ def autotune(
         raise ValueError("autotune needs shape (a ModelShape) or parts (a list of PartSpec)")
     if shape is not None:
         scenario.check(shape)
-    specs = list(parts) if parts is not None else part_specs(shape, trained)
+    if parts is not None and (act_block is not None or not symmetric):
+        raise ValueError("autotune(act_block=..., symmetric=...) with parts=...: the parts carry their own "
+                         "(PartSpec.act_block / .symmetric, read from the graph); drop those arguments")
+    specs = list(parts) if parts is not None else part_specs(shape, trained, act_block, symmetric)
     for s in specs:
         allowed_precisions(s.trained)
+    block, _ = _activation_form(specs)
     present = _present_family()
-    if measure is None:
-        measure = target.is_gpu and present is not None and present == target.family
+    if measure is None:  # the launchers time token-wise kernels: a block-scaled plan is modelled, and says so
+        measure = target.is_gpu and present is not None and present == target.family and block is None
     if measure:
+        if block is not None:
+            raise ValueError(f"measure=True with block-scaled parts (act_block={block}): the tuner's launchers time "
+                             "token-wise kernels only; use measure=False (or None) for a modelled plan")
         if not target.is_gpu:
             raise ValueError(f"target={target.name!r}: only GPU targets are measured; use measure=False")
         if present != target.family:
@@ -278,7 +305,9 @@ def autotune(
         origin = f"measured on {gpu} (GEMM + quantize/epilogue kernels); float parts modelled"
     else:
         origin = (f"modelled for {target.name} ({target.gpu}), not measured: roofline from published peaks and "
-                  f"bandwidth" + (f"; trust: {evidence.trust_statement(target)}" if target.is_gpu else ""))
+                  f"bandwidth" + (f"; block-scaled activations (act_block={block}): per-block promotion at assumed "
+                                  f"CUDA-core rates (cost_model.SM_RATES), not calibrated" if block is not None else "")
+                  + (f"; trust: {evidence.trust_statement(target)}" if target.is_gpu else ""))
 
     unique = sorted({dataclasses.replace(s, layer=None) for s in specs}, key=repr)  # one timing per GEMM kind
     bar = None

@@ -3,10 +3,13 @@
     python -m qfx plan --model bert-base --target sm_86 --batch 32 --seq 128
     python -m qfx plan --model path/to/config.json --target sm_90 --buckets 1x128,32x384 --mode int8
     python -m qfx plan --model bert-large --target sm_86 --batch 32 --seq 384 --fused-quantize --fused-epilogue
+    python -m qfx plan --model bert-base --target sm_90 --batch 128 --seq 128 --mode int8 --act-block 128
 
 ``--model``: ``bert-base``, ``bert-large``, ``minilm`` or a HF ``config.json``. Without a GPU of
 the target's kernel family the plan is modelled (:mod:`qfx.tune.cost_model`) and says so;
 ``--measure`` times the candidates on the GPU present instead (it must be of the target's family).
+``--act-block B``: the model was trained with block-scaled activations (``QuantConfig(act_block=B)``);
+its integer parts are priced as the block kernels, always modelled (the tuner times token-wise kernels).
 
 Example::
 
@@ -25,6 +28,7 @@ from qfx.targets import get_target
 from qfx.tune.autotune import Scenario, autotune
 from qfx.tune.cost_model import MODEL_SHAPES, ModelShape
 from qfx.tune.evidence import trust_statement
+from qfx.tune.parts import check_act_block
 from qfx.tune.plan_report import render_plan
 
 __all__ = ["plan_main", "load_model_shape"]
@@ -57,6 +61,19 @@ def _buckets(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _act_block(text: str | None, shape: ModelShape) -> int | None:
+    """``--act-block``: a whole number >= 2 dividing every K of the model (QuantConfig's rule)."""
+    if text is None:
+        return None
+    try:
+        block = int(text)
+    except ValueError:
+        raise ValueError(f"--act-block {text!r}: give the block size as a whole number dividing every K of the "
+                         "model, e.g. --act-block 128; leave it out for token-wise activations") from None
+    check_act_block(block, [k for _, _, k in shape.parts()], where="--act-block")
+    return block
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m qfx plan", description="Per-layer-part precision/kernel plan for a target.",
@@ -71,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", default=None, help="several scenarios instead of --batch/--seq: 1x128,32x384")
     p.add_argument("--mode", default="int4", choices=("int4", "int8"), help="the precision the model was trained for")
     p.add_argument("--measure", action="store_true", help="time on the GPU present (must be of the target's family)")
+    p.add_argument("--act-block", default=None, metavar="B",
+                   help="block-scaled activations, one scale per token per B input channels (QuantConfig(act_block=B)); "
+                        "B divides every K, e.g. 128; modelled only")
     p.add_argument("--fused-quantize", action="store_true", help="model the quantize folded into LayerNorm/GELU (the paper)")
     p.add_argument("--fused-epilogue", action="store_true", help="model the dequant fused into every integer GEMM")
     p.add_argument("--per-layer", action="store_true", help="one row per layer instead of merging equal layers")
@@ -90,8 +110,13 @@ def plan_main(argv: list[str] | None = None) -> int:
                 batch=args.batch, seq=args.seq, buckets=_buckets(args.buckets))
         else:
             scenario = Scenario.of(batch=args.batch, seq=args.seq)
+        act_block = _act_block(args.act_block, shape)
+        if act_block is not None and args.measure:
+            raise ValueError(f"--measure with --act-block {act_block}: the tuner times token-wise kernels only; "
+                             "drop --measure for the modelled block-scaled plan")
         plan = autotune(shape, target, scenario, args.mode, measure=True if args.measure else False,
-                        fused_quantize=args.fused_quantize, fused_epilogue=True if args.fused_epilogue else None)
+                        fused_quantize=args.fused_quantize, fused_epilogue=True if args.fused_epilogue else None,
+                        act_block=act_block)
     except ValueError as e:
         print(f"qfx plan: {e}", file=sys.stderr)
         return 2

@@ -3,8 +3,11 @@
 A *layer part* is one GEMM of an encoder layer as the compiled graph runs it (``qkv``,
 ``attn_out``, ``ffn_in``, ``ffn_out``; :class:`PartSpec`), with the work the later passes fold
 around it: the input quantize in the LayerNorm before it (``fuse_add_layer_norm_quantize``, asked
-of the kernel's own row rule in :mod:`qfx.backends.cutlass.launch`) and the GELU in the quantize
-(``fuse_gelu_quantize``, recognised by graph structure). :func:`layer_parts` reads them from an
+of the kernel's own row rule: :mod:`qfx.backends.cutlass.launch` token-wise,
+:mod:`qfx.backends.triton.norm_block_quant` block-scaled) and the GELU in the quantize
+(``fuse_gelu_quantize``, recognised by graph structure). A part of a ``QuantConfig(act_block=B)``
+model carries its block (and its activation scheme), so the cost model prices the block-scaled
+kernels and quantizes (:func:`qfx.tune.cost_model.part_time`). :func:`layer_parts` reads them from an
 annotated graph, :func:`part_specs` from a :class:`qfx.tune.cost_model.ModelShape`.
 
 Example::
@@ -20,14 +23,15 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.backends.cutlass.launch import add_layer_norm_row_fits
+from qfx.backends.cutlass.launch import ADD_LN_DTYPES, add_layer_norm_row_fits
+from qfx.backends.triton.norm_block_quant import row_fits as block_norm_row_fits
 from qfx.schema import INTEGER_LINEAR_OPS, LINEAR_OPS, META_LINEAR, QuantSpec, is_call, linear_nodes
 from qfx.targets import Target
 from qfx.tune.cost_model import ModelShape
 
 __all__ = [
     "PRECISIONS", "TUNED_ROLES", "allowed_precisions", "trained_precision", "Scenario", "PartSpec",
-    "part_specs", "part_specs_from_graph", "LayerPart", "layer_parts", "layer_count",
+    "part_specs", "part_specs_from_graph", "check_act_block", "LayerPart", "layer_parts", "layer_count",
 ]
 
 #: the layer parts the tuner chooses a precision for
@@ -120,16 +124,31 @@ class PartSpec:
     gelu: bool | None = None
     #: the input quantize also applies the GELU of the part before (fuse_gelu_quantize)
     quantize_gelu: bool = False
+    #: block-scaled activations (``QuantConfig(act_block=B)``): one scale (and offset) per token per
+    #: block of this many input channels; None: token-wise. Integer candidates are priced as the
+    #: block kernels (per-block promotion, block scales); the fp16 one is the same either way
+    act_block: int | None = None
+    #: the activation scheme: asymmetric codes add an offset term per block to the promotion
+    symmetric: bool = True
 
     @property
     def has_gelu(self) -> bool:
         return self.part == "ffn_in" if self.gelu is None else self.gelu
 
 
+def _blocks(spec: QuantSpec | None) -> dict[str, Any]:
+    """A :class:`PartSpec`'s ``act_block`` and ``symmetric`` from a linear's spec (token-wise and
+    symmetric, the cost model's defaults, when the linear is float or weight-only)."""
+    if spec is None or not spec.quantizes_activations:
+        return {}
+    return {"act_block": getattr(spec, "act_block", None), "symmetric": spec.symmetric}
+
+
 def part_specs_from_graph(gm) -> list[PartSpec]:
     """The GEMMs of a lowered (L4) or planned (L5) qfx graph, from each linear's ``LinearInfo``:
-    integer linears keep their trained precision (W4A4 -> ``"int4"``, W8A8 / W4A8 -> ``"int8"``);
-    float and weight-only linears of the four roles are ``"fp16"`` (no integer candidate).
+    integer linears keep their trained precision (W4A4 -> ``"int4"``, W8A8 / W4A8 -> ``"int8"``),
+    activation block and scheme; float and weight-only linears of the four roles are ``"fp16"``
+    (no integer candidate).
 
     Example::
 
@@ -143,18 +162,42 @@ def part_specs_from_graph(gm) -> list[PartSpec]:
             continue
         if info.role not in TUNED_ROLES:
             continue
-        trained = trained_precision(info.spec if is_call(node, INTEGER_LINEAR_OPS) else None)
+        spec = info.spec if is_call(node, INTEGER_LINEAR_OPS) else None
         part = info.role  # unfused q, k, v: three "qkv" GEMMs of N = h each
-        out.append(PartSpec(info.layer, part, info.out_features, info.in_features, trained))
+        out.append(PartSpec(info.layer, part, info.out_features, info.in_features, trained_precision(spec),
+                            **_blocks(spec)))
     return out
 
 
-def part_specs(shape: ModelShape, trained: str | dict[str, str]) -> list[PartSpec]:
+def check_act_block(act_block: Any, ks: Iterable[int], where: str = "act_block") -> None:
+    """Refuse a block the model's quantized linears cannot take (``QuantConfig``'s rule: a
+    positive int, here >= 2, dividing every quantized linear's K); ``where`` names the parameter."""
+    if act_block is None:
+        return
+    if isinstance(act_block, bool) or not isinstance(act_block, int) or act_block < 2:
+        raise ValueError(f"{where}={act_block!r}: use a block size such as 128 (an int >= 2 dividing every quantized "
+                         "linear's input dimension K), or leave it out for token-wise activations")
+    bad = sorted({k for k in ks if k % act_block})
+    if bad:
+        raise ValueError(f"{where}={act_block} does not divide K={bad} of the model's GEMMs; use a block that divides "
+                         f"every K (e.g. one dividing {min(bad)})")
+
+
+def part_specs(shape: ModelShape, trained: str | dict[str, str], act_block: int | None = None,
+               symmetric: bool = True) -> list[PartSpec]:
     """Every GEMM of ``shape``'s layers, q/k/v as one (fuse_qkv). ``trained``: one precision
-    or ``{part: precision}`` (parts absent stay fp16)."""
+    or ``{part: precision}`` (parts absent stay fp16). ``act_block`` / ``symmetric``: the
+    activations of the integer parts (a model trained with ``QuantConfig(act_block=B)``); the
+    block must divide every K."""
+    check_act_block(act_block, [k for _, _, k in shape.parts()])
     per_part = {p: trained for p, _, _ in shape.parts()} if isinstance(trained, str) else dict(trained)
-    return [PartSpec(layer, part, n, k, per_part.get(part, "fp16"))
-            for layer in range(shape.layers) for part, n, k in shape.parts()]
+    out = []
+    for layer in range(shape.layers):
+        for part, n, k in shape.parts():
+            prec = per_part.get(part, "fp16")
+            blocks = {} if prec == "fp16" else {"act_block": act_block, "symmetric": symmetric}
+            out.append(PartSpec(layer, part, n, k, prec, **blocks))
+    return out
 
 
 aten = torch.ops.aten
@@ -180,12 +223,19 @@ def _through(node: Any) -> Any:
     return node
 
 
-def _quantize_in_norm(lin: Node, k: int, target: Target, float_dtype: torch.dtype) -> bool:
+def _quantize_in_norm(lin: Node, k: int, target: Target, float_dtype: torch.dtype, spec: QuantSpec) -> bool:
     """Whether ``fuse_add_layer_norm_quantize`` will fold this linear's input quantize into the
     LayerNorm that produces its input (GPU, fp16 / bf16 float parts, a row the kernel takes)."""
     if not target.is_gpu or not is_call(_through(lin.args[0]), aten.layer_norm.default):
         return False
-    return add_layer_norm_row_fits(k, float_dtype)[0]  # the kernel's own rule (dtype, row length)
+    block = getattr(spec, "act_block", None)
+    if block is None:
+        return add_layer_norm_row_fits(k, float_dtype)[0]  # the kernel's own rule (dtype, row length)
+    # block-scaled: the Triton kernel's row rule, not its fits(), which also asks whether Triton is
+    # installed *here* (the plan is for the target, whose CUDA torch ships it); the pass fuses only
+    # with fp16 / bf16 float parts and never a rotated block quantize (no such fused kernel)
+    return (float_dtype in ADD_LN_DTYPES and spec.rotation is None
+            and block_norm_row_fits(k, float_dtype, block)[0])
 
 
 def _quantize_takes_gelu(lin: Node) -> bool:
@@ -214,16 +264,16 @@ def layer_parts(gm: GraphModule, target: Target, float_dtype: torch.dtype = torc
     out = []
     for (layer, role), nodes in groups.items():
         infos = [n.meta[META_LINEAR] for n in nodes]
-        specs = {(i.spec.weight_bits, i.spec.act_bits) if i.spec is not None and i.spec.quantizes_activations else None
-                 for i in infos}
+        specs = {(i.spec.weight_bits, i.spec.act_bits, getattr(i.spec, "act_block", None), i.spec.symmetric)
+                 if i.spec is not None and i.spec.quantizes_activations else None for i in infos}
         ks = {i.in_features for i in infos}
         if None in specs or len(specs) != 1 or len(ks) != 1:
             continue
-        trained = trained_precision(infos[0].spec)  # one (w_bits, a_bits) for the whole part
+        first = infos[0].spec  # one (w_bits, a_bits, act_block, symmetric) for the whole part
         k = ks.pop()
-        spec = PartSpec(layer, role, sum(i.out_features for i in infos), k, trained, fp16_gemms=len(infos),
-                        quantize_in_norm=_quantize_in_norm(nodes[0], k, target, float_dtype),
-                        quantize_gelu=role == "ffn_out" and _quantize_takes_gelu(nodes[0]))
+        spec = PartSpec(layer, role, sum(i.out_features for i in infos), k, trained_precision(first),
+                        fp16_gemms=len(infos), quantize_in_norm=_quantize_in_norm(nodes[0], k, target, float_dtype, first),
+                        quantize_gelu=role == "ffn_out" and _quantize_takes_gelu(nodes[0]), **_blocks(first))
         out.append(LayerPart(layer, role, tuple(i.name for i in infos), spec))
     return out
 
