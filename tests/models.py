@@ -116,3 +116,32 @@ def inputs(batch: int, seq: int, seed: int = 0, pad: bool = True) -> dict[str, t
 
 def first_tensor(out) -> torch.Tensor:
     return out[0] if not isinstance(out, torch.Tensor) else out
+
+
+#: the tiny sentence-transformers folders' vocabulary (tests/e2e/test_embeddings.py, test_throughput.py)
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def write_st_folder(path, hidden=32, layers=2):
+    """A random-init BERT + WordPiece tokenizer + pooling/normalize configs in ``path``."""
+    import json
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(0)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=4 * hidden, max_position_embeddings=64)
+    BertModel(cfg).eval().save_pretrained(path)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
+    return path

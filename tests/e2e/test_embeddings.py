@@ -14,40 +14,17 @@ import pytest
 import torch
 
 import qfx
+from models import WORDS, write_st_folder
 from qfx.embeddings import metrics
 from qfx.embeddings.kd import DistillConfig, EmbeddingKDWeights, distill, embedding_kd_loss
 
-WORDS = [f"w{i}" for i in range(90)]
 TEXTS = [" ".join(WORDS[(7 * i + j * 3) % 90] for j in range(3 + i % 6)) for i in range(24)]
-
-
-def _write_st_folder(path, hidden=32, layers=2):
-    """A random-init BERT + WordPiece tokenizer + pooling/normalize configs in ``path``."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    torch.manual_seed(0)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=4 * hidden, max_position_embeddings=64)
-    BertModel(cfg).eval().save_pretrained(path)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]
-    (path / "modules.json").write_text(json.dumps(modules))
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True}))
-    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
-    return path
 
 
 @pytest.fixture(scope="module")
 def st_dir(tmp_path_factory):
     pytest.importorskip("sentence_transformers")
-    return _write_st_folder(tmp_path_factory.mktemp("tiny_st"))
+    return write_st_folder(tmp_path_factory.mktemp("tiny_st"))
 
 
 @pytest.fixture(scope="module")

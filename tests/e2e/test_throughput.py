@@ -36,10 +36,10 @@ def test_token_budget_batches_cover_every_index_once_within_the_budget():
 @pytest.fixture(scope="module")
 def compiled_st(tmp_path_factory):
     pytest.importorskip("sentence_transformers")
-    from e2e.test_embeddings import _write_st_folder
+    from models import write_st_folder
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(str(_write_st_folder(tmp_path_factory.mktemp("tiny_st_tp"))), device="cpu")
+    st = SentenceTransformer(str(write_st_folder(tmp_path_factory.mktemp("tiny_st_tp"))), device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
         return qfx.compile(st, mode="int8", target="cpu")
