@@ -28,6 +28,7 @@ optimizer state is deleted); the run prints the checkpoint folder's size at the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -87,6 +88,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-reference", action="store_true", help="on a GPU, also score each QAT student compiled for the CPU reference")
     p.add_argument("--student-lr", type=float, default=None)
     p.add_argument("--only", default=None, help=f"comma list of phases to run (teacher always runs): {','.join(PHASES)}")
+    p.add_argument("--act-block", type=int, default=None, metavar="B",
+                   help="block-scaled activations for every student: one scale (and offset) per token per block of B "
+                        "input channels (QuantConfig(act_block=B), issue 23; default: token-wise, the paper's setting)")
     p.add_argument("--tag", default="", help="appended to every student's name (e.g. ' 9ep'), to tell runs apart in summarize_runs.py")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--precision", default="fp32", choices=tuple(qat.PRECISIONS),
@@ -316,6 +320,8 @@ def main(argv=None) -> dict:
     ]
     for key, name, config, kw in students:
         if key in only:
+            if args.act_block:  # QuantConfig validates the block; prepare_qat checks it divides every K
+                config, name = dataclasses.replace(config, act_block=args.act_block), f"{name} ablk{args.act_block}"
             _student(args, budget, name + args.tag, teacher, t_graph, enc, target, example, results, config, **kw)
     results["wall_s"] = time.perf_counter() - t_start
     if qat.world()[0] == 0:
