@@ -33,7 +33,16 @@ def _promoted_accumulator(a_ptr, w_ptr, sa_ptr, ca_ptr, sw_ptr, bs_ptr, M, N, K,
             acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        t = acc.to(tl.float32) * tl.load(sa_ptr + ra * J + j)[:, None]
+        if BLOCK_K * SUB <= 256:
+            # |acc| <= 256 * 128 * 127 < 2^22: the float of acc is exactly the fp32 whose bits are
+            # acc + bits(1.5 * 2^23), less 1.5 * 2^23 (an integer add and an fp32 subtract, both
+            # full-rate on the CUDA cores, where the int32 -> fp32 conversion instruction runs at
+            # a quarter of the fp32 rate or less; the promotion of every K block is the block
+            # kernel's CUDA-core work)
+            acc_f = (acc + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            acc_f = acc.to(tl.float32)
+        t = acc_f * tl.load(sa_ptr + ra * J + j)[:, None]
         if HAS_OFFSET:
             t = t + tl.load(ca_ptr + ra * J + j)[:, None] * tl.load(bs_ptr + rw * J + j)[None, :]
         if GROUPED:

@@ -151,13 +151,14 @@ def fit_for(target: Target, kind: str) -> KernelFit:
 
 
 #: Block-scaled activations (``QuantConfig(act_block=B)``, backends/cutlass/EPILOGUES.md), modelled, not yet
-#: measured: each K block's int32 accumulator is promoted on the CUDA cores (a conversion, then
-#: :func:`promotion_ops` fp32 operations per output element and block, no fma) by the warps that issue the
-#: MMAs (the Triton kernel: no overlap assumed). Per SM and clock: dense INT8 tensor-core ops (architecture
-#: whitepapers), fp32 add / mul results, int32 -> fp32 conversions (CUDA C Programming Guide, "all other type
-#: conversions": assumed, calibrate with benchmarks/gemm.py --block); the clock is the INT8 peak over the first.
+#: measured: each K block's int32 accumulator is promoted on the CUDA cores (the exact conversion of the
+#: Triton kernel, an int32 add and an fp32 subtract, then :func:`promotion_ops` fp32 operations per output
+#: element and block, no fma) by the warps that issue the MMAs (no overlap assumed). Per SM and clock: dense
+#: INT8 tensor-core ops (architecture whitepapers), fp32 add / mul results, int32 add results (CUDA C
+#: Programming Guide's throughput table: assumed, calibrate with benchmarks/gemm.py --block); the clock is
+#: the INT8 peak over the first.
 SM_RATES: dict[str, tuple[int, int, int]] = {
-    "sm_80": (4096, 64, 16), "sm_86": (2048, 128, 16), "sm_89": (2048, 128, 16), "sm_90": (8192, 128, 16),
+    "sm_80": (4096, 64, 64), "sm_86": (2048, 128, 64), "sm_89": (2048, 128, 64), "sm_90": (8192, 128, 64),
 }
 
 
@@ -171,9 +172,9 @@ def promotion_us(target: Target, elements_blocks: float, symmetric: bool = True)
     """CUDA-core time of one SM promoting ``elements_blocks`` (output elements x K blocks), microseconds."""
     if target.name not in SM_RATES:
         raise ValueError(f"target {target.name}: the cost model has no CUDA-core rates for block-scaled activations")
-    int8_clk, fp32_clk, convert_clk = SM_RATES[target.name]
+    int8_clk, fp32_clk, int_add_clk = SM_RATES[target.name]
     clocks_per_us = target.peak_for("int8") * 1e6 / (target.sm_count * int8_clk)
-    return elements_blocks * (1 / convert_clk + promotion_ops(symmetric) / fp32_clk) / clocks_per_us
+    return elements_blocks * (1 / int_add_clk + (1 + promotion_ops(symmetric)) / fp32_clk) / clocks_per_us
 
 
 def codes_bytes(target: Target, bits: int) -> float:

@@ -192,6 +192,7 @@ def test_block_gemm_compiles_for_sm90_to_pipelined_int8_wgmma_without_fma():
     ptx = compiled.asm["ptx"]
     assert ".s32.s8.s8" in ptx and "wgmma.mma_async" in ptx
     assert "fma.rn.f32" not in ptx and "mul.rn.f32" in ptx and "add.rn.f32" in ptx
+    assert "cvt.rn.f32.s32" not in ptx  # each K block's int32 sum: the exact integer add + fp32 subtract
     assert compiled.metadata.shared >= cfg.stages * (cfg.block_m + cfg.block_n) * 128
 
 

@@ -11,9 +11,10 @@ import pytest
 from qfx.targets import get_target
 from qfx.tune import cost_model as cm
 
-#: (int8 tensor-core ops, fp32 add / mul results, int32 -> fp32 conversions) per SM per clock on the H100
-#: (4 tensor cores x 2048 dense int8 ops; 128 fp32 lanes; conversions at 16), and on the RTX A6000 (GA102)
-H100_RATES, A6000_RATES = (8192, 128, 16), (2048, 128, 16)
+#: (int8 tensor-core ops, fp32 add / mul results, int32 adds) per SM per clock on the H100 (4 tensor cores x
+#: 2048 dense int8 ops; 128 fp32 lanes; 64 int32 adds), and on the RTX A6000 (GA102); the promotion converts
+#: each int32 block sum exactly by an int32 add and an fp32 subtract (backends/triton/block_gemm_kernels.py)
+H100_RATES, A6000_RATES = (8192, 128, 64), (2048, 128, 64)
 
 
 def _ffn_bytes(parts) -> float:
@@ -69,11 +70,11 @@ def test_block_gemm_promotion_and_scales_follow_the_formula(symmetric):
     token = cm.gemm_time(t, m, n, k, "int8", tiles=[tile])
     blocks = cm.gemm_time(t, m, n, k, "int8", tiles=[tile], act_block=block, symmetric=symmetric)
     waves = math.ceil(math.ceil(m / 128) * math.ceil(n / 128) / t.sm_count)
-    int8_clk, fp32_clk, convert_clk = H100_RATES
+    int8_clk, fp32_clk, int_add_clk = H100_RATES
     clocks_per_us = 1978.9e6 / (132 * int8_clk)  # the H100's INT8 peak over its SMs' int8 ops per clock: ~1.83 GHz
     assert 1800 < clocks_per_us < 1850
     ops = 2 if symmetric else 4  # scale and accumulate; + the offset term (multiply, add)
-    per_tile = 128 * 128 * (k / block) * (1 / convert_clk + ops / fp32_clk) / clocks_per_us
+    per_tile = 128 * 128 * (k / block) * (1 / int_add_clk + (1 + ops) / fp32_clk) / clocks_per_us
     assert math.isclose(blocks.compute_us - token.compute_us, waves * per_tile, rel_tol=1e-9)
     assert math.isclose(blocks.bytes_moved - token.bytes_moved, _scale_bytes(m, n, k, block, symmetric), rel_tol=1e-12)
     assert blocks.us > token.us and blocks.kernel == "triton block s8 (act_block=128)"
@@ -90,12 +91,12 @@ def test_ampere_block_gemm_runs_int4_natively_with_its_epilogue_fused():
     assert est.kernel == "triton block s4 (act_block=128)"
     assert math.isclose(est.bytes_moved, 0.5 * (m * k + n * k) + 2 * m * n + _scale_bytes(m, n, k, 128, False),
                         rel_tol=1e-12)
-    int8_clk, fp32_clk, convert_clk = A6000_RATES
+    int8_clk, fp32_clk, int_add_clk = A6000_RATES
     clocks_per_us = 309.7e6 / (84 * int8_clk)
     waves = math.ceil(32 * 8 / 84)
     mma = waves * (2 * 128 * 128 * k / (0.725 * 619.3e6 / 84))
     overhead = waves * 1.142 * (2 * 128**3 / (309.7e6 / 84))
-    promote = waves * 128 * 128 * (k / 128) * (1 / convert_clk + 4 / fp32_clk) / clocks_per_us
+    promote = waves * 128 * 128 * (k / 128) * (1 / int_add_clk + (1 + 4) / fp32_clk) / clocks_per_us
     assert math.isclose(est.compute_us, mma + overhead + promote, rel_tol=1e-9)
     part = cm.part_time(t, "ffn_out", m, n, k, "int4", act_block=128)
     assert part.epilogue_us == 0 and cm.part_time(t, "ffn_out", m, n, k, "int4").epilogue_us > 0
