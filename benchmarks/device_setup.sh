@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a bare GPU machine with no network (the lent H100/H200): install qfx from this checkout and
 # build the native library for sm_90a (+ compute_80 PTX for Ampere exactness checks) with 16 jobs.
-# Needs the nvidia-cutlass wheel (headers) in .whl/ (see benchmarks/README.md); a prebuilt
+# Needs the nvidia-cutlass wheel (headers) in .whl/ (`pip download --no-deps --only-binary=:all: --python-version 3.12
+# -d .whl nvidia-cutlass==4.2.0.0` on a machine with network); a prebuilt
 # backends/cutlass/libqfx_cutlass.so.xz (carried) is unpacked instead of building when present
 # and QFX_REBUILD is not 1.
 #   source benchmarks/device_setup.sh
