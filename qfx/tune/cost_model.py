@@ -7,19 +7,17 @@ time (an ``alpha``-norm: ``alpha = 1`` adds them, ``alpha -> inf`` is the pure r
     T_c = waves * (2 * tm * tn * K / (eff_c * peak / SMs) + tile_overhead)      (GEMMs)
     T_m = bytes / (eff_m * bandwidth)
 
-A GEMM (M x N x K) is cut into ``tm x tn`` output tiles, one per SM per wave, ``waves =
-ceil(tiles / SMs)``: wave quantisation is why a small M wastes most of a big GPU. The model
-takes the fastest tile of its family's set (:data:`TILES_BY_FAMILY`); it does not choose among the backend's configs (the
-per-tile cost is proportional to the tile's area, so the smallest tile always wins the wave
-count) and names the kernel only by family and operand (``"cutlass sm80 s4"``).
-``tile_overhead`` (pipeline fill, epilogue, tile switch) is counted in 128x128x128 INT8 MMA
-steps of the target GPU's own SM, per 128x128 of output, and fitted per family (:data:`FIT`).
-Bytes: A (M x K) and W (N x K) at the operand width (fp16 2, int8 1, int4 0.5 bytes) plus the
-output (fp16 2 bytes; int32 4 bytes for the sm80 family, whose epilogue is a separate kernel
-today — backends/cutlass/__init__.py).
+A GEMM (M x N x K) is cut into ``tm x tn`` output tiles, one per SM per wave, ``waves = ceil(tiles / SMs)``: wave
+quantisation is why a small M wastes most of a big GPU. The model takes the fastest tile of its family's set
+(:data:`TILES_BY_FAMILY`); it does not choose among the backend's configs (the per-tile cost is proportional to the
+tile's area, so the smallest tile always wins the wave count) and names the kernel only by family and operand
+(``"cutlass sm80 s4"``). ``tile_overhead`` (pipeline fill, epilogue, tile switch) is counted in 128x128x128 INT8 MMA
+steps of the target GPU's own SM, per 128x128 of output, and fitted per family (:data:`FIT`). Bytes: A (M x K) and W
+(N x K) at the operand width (fp16 2, int8 1, int4 0.5 bytes) plus the output (fp16 2 bytes; int32 4 bytes for the
+sm80 family, whose epilogue is a separate kernel today — backends/cutlass/__init__.py).
 
-The peaks, bandwidth and SM count come from :mod:`qfx.targets` (vendor data sheets); only the
-efficiency factors in :data:`FIT` are fitted. Hopper's ("sm90a") on the H100 measurements of the repository
+The peaks, bandwidth and SM count come from :mod:`qfx.targets` (vendor data sheets); only the efficiency factors in
+:data:`FIT` are fitted. Hopper's ("sm90a") on the H100 measurements of the repository
 (``qfx/tune/data/h100_gemm.json``, transcribed from benchmarks/RESULTS.md and
 tests/units/data/h100_gemm_rn_epilogue.json), by :func:`qfx.tune.evidence.fit_gemm` (log-error least squares,
 Nelder-Mead, all 48 BERT-base/large shapes, M = 128..65536):
@@ -29,23 +27,20 @@ Nelder-Mead, all 48 BERT-base/large shapes, M = 128..65536):
 * fp16 (cuBLAS ``torch.mm``): eff_c 0.81, eff_m 0.97, alpha 1.67, fixed 3.7 us: max error
   9.4 % at M >= 2048, 23 % below.
 
-What it gets wrong below M = 2048: at M = 128-512 a GEMM is a handful of tiles on 132 SMs and
-its time is latency (prologue, TMA descriptor fetch, the epilogue's dependent loads), which one
-fixed cost summarises only roughly: FFN-out (K = 3072/4096) at M = 128 is predicted 20-24 %
-too fast (the measured kernel runs the long K loop on 8-16 CTAs), attention-out at M = 128
-up to 14 % too slow. The int model's alpha near 1 says the fused-epilogue int8 kernel barely
-overlaps its output stores with the mainloop; eff_c = 1.0 sits at its bound, the losses being
-carried by the per-tile overhead.
+What it gets wrong below M = 2048: at M = 128-512 a GEMM is a handful of tiles on 132 SMs and its time is latency
+(prologue, TMA descriptor fetch, the epilogue's dependent loads), which one fixed cost summarises only roughly: FFN-
+out (K = 3072/4096) at M = 128 is predicted 20-24 % too fast (the measured kernel runs the long K loop on 8-16
+CTAs), attention-out at M = 128 up to 14 % too slow. The int model's alpha near 1 says the fused-epilogue int8
+kernel barely overlaps its output stores with the mainloop; eff_c = 1.0 sits at its bound, the losses being carried
+by the per-tile overhead.
 
-Ampere (sm_80/86, "sm80") and Ada (sm_89) have their own factors, fitted and checked on
-published Ampere/Ada speedups only (:mod:`qfx.tune.evidence`, qfx/tune/data/published_ampere.json:
-TensorRT demoBERT, FasterTransformer, the paper's Figure 1): nothing fitted on the H100 is
-transferred to them. Each published ratio is compared with the model of the engine that was
-measured (:data:`PIPELINES`: whole forward for whole-model rows, the GEMM alone for GEMM rows).
-All TensorRT and paper rows are reproduced within 25 % (23 % worst), held-out GPUs (A30, L40S,
-A10) included; 24 FasterTransformer rows are not (``evidence.KNOWN_OUTSIDE`` says why). The
-ratios are validated, the absolute microseconds on those GPUs are not. :func:`qfx.tune.evidence.trust_statement`
-says this for a plan.
+Ampere (sm_80/86, "sm80") and Ada (sm_89) have their own factors, fitted and checked on published Ampere/Ada
+speedups only (:mod:`qfx.tune.evidence`, qfx/tune/data/published_ampere.json: TensorRT demoBERT, FasterTransformer,
+the paper's Figure 1): nothing fitted on the H100 is transferred to them. Each published ratio is compared with the
+model of the engine that was measured (:data:`PIPELINES`: whole forward for whole-model rows, the GEMM alone for
+GEMM rows). All TensorRT and paper rows are reproduced within 25 % (23 % worst), held-out GPUs (A30, L40S, A10)
+included; 24 FasterTransformer rows are not (``evidence.KNOWN_OUTSIDE`` says why). The ratios are validated, the
+absolute microseconds on those GPUs are not. :func:`qfx.tune.evidence.trust_statement` says this for a plan.
 
 Example::
 
@@ -66,7 +61,7 @@ __all__ = [
     "KernelFit", "FIT", "TILES", "GemmEstimate", "gemm_time", "quantize_time", "epilogue_time",
     "elementwise_time", "attention_time", "part_time", "fused_quantize_time", "QUANTIZE_IN_NORM", "PartEstimate", "ModelShape", "MODEL_SHAPES",
     "model_latency", "BYTES_PER_ELEMENT", "PIPELINES", "TILES_BY_FAMILY", "fit_for", "fit_key", "codes_bytes",
-    "SM_RATES", "promotion_ops", "promotion_us", "quantize_bytes",
+    "SM_RATES", "block_kernel_name", "promotion_ops", "promotion_us", "quantize_bytes",
 ]
 
 #: bytes per element of each GEMM operand precision
@@ -162,6 +157,11 @@ SM_RATES: dict[str, tuple[int, int, int]] = {
 }
 
 
+def block_kernel_name(target: Target, bits: int, act_block: int) -> str:
+    """The kernel a block-scaled integer GEMM runs (the Triton block kernel), as plans name it."""
+    return f"triton block {target.mma_operand(bits, bits)} (act_block={act_block})"
+
+
 def promotion_ops(symmetric: bool, grouped: bool = False) -> int:
     """fp32 operations per output element per activation block: scale, accumulate; the offset
     term (multiply, add) when asymmetric; the group scale with grouped weights."""
@@ -253,7 +253,7 @@ def gemm_time(target: "Target | str", m: int, n: int, k: int, precision: str, *,
     bits = 4 if precision == "int4" else 8
     kernel = "cuBLAS fp16" if run == "fp16" else f"cutlass {target.family} {target.mma_operand(bits, bits)}"
     if blocks:
-        kernel = f"triton block {target.mma_operand(bits, bits)} (act_block={act_block})"
+        kernel = block_kernel_name(target, bits, act_block)
     for tm, tn in tiles:
         tiles_n = math.ceil(m / tm) * math.ceil(n / tn)
         waves = math.ceil(tiles_n / target.sm_count)

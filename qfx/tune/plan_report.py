@@ -31,6 +31,7 @@ from qfx.backends.cutlass.configs import CONFIGS
 from qfx.backends.cutlass.dispatch import choose
 from qfx.targets import Target, get_target
 from qfx.tune.autotune import PRECISIONS, Plan, PartChoice
+from qfx.tune.cost_model import block_kernel_name
 
 __all__ = ["render_plan", "plan_rows", "part_table", "print_tuning", "layers_text", "PartTiming", "BucketTotal",
            "TuningTable", "runtime_kernel", "FP16_KERNEL", "FAMILY_DEFAULT", "LEFT_OUT"]
@@ -182,8 +183,10 @@ class TuningTable:
         return out
 
 
-def runtime_kernel(target: Target, precision: str, m: int, n: int, k: int, fp16_gemms: int = 1) -> str:
-    """The kernel a compiled model runs for one GEMM of a part at ``m`` rows.
+def runtime_kernel(target: Target, precision: str, m: int, n: int, k: int, fp16_gemms: int = 1,
+                   act_block: int | None = None) -> str:
+    """The kernel a compiled model runs for one GEMM of a part at ``m`` rows (``act_block``: a
+    block-scaled integer part runs the Triton block kernel, :func:`qfx.tune.cost_model.block_kernel_name`).
 
     fp16: :data:`FP16_KERNEL` (``x3`` for HF's separate q, k, v). Integer: the CUTLASS config
     the launch layer picks (:func:`qfx.backends.cutlass.dispatch.choose`, tuned table first)
@@ -195,6 +198,8 @@ def runtime_kernel(target: Target, precision: str, m: int, n: int, k: int, fp16_
         return FP16_KERNEL + (f" x{fp16_gemms}" if fp16_gemms > 1 else "")
     family = target.family
     bits = 4 if precision == "int4" else 8
+    if act_block is not None:
+        return block_kernel_name(target, bits, act_block)
     operand = target.mma_operand(bits, bits)  # LinearLauncher's operand
     of_family = {c.name for c in CONFIGS if c.arch == family and c.operand == operand}
     lib, _ = _library.load()
@@ -228,7 +233,7 @@ def plan_rows(plan: Plan, bucket: int = 0, per_layer: bool = False) -> list[dict
                          trained=c.spec.trained, precision=c.precision, times=times, us=c.us,
                          kernel=c.kernel if c.kernel in configs else runtime_kernel(
                              target, c.precision, c.m, c.spec.n // (c.spec.fp16_gemms if c.precision == "fp16" else 1),
-                             c.spec.k, c.spec.fp16_gemms),
+                             c.spec.k, c.spec.fp16_gemms, c.spec.act_block),
                          extra_us=chosen.extra_us, fp16_us=c.fp16_us, speedup=c.speedup))
     return rows
 

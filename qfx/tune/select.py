@@ -261,7 +261,7 @@ def choose_parts(
         n = g.spec.n // g.spec.fp16_gemms if precision == "fp16" else g.spec.n  # fp16: HF's separate q, k, v
         timings[(g.layer, g.part)] = [
             PartTiming(g.layer, g.part, b, s, g.spec.n, g.spec.k, g.spec.trained, precision,
-                       runtime_kernel(target, precision, b * s, n, g.spec.k, g.spec.fp16_gemms), times)
+                       runtime_kernel(target, precision, b * s, n, g.spec.k, g.spec.fp16_gemms, g.spec.act_block), times)
             for (b, s), times in zip(scenario.buckets, times_per_bucket)]
 
     for g in groups:

@@ -19,6 +19,7 @@ from qfx.tune import cost_model
 from qfx.tune.cli import plan_main
 from qfx.tune.cost_model import MODEL_SHAPES
 from qfx.tune.parts import layer_parts, part_specs
+from qfx.tune.plan_report import plan_rows
 
 BASE = MODEL_SHAPES["bert-base"]
 HIDDEN = 64
@@ -81,6 +82,10 @@ def test_block_parts_are_priced_as_the_block_kernels():
     fp16 = [next(c for c in p.buckets[0].choices[2].candidates if c.precision == "fp16") for p in (token, block)]
     assert fp16[0] == fp16[1]  # the float candidate does not depend on the block
     assert block.buckets[0].latency_us != token.buckets[0].latency_us
+    # the plan's table names the kernel that runs: the Triton block kernel, not a CUTLASS config
+    kernels = {r["kernel"] for r in plan_rows(block) if r["precision"] == "int4"}
+    assert kernels and all(k.startswith("triton block") and "act_block=128" in k for k in kernels)
+    assert not any("triton" in r["kernel"] for r in plan_rows(token))
 
 
 def test_block_plans_are_modelled_never_measured(monkeypatch):
