@@ -3,16 +3,16 @@
 On an H100 (2026-12-06) 16 GPU tests of tests/kernels/test_block_gemm.py failed while the same kernels
 pass under the Triton interpreter on the CPU: every shape of ``test_block_linear_equals_the_reference_on_the_gpu``
 (whose epilogue table has an fp32 GELU case), the FFN-in producer's codes at M = 4096, and the block quantize
-with fp32 input, not with fp16 / bf16 (the failing runs' tracebacks were not kept). The pattern points at
-the last bit of erf in the GELU, which fp16 rounding mostly hides: ``tl.math.erf`` is the libdevice that
-ships with Triton, torch's GELU calls the ``erff`` of the CUDA that built torch. This probe tells, in one
-short GPU run:
+with fp32 input, not with fp16 / bf16 (the failing runs' tracebacks were not kept: run
+``python -m pytest -m gpu tests/kernels/test_block_gemm.py --tb=long`` beside this probe). The pattern first
+pointed at the last bit of erf in the GELU, but ``tl.math.erf`` compiled for sm_90 (Triton 3.9) is, instruction
+for instruction and constant for constant, the erff nvcc 13 emits, except that Triton flushes denormals
+(``fma.rn.ftz``), which no test input reaches. This probe tells, in one short GPU run:
 
 1. erf and GELU mismatches of ``tl.math.erf`` against ``torch.erf`` / ``torch.nn.functional.gelu``, with
    and without fp fusion (the block kernels launch without it);
-2. the same for an erf written in Triton as CUDA 13's libdevice ``__nv_erff`` computes it (its two
-   polynomials with explicit fmas, ex2 on the large branch): if this one is exact where ``tl.math.erf``
-   is not, it replaces ``tl.math.erf`` in backends/triton/block_gemm_kernels.py;
+2. the same for an erf written in Triton as CUDA 13's libdevice ``__nv_erff`` computes it without flushing
+   (its two polynomials with explicit fmas, ex2 on the large branch);
 3. the fp32 block quantize, case by case (codes, scale, offset: where and by how much).
 
     python benchmarks/block_exactness_probe.py
