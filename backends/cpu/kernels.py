@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from qfx import numerics
+from qfx.backends.cpu.isa import int8_path
 
 __all__ = ["EPILOGUE", "GEMM", "quantize", "int_matmul", "int_linear", "add_layer_norm_quantize",
            "add_layer_norm_rotate_quantize"]
@@ -93,9 +94,18 @@ def _run(fn: Callable, *args):
     return found(*args)
 
 
-_ONEDNN = torch.ops.onednn if hasattr(torch.ops.onednn, "qlinear_pointwise") else None
-#: the GEMM: oneDNN's int8 linear on weights reordered once for the CPU's int8 instructions
-#: (torch.ops.onednn, what Inductor's x86 int8 path calls), else torch._int_mm
+#: the GEMM: with AMX-INT8, oneDNN's int8 linear on weights reordered once for the tiles
+#: (torch.ops.onednn, what Inductor's x86 int8 path calls); elsewhere torch._int_mm. Why not the
+#: int8 linear everywhere: on an AVX512-VNNI CPU without AMX (seen on an AMD EPYC, torch 2.13 and
+#: 2.14, oneDNN 3.12) it runs s8 x s8 as oneDNN's reference matmul (``ref_int8`` under
+#: ONEDNN_VERBOSE), about 1,000 times slower than torch._int_mm on the same CPU; both are exact.
+def onednn_linear(isa: str | None):
+    """``torch.ops.onednn`` where its int8 linear is the GEMM for a CPU with ``isa`` (the
+    :func:`qfx.backends.cpu.isa.int8_path` name), else None (torch._int_mm)."""
+    return torch.ops.onednn if isa == "AMX-INT8" and hasattr(torch.ops.onednn, "qlinear_pointwise") else None
+
+
+_ONEDNN = onednn_linear(int8_path().isa)
 GEMM = "oneDNN int8 linear, prepacked weights" if _ONEDNN is not None else "torch._int_mm"
 
 

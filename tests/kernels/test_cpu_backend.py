@@ -203,3 +203,14 @@ def test_bound_launchers_give_the_ops_bits(monkeypatch):
     bound = qfx.compile(qat, mode="int4", target="cpu")
     assert torch.equal(bound(**x).logits, want)
     assert set(bound.launch_plan.bound.values()) == {"cpu"} and len(bound.launch_plan.bound) == 2 * 2 * 4
+
+
+def test_the_prepacked_onednn_linear_only_with_amx():
+    """oneDNN's int8 linear runs s8 x s8 as its reference matmul on AVX512-VNNI without AMX (an
+    AMD EPYC: ~1,000x slower than torch._int_mm); the backend takes it only with AMX-INT8."""
+    from qfx.backends.cpu import kernels
+
+    assert kernels.onednn_linear("AVX512-VNNI") is None and kernels.onednn_linear("AVX-VNNI") is None
+    assert kernels.onednn_linear(None) is None
+    assert (kernels.onednn_linear("AMX-INT8") is not None) == hasattr(torch.ops.onednn, "qlinear_pointwise")
+    assert kernels.GEMM == ("oneDNN int8 linear, prepacked weights" if kernels._ONEDNN is not None else "torch._int_mm")
