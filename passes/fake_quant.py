@@ -62,7 +62,7 @@ def insert_fake_quant(gm: GraphModule) -> GraphModule:
             node.args = (x, w_fq, bias)
             node.kwargs = {}
             continue
-        block = getattr(spec, "act_block", None)
+        block = spec.act_block
         if block is not None and info.in_features % block:
             raise ValueError(
                 f"QuantConfig(act_block={block}) does not divide K={info.in_features} of linear {info.name}; "

@@ -78,7 +78,7 @@ def lower_to_integer(gm: GraphModule, master_weights: dict[str, torch.Tensor] | 
         spec = info.spec
         w_param = param_or_buffer(gm, info.weight)
         w_src = w_param if master_weights is None else master_weights[info.weight].to(w_param.device)
-        block = getattr(spec, "act_block", None)
+        block = spec.act_block
         block_kw = {} if block is None else {"act_block": block}
         key = (info.weight, spec.weight_bits, spec.group_size, block)
         if key not in stored:

@@ -140,7 +140,7 @@ class QuantSpec:
     @classmethod
     def from_config(cls, cfg) -> "QuantSpec":
         return cls(cfg.weight_bits, cfg.act_bits, cfg.symmetric, cfg.group_size, cfg.act_clip, cfg.rotation,
-                   getattr(cfg, "act_block", None))
+                   cfg.act_block)
 
     @property
     def quantizes_activations(self) -> bool:
@@ -149,7 +149,7 @@ class QuantSpec:
     @property
     def precision(self) -> str:
         return precision_tag(self.weight_bits, self.act_bits, self.symmetric, self.group_size, rotation=self.rotation,
-                             act_block=getattr(self, "act_block", None))
+                             act_block=self.act_block)
 
 
 @dataclass(frozen=True)

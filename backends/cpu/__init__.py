@@ -53,7 +53,7 @@ class CpuBackend:
         if work.a_bits not in (4, 8):
             return False, (f"{work.name}: weight-only (A{work.a_bits}, float activations) has no integer GEMM; "
                            "it runs on the reference backend")
-        if getattr(work, "act_block", None) is not None:
+        if work.act_block is not None:
             return False, f"{work.name}: block-scaled activations (act_block={work.act_block}) are not implemented on the CPU backend"
         if work.k > numerics.max_exact_k(8, 8):
             return False, f"{work.name}: K={work.k} could overflow the int32 accumulator"

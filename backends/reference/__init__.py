@@ -69,21 +69,24 @@ def _weight_only_linear(x, w, w_bits, w_scale, bias):
     return torch.nn.functional.linear(x, w_hat.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def _add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi):
+def _add_layer_norm(a, b, weight, bias, eps):
+    """The fused producers' y: torch's LayerNorm of ``a + b`` (``b`` may be None)."""
     s = a if b is None else a + b
-    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+
+
+def _add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi):
+    y = _add_layer_norm(a, b, weight, bias, eps)
     return (y, *_quantize(y, bits, symmetric, clip_lo, clip_hi))
 
 
 def _add_layer_norm_quantize_blocks(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, act_block):
-    s = a if b is None else a + b
-    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    y = _add_layer_norm(a, b, weight, bias, eps)
     return (y, *_quantize_blocks(y, bits, symmetric, clip_lo, clip_hi, False, act_block))
 
 
 def _add_layer_norm_rotate_quantize(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo, clip_hi):
-    s = a if b is None else a + b
-    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    y = _add_layer_norm(a, b, weight, bias, eps)
     return (y, *_quantize(numerics.rotate_blocks(y, signs, block), bits, symmetric, clip_lo, clip_hi))
 
 

@@ -201,7 +201,7 @@ def quantize_blocks(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block):
 
 def can_implement(work, target) -> tuple[bool, str]:
     """Whether these kernels run ``work`` (a :class:`qfx.backends.LinearWork`) on ``target``."""
-    block = getattr(work, "act_block", None)
+    block = work.act_block
     if block is None:
         return False, "token-wise activations: the block-scaled Triton kernels take act_block only"
     if not HAS_TRITON:

@@ -141,7 +141,7 @@ def _blocks(spec: QuantSpec | None) -> dict[str, Any]:
     symmetric, the cost model's defaults, when the linear is float or weight-only)."""
     if spec is None or not spec.quantizes_activations:
         return {}
-    return {"act_block": getattr(spec, "act_block", None), "symmetric": spec.symmetric}
+    return {"act_block": spec.act_block, "symmetric": spec.symmetric}
 
 
 def part_specs_from_graph(gm) -> list[PartSpec]:
@@ -228,7 +228,7 @@ def _quantize_in_norm(lin: Node, k: int, target: Target, float_dtype: torch.dtyp
     LayerNorm that produces its input (GPU, fp16 / bf16 float parts, a row the kernel takes)."""
     if not target.is_gpu or not is_call(_through(lin.args[0]), aten.layer_norm.default):
         return False
-    block = getattr(spec, "act_block", None)
+    block = spec.act_block
     if block is None:
         return add_layer_norm_row_fits(k, float_dtype)[0]  # the kernel's own rule (dtype, row length)
     # block-scaled: the Triton kernel's row rule, not its fits(), which also asks whether Triton is
@@ -264,7 +264,7 @@ def layer_parts(gm: GraphModule, target: Target, float_dtype: torch.dtype = torc
     out = []
     for (layer, role), nodes in groups.items():
         infos = [n.meta[META_LINEAR] for n in nodes]
-        specs = {(i.spec.weight_bits, i.spec.act_bits, getattr(i.spec, "act_block", None), i.spec.symmetric)
+        specs = {(i.spec.weight_bits, i.spec.act_bits, i.spec.act_block, i.spec.symmetric)
                  if i.spec is not None and i.spec.quantizes_activations else None for i in infos}
         ks = {i.in_features for i in infos}
         if None in specs or len(specs) != 1 or len(ks) != 1:
