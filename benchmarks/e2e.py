@@ -287,11 +287,24 @@ def encode_table(n: int, target) -> list[dict]:
     return rows
 
 
+def mode_config(mode: str) -> tuple[str, "qfx.QuantConfig | None"]:
+    """``"int4+rot128+blk128"`` -> ("int4", its default config with rotation=128, act_block=128)."""
+    base, *options = mode.split("+")
+    fields = {}
+    for option in options:
+        name = {"rot": "rotation", "blk": "act_block"}.get(option.rstrip("0123456789"))
+        if name is None or not option[3:].isdigit():
+            raise SystemExit(f"--modes: unknown suffix +{option} in {mode!r}; use +rotB (rotation) or +blkB (act_block)")
+        fields[name] = int(option[3:])
+    return base, (qfx.config.config_for_mode(base).with_(**fields) if fields else None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert-base,bert-large,minilm-l6")
     ap.add_argument("--modes", default="fp16,int8,int4",
-                    help="comma list of fp16, int8, int4; a suffix +rotB (int4+rot128) adds QuantConfig(rotation=B)")
+                    help="comma list of fp16, int8, int4; suffixes +rotB (int4+rot128) and +blkB (int8+blk128) add "
+                         "QuantConfig(rotation=B) / QuantConfig(act_block=B)")
     ap.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES))
     ap.add_argument("--compile-shapes", default="goal", help="goal, all, none, or a list of BxS (128x128,1x128)")
     ap.add_argument("--torchao", action="store_true", help="also time torchao int8 dynamic (where it installs)")
@@ -339,8 +352,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
-                base, _, rot = mode.partition("+rot")  # "int4+rot128": QuantConfig(rotation=128)
-                config = qfx.config.config_for_mode(base).with_(rotation=int(rot)) if rot else None
+                base, config = mode_config(mode)
                 compiled[key] = qfx.compile(float_model, mode=base, target=target.name, example_kwargs=example,
                                             remove_padding=unpad, config=config)
             meta = compiled[key].graph_module.meta
