@@ -87,8 +87,20 @@ def fp32_quantize_cases() -> None:
                   f"{bad.sum().item()} of {bad.numel()}{where}")
 
 
+def written_forms() -> None:
+    """The kernels' own erf forms (block_gemm_kernels._erf) against torch.erf, and the one erf_form picks."""
+    from qfx.backends.triton import block_gemm_kernels as bk
+    x = torch.randn(1 << 22, device="cuda") * 3
+    for form in (0, 1, 2):
+        got = torch.empty_like(x)
+        bk.erf_probe_kernel[(x.numel() // 1024,)](x, got, x.numel(), ERF=form, BLOCK=1024, enable_fp_fusion=False)
+        print(f"kernel erf form {form}: differs from torch.erf at {(got != torch.erf(x)).sum().item()} of {x.numel()}")
+    print("block_gemm.erf_form picks", bg.erf_form(x.device))
+
+
 if __name__ == "__main__":
     print("torch", torch.__version__, "CUDA", torch.version.cuda, "Triton", triton.__version__,
           torch.cuda.get_device_name())
     erf_mismatches()
+    written_forms()
     fp32_quantize_cases()

@@ -35,7 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qfx import numerics
 from qfx.backends.triton import HAS_TRITON
 
-__all__ = ["HAS_TRITON", "CONFIGS", "BlockConfig", "config_for", "int_linear_blocks", "int_linear_blocks_quantize",
+__all__ = ["HAS_TRITON", "CONFIGS", "BlockConfig", "config_for", "erf_form", "int_linear_blocks", "int_linear_blocks_quantize",
            "quantize_blocks", "can_implement", "register", "TritonBlockBackend", "BlockLinearLauncher",
            "BlockLinearQuantizeLauncher"]
 
@@ -124,6 +124,39 @@ def _gemm_args(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, act_block
     return a2, wq, sa, ca, w_scale.float().contiguous(), w_block_sums.float().contiguous(), block_k, sub, blocks, groups
 
 
+_ERF_FORMS: dict[tuple[str, int | None], int] = {}
+
+
+def erf_form(device: torch.device) -> int:
+    """The erf the GELU kernels compute on ``device`` (their ``ERF`` constexpr): the one torch's own
+    ``erf`` / ``gelu`` computes there, found once per device by running both written-out forms of
+    CUDA's erff (block_gemm_kernels) against ``torch.erf`` on inputs of both polynomial branches.
+    Triton's own ``tl.math.erf`` is the libdevice Triton bundles, which need not be the one torch
+    was built with (Triton 3.8's differs from nvcc 13.0's for |x| >= 1.003: the GELU of an fp32
+    output then differed from the twin's in its last bit). On the CPU (Triton's interpreter) 0."""
+    if device.type != "cuda":
+        return 0
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _ERF_FORMS:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("block-scaled GELU kernels: the erf probe must run before CUDA-graph capture; "
+                               "call the model once outside capture first")
+        kernels = _kernels()
+        x = torch.cat([torch.linspace(-8.0, 8.0, 1 << 16, device=device), torch.randn(1 << 16, device=device) * 3])
+        want, got = torch.erf(x), torch.empty_like(x)
+        for form in (1, 2):
+            kernels.erf_probe_kernel[(_cdiv(x.numel(), 1024),)](x, got, x.numel(), ERF=form, BLOCK=1024,
+                                                                enable_fp_fusion=False)
+            if torch.equal(got, want):
+                _ERF_FORMS[key] = form
+                break
+        else:
+            raise RuntimeError(f"torch.erf on {device} is neither known form of CUDA's erff, so the block-scaled "
+                               "GELU kernels cannot reproduce torch's GELU bit for bit; compile without act_block, "
+                               "or report the torch / CUDA versions to qfx")
+    return _ERF_FORMS[key]
+
+
 def int_linear_blocks(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, bias, gelu, out_dtype, a_bits, act_block,
                       symmetric: bool = False):
     """``qfx::int_linear(..., act_block=B)`` on the GPU: equals
@@ -140,7 +173,8 @@ def int_linear_blocks(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, bi
         kernels.block_linear_kernel[grid](a2, wq, sa, ca, sw, bs, sw if bias is None else bias, out, m, n, k, blocks, groups,
                                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=sub,
                                    HAS_OFFSET=not symmetric, GROUPED=groups > 1, HAS_BIAS=bias is not None, GELU=bool(gelu),
-                                   STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=cfg.warps, enable_fp_fusion=False)
+                                   STAGES=cfg.stages, GROUP_M=cfg.group_m, ERF=erf_form(a.device) if gelu else 0,
+                                   num_warps=cfg.warps, enable_fp_fusion=False)
     return out.reshape(*a.shape[:-1], n)
 
 
@@ -171,7 +205,8 @@ def int_linear_blocks_quantize(a, a_scale, a_offset, w, w_bits, w_scale, w_block
             OUT_T=kernels.TL_DTYPES[out_dtype], BLOCK_M=cfg.block_m, BLOCK_N=q_block, BLOCK_K=block_k, SUB=sub,
             HAS_OFFSET=not symmetric, GROUPED=groups > 1, HAS_BIAS=bias is not None, STAGES=cfg.stages,
             Q_GELU=bool(gelu), HAS_CLIP=clip is not None, BITS=int(bits), SYMMETRIC=bool(q_symmetric),
-            EPS=numerics.EPS, GROUP_M=cfg.group_m, num_warps=cfg.warps, enable_fp_fusion=False)
+            EPS=numerics.EPS, GROUP_M=cfg.group_m, ERF=erf_form(a.device) if gelu else 0, num_warps=cfg.warps,
+            enable_fp_fusion=False)
     lead = a.shape[:-1]
     return codes.reshape(*lead, n), scale.reshape(*lead, -1), offset.reshape(*lead, -1)
 
@@ -193,8 +228,8 @@ def quantize_blocks(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block):
         kernels.quantize_blocks_kernel[(_cdiv(m, bm), k // act_block)](
             x2, codes, scale, offset, m, k, 0.0 if clip_lo is None else float(clip_lo),
             0.0 if clip_hi is None else float(clip_hi), BLOCK_M=bm, B=act_block, GELU=bool(gelu),
-            HAS_CLIP=clip_lo is not None, BITS=int(bits), SYMMETRIC=bool(symmetric), EPS=numerics.EPS, num_warps=4,
-            enable_fp_fusion=False)
+            HAS_CLIP=clip_lo is not None, BITS=int(bits), SYMMETRIC=bool(symmetric), EPS=numerics.EPS,
+            ERF=erf_form(x.device) if gelu else 0, num_warps=4, enable_fp_fusion=False)
     lead = x.shape[:-1]
     return codes.reshape(x.shape), scale.reshape(*lead, -1), offset.reshape(*lead, -1)
 
