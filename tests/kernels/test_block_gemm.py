@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -165,6 +166,48 @@ def test_block_scaled_model_on_the_triton_kernels_under_the_interpreter_is_its_t
 
 
 @needs_triton
+def test_written_erf_form_1_is_the_erff_nvcc_emits():
+    """Ahead of time (nvcc and Triton's ptxas, no GPU): the kernels' erf form 1 compiles for sm_90 to
+    the same fp32 constants as the erff of this machine's nvcc (for nvcc 13.0; form 2 is the older
+    libdevice's), with non-flushing fmas as nvcc's; erf_form() picks between the forms on the GPU."""
+    import re
+    import shutil
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qfx.backends.triton import block_gemm_kernels as kernels
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = os.path.join(tmp, "erf.cu")
+        with open(cu, "w") as f:
+            f.write('extern "C" __global__ void k(const float* x, float* y) { y[threadIdx.x] = erff(x[threadIdx.x]); }\n')
+        out = subprocess.run([nvcc, "-arch=sm_90", "-ptx", "-O3", cu, "-o", cu + ".ptx"], capture_output=True, text=True)
+        if out.returncode:
+            pytest.skip(f"nvcc cannot compile for sm_90 here: {out.stderr[-300:]}")
+        nvcc_ptx = open(cu + ".ptx").read()
+    version = re.search(r"Cuda compilation tools, release ([0-9.]+)", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                                                     text=True).stdout)
+    sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "ERF": "constexpr", "BLOCK": "constexpr"}
+    forms = {}
+    for form in (1, 2):
+        try:
+            forms[form] = triton.compile(ASTSource(kernels.erf_probe_kernel, sig, {"ERF": form, "BLOCK": 1024}),
+                                         target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+        except RuntimeError as e:
+            pytest.skip(f"Triton cannot compile for sm_90 here: {e}")
+    consts = {name: set(re.findall(r"0f[0-9A-F]{8}", ptx)) - {"0f00000000"} for name, ptx in [("nvcc", nvcc_ptx), *forms.items()]}
+    assert consts[1] != consts[2]
+    if version and version.group(1).startswith("13."):
+        assert consts["nvcc"] == consts[1]
+    else:
+        assert consts["nvcc"] in (consts[1], consts[2]), "this nvcc's erff is neither written form"
+    assert "fma.rn.ftz" not in forms[1] and "fma.rn.f32" in forms[1]
+
+
 def test_block_gemm_compiles_for_sm90_to_pipelined_int8_wgmma_without_fma():
     """Ahead of time, no GPU needed (Triton's bundled ptxas): the large-M config of the GEMM compiles for
     sm_90 to s8 x s8 -> s32 wgmma, its int8 tiles are staged through shared memory (as the runtime
@@ -181,7 +224,7 @@ def test_block_gemm_compiles_for_sm90_to_pipelined_int8_wgmma_without_fma():
     sig = {**{p: "*i8" for p in ("a_ptr", "w_ptr")}, **{p: "*fp32" for p in ("sa_ptr", "ca_ptr", "sw_ptr", "bs_ptr", "bias_ptr")},
            "out_ptr": "*fp16", **{d: "i32" for d in ("M", "N", "K", "J", "G")}}
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, SUB=1, HAS_OFFSET=True, GROUPED=False,
-                  HAS_BIAS=True, GELU=False, STAGES=cfg.stages, GROUP_M=cfg.group_m)
+                  HAS_BIAS=True, GELU=False, STAGES=cfg.stages, GROUP_M=cfg.group_m, ERF=0)
     sig.update({c: "constexpr" for c in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10)}  # pointers, N, K
     try:
