@@ -34,7 +34,7 @@ __all__ = [
     "linear_nodes", "arg", "set_args", "arg_index", "weight_owner", "op_buffer", "is_call",
     "ancestors", "sdpa_mask",
     "META_LINEAR", "META_PARTS", "META_PLAN", "META_FUSED", "META_FAKE_QUANT", "META_TOKENS", "META_CAPTURE",
-    "META_STAGE", "META_CONFIG", "META_SKIP", "META_ROTATED", "META_PASSES", "META_ATTENTION", "META_UNPAD",
+    "META_STAGE", "META_CONFIG", "META_SKIP", "META_ROTATED", "META_PASSES", "META_ATTENTION", "META_UNPAD", "META_UNPAD_MIN_PADDING",
     "META_FUSED_NORMS", "META_FUSED_ROTATED_NORMS",
 ]
 
@@ -83,6 +83,9 @@ META_PASSES = "qfx_passes"
 META_ATTENTION = "qfx_attention"
 #: gm.meta: padding removal done, or why not (passes/unpad.py)
 META_UNPAD = "qfx_unpad"
+#: gm.meta: the padding fraction below which a packed model runs a padded call padded
+#: (remove_padding="auto": qfx.runtime.packed.AUTO_MIN_PADDING; True: 0.0)
+META_UNPAD_MIN_PADDING = "qfx_unpad_min_padding"
 #: gm.meta: ``(fused, why others not)`` and the rotated count (passes/fuse_norm_quant.py)
 META_FUSED_NORMS = "qfx_fused_norms"
 META_FUSED_ROTATED_NORMS = "qfx_fused_rotated_norms"

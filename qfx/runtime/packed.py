@@ -15,6 +15,9 @@ The default (``qfx.compile(..., remove_padding="auto")``, :func:`resolve_remove_
 Which path a call takes (:class:`PaddingRouter`, every call of a model whose graph packs):
 
 * packed: the call has padding; its T real tokens run packed (a CUDA graph per token bucket);
+  with ``remove_padding="auto"``, only when its padding fraction is at least
+  :data:`AUTO_MIN_PADDING` (below it packing costs more than it saves: the token index, the row
+  copies and the varlen attention against fewer skipped rows; ``True`` packs every padded call);
 * padded: the call has no padding (the graph's padded twin, :func:`padded_twin`: the same
   kernels as a padded compile, no token index, no sync), or packing would not be exact: a
   per-row output (a pooler's ``hidden[:, 0]``, logits) reads position 0 of a row where it is
@@ -58,14 +61,17 @@ from qfx.ops import gather_tokens, scatter_tokens
 from qfx.passes.attention import PACKED_ATTENTION, packed_attention_impl
 from qfx.runtime.buckets import DimRoles
 from qfx.runtime.launch_plan import module_over
-from qfx.schema import PACK_TOKENS, REPAD_TOKENS, TOKEN_INDEX, ancestors, is_call
+from qfx.schema import META_UNPAD_MIN_PADDING, PACK_TOKENS, REPAD_TOKENS, TOKEN_INDEX, ancestors, is_call
 
-__all__ = ["AUTO_DEVICES", "resolve_remove_padding", "Route", "PaddingRouter", "padded_twin", "packed_forward",
+__all__ = ["AUTO_DEVICES", "AUTO_MIN_PADDING", "resolve_remove_padding", "Route", "PaddingRouter", "padded_twin", "packed_forward",
            "check_index_plumbing", "packs_tokens"]
 
 aten = torch.ops.aten
 #: the target devices where ``remove_padding="auto"`` packs (see the module doc for the CPU)
 AUTO_DEVICES = ("cuda",)
+#: remove_padding="auto": a call with less padding than this fraction runs the padded twin (the
+#: crossover of `python benchmarks/e2e.py --pad-sweep`, benchmarks/RESULTS.md)
+AUTO_MIN_PADDING = 0.0
 _MASK = "attention_mask"
 
 
@@ -296,6 +302,7 @@ class PaddingRouter:
 
     def __init__(self, gm: GraphModule, roles: DimRoles) -> None:
         self.reads, self.reader = _per_row_reads(gm, roles)
+        self.min_padding = float(gm.meta.get(META_UNPAD_MIN_PADDING, 0.0))
         self.calls: Counter[str] = Counter()
 
     def route(self, mask: torch.Tensor) -> Route:
@@ -310,6 +317,9 @@ class PaddingRouter:
             why = f"output {self.reader} reads padded positions"
         elif self.reads == "first" and first < b:
             why = f"position 0 is padding in some row (left padding, an empty row) and output {self.reader} reads it"
+        elif 1 - tokens / (b * s) < self.min_padding:
+            why = (f"padding {1 - tokens / (b * s):.0%} is below {self.min_padding:.0%}, where remove_padding='auto' "
+                   "starts to pack (True packs every padded call)")
         else:
             why = ""
         route = Route("padded" if why else "packed", why, tokens)
@@ -318,6 +328,9 @@ class PaddingRouter:
 
     def describe(self) -> str:
         policy = "calls with padding run packed, calls without run the padded twin"
+        if self.min_padding:
+            policy = (f"calls with at least {self.min_padding:.0%} padding run packed, the others run the padded "
+                      "twin")
         if self.reads == "any":
             policy += f"; output {self.reader} reads padded positions, so every call runs padded"
         elif self.reads == "first":

@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from models import inputs, make
 
 import qfx
+import qfx.api
 import qfx.ops
 import qfx.runtime.packed as packed_rt
 from qfx.capture import normalize_inputs
@@ -120,6 +121,26 @@ def test_a_call_without_padding_takes_the_padded_path(pairs, family):
     targets = {n.target for n in twin.graph.nodes if n.op == "call_function"}
     assert not targets & {qfx.ops.gather_tokens, qfx.ops.scatter_tokens, packed_attention_impl}
     assert "last call: padded (no padding)" in auto.runtime_report()
+
+
+def test_auto_packs_only_from_its_padding_threshold_and_true_packs_every_padded_call(tmp_path):
+    """remove_padding="auto" runs a call with less padding than AUTO_MIN_PADDING padded (said so),
+    the threshold travels with a saved file; True packs any padded call."""
+    model = make("bert", layers=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packed_rt, "AUTO_DEVICES", ("cuda", "cpu"))
+        mp.setattr(packed_rt, "AUTO_MIN_PADDING", 0.5)
+        mp.setattr(qfx.api, "AUTO_MIN_PADDING", 0.5)
+        auto, always, padded = _compile(model), _compile(model, remove_padding=True), _compile(model, remove_padding=False)
+    little = {**inputs(2, 10, seed=3), "attention_mask": _right([10, 8], 10)}  # 10 % padding
+    lots = {**inputs(2, 10, seed=3), "attention_mask": _right([3, 2], 10)}  # 75 % padding
+    assert _check_exact(padded, auto, little) == "padded" and "padding 10% is below 50%" in auto.last_route.why
+    assert _check_exact(padded, auto, lots) == "packed"
+    assert "calls with at least 50% padding run packed" in auto.runtime_report()
+    assert _check_exact(padded, always, little) == "packed" and always._router.min_padding == 0.0
+    qfx.save(auto, tmp_path / "auto.qfx.safetensors")
+    again = qfx.load(tmp_path / "auto.qfx.safetensors")
+    assert again._router.min_padding == 0.5 and _check_exact(padded, again, little) == "padded"
 
 
 def test_remove_padding_false_never_packs(pairs):
