@@ -75,10 +75,9 @@ class CutlassBackend:
         ok, why = self.available()
         if not ok:
             return False, why
-        if work.act_block is not None:
-            return False, (f"{work.name}: block-scaled activations (act_block={work.act_block}) have no CUTLASS "
-                           "kernel yet (the Triton backend runs them)")
         mod, _ = self._module()
+        if work.act_block is not None:  # the sm_80/86/89 block kernel; sm_90 leaves them to Triton
+            return mod.can_implement_blocks(work, target)
         return mod.can_implement(work, target)
 
 

@@ -57,14 +57,21 @@ def plan(gm: GraphModule, target) -> GraphModule:
             refused.append((backend.name, why))
         else:  # the reference backend implements everything; reaching here is a bug
             raise RuntimeError(f"no backend can implement {node.meta[META_LINEAR].name}: {refused}")
-    # Quantize ops go with the backend of their consumers when it has a quantize kernel.
+    # Quantize ops go with the backend of their consumers when it has a quantize kernel; block codes for
+    # a GPU GEMM backend without a block quantize (the sm_8x CUTLASS block kernel) take the first backend
+    # of the target that has one (the Triton block quantize: the same codes, qfx.numerics' definition).
+    block_quantizers = [b.name for b in backends_for(target) if b.name in registered_backends("quantize", blocks=True)
+                        and b.available()[0]]
     for node in gm.graph.nodes:
         if is_call(node, QUANTIZE):
             users = [u for g in node.users for u in g.users]
             chosen = {arg(u, "backend") for u in users if u.target in _LINEAR_OPS}
             blocks = arg(node, "act_block") is not None
-            if len(chosen) == 1 and (op_backend := chosen.pop()) in registered_backends("quantize", blocks=blocks):
+            op_backend = next(iter(chosen)) if len(chosen) == 1 else None
+            if op_backend in registered_backends("quantize", blocks=blocks):
                 _with_backend(node, op_backend)
+            elif blocks and op_backend == "cutlass" and block_quantizers:
+                _with_backend(node, block_quantizers[0])
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -4,7 +4,8 @@
   sign-extended to int8 (bit-identical accumulators). fp16 output: fused epilogue; bf16/fp32
   output: int32 GEMM + one epilogue kernel.
 * sm_80/86/89: CUTLASS 2.x INT4 (mma m16n8k64) and INT8 (m16n8k32) GEMMs, int32 output, then the
-  epilogue kernel.
+  epilogue kernel; block-scaled activations (``act_block``): :mod:`.block_linear`, native INT4 mma
+  with the per-block fp32 promotion in registers (on sm_90 the Triton block kernel runs those).
 
 The package is three layers:
 
@@ -27,13 +28,16 @@ from __future__ import annotations
 
 from qfx.ops import register_impl
 
+from . import block_linear
 from ._validate import BadInput
 from .capability import available, can_implement, family_for
 from .ops import add_layer_norm_quantize, add_layer_norm_rotate_quantize, int_linear, int_matmul, quantize, unpack_int4
 
-__all__ = ["available", "can_implement", "int_matmul", "int_linear", "quantize", "unpack_int4",
+__all__ = ["available", "can_implement", "can_implement_blocks", "block_linear", "int_matmul", "int_linear", "quantize", "unpack_int4",
            "add_layer_norm_quantize", "add_layer_norm_rotate_quantize",
            "family_for", "BadInput", "register"]
+
+can_implement_blocks = block_linear.can_implement
 
 
 def register() -> None:
@@ -41,6 +45,7 @@ def register() -> None:
     missing library or kernel is reported when an op first runs, and by ``available()``)."""
     register_impl("int_matmul", "cutlass", lambda a, b: int_matmul(a, b))
     register_impl("int_linear", "cutlass", int_linear)
+    register_impl("int_linear", "cutlass", block_linear.int_linear_blocks_op, blocks=True)  # act_block set: sm_8x
     register_impl("quantize", "cutlass", quantize)
     register_impl("add_layer_norm_quantize", "cutlass", add_layer_norm_quantize)
     register_impl("add_layer_norm_rotate_quantize", "cutlass", add_layer_norm_rotate_quantize)

@@ -158,8 +158,8 @@ SM_RATES: dict[str, tuple[int, int, int]] = {
 
 
 def block_kernel_name(target: Target, bits: int, act_block: int) -> str:
-    """The kernel a block-scaled integer GEMM runs (the Triton block kernel), as plans name it."""
-    return f"triton block {target.mma_operand(bits, bits)} (act_block={act_block})"
+    """The kernel a block-scaled GEMM runs, as plans name it: sm80 family, backends/cutlass/block_linear.py's; else Triton's."""
+    return f"{'cutlass sm80' if target.family == 'sm80' else 'triton'} block {target.mma_operand(bits, bits)} (act_block={act_block})"
 
 
 def promotion_ops(symmetric: bool, grouped: bool = False) -> int:
@@ -247,7 +247,7 @@ def gemm_time(target: "Target | str", m: int, n: int, k: int, precision: str, *,
     ab = BYTES_PER_ELEMENT[run]
     blocks = 0 if act_block is None or run == "fp16" else k / act_block
     scales = 4 * blocks * (m * (1 if symmetric else 2) + (0 if symmetric else n))  # fp32 scales, offsets, code sums
-    moved = m * k * ab + n * k * ab + m * n * out_bytes + scales
+    moved = m * k * (1.0 if blocks else ab) + n * k * ab + m * n * out_bytes + scales  # block kernels read int8 codes
     memory = moved / (fit.eff_memory * target.bandwidth_gbs * 1e3)
     best: GemmEstimate | None = None
     bits = 4 if precision == "int4" else 8

@@ -82,9 +82,9 @@ def test_block_parts_are_priced_as_the_block_kernels():
     fp16 = [next(c for c in p.buckets[0].choices[2].candidates if c.precision == "fp16") for p in (token, block)]
     assert fp16[0] == fp16[1]  # the float candidate does not depend on the block
     assert block.buckets[0].latency_us != token.buckets[0].latency_us
-    # the plan's table names the kernel that runs: the Triton block kernel, not a CUTLASS config
+    # the plan's table names the kernel that runs: on sm_86 the sm80 block kernel, not a token-wise CUTLASS config
     kernels = {r["kernel"] for r in plan_rows(block) if r["precision"] == "int4"}
-    assert kernels and all(k.startswith("triton block") and "act_block=128" in k for k in kernels)
+    assert kernels and all(k.startswith("cutlass sm80 block s4") and "act_block=128" in k for k in kernels)
     assert not any("triton" in r["kernel"] for r in plan_rows(token))
 
 

@@ -83,13 +83,14 @@ def test_block_gemm_promotion_and_scales_follow_the_formula(symmetric):
 
 
 def test_ampere_block_gemm_runs_int4_natively_with_its_epilogue_fused():
-    """sm_86 (modelled only): native s4 MMA, packed codes, and the Triton block kernel's epilogue (no
-    int32 output, no separate dequant kernel, unlike the CUTLASS 2.x token-wise path)."""
+    """sm_86 (modelled only): the CUTLASS backend's sm80 block kernel (backends/cutlass/block_linear.py):
+    native s4 MMA on packed weights and int8 activation codes (packed to nibbles on chip), its epilogue in
+    the kernel (no int32 output, no separate dequant kernel, unlike the CUTLASS 2.x token-wise path)."""
     t = get_target("sm_86")
     m, n, k = 4096, 1024, 4096
     est = cm.gemm_time(t, m, n, k, "int4", act_block=128, symmetric=False, tiles=[(128, 128)])
-    assert est.kernel == "triton block s4 (act_block=128)"
-    assert math.isclose(est.bytes_moved, 0.5 * (m * k + n * k) + 2 * m * n + _scale_bytes(m, n, k, 128, False),
+    assert est.kernel == "cutlass sm80 block s4 (act_block=128)"
+    assert math.isclose(est.bytes_moved, 1.0 * m * k + 0.5 * n * k + 2 * m * n + _scale_bytes(m, n, k, 128, False),
                         rel_tol=1e-12)
     int8_clk, fp32_clk, int_add_clk = A6000_RATES
     clocks_per_us = 309.7e6 / (84 * int8_clk)
