@@ -25,7 +25,7 @@ def add_layer_norm_block_quantize_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, y_ptr, q
     # the LayerNorm of the token-wise fused kernels (rotation_quant), in fp32: one definition, the same y
     y = _add_layer_norm_tile(a_ptr, b_ptr, w_ptr, bias_ptr, y_ptr, offs, mask, cols, colmask, K, ln_eps, HAS_B)
     # the block quantizer of qfx/numerics/ on what the graph stores (y in its dtype), one block per tile row
-    v = _gelu_clip(tl.reshape(y.to(tl.float32), (BLOCK * NB, B)), out_t, False, HAS_CLIP, clip_lo, clip_hi)
+    v = _gelu_clip(tl.reshape(y.to(tl.float32), (BLOCK * NB, B)), out_t, False, HAS_CLIP, clip_lo, clip_hi, 0)
     codes, scale, offset = _block_codes(v, BITS, SYMMETRIC, EPS)
     tl.store(q_ptr + offs, tl.reshape(codes, (BLOCK, NB, B)).to(tl.int8), mask=mask)
     blk = tl.arange(0, NB)
