@@ -12,7 +12,7 @@ from qfx.backends.triton.norm_block_quant import AddLayerNormBlockQuantizeLaunch
 from qfx.schema import (ADD_LAYER_NORM_QUANTIZE, INT_LINEAR, META_LINEAR, QUANTIZE, arg, is_call, op_buffer,
                         set_args)
 
-__all__ = ["binder", "bind_producers", "rebind_block_ops"]
+__all__ = ["binder", "bind_producers", "rebind_block_ops", "cutlass_block_linear"]
 
 
 def _clip(node):
@@ -20,13 +20,29 @@ def _clip(node):
     return None if lo is None else (lo, arg(node, "clip_hi"))
 
 
-def _linear_launcher(gm, node) -> BlockLinearLauncher:
-    a = arg(node, "a")  # getitem(quantize, 0): its producer says whether the offsets are zeros
+def _symmetric_codes(node) -> bool:
+    """Whether the block linear ``node`` reads codes whose offsets are zeros (its ``a`` is
+    getitem(quantize, 0) of a symmetric quantizer), so its kernel may skip the offset term."""
+    a = arg(node, "a")
     producer = a.args[0] if getattr(a, "target", None) is operator.getitem else None
-    symmetric = bool(arg(producer, "symmetric")) if is_call(producer, (QUANTIZE, ADD_LAYER_NORM_QUANTIZE)) else False
+    return bool(arg(producer, "symmetric")) if is_call(producer, (QUANTIZE, ADD_LAYER_NORM_QUANTIZE)) else False
+
+
+def _linear_launcher(gm, node) -> BlockLinearLauncher:
     return BlockLinearLauncher(op_buffer(gm, node, "w"), arg(node, "w_bits"), op_buffer(gm, node, "w_scale"),
                                op_buffer(gm, node, "w_offset_sum"), op_buffer(gm, node, "bias"), arg(node, "gelu"),
-                               arg(node, "out_dtype"), arg(node, "act_block"), symmetric)
+                               arg(node, "out_dtype"), arg(node, "act_block"), _symmetric_codes(node))
+
+
+def cutlass_block_linear(gm, node):
+    """The launcher of a block-scaled ``qfx::int_linear`` on backend 'cutlass' (the sm_80-family
+    native-INT4 kernel, qfx.backends.cutlass.block_linear), bound once to its weights."""
+    from qfx.backends.cutlass.block_linear import BlockLinearLauncher as Sm80BlockLinearLauncher
+
+    return Sm80BlockLinearLauncher(op_buffer(gm, node, "w"), arg(node, "w_bits"), op_buffer(gm, node, "w_scale"),
+                                   op_buffer(gm, node, "w_offset_sum"), op_buffer(gm, node, "bias"), arg(node, "gelu"),
+                                   arg(node, "out_dtype"), arg(node, "a_bits"), arg(node, "act_block"),
+                                   _symmetric_codes(node)).__call__
 
 
 def binder(gm, node):

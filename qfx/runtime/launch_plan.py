@@ -80,8 +80,12 @@ class TokenIndex:
 def _cutlass_binder(gm: GraphModule, node) -> Callable | None:
     from qfx.backends.cutlass.launch import AddLayerNormQuantizeLauncher, LinearLauncher, QuantizeLauncher
 
-    if is_call(node, (QUANTIZE, INT_LINEAR)) and arg(node, "act_block") is not None:
-        return None  # the token-wise launchers would read block scales as token scales
+    if is_call(node, INT_LINEAR) and arg(node, "act_block") is not None:  # the sm_80-family block kernel
+        from qfx.runtime.block_binding import cutlass_block_linear
+
+        return cutlass_block_linear(gm, node)
+    if is_call(node, QUANTIZE) and arg(node, "act_block") is not None:
+        return None  # the token-wise launcher would write token scales (block quantizers run on Triton)
 
     if is_call(node, _ADD_LN_ROTATE_QUANTIZE):
         from qfx.backends.triton.rotation_quant import AddLayerNormRotateQuantizeLauncher
