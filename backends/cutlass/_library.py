@@ -10,9 +10,12 @@ import ctypes
 import functools
 import json
 import os
+import warnings
 from pathlib import Path
 
-__all__ = ["Library", "load", "QfxGemmArgs", "STATUS", "DTYPE_CODES", "ABI_VERSION"]
+import torch
+
+__all__ = ["Library", "load", "erf_mismatch", "QfxGemmArgs", "STATUS", "DTYPE_CODES", "ABI_VERSION"]
 
 ABI_VERSION = 2  # csrc/qfx_abi.h QFX_ABI_VERSION
 LIB_NAME = "libqfx_cutlass.so"
@@ -52,6 +55,21 @@ class QfxGemmArgs(ctypes.Structure):
     ]
 
 
+def erf_mismatch(built: str, torch_cuda: str | None) -> str:
+    """Why the library's GELU epilogue may differ from torch's, or "": it calls the erff of the nvcc
+    that built it, torch's GELU the erff of the CUDA torch was built with, and erff's polynomials
+    changed between CUDA releases (backends/cutlass/EPILOGUES.md, "Which erf")."""
+    def major_minor(v):
+        return tuple(v.split(".")[:2]) if v else None
+
+    if not built or not torch_cuda or major_minor(built) == major_minor(torch_cuda):
+        return ""
+    return (f"qfx's native library was built with CUDA {built}, torch with CUDA {torch_cuda}: their erf may "
+            "differ in the last bit, and with it every GELU the integer epilogues compute, so a compiled model "
+            "can differ from its QAT twin after a GELU; rebuild the library with the CUDA torch uses "
+            "(pip install -e . with that nvcc)")
+
+
 class Library:
     """The loaded library: its manifest (built configs, archs) and typed entry points."""
 
@@ -68,6 +86,11 @@ class Library:
         self.archs: list[str] = self.manifest.get("archs", [])
         self.configs: set[str] = set(self.manifest.get("configs", []))
         self._fns: dict[str, ctypes._CFuncPtr] = {}
+        #: the nvcc version that built the kernels ("" for a library built before it was recorded)
+        self.cuda: str = self.manifest.get("cuda", "")
+        note = erf_mismatch(self.cuda, torch.version.cuda)
+        if note:
+            warnings.warn(note, stacklevel=2)
 
     def has(self, symbol: str) -> bool:
         return hasattr(self.cdll, symbol)

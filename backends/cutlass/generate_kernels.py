@@ -98,8 +98,9 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def generate(out: Path, archs: list[str]) -> dict:
-    """Write the sources, the CMake family flags and the manifest; return the manifest."""
+def generate(out: Path, archs: list[str], cuda: str | None = None) -> dict:
+    """Write the sources, the CMake family flags and the manifest; return the manifest. ``cuda``:
+    the nvcc version building them (the loader compares it with torch's: their erff must agree)."""
     families = families_for(archs)
     built = [c for c in CONFIGS if c.arch in families]
     kernels = {c.symbol: c for c in built}  # rows differing only in splits share one kernel
@@ -114,6 +115,7 @@ def generate(out: Path, archs: list[str]) -> dict:
         "families": families,
         "configs": [c.name for c in built],
         "kernels": sorted(kernels),
+        **({"cuda": cuda} if cuda else {}),
     }
     _write_if_changed(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     _write_if_changed(out / CMAKE_FAMILIES, cmake_families(families, archs))
@@ -124,13 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--archs", required=True, help='";"-separated, e.g. "80;86;89;90a"')
+    ap.add_argument("--cuda-version", default=None, help="the nvcc version that builds the kernels (for the manifest)")
     args = ap.parse_args(argv)
     archs = [a for a in args.archs.replace(",", ";").split(";") if a]
     unknown = set(archs) - {a for members in ARCH_GROUPS.values() for a in members}
     if unknown:
         raise SystemExit(f"unknown CUDA archs {sorted(unknown)}; supported: "
                          f"{sorted(a for m in ARCH_GROUPS.values() for a in m)}")
-    m = generate(args.out, archs)
+    m = generate(args.out, archs, args.cuda_version)
     print(f"qfx: generated {len(m['kernels'])} kernels ({len(m['configs'])} configs) for "
           f"{m['families']}")
 

@@ -44,6 +44,16 @@ def test_generator_writes_one_file_per_config(tmp_path):
     assert json.loads((tmp_path / generate_kernels.MANIFEST).read_text()) == again
 
 
+def test_the_manifest_records_the_building_cuda_and_a_different_torch_cuda_is_named(tmp_path):
+    from qfx.backends.cutlass._library import erf_mismatch
+
+    assert generate_kernels.generate(tmp_path, ["90a"], "13.0.88")["cuda"] == "13.0.88"
+    assert "cuda" not in generate_kernels.generate(tmp_path, ["90a"])
+    assert erf_mismatch("13.0.88", "13.0") == "" and erf_mismatch("", "12.8") == "" and erf_mismatch("13.0", None) == ""
+    note = erf_mismatch("13.0.88", "12.8")
+    assert "built with CUDA 13.0.88, torch with CUDA 12.8" in note and "rebuild the library" in note
+
+
 def test_dispatch_untuned_follows_m_ranges(monkeypatch):
     monkeypatch.setattr(dispatch, "tuned_table", lambda path=None: {})
     built = {c.name for c in configs.CONFIGS}
