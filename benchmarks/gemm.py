@@ -209,6 +209,64 @@ def bench_block_shape(qc, h, role, m, block, device):
             "tops": {kk: ops / v / 1e12 for kk, v in times.items()}}
 
 
+#: candidate tiles for the block-scaled kernels: (block_m, block_n, warps, stages); the producer
+#: (kind "quantize") takes block_n = the consumer's block, so only its rows, warps and stages vary
+BLOCK_CANDIDATES = ((64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3), (128, 64, 4, 3),
+                    (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
+                    (256, 128, 8, 3), (256, 64, 8, 3), (128, 128, 8, 5), (64, 128, 8, 4))
+PRODUCER_CANDIDATES = ((64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3),
+                       (32, 4, 4))
+
+
+def tune_block(args, device) -> list[dict]:
+    """Time every candidate tile of the block-scaled kernels per (role, h, M) and keep the fastest:
+    the entries of backends/triton/tuned_block_sm90.json (``config_for`` reads them by shape)."""
+    from qfx.backends.triton import block_gemm as bg
+
+    block = args.block
+    entries = []
+    for h in args.h:
+        for role in args.roles:
+            n, k = ROLES[role][0] * h, ROLES[role][1] * h
+            kinds = ("linear", "quantize") if role == "ffn_in" else ("linear",)
+            for m in args.m:
+                sets = _block_sets(m, n, k, block, device)
+                for kind in kinds:
+                    if kind == "linear":
+                        cands = [bg.BlockConfig(m, bm, bn, w, st) for bm, bn, w, st in BLOCK_CANDIDATES]
+                        call = lambda s, c: bg.int_linear_blocks(  # noqa: E731
+                            s["a"], s["a_scale"], s["a_offset"], s["w"], 8, s["w_scale"], s["w_block_sums"], s["bias"],
+                            False, torch.float16, 8, block, config=c)
+                    else:
+                        cands = [bg.BlockConfig(m, bm, block, w, st) for bm, w, st in PRODUCER_CANDIDATES]
+                        call = lambda s, c: bg.int_linear_blocks_quantize(  # noqa: E731
+                            s["a"], s["a_scale"], s["a_offset"], s["w"], 8, s["w_scale"], s["w_block_sums"], s["bias"],
+                            torch.float16, block, 8, False, None, True, config=c)
+                    timed = []
+                    for c in cands:
+                        try:
+                            timed.append((_time_graph(lambda s, c=c: call(s, c), sets), c))
+                        except Exception as e:  # a tile Triton cannot fit (shared memory, registers): not a candidate
+                            print(f"#   skip {kind} {c.block_m}x{c.block_n} w{c.warps} s{c.stages}: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
+                            torch.cuda.synchronize()
+                    t, best = min(timed, key=lambda tc: tc[0])
+                    default = bg.config_for(m)
+                    t_default = next((tt for tt, c in timed if (c.block_m, c.block_n if kind == "linear" else block,
+                                      c.warps, c.stages) == (default.block_m, default.block_n if kind == "linear"
+                                                             else block, default.warps, default.stages)), float("nan"))
+                    tops = 2.0 * m * n * k / t / 1e12
+                    print(f"# tune h={h} {role:>8} {kind:>8} M={m:>6}: {best.block_m}x{best.block_n} w{best.warps} "
+                          f"s{best.stages} {t * 1e6:8.1f} us {tops:6.0f} TOPS ({100 * tops / INT8_PEAK_TOPS:4.1f} % peak)"
+                          f" | untuned {t_default * 1e6:8.1f} us | {len(timed)} tiles", flush=True)
+                    entries.append({"kind": kind, "n": n, "k": k, "max_m": m, "block_m": best.block_m,
+                                    "block_n": best.block_n, "warps": best.warps, "stages": best.stages,
+                                    "group_m": best.group_m, "us": round(t * 1e6, 2), "role": role})
+                del sets
+                torch.cuda.empty_cache()
+    return entries
+
+
 def block_table(qc, args, device):
     cols = ("fp16", "tok", "blk", "blk_sym", "blk_q", "tok+q")
     print(f"# block-scaled act_block={args.block}: TOPS (2MNK / time; blk_q and tok+q include the quantize) | "
@@ -237,7 +295,8 @@ def main(argv=None):
     ap.add_argument("--roles", nargs="+", default=list(ROLES))
     ap.add_argument("--configs", nargs="+", default=None, help="subset of sm90 configs to tune")
     ap.add_argument("--json", default=None, help="write all rows here")
-    ap.add_argument("--tuned-out", default=None, help="write the autotuned choices here")
+    ap.add_argument("--tuned-out", default=None, help="write the autotuned choices here (with --block: the Triton "
+                    "block kernels' tiles, backends/triton/tuned_block_sm90.json)")
     ap.add_argument("--block", type=int, default=None, help="the block-scaled table for this act_block instead")
     args = ap.parse_args(argv)
 
@@ -256,6 +315,15 @@ def main(argv=None):
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | configs: {len(configs)}")
     if args.block is not None:
+        if args.tuned_out:  # tune first, then time the table with the choices just made
+            from qfx.backends.triton import block_gemm as bg
+
+            entries = tune_block(args, device)
+            with open(args.tuned_out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                           "act_block": args.block, "command": " ".join(["python benchmarks/gemm.py"] + sys.argv[1:]),
+                           "entries": entries}, f, indent=1)
+            bg._TUNED[torch.cuda.get_device_capability()] = bg.load_tuned(args.tuned_out)
         rows = block_table(qc, args, device)
         if args.json:
             with open(args.json, "w") as f:

@@ -27,7 +27,9 @@ walked in 128-wide steps of the same int32 accumulator). The kernels live in
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -35,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qfx import numerics
 from qfx.backends.triton import HAS_TRITON
 
-__all__ = ["HAS_TRITON", "CONFIGS", "BlockConfig", "config_for", "erf_form", "int_linear_blocks", "int_linear_blocks_quantize",
+__all__ = ["HAS_TRITON", "CONFIGS", "BlockConfig", "config_for", "load_tuned", "erf_form", "int_linear_blocks", "int_linear_blocks_quantize",
            "quantize_blocks", "can_implement", "register", "TritonBlockBackend", "BlockLinearLauncher",
            "BlockLinearQuantizeLauncher"]
 
@@ -57,7 +59,7 @@ class BlockConfig:
 
 #: tile configurations by M (first whose max_m >= M); BLOCK_K is the activation block. Small M: a
 #: narrower tile keeps more CTAs busy; large M: 128 x 128 x 128 int8 tiles, 3 stages (96 KiB smem).
-#: Starting points, not yet tuned on a GPU (benchmarks/gemm.py --block 128 times them per shape).
+#: The fallback where no tuned entry (:data:`TUNED_FILES`) covers a shape.
 CONFIGS = (
     BlockConfig(max_m=256, block_m=64, block_n=128, warps=4, stages=3),
     BlockConfig(max_m=1 << 62, block_m=128, block_n=128, warps=8, stages=3),
@@ -66,7 +68,44 @@ CONFIGS = (
 MAX_BLOCK_K = 128
 
 
-def config_for(m: int) -> BlockConfig:
+#: measured per-shape choices (data written by ``benchmarks/gemm.py --block 128 --tune-out``), by the
+#: compute capability they were measured on; other GPUs (and the CPU interpreter) use :data:`CONFIGS`
+TUNED_FILES = {(9, 0): Path(__file__).resolve().parent / "tuned_block_sm90.json"}
+#: the kernels whose tiles are tuned: the plain block linear and the FFN-in producer (GEMM + quantize)
+KINDS = ("linear", "quantize")
+_TUNED: dict[tuple[int, int], dict[tuple[str, int, int], list[BlockConfig]]] = {}
+
+
+def load_tuned(path: Path) -> dict[tuple[str, int, int], list[BlockConfig]]:
+    """A tuned table: ``{(kind, N, K): [BlockConfig by ascending max_m]}``; ValueError naming the entry
+    that a kernel could not launch (a tile that is not a power of two, a kind that does not exist)."""
+    table: dict[tuple[str, int, int], list[BlockConfig]] = {}
+    for i, e in enumerate(json.loads(Path(path).read_text())["entries"]):
+        cfg = BlockConfig(max_m=int(e["max_m"]), block_m=int(e["block_m"]), block_n=int(e["block_n"]),
+                          warps=int(e["warps"]), stages=int(e["stages"]), group_m=int(e.get("group_m", 8)))
+        if e["kind"] not in KINDS or any(v <= 0 or v & (v - 1) for v in (cfg.block_m, cfg.block_n, cfg.warps)):
+            raise ValueError(f"{path}: entry {i} ({e}) is not a launchable block-kernel config: kind in {KINDS}, "
+                             "block_m / block_n / warps powers of two")
+        table.setdefault((e["kind"], int(e["n"]), int(e["k"])), []).append(cfg)
+    return {key: sorted(cfgs, key=lambda c: c.max_m) for key, cfgs in table.items()}
+
+
+def _tuned_for(device) -> dict[tuple[str, int, int], list[BlockConfig]]:
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return {}
+    cap = torch.cuda.get_device_capability(device)
+    if cap not in _TUNED:
+        path = TUNED_FILES.get(cap)
+        _TUNED[cap] = load_tuned(path) if path is not None and path.exists() else {}
+    return _TUNED[cap]
+
+
+def config_for(m: int, n: int | None = None, k: int | None = None, kind: str = "linear", device=None) -> BlockConfig:
+    """The tile config for an ``[m, k] x [k, n]`` block GEMM of ``kind`` on ``device``: the tuned entry of
+    that shape measured at the smallest M >= m (the largest measured M beyond), else :data:`CONFIGS` by M."""
+    tuned = _tuned_for(device).get((kind, n, k))
+    if tuned:
+        return next((c for c in tuned if m <= c.max_m), tuned[-1])
     return next(c for c in CONFIGS if m <= c.max_m)
 
 
@@ -158,17 +197,18 @@ def erf_form(device: torch.device) -> int:
 
 
 def int_linear_blocks(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, bias, gelu, out_dtype, a_bits, act_block,
-                      symmetric: bool = False):
+                      symmetric: bool = False, config: BlockConfig | None = None):
     """``qfx::int_linear(..., act_block=B)`` on the GPU: equals
     :func:`qfx.numerics.int_linear_blocks_reference` bit for bit (``symmetric=True`` skips the offset
-    term, which is exact when ``a_offset`` is zeros: the op itself always computes it)."""
+    term, which is exact when ``a_offset`` is zeros: the op itself always computes it). ``config``
+    (the tuner's) replaces :func:`config_for`'s tile choice; tiles never change the result."""
     kernels = _kernels()
     a2, wq, sa, ca, sw, bs, block_k, sub, blocks, groups = _gemm_args(a, a_scale, a_offset, w, w_bits, w_scale,
                                                                       w_block_sums, act_block)
     m, n, k = a2.shape[0], wq.shape[0], a2.shape[1]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m:
-        cfg = config_for(m)
+        cfg = config or config_for(m, n, k, "linear", a.device)
         grid = (_cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n),)
         kernels.block_linear_kernel[grid](a2, wq, sa, ca, sw, bs, sw if bias is None else bias, out, m, n, k, blocks, groups,
                                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=sub,
@@ -180,7 +220,7 @@ def int_linear_blocks(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, bi
 
 def int_linear_blocks_quantize(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, bias, out_dtype, act_block,
                                bits: int, q_symmetric: bool, clip=None, gelu: bool = True, q_block: int | None = None,
-                               symmetric: bool = False):
+                               symmetric: bool = False, config: BlockConfig | None = None):
     """The FFN-in producer: the codes of ``gelu(int_linear(...))`` (``gelu=False``: of the linear's
     output itself) in blocks of ``q_block`` (default ``act_block``) output columns, without
     writing the output: (codes [..., N] int8, scale [..., N / q_block], offset [..., N / q_block]).
@@ -198,7 +238,7 @@ def int_linear_blocks_quantize(a, a_scale, a_offset, w, w_bits, w_scale, w_block
     scale = torch.empty(m, n // q_block, dtype=torch.float32, device=a.device)
     offset = torch.empty_like(scale)
     if m:
-        cfg = config_for(m)
+        cfg = config or config_for(m, n, k, "quantize", a.device)
         lo, hi = (0.0, 0.0) if clip is None else (float(clip[0]), float(clip[1]))
         kernels.block_linear_quantize_kernel[(_cdiv(m, cfg.block_m) * (n // q_block),)](
             a2, wq, sa, ca, sw, bs, sw if bias is None else bias, codes, scale, offset, m, n, k, blocks, groups, lo, hi,
