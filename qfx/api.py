@@ -26,8 +26,9 @@ from qfx.pipeline import COMPILE_PASSES, QAT_PASSES, PassContext, run_passes
 from qfx.runtime.report import build_report
 from qfx.runtime import Buckets, CompiledModel
 from qfx.runtime.compiled import check_input_values
-from qfx.runtime.packed import AUTO_MIN_PADDING, resolve_remove_padding
-from qfx.schema import META_CAPTURE, META_CONFIG, META_ROTATED, META_SKIP, META_STAGE, META_UNPAD, META_UNPAD_MIN_PADDING
+from qfx.runtime.packed import AUTO_MIN_PADDING, AUTO_SYNC_MIN_POSITIONS, resolve_remove_padding
+from qfx.schema import (META_CAPTURE, META_CONFIG, META_ROTATED, META_SKIP, META_STAGE, META_UNPAD, META_UNPAD_MIN_PADDING,
+                        META_UNPAD_SYNC_MIN_POSITIONS)
 from qfx.targets import Target, get_target
 
 __all__ = ["prepare_qat", "compile", "is_qat_model", "PostTrainingQuantizationWarning", "WrapperAdapter",
@@ -420,6 +421,7 @@ def _check_remove_padding(gm: GraphModule, requested: Any, remove_padding: bool 
     done = str(gm.meta.get(META_UNPAD, ""))
     if remove_padding == "auto" and done.startswith("on"):
         gm.meta[META_UNPAD_MIN_PADDING] = AUTO_MIN_PADDING
+        gm.meta[META_UNPAD_SYNC_MIN_POSITIONS] = AUTO_SYNC_MIN_POSITIONS
     if remove_padding is True and not done.startswith("on"):
         raise ValueError(f"remove_padding=True: this model cannot run packed ({done.removeprefix('off: ')}); "
                          "compile with remove_padding='auto' (packs where it can, else runs padded) or False")

@@ -35,6 +35,7 @@ __all__ = [
     "ancestors", "sdpa_mask",
     "META_LINEAR", "META_PARTS", "META_PLAN", "META_FUSED", "META_FAKE_QUANT", "META_TOKENS", "META_CAPTURE",
     "META_STAGE", "META_CONFIG", "META_SKIP", "META_ROTATED", "META_PASSES", "META_ATTENTION", "META_UNPAD", "META_UNPAD_MIN_PADDING",
+    "META_UNPAD_SYNC_MIN_POSITIONS",
     "META_FUSED_NORMS", "META_FUSED_ROTATED_NORMS",
 ]
 
@@ -86,6 +87,10 @@ META_UNPAD = "qfx_unpad"
 #: gm.meta: the padding fraction below which a packed model runs a padded call padded
 #: (remove_padding="auto": qfx.runtime.packed.AUTO_MIN_PADDING; True: 0.0)
 META_UNPAD_MIN_PADDING = "qfx_unpad_min_padding"
+#: gm.meta: the fewest positions (B x S) of a call whose GPU attention_mask a packed model reads back
+#: (one device sync) to choose its path; smaller calls run padded, unread
+#: (remove_padding="auto": qfx.runtime.packed.AUTO_SYNC_MIN_POSITIONS; True: 0)
+META_UNPAD_SYNC_MIN_POSITIONS = "qfx_unpad_sync_min_positions"
 #: gm.meta: ``(fused, why others not)`` and the rotated count (passes/fuse_norm_quant.py)
 META_FUSED_NORMS = "qfx_fused_norms"
 META_FUSED_ROTATED_NORMS = "qfx_fused_rotated_norms"

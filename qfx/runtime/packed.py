@@ -18,6 +18,12 @@ Which path a call takes (:class:`PaddingRouter`, every call of a model whose gra
   with ``remove_padding="auto"``, only when its padding fraction is at least
   :data:`AUTO_MIN_PADDING` (below it packing costs more than it saves: the token index, the row
   copies and the varlen attention against fewer skipped rows; ``True`` packs every padded call);
+* padded, unread: with ``"auto"``, a call of fewer than :data:`AUTO_SYNC_MIN_POSITIONS` positions
+  whose ``attention_mask`` is on the GPU runs the padded twin with its mask without reading the
+  mask back: counting its padding would take a device sync, which also stops the host from
+  queueing the call while the GPU still runs the previous one (at batch 1 that costs more than
+  packing a few rows saves). A CPU mask (a tokenizer's) is counted for free, so such calls still
+  pack; ``True`` reads every mask;
 * padded: the call has no padding (the graph's padded twin, :func:`padded_twin`: the same
   kernels as a padded compile, no token index, no sync), or packing would not be exact: a
   per-row output (a pooler's ``hidden[:, 0]``, logits) reads position 0 of a row where it is
@@ -61,9 +67,9 @@ from qfx.ops import gather_tokens, scatter_tokens
 from qfx.passes.attention import PACKED_ATTENTION, packed_attention_impl
 from qfx.runtime.buckets import DimRoles
 from qfx.runtime.launch_plan import module_over
-from qfx.schema import META_UNPAD_MIN_PADDING, PACK_TOKENS, REPAD_TOKENS, TOKEN_INDEX, ancestors, is_call
+from qfx.schema import META_UNPAD_MIN_PADDING, META_UNPAD_SYNC_MIN_POSITIONS, PACK_TOKENS, REPAD_TOKENS, TOKEN_INDEX, ancestors, is_call
 
-__all__ = ["AUTO_DEVICES", "AUTO_MIN_PADDING", "resolve_remove_padding", "Route", "PaddingRouter", "padded_twin", "packed_forward",
+__all__ = ["AUTO_DEVICES", "AUTO_MIN_PADDING", "AUTO_SYNC_MIN_POSITIONS", "resolve_remove_padding", "Route", "PaddingRouter", "padded_twin", "packed_forward",
            "check_index_plumbing", "packs_tokens"]
 
 aten = torch.ops.aten
@@ -72,6 +78,9 @@ AUTO_DEVICES = ("cuda",)
 #: remove_padding="auto": a call with less padding than this fraction runs the padded twin (the
 #: crossover of `python benchmarks/e2e.py --pad-sweep`, benchmarks/RESULTS.md)
 AUTO_MIN_PADDING = 0.0
+#: remove_padding="auto": the fewest positions (B x S) of a call whose GPU attention_mask is read back
+#: (one device sync) to route it; below, the call runs the padded twin with the mask, unread
+AUTO_SYNC_MIN_POSITIONS = 4096
 _MASK = "attention_mask"
 
 
@@ -303,12 +312,20 @@ class PaddingRouter:
     def __init__(self, gm: GraphModule, roles: DimRoles) -> None:
         self.reads, self.reader = _per_row_reads(gm, roles)
         self.min_padding = float(gm.meta.get(META_UNPAD_MIN_PADDING, 0.0))
+        self.sync_min_positions = int(gm.meta.get(META_UNPAD_SYNC_MIN_POSITIONS, 0))
         self.calls: Counter[str] = Counter()
 
     def route(self, mask: torch.Tensor) -> Route:
-        """The path of a call with this ``attention_mask`` (on any device: one sync for a GPU one)."""
-        tokens, first, ones = _mask_counts(mask)
+        """The path of a call with this ``attention_mask`` (on any device: one sync for a GPU one
+        that is counted, see :data:`AUTO_SYNC_MIN_POSITIONS`)."""
         b, s = mask.shape
+        if mask.device.type != "cpu" and b * s < self.sync_min_positions:
+            route = Route("padded", f"attention_mask on the GPU, {b * s} positions (< {self.sync_min_positions}): "
+                          "not read back (a device sync) for a call this small; a CPU mask is counted for free, "
+                          "remove_padding=True counts every mask", 0)
+            self.calls[route.label] += 1
+            return route
+        tokens, first, ones = _mask_counts(mask)
         if ones != tokens:  # some nonzero entry is not 1
             why = "attention_mask holds values other than 0 and 1"
         elif tokens == b * s:
@@ -331,6 +348,9 @@ class PaddingRouter:
         if self.min_padding:
             policy = (f"calls with at least {self.min_padding:.0%} padding run packed, the others run the padded "
                       "twin")
+        if self.sync_min_positions:
+            policy += (f"; a call of fewer than {self.sync_min_positions} positions with its attention_mask on the GPU "
+                       "runs padded, its mask not read back")
         if self.reads == "any":
             policy += f"; output {self.reader} reads padded positions, so every call runs padded"
         elif self.reads == "first":

@@ -143,6 +143,30 @@ def test_auto_packs_only_from_its_padding_threshold_and_true_packs_every_padded_
     assert again._router.min_padding == 0.5 and _check_exact(padded, again, little) == "padded"
 
 
+def test_auto_leaves_a_small_gpu_mask_unread_and_true_reads_it(tmp_path):
+    """remove_padding="auto": a call of fewer than AUTO_SYNC_MIN_POSITIONS positions whose mask is on
+    the GPU runs padded without a device sync (said so); larger ones, CPU masks and True are counted.
+    (A mask on the meta device stands for a GPU one: the router must decide without its values.)"""
+    model = make("bert", layers=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packed_rt, "AUTO_DEVICES", ("cuda", "cpu"))
+        auto, always = _compile(model), _compile(model, remove_padding=True)
+    assert auto._router.sync_min_positions == packed_rt.AUTO_SYNC_MIN_POSITIONS > 0
+    assert always._router.sync_min_positions == 0
+    n = packed_rt.AUTO_SYNC_MIN_POSITIONS
+    small = torch.ones(1, n - 1, dtype=torch.long, device="meta")
+    route = auto._router.route(small)
+    assert route.path == "padded" and "not read back" in route.why and f"{n - 1} positions" in route.why
+    with pytest.raises(NotImplementedError):  # counted: the meta mask has no values to read
+        auto._router.route(torch.ones(1, n, dtype=torch.long, device="meta"))
+    with pytest.raises(NotImplementedError):
+        always._router.route(small)
+    assert auto._router.route(_right([3, 2], 10)).path == "packed"  # a CPU mask is counted, however small
+    assert "positions with its attention_mask on the GPU runs padded" in auto.runtime_report()
+    qfx.save(auto, tmp_path / "auto.qfx.safetensors")
+    assert qfx.load(tmp_path / "auto.qfx.safetensors")._router.sync_min_positions == n
+
+
 def test_remove_padding_false_never_packs(pairs):
     padded, _ = pairs["bert"]
     assert not any(is_call(n, (TOKEN_INDEX, PACK_TOKENS, PACKED_ATTENTION)) for n in padded.graph_module.graph.nodes)
@@ -324,7 +348,10 @@ def _gpu_pair(float_dtype, buckets):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
         kw = dict(mode="int8", target=target, example_kwargs=inputs(2, 8), float_dtype=float_dtype, buckets=buckets)
-        return qfx.compile(model, remove_padding=False, **kw), qfx.compile(model, **kw)
+        padded, auto = qfx.compile(model, remove_padding=False, **kw), qfx.compile(model, **kw)
+    # these small calls stand for large ones: read every GPU mask, as a call of AUTO_SYNC_MIN_POSITIONS would be
+    auto._router.sync_min_positions = 0
+    return padded, auto
 
 
 def _cuda(x: dict) -> dict:
@@ -362,6 +389,16 @@ def test_gpu_auto_default_fp16_packs_padded_and_replays_dense_unpadded_calls():
     full = inputs(4, 16, pad=False)  # a CPU mask of ones filling its bucket: the unmasked graph
     auto(**full)
     assert auto.last_route.label == "padded (no padding)" and auto._graphs.last_key == (4, 16, "dense")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_runs_a_small_call_with_a_gpu_mask_padded_unread():
+    padded, auto = _gpu_pair(torch.float32, Buckets(batch=(4,), seq=(64,), token_step=16, token_buckets=4))
+    auto._router.sync_min_positions = packed_rt.AUTO_SYNC_MIN_POSITIONS
+    x = {**inputs(3, 50, seed=5), "attention_mask": _right([50, 17, 1], 50)}
+    assert _check_exact(padded, auto, _cuda(x)) == "padded" and "not read back" in auto.last_route.why
+    assert auto._graphs.last_key == (4, 64, "padded"), auto.runtime_report()
+    assert _check_exact(padded, auto, x) == "packed"  # the same call with its mask on the CPU: counted, packed
 
 
 @pytest.mark.gpu
