@@ -124,21 +124,24 @@ def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
                         "qfx int8": a, "qfx int8 unpad": b})
             print(f"pad-sweep {name} 128x128 padding {1 - real / x['attention_mask'].numel():.0%}: padded {a:.3f} ms, packed {b:.3f} ms "
                   f"({a / b:.2f}x) path {packed.last_path}", flush=True)
-    if args.batch1_sweep and padded is not None:
+    padded_modes = {k: cm for k, cm in compiled.items() if not k.endswith(" unpad")}  # int8, int8+blk128, ...
+    if args.batch1_sweep and padded_modes:
         for seq in (16, 32, 64, 128, 256, 384, 512):
             x = batch(1, seq)
             with torch.inference_mode():
                 g = median_ms(graphed(lambda: hf(**x)), args.iters)
-                q = median_ms(lambda: padded(**x), args.iters)
-            out.append({"sweep": "batch1", "model": name, "seq": seq, "hf graph": g, "qfx int8": q})
-            print(f"batch1 {name} 1x{seq}: hf graph {g:.3f} ms, qfx int8 {q:.3f} ms ({g / q:.2f}x)", flush=True)
-    if args.kernels and padded is not None:
+                qs = {k: median_ms(lambda: cm(**x), args.iters) for k, cm in padded_modes.items()}
+            out.append({"sweep": "batch1", "model": name, "seq": seq, "hf graph": g, **{f"qfx {k}": q for k, q in qs.items()}})
+            print(f"batch1 {name} 1x{seq}: hf graph {g:.3f} ms, "
+                  + ", ".join(f"qfx {k} {q:.3f} ms ({g / q:.2f}x)" for k, q in qs.items()), flush=True)
+    if args.kernels and padded_modes:
         x = batch(1, 128)
         with torch.inference_mode():
-            n, us = kernel_count(lambda: padded(**x))
             hn, hus = kernel_count(graphed(lambda: hf(**x)))
-        out.append({"sweep": "kernels", "model": name, "qfx int8": [n, us], "hf graph": [hn, hus]})
-        print(f"kernels {name} 1x128: qfx int8 {n} kernels, {us:.1f} us each; hf graph {hn} kernels, {hus:.1f} us each")
+            counts = {k: kernel_count(lambda: cm(**x)) for k, cm in padded_modes.items()}
+        out.append({"sweep": "kernels", "model": name, "hf graph": [hn, hus], **{f"qfx {k}": list(v) for k, v in counts.items()}})
+        print(f"kernels {name} 1x128: hf graph {hn} kernels, {hus:.1f} us each; "
+              + "; ".join(f"qfx {k} {n} kernels, {us:.1f} us each" for k, (n, us) in counts.items()), flush=True)
     return out
 
 
