@@ -218,18 +218,19 @@ PRODUCER_CANDIDATES = ((64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8,
                        (32, 4, 4))
 
 
-def tune_block(args, device) -> list[dict]:
+def tune_block(args, device, save=None) -> list[dict]:
     """Time every candidate tile of the block-scaled kernels per (role, h, M) and keep the fastest:
-    the entries of backends/triton/tuned_block_sm90.json (``config_for`` reads them by shape)."""
+    the entries of backends/triton/tuned_block_sm90.json (``config_for`` reads them by shape).
+    ``save(entries)`` is called after each shape, so a run cut short keeps what it measured."""
     from qfx.backends.triton import block_gemm as bg
 
     block = args.block
     entries = []
-    for h in args.h:
-        for role in args.roles:
-            n, k = ROLES[role][0] * h, ROLES[role][1] * h
-            kinds = ("linear", "quantize") if role == "ffn_in" else ("linear",)
-            for m in args.m:
+    for m in args.m:  # M outermost: a run cut short has every role at the first Ms given
+        for h in args.h:
+            for role in args.roles:
+                n, k = ROLES[role][0] * h, ROLES[role][1] * h
+                kinds = ("linear", "quantize") if role == "ffn_in" else ("linear",)
                 sets = _block_sets(m, n, k, block, device)
                 for kind in kinds:
                     if kind == "linear":
@@ -262,6 +263,8 @@ def tune_block(args, device) -> list[dict]:
                     entries.append({"kind": kind, "n": n, "k": k, "max_m": m, "block_m": best.block_m,
                                     "block_n": best.block_n, "warps": best.warps, "stages": best.stages,
                                     "group_m": best.group_m, "us": round(t * 1e6, 2), "role": role})
+                    if save is not None:
+                        save(entries)
                 del sets
                 torch.cuda.empty_cache()
     return entries
@@ -318,11 +321,13 @@ def main(argv=None):
         if args.tuned_out:  # tune first, then time the table with the choices just made
             from qfx.backends.triton import block_gemm as bg
 
-            entries = tune_block(args, device)
-            with open(args.tuned_out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
-                           "act_block": args.block, "command": " ".join(["python benchmarks/gemm.py"] + sys.argv[1:]),
-                           "entries": entries}, f, indent=1)
+            def save(entries):
+                with open(args.tuned_out, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                               "act_block": args.block, "command": " ".join(["python benchmarks/gemm.py"] + sys.argv[1:]),
+                               "entries": entries}, f, indent=1)
+
+            tune_block(args, device, save)
             bg._TUNED[torch.cuda.get_device_capability()] = bg.load_tuned(args.tuned_out)
         rows = block_table(qc, args, device)
         if args.json:
