@@ -61,6 +61,13 @@ assert torch.equal(bg.int_linear_blocks(q, s, c, packed, 8, s_w, bs, bias, False
 y = nx.int_linear_blocks_reference(q, s, c, q_w, s_w, bs, bias, False, torch.float16)
 got = bg.int_linear_blocks_quantize(q, s, c, packed, 8, s_w, bs, bias, torch.float16, 128, 4, True, None, False)
 assert all(torch.equal(a, b) for a, b in zip(got, nx.quantize_activation(y, 4, True, block=128)))
+# the tuner's tiles (benchmarks/gemm.py --tuned-out, config=): a tile never changes a result
+for bm, bn, warps, stages in [(64, 64, 4, 4), (128, 256, 8, 3), (256, 64, 8, 3)]:
+    tile = bg.BlockConfig(1 << 62, bm, bn, warps, stages)
+    assert torch.equal(bg.int_linear_blocks(q, s, c, packed, 8, s_w, bs, bias, False, torch.float32, 8, 128, config=tile), ref)
+    got = bg.int_linear_blocks_quantize(q, s, c, packed, 8, s_w, bs, bias, torch.float16, 128, 4, True, None, False,
+                                        config=tile)
+    assert all(torch.equal(a, b) for a, b in zip(got, nx.quantize_activation(y, 4, True, block=128))), tile
 print("interpreted kernels exact")
 """
 
