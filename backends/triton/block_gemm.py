@@ -68,12 +68,12 @@ CONFIGS = (
 MAX_BLOCK_K = 128
 
 
-#: measured per-shape choices (data written by ``benchmarks/gemm.py --block 128 --tune-out``), by the
+#: measured per-shape choices (data written by ``benchmarks/gemm.py --block 128 --tuned-out``), by the
 #: compute capability they were measured on; other GPUs (and the CPU interpreter) use :data:`CONFIGS`
 TUNED_FILES = {(9, 0): Path(__file__).resolve().parent / "tuned_block_sm90.json"}
 #: the kernels whose tiles are tuned: the plain block linear and the FFN-in producer (GEMM + quantize)
 KINDS = ("linear", "quantize")
-_TUNED: dict[tuple[int, int], dict[tuple[str, int, int], list[BlockConfig]]] = {}
+_TUNED: dict[int, dict[tuple[str, int, int], list[BlockConfig]]] = {}  # by CUDA device index: read once per device
 
 
 def load_tuned(path: Path) -> dict[tuple[str, int, int], list[BlockConfig]]:
@@ -93,11 +93,11 @@ def load_tuned(path: Path) -> dict[tuple[str, int, int], list[BlockConfig]]:
 def _tuned_for(device) -> dict[tuple[str, int, int], list[BlockConfig]]:
     if device is None or getattr(device, "type", "cpu") != "cuda":
         return {}
-    cap = torch.cuda.get_device_capability(device)
-    if cap not in _TUNED:
-        path = TUNED_FILES.get(cap)
-        _TUNED[cap] = load_tuned(path) if path is not None and path.exists() else {}
-    return _TUNED[cap]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TUNED:
+        path = TUNED_FILES.get(torch.cuda.get_device_capability(index))
+        _TUNED[index] = load_tuned(path) if path is not None and path.exists() else {}
+    return _TUNED[index]
 
 
 def config_for(m: int, n: int | None = None, k: int | None = None, kind: str = "linear", device=None) -> BlockConfig:

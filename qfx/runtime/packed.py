@@ -286,6 +286,8 @@ class Route:
 
 
 NO_PADDING = "no padding"
+#: the runtime report's count of calls routed padded with their GPU mask unread
+UNREAD = "padded (small call, GPU mask not read back)"
 
 
 def _mask_counts(mask: torch.Tensor) -> tuple[int, int, int]:
@@ -320,11 +322,10 @@ class PaddingRouter:
         that is counted, see :data:`AUTO_SYNC_MIN_POSITIONS`)."""
         b, s = mask.shape
         if mask.device.type != "cpu" and b * s < self.sync_min_positions:
-            route = Route("padded", f"attention_mask on the GPU, {b * s} positions (< {self.sync_min_positions}): "
-                          "not read back (a device sync) for a call this small; a CPU mask is counted for free, "
-                          "remove_padding=True counts every mask", 0)
-            self.calls[route.label] += 1
-            return route
+            self.calls[UNREAD] += 1  # one count per reason, whatever the call's size
+            return Route("padded", f"attention_mask on the GPU, {b * s} positions (< {self.sync_min_positions}): "
+                         "not read back (a device sync) for a call this small; a CPU mask is counted for free, "
+                         "remove_padding=True counts every mask", 0)
         tokens, first, ones = _mask_counts(mask)
         if ones != tokens:  # some nonzero entry is not 1
             why = "attention_mask holds values other than 0 and 1"
