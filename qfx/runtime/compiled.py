@@ -171,6 +171,8 @@ class CompiledModel(nn.Module):
                                      dense_forward=None if dense is None else dense.forward,
                                      token_index=self.launch_plan.token_index,
                                      padded_forward=self._padded_module().forward if self._router else None)
+            if self._router is not None:  # calls replay bucketed graphs: the router weighs their token buckets
+                self._router.buckets = self._buckets
         return self._graphs
 
     def report(self) -> CompileReport:

@@ -24,6 +24,10 @@ Which path a call takes (:class:`PaddingRouter`, every call of a model whose gra
   queueing the call while the GPU still runs the previous one (at batch 1 that costs more than
   packing a few rows saves). A CPU mask (a tokenizer's) is counted for free, so such calls still
   pack; ``True`` reads every mask;
+* padded, no saving: calls that replay CUDA graphs run bucketed shapes, so a packed call runs its
+  token bucket (:meth:`qfx.runtime.buckets.Buckets.tokens`); when that fills the call's
+  (batch, seq) bucket (batch 1: 104 real tokens of 128 round up to 128) packing skips no row and
+  only adds the token index and the row copies, so the call runs the padded twin;
 * padded: the call has no padding (the graph's padded twin, :func:`padded_twin`: the same
   kernels as a padded compile, no token index, no sync), or packing would not be exact: a
   per-row output (a pooler's ``hidden[:, 0]``, logits) reads position 0 of a row where it is
@@ -65,7 +69,7 @@ except ImportError:  # torch runs without numpy: the router counts with torch op
 
 from qfx.ops import gather_tokens, scatter_tokens
 from qfx.passes.attention import PACKED_ATTENTION, packed_attention_impl
-from qfx.runtime.buckets import DimRoles
+from qfx.runtime.buckets import Buckets, DimRoles
 from qfx.runtime.launch_plan import module_over
 from qfx.schema import META_UNPAD_MIN_PADDING, META_UNPAD_SYNC_MIN_POSITIONS, PACK_TOKENS, REPAD_TOKENS, TOKEN_INDEX, ancestors, is_call
 
@@ -75,8 +79,10 @@ __all__ = ["AUTO_DEVICES", "AUTO_MIN_PADDING", "AUTO_SYNC_MIN_POSITIONS", "resol
 aten = torch.ops.aten
 #: the target devices where ``remove_padding="auto"`` packs (see the module doc for the CPU)
 AUTO_DEVICES = ("cuda",)
-#: remove_padding="auto": a call with less padding than this fraction runs the padded twin (the
-#: crossover of `python benchmarks/e2e.py --pad-sweep`, benchmarks/RESULTS.md)
+#: remove_padding="auto": a call with less padding than this fraction runs the padded twin.
+#: `python benchmarks/e2e.py --pad-sweep` (benchmarks/RESULTS.md, H200 2026-12-07): BERT-base 128 x 128
+#: packed is 1.16x padded at 25 % padding and 1.60x at 50 %, so no threshold above 0 is justified; the
+#: rule that does bind below that is the token bucket's (a call whose bucket saves no row runs padded)
 AUTO_MIN_PADDING = 0.0
 #: remove_padding="auto": the fewest positions (B x S) of a call whose GPU attention_mask is read back
 #: (one device sync) to route it; below, the call runs the padded twin with the mask, unread
@@ -315,6 +321,9 @@ class PaddingRouter:
         self.reads, self.reader = _per_row_reads(gm, roles)
         self.min_padding = float(gm.meta.get(META_UNPAD_MIN_PADDING, 0.0))
         self.sync_min_positions = int(gm.meta.get(META_UNPAD_SYNC_MIN_POSITIONS, 0))
+        #: the CUDA-graph buckets when calls replay graphs (set by the runtime): a packed call then
+        #: runs its token bucket, and one that fills its (batch, seq) bucket saves nothing
+        self.buckets: Buckets | None = None
         self.calls: Counter[str] = Counter()
 
     def route(self, mask: torch.Tensor) -> Route:
@@ -338,11 +347,24 @@ class PaddingRouter:
         elif 1 - tokens / (b * s) < self.min_padding:
             why = (f"padding {1 - tokens / (b * s):.0%} is below {self.min_padding:.0%}, where remove_padding='auto' "
                    "starts to pack (True packs every padded call)")
+        elif (bucket := self._bucket_saves_nothing(b, s, tokens)) is not None:
+            # measured (benchmarks/RESULTS.md, 1 x 128 with 104 real tokens): the packed graph of the
+            # same size costs the pack / repad and the index, so the padded twin is faster
+            why = (f"packing saves no positions: {tokens} real tokens round up to token bucket {bucket[1]}, "
+                   f"all of the padded bucket {bucket[0]}")
         else:
             why = ""
         route = Route("padded" if why else "packed", why, tokens)
         self.calls[route.label] += 1
         return route
+
+    def _bucket_saves_nothing(self, b: int, s: int, tokens: int) -> tuple[tuple[int, int], int] | None:
+        """((batch, seq) bucket, token bucket) of a call whose token bucket fills its padded bucket."""
+        if self.buckets is None or (fit := self.buckets.fit(b, s)) is None:
+            return None
+        slots = fit[0] * fit[1]
+        bucket = self.buckets.tokens(tokens, slots)
+        return (fit, bucket) if bucket >= slots else None
 
     def describe(self) -> str:
         policy = "calls with padding run packed, calls without run the padded twin"
@@ -352,6 +374,8 @@ class PaddingRouter:
         if self.sync_min_positions:
             policy += (f"; a call of fewer than {self.sync_min_positions} positions with its attention_mask on the GPU "
                        "runs padded, its mask not read back")
+        if self.buckets is not None:
+            policy += "; a call whose token bucket fills its (batch, seq) bucket runs padded (packing saves nothing)"
         if self.reads == "any":
             policy += f"; output {self.reader} reads padded positions, so every call runs padded"
         elif self.reads == "first":

@@ -167,6 +167,24 @@ def test_auto_leaves_a_small_gpu_mask_unread_and_true_reads_it(tmp_path):
     assert qfx.load(tmp_path / "auto.qfx.safetensors")._router.sync_min_positions == n
 
 
+def test_a_call_whose_token_bucket_fills_its_bucket_runs_padded(pairs):
+    """With CUDA graphs (buckets set), a packed call runs its token bucket: when that is the whole
+    (batch, seq) bucket nothing is skipped, so the call runs the padded twin and says why; a call
+    whose token bucket is smaller still packs. (The CPU runtime has no graphs: the router is given
+    the buckets here, as the GPU runtime does.)"""
+    _, auto = pairs["bert"]
+    router = copy.copy(auto._router)
+    router.calls = type(router.calls)()
+    router.buckets = Buckets(batch=(1, 4), seq=(128,), token_step=64, token_buckets=4)
+    one = router.route(_right([104], 128))  # 104 real tokens: token bucket 128 = the 1 x 128 bucket
+    assert one.path == "padded" and "saves no positions" in one.why and "bucket 128" in one.why, one
+    assert router.route(_right([60], 128)).path == "packed"  # token bucket 64 < 128
+    assert router.route(_right([128, 100, 90, 20], 128)).path == "packed"  # 338 -> 384 of 512
+    assert "packing saves nothing" in router.describe()
+    router.buckets = None
+    assert router.route(_right([104], 128)).path == "packed"  # direct launch packs exactly 104 rows
+
+
 def test_remove_padding_false_never_packs(pairs):
     padded, _ = pairs["bert"]
     assert not any(is_call(n, (TOKEN_INDEX, PACK_TOKENS, PACKED_ATTENTION)) for n in padded.graph_module.graph.nodes)

@@ -180,14 +180,18 @@ def test_gpu_capture_failure_falls_back_to_direct_launch_and_says_why():
     with torch.inference_mode():
         want = cm.launch_plan.module.forward(**normalize_inputs(cm._capture, (), x)).logits
     pool = cm._pool()
-    real = pool.forward
 
-    def refuses_capture(**kw):
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("operation not permitted when stream is capturing")
-        return real(**kw)
+    def refuses_capture(real):
+        def forward(**kw):
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return real(**kw)
+        return forward
 
-    pool.forward = refuses_capture
+    # a call this small with its mask on the GPU runs the padded twin (remove_padding="auto"): refuse both
+    pool.forward = refuses_capture(pool.forward)
+    if pool.padded_forward is not None:
+        pool.padded_forward = refuses_capture(pool.padded_forward)
     with pytest.warns(RuntimeWarning, match="capture failed"):
         got = cm(**x).logits
     assert torch.equal(got, want)  # direct launch: the same kernels, eagerly

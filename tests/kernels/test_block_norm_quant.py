@@ -36,11 +36,13 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installe
 _FITS = lambda k, dtype, block: (True, "")  # noqa: E731  (the kernel's rule: its own test below)
 
 
-def _qat(cfg, layers=2, hidden=64, seed=0, family="bert_cls"):
+def _qat(cfg, layers=2, hidden=64, seed=0, family="bert_cls", device="cpu"):
+    """A QAT twin captured on ``device`` (torch.export bakes the device into the graph)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return qfx.prepare_qat(make(family, layers=layers, hidden=hidden, heads=2, seed=seed),
-                               example_kwargs=inputs(2, 8), config=cfg).eval()
+        model = make(family, layers=layers, hidden=hidden, heads=2, seed=seed).to(device)
+        example = {k: v.to(device) for k, v in inputs(2, 8).items()}
+        return qfx.prepare_qat(model, example_kwargs=example, config=cfg).eval()
 
 
 def _compile(cfg, float_dtype, layers=2):
@@ -304,7 +306,7 @@ def test_gpu_block_scaled_model_fuses_its_layer_norms_and_runs_the_kernel(cfg, d
     """qfx.compile on the GPU (fp16 / bf16 float parts): every LayerNorm feeding a block-scaled quantize is one
     fused op on backend 'triton', the launch plan binds it, and the model agrees with the same graph whose fused
     ops run on the reference (torch's LayerNorm; the same everywhere else) up to LayerNorm rounding."""
-    qat = _qat(cfg, layers=2, hidden=256, family="bert").cuda()
+    qat = _qat(cfg, layers=2, hidden=256, family="bert", device="cuda")
     compiled = qfx.compile(qat, mode=f"int{cfg.weight_bits}", target=qfx.detect_target().name, float_dtype=dtype)
     gm = compiled.graph_module
     nodes = _fused(gm)

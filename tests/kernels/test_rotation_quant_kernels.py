@@ -207,7 +207,8 @@ def test_gpu_rotated_model_runs_the_fused_kernels():
     x = {k: v.cuda() for k, v in inputs(3, 37, seed=5).items()}
     with torch.no_grad():
         twin = qat(**x).last_hidden_state
-        exact = qfx.compile(qat, mode="int4", target=target.name, float_dtype=torch.float32)
+        # padded (remove_padding=False): the whole output, padding positions included, is the twin's
+        exact = qfx.compile(qat, mode="int4", target=target.name, float_dtype=torch.float32, remove_padding=False)
         assert torch.equal(exact(**x).last_hidden_state, twin)
         big = {k: v.cuda() for k, v in inputs(128, 64, seed=6).items()}  # 8,192 tokens: the large-tensor path
         assert torch.equal(exact(**big).last_hidden_state, qat(**big).last_hidden_state)

@@ -308,7 +308,7 @@ def test_gpu_unpadded_graphs_replay_what_the_padded_model_computes(mode):
         direct = unpadded.launch_plan.module.forward(**normalize_inputs(unpadded._capture, (), x)).last_hidden_state
     cos = torch.nn.functional.cosine_similarity(got[real].float().flatten(), direct[real].float().flatten(), dim=0)
     assert cos > 0.999, cos
-    x["attention_mask"] = _mask([50, 50, 50], 50).cuda()  # 150 tokens: another token bucket
+    x["attention_mask"] = _mask([50, 50, 49], 50).cuda()  # 149 tokens: another token bucket (no padding: padded)
     unpadded(**x)
     assert unpadded._graphs.last_key == (4, 64, 160) and len(unpadded._graphs.graphs) == 2
     report = unpadded.runtime_report()
