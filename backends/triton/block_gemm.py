@@ -24,6 +24,14 @@ them once to int8 codes and keep that copy (the kernels then read int8 weights).
 data (:data:`CONFIGS`); ``BLOCK_K`` is the activation block (at most 128; a larger block is
 walked in 128-wide steps of the same int32 accumulator). The kernels live in
 :mod:`qfx.backends.triton.block_gemm_kernels`, imported (with Triton) on first use.
+
+Speed (benchmarks/RESULTS.md, H200): ~20 % of the INT8 peak at M >= 8192 with the tuned tiles,
+0.3-0.6x the token-wise CUTLASS kernel. The promotion, not the MMA, bounds it: per output element
+and K block, 6 CUDA-core operations in the definition's order (int -> fp32 as an integer add and an
+fp32 subtract, the scale, the offset term's multiply and add, the accumulate) cost ~1.8x the
+block's int8 wgmma time at peak, and ``tl.dot`` is waited on before its promotion, so the two never
+overlap. A warp-specialised kernel (two consumer warpgroups, one promoting while the other's wgmma
+runs) is bounded near 50 % (asymmetric) / 70 % (symmetric, 4 operations) by that count.
 """
 from __future__ import annotations
 
