@@ -175,23 +175,20 @@ def test_gpu_unpadded_calls_replay_the_unmasked_graph():
 
 @pytest.mark.gpu
 def test_gpu_capture_failure_falls_back_to_direct_launch_and_says_why():
-    cm = _ptq(make("bert_cls", layers=1, hidden=64, heads=2), target=qfx.detect_target().name)
+    # padded (remove_padding=False): every call replays the launch plan's graph, the one refused below
+    cm = _ptq(make("bert_cls", layers=1, hidden=64, heads=2), target=qfx.detect_target().name, remove_padding=False)
     x = _cuda_inputs(2, 12)
     with torch.inference_mode():
         want = cm.launch_plan.module.forward(**normalize_inputs(cm._capture, (), x)).logits
     pool = cm._pool()
+    real = pool.forward
 
-    def refuses_capture(real):
-        def forward(**kw):
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("operation not permitted when stream is capturing")
-            return real(**kw)
-        return forward
+    def refuses_capture(**kw):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(**kw)
 
-    # a call this small with its mask on the GPU runs the padded twin (remove_padding="auto"): refuse both
-    pool.forward = refuses_capture(pool.forward)
-    if pool.padded_forward is not None:
-        pool.padded_forward = refuses_capture(pool.padded_forward)
+    pool.forward = refuses_capture
     with pytest.warns(RuntimeWarning, match="capture failed"):
         got = cm(**x).logits
     assert torch.equal(got, want)  # direct launch: the same kernels, eagerly
