@@ -2,7 +2,8 @@
 plan report, ``python -m qfx plan`` and the choice ``qfx.compile(..., tune=...)`` applies
 (:func:`choose_parts`).
 
-Modules, each importing only those before it: :mod:`~qfx.tune.cost_model` (modelled times),
+Modules, each importing only those before it: :mod:`~qfx.tune.block_cost` (the block-scaled
+promotion term), :mod:`~qfx.tune.cost_model` (modelled times),
 :mod:`~qfx.tune.parts` (precisions, scenarios, the layer parts of a model),
 :mod:`~qfx.tune.measure` (launchers, timer, on-disk cache), :mod:`~qfx.tune.autotune` (the
 plan), :mod:`~qfx.tune.plan_report` (the per-part table, as data and as text),

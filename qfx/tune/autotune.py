@@ -305,8 +305,8 @@ def autotune(
         origin = f"measured on {gpu} (GEMM + quantize/epilogue kernels); float parts modelled"
     else:
         origin = (f"modelled for {target.name} ({target.gpu}), not measured: roofline from published peaks and "
-                  f"bandwidth" + (f"; block-scaled activations (act_block={block}): per-block promotion at assumed "
-                                  f"CUDA-core rates (cost_model.SM_RATES), not calibrated" if block is not None else "")
+                  f"bandwidth" + (f"; block-scaled activations (act_block={block}): per-block promotion at "
+                                  f"CUDA-core rates (cost_model.SM_RATES), checked on sm_90 only" if block is not None else "")
                   + (f"; trust: {evidence.trust_statement(target)}" if target.is_gpu else ""))
 
     unique = sorted({dataclasses.replace(s, layer=None) for s in specs}, key=repr)  # one timing per GEMM kind

@@ -56,12 +56,14 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from qfx.targets import Target, get_target
+from qfx.tune.block_cost import (OFFSET_TERM_COST, SM_RATES, block_kernel_name, promotion_cost, promotion_ops,
+                                  promotion_us)
 
 __all__ = [
     "KernelFit", "FIT", "TILES", "GemmEstimate", "gemm_time", "quantize_time", "epilogue_time",
     "elementwise_time", "attention_time", "part_time", "fused_quantize_time", "QUANTIZE_IN_NORM", "PartEstimate", "ModelShape", "MODEL_SHAPES",
     "model_latency", "BYTES_PER_ELEMENT", "PIPELINES", "TILES_BY_FAMILY", "fit_for", "fit_key", "codes_bytes",
-    "SM_RATES", "block_kernel_name", "promotion_ops", "promotion_us", "quantize_bytes",
+    "SM_RATES", "OFFSET_TERM_COST", "block_kernel_name", "promotion_ops", "promotion_cost", "promotion_us", "quantize_bytes",
 ]
 
 #: bytes per element of each GEMM operand precision
@@ -143,38 +145,6 @@ def fit_key(target: Target) -> str:
 def fit_for(target: Target, kind: str) -> KernelFit:
     """The :data:`FIT` factors of ``kind`` ("int", "fp16", "memory", "attention", "quantize") for ``target``."""
     return FIT[fit_key(target)][kind]
-
-
-#: Block-scaled activations (``QuantConfig(act_block=B)``, backends/cutlass/EPILOGUES.md), modelled, not yet
-#: measured: each K block's int32 accumulator is promoted on the CUDA cores (the exact conversion of the
-#: Triton kernel, an int32 add and an fp32 subtract, then :func:`promotion_ops` fp32 operations per output
-#: element and block, no fma) by the warps that issue the MMAs (no overlap assumed). Per SM and clock: dense
-#: INT8 tensor-core ops (architecture whitepapers), fp32 add / mul results, int32 add results (CUDA C
-#: Programming Guide's throughput table: assumed, calibrate with benchmarks/gemm.py --block); the clock is
-#: the INT8 peak over the first.
-SM_RATES: dict[str, tuple[int, int, int]] = {
-    "sm_80": (4096, 64, 64), "sm_86": (2048, 128, 64), "sm_89": (2048, 128, 64), "sm_90": (8192, 128, 64),
-}
-
-
-def block_kernel_name(target: Target, bits: int, act_block: int) -> str:
-    """The kernel a block-scaled GEMM runs, as plans name it: sm80 family, backends/cutlass/block_linear.py's; else Triton's."""
-    return f"{'cutlass sm80' if target.family == 'sm80' else 'triton'} block {target.mma_operand(bits, bits)} (act_block={act_block})"
-
-
-def promotion_ops(symmetric: bool, grouped: bool = False) -> int:
-    """fp32 operations per output element per activation block: scale, accumulate; the offset
-    term (multiply, add) when asymmetric; the group scale with grouped weights."""
-    return 2 + (0 if symmetric else 2) + int(grouped)
-
-
-def promotion_us(target: Target, elements_blocks: float, symmetric: bool = True) -> float:
-    """CUDA-core time of one SM promoting ``elements_blocks`` (output elements x K blocks), microseconds."""
-    if target.name not in SM_RATES:
-        raise ValueError(f"target {target.name}: the cost model has no CUDA-core rates for block-scaled activations")
-    int8_clk, fp32_clk, int_add_clk = SM_RATES[target.name]
-    clocks_per_us = target.peak_for("int8") * 1e6 / (target.sm_count * int8_clk)
-    return elements_blocks * (1 / int_add_clk + (1 + promotion_ops(symmetric)) / fp32_clk) / clocks_per_us
 
 
 def codes_bytes(target: Target, bits: int) -> float:

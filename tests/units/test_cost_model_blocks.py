@@ -73,7 +73,9 @@ def test_block_gemm_promotion_and_scales_follow_the_formula(symmetric):
     int8_clk, fp32_clk, int_add_clk = H100_RATES
     clocks_per_us = 1978.9e6 / (132 * int8_clk)  # the H100's INT8 peak over its SMs' int8 ops per clock: ~1.83 GHz
     assert 1800 < clocks_per_us < 1850
-    ops = 2 if symmetric else 4  # scale and accumulate; + the offset term (multiply, add)
+    # scale and accumulate; + the offset term, timed as 7 fp32 operations (its multiply and add and the per-block
+    # loads of its operands: fitted on the H200, tests/units/test_cost_model.py)
+    ops = 2 if symmetric else 2 + 7
     per_tile = 128 * 128 * (k / block) * (1 / int_add_clk + (1 + ops) / fp32_clk) / clocks_per_us
     assert math.isclose(blocks.compute_us - token.compute_us, waves * per_tile, rel_tol=1e-9)
     assert math.isclose(blocks.bytes_moved - token.bytes_moved, _scale_bytes(m, n, k, block, symmetric), rel_tol=1e-12)
