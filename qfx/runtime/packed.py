@@ -294,6 +294,8 @@ class Route:
 NO_PADDING = "no padding"
 #: the runtime report's count of calls routed padded with their GPU mask unread
 UNREAD = "padded (small call, GPU mask not read back)"
+#: the runtime report's count of calls routed padded because their token bucket fills their bucket
+NO_SAVING = "padded (token bucket fills the bucket: packing saves nothing)"
 
 
 def _mask_counts(mask: torch.Tensor) -> tuple[int, int, int]:
@@ -350,8 +352,9 @@ class PaddingRouter:
         elif (bucket := self._bucket_saves_nothing(b, s, tokens)) is not None:
             # measured (benchmarks/RESULTS.md, 1 x 128 with 104 real tokens): the packed graph of the
             # same size costs the pack / repad and the index, so the padded twin is faster
-            why = (f"packing saves no positions: {tokens} real tokens round up to token bucket {bucket[1]}, "
-                   f"all of the padded bucket {bucket[0]}")
+            self.calls[NO_SAVING] += 1  # one count per reason, whatever the call's size
+            return Route("padded", f"packing saves no positions: {tokens} real tokens round up to token bucket "
+                         f"{bucket[1]}, all of the padded bucket {bucket[0]}", tokens)
         else:
             why = ""
         route = Route("padded" if why else "packed", why, tokens)

@@ -180,7 +180,8 @@ def test_a_call_whose_token_bucket_fills_its_bucket_runs_padded(pairs):
     assert one.path == "padded" and "saves no positions" in one.why and "bucket 128" in one.why, one
     assert router.route(_right([60], 128)).path == "packed"  # token bucket 64 < 128
     assert router.route(_right([128, 100, 90, 20], 128)).path == "packed"  # 338 -> 384 of 512
-    assert "packing saves nothing" in router.describe()
+    router.route(_right([120], 128))
+    assert router.calls[packed_rt.NO_SAVING] == 2 and "packing saves nothing" in router.describe()  # one label
     router.buckets = None
     assert router.route(_right([104], 128)).path == "packed"  # direct launch packs exactly 104 rows
 
