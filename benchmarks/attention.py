@@ -20,7 +20,9 @@ padded batches of lengths uniform in [S/4, S], each replayed from a CUDA graph:
     padded_bias_<backend>  SDPA over the padded [B, H, S, D] with the [B, 1, 1, S] bias
                            (what the padded model runs), efficient / cuDNN backends
     varlen_flash           aten._flash_attention_forward over the packed real tokens with
-                           cu_seqlens (what qfx::packed_attention runs)
+                           cu_seqlens (what qfx::packed_attention runs); _contiguous: q/k/v
+                           copied out of the fused QKV rows first; _true_max: max_seqlen the
+                           longest real sequence instead of the padded S
     varlen_api             torch.nn.attention.varlen.varlen_attn (torch's public wrapper; it
                            may pick cuDNN's ragged kernel)
 
@@ -80,6 +82,12 @@ def varlen_rows(b: int, s: int, h: int, d: int) -> list[dict]:
         variants[name] = run
     variants["varlen_flash"] = lambda: torch.ops.aten._flash_attention_forward(
         qp, kp, vp, cu, cu, s, s, 0.0, False, False, scale=d ** -0.5)[0]
+    qc, kc, vc = (t.contiguous() for t in (qp, kp, vp))
+    variants["varlen_flash_contiguous"] = lambda: torch.ops.aten._flash_attention_forward(
+        qc, kc, vc, cu, cu, s, s, 0.0, False, False, scale=d ** -0.5)[0]
+    longest = int(lengths.max())
+    variants["varlen_flash_true_max"] = lambda: torch.ops.aten._flash_attention_forward(
+        qp, kp, vp, cu, cu, longest, longest, 0.0, False, False, scale=d ** -0.5)[0]
     try:
         from torch.nn.attention.varlen import varlen_attn
 

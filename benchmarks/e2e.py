@@ -104,6 +104,16 @@ def cuda_events(fn) -> list:
     return [e for e in prof.events() if e.device_type.name == "CUDA"]
 
 
+def top_kernels(fn, n: int = 10) -> list[tuple[str, int, float]]:
+    """(name cut to 60 characters, launches, ms) of the ``n`` kernels taking most time in one call."""
+    agg: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for e in cuda_events(fn):
+        t = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        agg[e.name[:60]][0] += 1
+        agg[e.name[:60]][1] += t / 1e3
+    return sorted(((k, c, ms) for k, (c, ms) in agg.items()), key=lambda r: -r[2])[:n]
+
+
 def kernel_count(fn) -> tuple[int, float]:
     """(kernels per forward, mean us per kernel) of one call after warm-up (torch.profiler)."""
     kernels = [e for e in cuda_events(fn) if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
@@ -130,10 +140,13 @@ def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
                 with torch.inference_mode():
                     row["profile"] = {k: kernel_breakdown(lambda: cm(**x)) for k, cm in (("padded", padded), ("packed", packed))}
                     row["kernels"] = {k: kernel_count(lambda: cm(**x)) for k, cm in (("padded", padded), ("packed", packed))}
+                    row["top"] = {k: top_kernels(lambda: cm(**x)) for k, cm in (("padded", padded), ("packed", packed))}
                 for k, prof in row["profile"].items():
                     n, us = row["kernels"][k]
                     print(f"pad-sweep profile {k:6s} {n} kernels ({us:.1f} us each): "
                           + ", ".join(f"{c} {v:.3f}" for c, v in sorted(prof.items(), key=lambda kv: -kv[1])), flush=True)
+                    print(f"pad-sweep top kernels {k}: " + "; ".join(f"{name} x{c} {ms:.3f} ms" for name, c, ms in row["top"][k]),
+                          flush=True)
             out.append(row)
     padded_modes = {k: cm for k, cm in compiled.items() if not k.endswith(" unpad")}  # int8, int8+blk128, ...
     if args.batch1_sweep and padded_modes:

@@ -91,6 +91,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--act-block", type=int, default=None, metavar="B",
                    help="block-scaled activations for every student: one scale (and offset) per token per block of B "
                         "input channels (QuantConfig(act_block=B), issue 23; default: token-wise, the paper's setting)")
+    p.add_argument("--rotation", type=int, default=None, metavar="B",
+                   help="rotate every quantized linear's input by a block Hadamard matrix of size B "
+                        "(QuantConfig(rotation=B), online, as examples/embedding_qat.py; default: none)")
     p.add_argument("--tag", default="", help="appended to every student's name (e.g. ' 9ep'), to tell runs apart in summarize_runs.py")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--precision", default="fp32", choices=tuple(qat.PRECISIONS),
@@ -322,6 +325,8 @@ def main(argv=None) -> dict:
         if key in only:
             if args.act_block:  # QuantConfig validates the block; prepare_qat checks it divides every K
                 config, name = dataclasses.replace(config, act_block=args.act_block), f"{name} ablk{args.act_block}"
+            if args.rotation:  # QuantConfig validates the size; prepare_qat checks it divides every K
+                config, name = dataclasses.replace(config, rotation=args.rotation), f"{name} rot{args.rotation}"
             _student(args, budget, name + args.tag, teacher, t_graph, enc, target, example, results, config, **kw)
     results["wall_s"] = time.perf_counter() - t_start
     if qat.world()[0] == 0:

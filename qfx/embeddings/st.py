@@ -270,15 +270,17 @@ class ThroughputEncode:
     texts it tokenizes, runs, and copies the result to the host (a device sync), so the GPU
     waits for the tokenizer and the tokenizer for the GPU. Here:
 
-    * the texts' token lengths are counted once (one batched call of the fast tokenizer), and
-      batches are cut by a budget of padded positions (``token_budget``, longest first:
-      :func:`qfx.runtime.buckets.token_budget_batches`), not by a count of texts;
-    * each batch is tokenized by the model's own preprocessing (the exact inputs ``encode``
-      makes), kept on the host in pinned memory and given to the compiled model as host tensors:
-      it counts the real tokens on the host (no sync to choose a token bucket) and copies them
-      asynchronously; pooling / dense / normalize run on the GPU;
+    * the texts are tokenized once, by the model's own preprocessing, a chunk of
+      :attr:`chunk_texts` at a time; within a chunk, batches are cut by a budget of padded
+      positions (``token_budget``, longest first: :func:`qfx.runtime.buckets.token_budget_batches`),
+      not by a count of texts, and each batch's inputs are rows of the chunk's, cut to the batch's
+      longest text: exactly what the preprocessing makes of the batch alone (right padding; any
+      other layout tokenizes each batch by itself);
+    * each batch is kept on the host in pinned memory and given to the compiled model as host
+      tensors: it counts the real tokens on the host (no sync to choose a token bucket) and copies
+      them asynchronously; pooling / dense / normalize run on the GPU;
     * nothing is read back until the end: one copy of all embeddings, restored to the caller's
-      order. Tokenizing batch i + 1 overlaps the GPU running batch i.
+      order. Tokenizing chunk i + 1 overlaps the GPU running chunk i.
 
     ``batch_size``, when given, caps the texts per batch (memory); ``show_progress_bar`` shows
     the batches. It is the compiled model's ``encode`` on a GPU; on the CPU ``encode`` stays
@@ -317,7 +319,7 @@ class ThroughputEncode:
 
     def embed(self, texts: list[str], batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
         """[len(texts), D] sentence embeddings on the model's device, in the order of ``texts``."""
-        from qfx.runtime.buckets import Buckets, token_budget_batches
+        from qfx.runtime.buckets import Buckets
 
         st = self.st
         holder, name = _transformer_slot(st)
@@ -325,33 +327,77 @@ class ThroughputEncode:
         compiled = adapter.inner
         device = compiled.device
         names = set(_capture_of(compiled).input_names)
-        lengths = [len(ids) for ids in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]]
         buckets = getattr(compiled, "_buckets", None) or Buckets()
         if batch_size:  # the caller's cap on texts per batch
             buckets = Buckets(tuple(b for b in buckets.batch if b < batch_size) + (batch_size,), buckets.seq)
-        batches = token_budget_batches(lengths, self.token_budget, buckets)
+        bar = None
         if progress:
             from tqdm.autonotebook import tqdm
 
-            batches = tqdm(batches, desc="Batches")
-        preprocess = getattr(st, "preprocess", None) or st.tokenize
+            bar = tqdm(total=len(texts), desc="Batches", unit="text")
         pin = device.type == "cuda"
-        outs = []
+        outs, order = [], []
         with torch.inference_mode():
-            for rows in batches:
-                features = preprocess([texts[i] for i in rows])
-                host = {k: (v.pin_memory() if pin else v) for k, v in features.items() if k in names}
-                out = compiled(**host)  # host tensors: the runtime counts tokens there, copies async
-                hidden = out[0] if isinstance(out, (tuple, list)) else out["last_hidden_state"]
-                features = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                            for k, v in {**features, **host}.items()}
-                features["token_embeddings"] = hidden.to(adapter.output_dtype)
-                for module in list(st)[1:]:
-                    features = module(features)
-                outs.append(features["sentence_embedding"])
+            for first in range(0, len(texts), self.chunk_texts):
+                chunk = texts[first:first + self.chunk_texts]
+                # the host tokenizes this chunk while the GPU still runs the previous one's batches
+                for rows, features in self._batches(chunk, buckets, names):
+                    host = {k: (v.pin_memory() if pin else v) for k, v in features.items() if k in names}
+                    out = compiled(**host)  # host tensors: the runtime counts tokens there, copies async
+                    hidden = out[0] if isinstance(out, (tuple, list)) else out["last_hidden_state"]
+                    features = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                                for k, v in {**features, **host}.items()}
+                    features["token_embeddings"] = hidden.to(adapter.output_dtype)
+                    for module in list(st)[1:]:
+                        features = module(features)
+                    outs.append(features["sentence_embedding"])
+                    order.extend(first + i for i in rows)
+                    if bar is not None:
+                        bar.update(len(rows))
+            if bar is not None:
+                bar.close()
             emb = torch.cat(outs)
-            order = torch.tensor([i for rows in getattr(batches, "iterable", batches) for i in rows], device=emb.device)
-            return torch.empty_like(emb).index_copy_(0, order, emb)
+            return torch.empty_like(emb).index_copy_(0, torch.tensor(order, device=emb.device), emb)
+
+    #: texts per call of the model's preprocessing (tokenizer): a chunk is tokenized once, its
+    #: batches are slices of it, and tokenizing the next chunk overlaps the GPU running this one
+    chunk_texts: int = 4096
+
+    def _batches(self, texts: list[str], buckets, names: set[str]):
+        """(rows of ``texts``, the model's inputs for them) per token-budget batch, longest first.
+
+        The inputs are exactly what the model's own preprocessing makes of those texts: with right
+        padding to the longest text (what sentence-transformers' tokenizers do), the batch of rows
+        R tokenized alone equals rows R of the whole chunk tokenized at once, cut to R's longest;
+        the chunk is tokenized once (values that are not tensors must be constants, e.g.
+        ``modality="text"``). Any other layout (left padding, a fixed or rounded width, per-text
+        lists) tokenizes each batch by itself."""
+        from qfx.runtime.buckets import token_budget_batches
+
+        st = self.st
+        preprocess = getattr(st, "preprocess", None) or st.tokenize
+        whole = preprocess(texts)
+        mask = whole.get("attention_mask")
+        sliceable = (getattr(st.tokenizer, "padding_side", "right") == "right" and isinstance(mask, torch.Tensor)
+                     and mask.dim() == 2 and mask.shape[0] == len(texts)
+                     and all(v.shape == mask.shape if isinstance(v, torch.Tensor) else isinstance(v, _CONSTANT)
+                             for v in whole.values()))
+        lengths = mask.sum(1).tolist() if sliceable else [
+            len(ids) for ids in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]]
+        # right padding to the longest: every row's mask is 1s then 0s, and some row fills the width
+        sliceable = sliceable and max(lengths, default=0) == mask.shape[1] and bool(
+            (mask == (torch.arange(mask.shape[1]) < mask.sum(1, keepdim=True))).all())
+        for rows in token_budget_batches(lengths, self.token_budget, buckets):
+            if sliceable:
+                index, width = torch.tensor(rows), max(lengths[i] for i in rows)
+                yield rows, {k: v.index_select(0, index)[:, :width] if isinstance(v, torch.Tensor) else v
+                             for k, v in whole.items()}
+            else:
+                yield rows, preprocess([texts[i] for i in rows])
+
+
+#: feature values that do not depend on the texts (sentence-transformers' ``modality="text"``)
+_CONSTANT = (str, int, float, bool, type(None))
 
 
 def _float_dtype(encoder: nn.Module) -> torch.dtype:

@@ -72,6 +72,44 @@ def test_the_throughput_encode_gives_the_same_embeddings_in_order(compiled_st, c
     np.testing.assert_allclose(tensor.numpy(), by_st, rtol=0, atol=2e-5)
 
 
+def test_each_batch_gets_exactly_the_inputs_the_preprocessing_makes_of_it_alone(compiled_st):
+    """The chunk is tokenized once and batches are slices of it: each must equal the model's own
+    preprocessing of that batch's texts, tensor for tensor (right padding: sliced; left padding:
+    tokenized batch by batch); every text lands in exactly one batch."""
+    from qfx.embeddings.st import ThroughputEncode
+    from qfx.runtime.buckets import Buckets
+
+    encode = ThroughputEncode(compiled_st, token_budget=96)
+    texts = _texts(29) + ["", "   "]  # empty texts: [CLS] [SEP] only
+    preprocess = getattr(compiled_st, "preprocess", None) or compiled_st.tokenize
+    names = {"input_ids", "attention_mask", "token_type_ids"}
+    tokenizer = compiled_st.tokenizer
+    side = tokenizer.padding_side
+    try:
+        for padding_side in ("right", "left"):
+            tokenizer.padding_side = padding_side
+            seen = []
+            for rows, features in encode._batches(texts, Buckets(), names):
+                want = preprocess([texts[i] for i in rows])
+                assert set(features) == set(want)
+                for k, v in want.items():
+                    assert torch.equal(features[k], v) if isinstance(v, torch.Tensor) else features[k] == v, (k, rows)
+                seen += rows
+            assert sorted(seen) == list(range(len(texts)))
+    finally:
+        tokenizer.padding_side = side
+
+
+def test_chunks_of_texts_give_the_same_embeddings_in_order(compiled_st):
+    from qfx.embeddings.st import ThroughputEncode
+
+    encode = ThroughputEncode(compiled_st, token_budget=64)
+    texts = _texts(23)
+    whole = encode(texts)
+    encode.chunk_texts = 5  # five chunks, each tokenized once; other batches pad to other widths (CPU: padded)
+    np.testing.assert_allclose(encode(texts), whole, rtol=0, atol=2e-5)
+
+
 def test_calls_the_throughput_path_does_not_serve_go_to_the_original_encode(compiled_st):
     from qfx.embeddings.st import ThroughputEncode
 
