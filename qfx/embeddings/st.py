@@ -390,7 +390,9 @@ class ThroughputEncode:
         for rows in token_budget_batches(lengths, self.token_budget, buckets):
             if sliceable:
                 index, width = torch.tensor(rows), max(lengths[i] for i in rows)
-                yield rows, {k: v.index_select(0, index)[:, :width] if isinstance(v, torch.Tensor) else v
+                # cut, then pick rows: index_select writes a new contiguous tensor (a strided slice would
+                # make the pinned host-to-device copy of each input a staged, synchronous one)
+                yield rows, {k: v[:, :width].index_select(0, index) if isinstance(v, torch.Tensor) else v
                              for k, v in whole.items()}
             else:
                 yield rows, preprocess([texts[i] for i in rows])

@@ -94,6 +94,8 @@ def test_each_batch_gets_exactly_the_inputs_the_preprocessing_makes_of_it_alone(
                 assert set(features) == set(want)
                 for k, v in want.items():
                     assert torch.equal(features[k], v) if isinstance(v, torch.Tensor) else features[k] == v, (k, rows)
+                    # contiguous: a strided host tensor cannot be copied to the GPU asynchronously in one piece
+                    assert not isinstance(v, torch.Tensor) or features[k].is_contiguous(), k
                 seen += rows
             assert sorted(seen) == list(range(len(texts)))
     finally:
