@@ -69,21 +69,17 @@ __device__ __forceinline__ float exact_float(int acc, bool small) {
   return small ? __fsub_rn(__int_as_float(acc + 0x4B400000), 12582912.0f) : __int2float_rn(acc);
 }
 
-__device__ __forceinline__ void mma_s4(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// One mma.sync per operand type: the same fragments (4 int32 accumulators, 4 + 2 registers of codes); the
+// instruction string is all that differs, and inline asm takes only a literal, hence the macro.
+#define QFX_MMA_SYNC(NAME, INSTRUCTION)                                                          \
+  __device__ __forceinline__ void NAME(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) { \
+    asm volatile(INSTRUCTION " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"        \
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));             \
+  }
+QFX_MMA_SYNC(mma_s4, "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32")
+QFX_MMA_SYNC(mma_s8, "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32")
+#undef QFX_MMA_SYNC
 
 struct BlockArgs {
   const int8_t* a;
