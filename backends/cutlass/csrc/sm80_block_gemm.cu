@@ -81,6 +81,18 @@ QFX_MMA_SYNC(mma_s4, "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32")
 QFX_MMA_SYNC(mma_s8, "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32")
 #undef QFX_MMA_SYNC
 
+// f(i, j, e) for every accumulator element of a warp's tile (i: 16-row MMA tile, j: 8-column MMA tile, e: one
+// of the 4 elements a thread holds), fully unrolled: the arrays f indexes stay in registers.
+template <class T, class F>
+__device__ __forceinline__ void for_each_accumulator(F&& f) {
+#pragma unroll
+  for (int i = 0; i < T::kMI; ++i)
+#pragma unroll
+    for (int j = 0; j < T::kNI; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(i, j, e);
+}
+
 struct BlockArgs {
   const int8_t* a;
   const uint8_t* w;
@@ -146,15 +158,10 @@ block_linear_kernel(BlockArgs p) {
 
   int acc[T::kMI][T::kNI][4];
   float part[T::kMI][T::kNI][4];
-#pragma unroll
-  for (int i = 0; i < T::kMI; ++i)
-#pragma unroll
-    for (int j = 0; j < T::kNI; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc[i][j][e] = 0;
-        part[i][j][e] = 0.f;
-      }
+  for_each_accumulator<T>([&](int i, int j, int e) {
+    acc[i][j][e] = 0;
+    part[i][j][e] = 0.f;
+  });
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
