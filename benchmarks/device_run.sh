@@ -14,6 +14,9 @@
 #   host           benchmarks/host_overhead.py (batch-1 host time of the call path)
 #   gemm-in-model  benchmarks/gemm_in_model.py --act-block 128 --block-bits 8 4
 #   large-offline  BERT-large 128x384, lengths uniform in [96, 384] (sequences/s)
+#   encode         issue 24's encode() case: 8,192 Rotten Tomatoes snippets (needs $QFX_CORPUS: the csv.bz2, and
+#                  QFX_MINILM_DIR: an fp16 copy of the packaged MiniLM), ST fp32 / fp16 vs qfx int8
+#   varlen         benchmarks/attention.py --varlen (packed attention kernels vs the padded ones, per shape)
 set -u
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-560}))
 OUT=${OUT:-/tmp/qfx_out}; mkdir -p "$OUT"
@@ -47,6 +50,10 @@ for stage in "$@"; do
                    > "$OUT/gemm_in_model.log" 2>&1 ;;
     large-offline) (cd benchmarks && timeout "$share" python e2e.py --models bert-large --modes int8 --shapes 128x384 \
                      --lengths uniform --compile-shapes none --no-direct --iters 10) > "$OUT/e2e_large_offline.log" 2>&1 ;;
+    encode) (cd benchmarks && timeout "$share" python e2e.py --models minilm-l6 --modes int8 --shapes 1x16 \
+              --compile-shapes none --no-direct --iters 5 --encode 8192 --encode-corpus "${QFX_CORPUS:?}") \
+            > "$OUT/e2e_encode.log" 2>&1 ;;
+    varlen) (cd benchmarks && timeout "$share" python attention.py --varlen) > "$OUT/attention_varlen.log" 2>&1 ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log"; continue ;;
   esac
   log "$stage rc $?"
