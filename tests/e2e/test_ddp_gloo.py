@@ -43,6 +43,7 @@ _WORKER = textwrap.dedent(
     params = model_and_optim_state(student, None)[0]  # full weights, also when FSDP shards them
     torch.save({{"params": params, "history": res.history, "steps": res.steps_done,
                 "resumed_from": res.resumed_from}}, os.path.join({out!r}, f"{{tag}}_rank{{rank}}.pt"))
+    torch.distributed.barrier()  # both ranks done with every collective before either tears gloo down
     torch.distributed.destroy_process_group()
     """
 )
