@@ -50,8 +50,8 @@ for stage in "$@"; do
                    > "$OUT/gemm_in_model.log" 2>&1 ;;
     large-offline) (cd benchmarks && timeout "$share" python e2e.py --models bert-large --modes int8 --shapes 128x384 \
                      --lengths uniform --compile-shapes none --no-direct --iters 10) > "$OUT/e2e_large_offline.log" 2>&1 ;;
-    encode) (cd benchmarks && timeout "$share" python e2e.py --models minilm-l6 --modes int8 --shapes 1x16 \
-              --compile-shapes none --no-direct --iters 5 --encode 8192 --encode-corpus "${QFX_CORPUS:?}") \
+    encode) (cd benchmarks && timeout "$share" python e2e.py --models none --encode 8192 \
+              --encode-corpus "${QFX_CORPUS:?}") \
             > "$OUT/e2e_encode.log" 2>&1 ;;
     varlen) (cd benchmarks && timeout "$share" python attention.py --varlen) > "$OUT/attention_varlen.log" 2>&1 ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log"; continue ;;

@@ -357,7 +357,7 @@ def mode_config(mode: str) -> tuple[str, "qfx.QuantConfig | None"]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="bert-base,bert-large,minilm-l6")
+    ap.add_argument("--models", default="bert-base,bert-large,minilm-l6", help="comma list, or none (e.g. with --encode)")
     ap.add_argument("--modes", default="fp16,int8,int4",
                     help="comma list of fp16, int8, int4; suffixes +rotB (int4+rot128) and +blkB (int8+blk128) add "
                          "QuantConfig(rotation=B) / QuantConfig(act_block=B)")
@@ -393,7 +393,7 @@ def main() -> None:
         encode_rows = []
         notes.append(f"encode: skipped ({type(e).__name__}: {e})")
         print(notes[-1], flush=True)
-    for name in args.models.split(","):
+    for name in [] if args.models == "none" else args.models.split(","):
         try:
             float_model = load(name)
         except FileNotFoundError as e:
@@ -454,10 +454,9 @@ def main() -> None:
                     notes.append(f"{name} {bs}x{seq}: torchao int8 failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             for mode, cm in compiled.items():
                 res[f"qfx {mode}"] = median_ms(lambda: cm(**x), args.iters)
-                pool = cm._graphs
-                key = pool.last_key if pool is not None else None
-                if pool is not None and key in pool.graphs:
-                    res[f"qfx {mode} replay"] = median_ms(pool.graphs[key].graph.replay, args.iters)
+                replay = _replay_ms(cm, args.iters)
+                if replay == replay:  # nan: the call ran no graph
+                    res[f"qfx {mode} replay"] = replay
                 if f"qfx {mode}" not in paths:
                     paths[f"qfx {mode}"] = str(cm.last_path)
                 if args.no_direct:

@@ -262,6 +262,10 @@ def compile_sentence_transformer(
     return out.eval()
 
 
+#: feature values that do not depend on the texts (sentence-transformers' ``modality="text"``)
+_CONSTANT = (str, int, float, bool, type(None))
+
+
 class ThroughputEncode:
     """``encode`` of a compiled SentenceTransformer: the same embeddings as its own ``encode``,
     computed at throughput, returned in the caller's order.
@@ -378,15 +382,17 @@ class ThroughputEncode:
         preprocess = getattr(st, "preprocess", None) or st.tokenize
         whole = preprocess(texts)
         mask = whole.get("attention_mask")
-        sliceable = (getattr(st.tokenizer, "padding_side", "right") == "right" and isinstance(mask, torch.Tensor)
-                     and mask.dim() == 2 and mask.shape[0] == len(texts)
-                     and all(v.shape == mask.shape if isinstance(v, torch.Tensor) else isinstance(v, _CONSTANT)
-                             for v in whole.values()))
-        lengths = mask.sum(1).tolist() if sliceable else [
-            len(ids) for ids in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]]
-        # right padding to the longest: every row's mask is 1s then 0s, and some row fills the width
-        sliceable = sliceable and max(lengths, default=0) == mask.shape[1] and bool(
-            (mask == (torch.arange(mask.shape[1]) < mask.sum(1, keepdim=True))).all())
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == len(texts)):
+            lengths, sliceable = [len(ids) for ids in st.tokenizer(
+                texts, truncation=True, max_length=st.max_seq_length)["input_ids"]], False
+        else:
+            real = mask.sum(1, keepdim=True)
+            lengths = real.flatten().tolist()
+            # right padding to the longest text: every row's mask is 1s then 0s, and some row fills the width
+            sliceable = (max(lengths, default=0) == mask.shape[1]
+                         and bool((mask == (torch.arange(mask.shape[1]) < real)).all())
+                         and all(v.shape == mask.shape if isinstance(v, torch.Tensor) else isinstance(v, _CONSTANT)
+                                 for v in whole.values()))
         for rows in token_budget_batches(lengths, self.token_budget, buckets):
             if sliceable:
                 index, width = torch.tensor(rows), max(lengths[i] for i in rows)
@@ -396,10 +402,6 @@ class ThroughputEncode:
                              for k, v in whole.items()}
             else:
                 yield rows, preprocess([texts[i] for i in rows])
-
-
-#: feature values that do not depend on the texts (sentence-transformers' ``modality="text"``)
-_CONSTANT = (str, int, float, bool, type(None))
 
 
 def _float_dtype(encoder: nn.Module) -> torch.dtype:
