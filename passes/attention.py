@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from qfx.backends.triton.varlen_attention import can_run as can_run_short
+from qfx.backends.triton.varlen_attention import choose as choose_short_tiles
+from qfx.backends.triton.varlen_attention import varlen_attention
 from qfx.schema import ATTENTION_OPS, META_ATTENTION, ancestors, is_call, sdpa_mask
 
 __all__ = ["key_padding_attention", "PACKED_ATTENTION", "packed_attention_impl", "check_packed_args", "attention_block",
@@ -139,9 +142,12 @@ def key_padding_attention(gm: GraphModule, dtype: torch.dtype) -> GraphModule:
 # unspecified: every later op is row-wise and repad drops them.
 #
 # Kernels (data, not a guess: benchmarks/attention.py --varlen measures them on the GPU):
-# CUDA fp16 / bf16 with a head dim flash takes -> flash attention's varlen kernel
-# (``aten._flash_attention_forward`` with cu_seqlens: the kernel torch.nn.attention.varlen
-# wraps, called without the custom-op layer); anything else (the CPU, fp32) -> the reference:
+# CUDA fp16 / bf16 with a head dim flash takes -> a varlen kernel over cu_seqlens: qfx's
+# short-tile Triton kernel where its table picks one for the call's max_seqlen
+# (:func:`qfx.backends.triton.varlen_attention.choose`, a measured table per GPU: short sequences, where flash's 128-row
+# tiles are mostly empty), else flash attention's (``aten._flash_attention_forward`` with
+# cu_seqlens: the kernel torch.nn.attention.varlen wraps, called without the custom-op layer);
+# anything else (the CPU, fp32) -> the reference:
 # the tokens repadded, the captured SDPA with its captured mask, packed again, so the result is
 # bit for bit the padded graph's (the fp32 twin's).
 
@@ -168,6 +174,12 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     """[T', H, D] attention within each cu_seqlens segment (rows past the last are left as they are)."""
     return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False,
                                                    False, scale=scale)[0]
+
+
+def short_tiles(q: torch.Tensor, head_dim: int, max_seqlen: int):
+    """The tiles of the short-tile kernel for this call, or None (flash attention's varlen kernel)."""
+    tiles = choose_short_tiles(max_seqlen, q.device)
+    return tiles if tiles is not None and can_run_short(q, head_dim)[0] else None
 
 
 def check_packed_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cu_seqlens: torch.Tensor,
@@ -210,9 +222,11 @@ def packed_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     t, f = q.shape[1], q.shape[2]
     if varlen_kernel_takes(q, heads):
         d = f // heads
-        out = flash_varlen(q[0].view(t, heads, d), k[0].view(t, heads, d), v[0].view(t, heads, d), cu_seqlens,
-                           max_seqlen, scale)
-        return out.view(1, t, f)
+        qh, kh, vh = (x[0].view(t, heads, d) for x in (q, k, v))
+        tiles = short_tiles(q, d, max_seqlen)
+        out = (varlen_attention(qh, kh, vh, cu_seqlens, max_seqlen, scale, tiles) if tiles is not None
+               else flash_varlen(qh, kh, vh, cu_seqlens, max_seqlen, scale))
+        return out.reshape(1, t, f)
     from qfx.ops import gather_tokens
 
     y = torch.nn.functional.scaled_dot_product_attention(

@@ -72,8 +72,9 @@ differently); bit-identical too in every case tried on the CPU (W4A16, ELECTRA's
 projection, fp32 and bf16). The pooler and classifier read ``hidden[:, 0]`` of a repadded
 tensor, so they see the same shapes. On a GPU the integer GEMMs are exact too; a float GEMM
 or LayerNorm kernel chosen per M may round differently, and packed attention in fp16 / bf16
-runs flash attention's varlen kernel, which rounds as the padded model's fused SDPA kernels do
-(not bit for bit: another kernel); in fp32 it runs the repadded reference, bit for bit. Padded positions of every ``[B, S, ...]`` output are zero. A batch row with no real
+runs a varlen kernel (qfx's short-tile Triton kernel or flash attention's, per a measured table:
+passes/attention.py), which rounds as the padded model's fused SDPA kernels do (not bit for bit:
+another kernel); in fp32 it runs the repadded reference, bit for bit. Padded positions of every ``[B, S, ...]`` output are zero. A batch row with no real
 token (all-zero mask) has no packed row: its hidden states are zero (what HF would compute from
 uniform attention over padding is not reproduced), e.g. its pooler output is ``tanh(bias)``; so
 the runtime runs a call with such a row (or with padding at position 0) on the graph's padded

@@ -325,11 +325,17 @@ def test_gpu_unpadded_graphs_replay_what_the_padded_model_computes(mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_varlen_attention_matches_the_repadded_reference(dtype):
-    """qfx::packed_attention's CUDA kernel (flash varlen over cu_seqlens) against its reference
-    (repad, SDPA with the key-padding mask, pack) in fp32: holes, left padding, an empty row, and
-    dummy rows of a token bucket (left unspecified, never read)."""
-    from qfx.passes.attention import packed_attention_impl, varlen_kernel_takes
+@pytest.mark.parametrize("kernel", ["table", "flash"])
+def test_gpu_varlen_attention_matches_the_repadded_reference(dtype, kernel, monkeypatch):
+    """qfx::packed_attention's CUDA kernels (the short-tile kernel its table picks at this length,
+    and flash varlen, over cu_seqlens) against its reference (repad, SDPA with the key-padding mask,
+    pack) in fp32: holes, left padding, an empty row, and dummy rows of a token bucket (left
+    unspecified, never read)."""
+    import qfx.backends.triton.varlen_attention as short
+    from qfx.passes.attention import packed_attention_impl, short_tiles, varlen_kernel_takes
+
+    if kernel == "flash":
+        monkeypatch.setattr(short, "_FLASH_ONLY", [True])
 
     heads, d, seq = 4, 64, 96
     mask = _mask([37, 0, 96, 5, 60], seq, left=(3,))
@@ -344,6 +350,7 @@ def test_gpu_varlen_attention_matches_the_repadded_reference(dtype):
     gather_c, scatter_c = (t.cuda() for t in token_rows(mask.cuda(), real + 11))
     on_gpu = [t.cuda().to(dtype) for t in (q, k, v)]
     assert varlen_kernel_takes(on_gpu[0], heads)
+    assert (short_tiles(on_gpu[0], d, seq) is None) == (kernel == "flash" or short.choose(seq, on_gpu[0].device) is None)
     got = packed_attention_impl(*on_gpu, heads, cu.cuda(), seq, gather_c, scatter_c, mask.cuda(), None)
     assert got.shape == (1, real + 11, heads * d)
     err = (got[0, :real].float().cpu() - want[0]).abs().max()
