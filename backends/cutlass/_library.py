@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Library", "load", "erf_mismatch", "QfxGemmArgs", "STATUS", "DTYPE_CODES", "ABI_VERSION"]
+__all__ = ["Library", "load", "pdl", "erf_mismatch", "QfxGemmArgs", "STATUS", "DTYPE_CODES", "ABI_VERSION"]
 
-ABI_VERSION = 2  # csrc/qfx_abi.h QFX_ABI_VERSION
+ABI_VERSION = 3  # csrc/qfx_abi.h QFX_ABI_VERSION
 LIB_NAME = "libqfx_cutlass.so"
 MANIFEST_NAME = "qfx_cutlass_manifest.json"
 
@@ -91,6 +91,22 @@ class Library:
         note = erf_mismatch(self.cuda, torch.version.cuda)
         if note:
             warnings.warn(note, stacklevel=2)
+        #: programmatic dependent launch (csrc/qfx_launch.cuh): (on, why)
+        self.pdl = self._set_pdl()
+
+    def _set_pdl(self) -> tuple[bool, str]:
+        """PDL on for an sm_90 device (each qfx kernel's launch overlaps the tail of the kernel
+        before it; they wait for it before touching memory), unless ``QFX_PDL=0``."""
+        if not self.has("qfx_set_pdl"):
+            return False, "the library predates programmatic dependent launch"
+        if os.environ.get("QFX_PDL", "1").strip() == "0":
+            on, why = False, "off (QFX_PDL=0)"
+        elif not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+            on, why = False, "off (needs sm_90: griddepcontrol)"
+        else:
+            on, why = True, "on (sm_90; QFX_PDL=0 turns it off)"
+        self.fn("qfx_set_pdl", None, [ctypes.c_int])(int(on))
+        return on, why
 
     def has(self, symbol: str) -> bool:
         return hasattr(self.cdll, symbol)
@@ -125,6 +141,13 @@ def load() -> tuple[Library | None, str]:
                 return None, f"could not load {path}: {e}"
     return None, (f"{LIB_NAME} not built (looked in {[str(p) for p in _candidates()]}); "
                   "run `pip install -e .` on a machine with nvcc, or set QFX_CUTLASS_LIB")
+
+
+def pdl() -> str:
+    """Whether qfx's kernels are launched with programmatic dependent launch, and why (the runtime
+    report's line; loads the library)."""
+    lib, why = load()
+    return lib.pdl[1] if lib is not None else f"off ({why})"
 
 
 def check(status: int, what: str) -> None:

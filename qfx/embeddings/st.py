@@ -274,8 +274,10 @@ class ThroughputEncode:
     texts it tokenizes, runs, and copies the result to the host (a device sync), so the GPU
     waits for the tokenizer and the tokenizer for the GPU. Here:
 
-    * the texts are tokenized once, by the model's own preprocessing, a chunk of
-      :attr:`chunk_texts` at a time; within a chunk, batches are cut by a budget of padded
+    * the texts are tokenized once, a chunk of :attr:`chunk_texts` at a time, by the fast
+      tokenizer's Rust backend as the model's own preprocessing sets it up, checked against the
+      preprocessing on a sample of each chunk (:mod:`qfx.embeddings.fast_tokenize`; otherwise by the
+      preprocessing itself: :attr:`tokenized_by` says which); within a chunk, batches are cut by a budget of padded
       positions (``token_budget``, longest first: :func:`qfx.runtime.buckets.token_budget_batches`),
       not by a count of texts, and each batch's inputs are rows of the chunk's, cut to the batch's
       longest text: exactly what the preprocessing makes of the batch alone (right padding; any
@@ -366,6 +368,8 @@ class ThroughputEncode:
     #: texts per call of the model's preprocessing (tokenizer): a chunk is tokenized once, its
     #: batches are slices of it, and tokenizing the next chunk overlaps the GPU running this one
     chunk_texts: int = 4096
+    #: how the last chunk was tokenized (:func:`qfx.embeddings.fast_tokenize.tokenize_chunk` or the preprocessing, and why)
+    tokenized_by: str = ""
 
     def _batches(self, texts: list[str], buckets, names: set[str]):
         """(rows of ``texts``, the model's inputs for them) per token-budget batch, longest first.
@@ -378,9 +382,15 @@ class ThroughputEncode:
         lists) tokenizes each batch by itself."""
         from qfx.runtime.buckets import token_budget_batches
 
+        from qfx.embeddings.fast_tokenize import tokenize_chunk
+
         st = self.st
         preprocess = getattr(st, "preprocess", None) or st.tokenize
-        whole = preprocess(texts)
+        whole, why = tokenize_chunk(st, texts, preprocess)
+        self.tokenized_by = "the fast tokenizer's Rust backend (checked against the preprocessing)" if whole else \
+            f"the model's preprocessing ({why})"
+        if whole is None:
+            whole = preprocess(texts)
         mask = whole.get("attention_mask")
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == len(texts)):
             lengths, sliceable = [len(ids) for ids in st.tokenizer(

@@ -208,6 +208,10 @@ class CompiledModel(nn.Module):
             direct = self.last_path[0] == "direct"
             route = f"{self.last_route.label}, " if self.last_route is not None else ""
             lines.append(f"last call: {route}{'direct launch, ' + self.last_path[1] if direct else f'graph {self.last_path}'}")
+        if self.device.type == "cuda":
+            from qfx.backends.cutlass._library import pdl
+
+            lines.append(f"programmatic dependent launch of qfx's CUDA kernels: {pdl()}")
         if self._plan is not None:
             lines.append(f"direct launch: {len(self._plan.bound)} integer op(s) bound to launchers")
             for name, why in self._plan.unbound.items():

@@ -102,6 +102,32 @@ def test_each_batch_gets_exactly_the_inputs_the_preprocessing_makes_of_it_alone(
         tokenizer.padding_side = side
 
 
+def test_the_rust_backend_tokenizes_a_chunk_as_the_preprocessing_does(compiled_st):
+    """qfx.embeddings.fast_tokenize: the whole chunk, tensor for tensor, with the texts the sample
+    check picks (whitespace, non-ASCII, empty, past the model's length); a preprocessing that does
+    something the backend does not is caught by the sample check, with the text named; the
+    throughput path says which tokenization ran."""
+    from qfx.embeddings.fast_tokenize import sample_rows, tokenize_chunk
+    from qfx.embeddings.st import ThroughputEncode
+    from qfx.runtime.buckets import Buckets
+
+    texts = _texts(40) + ["  leading", "trailing  ", "caf\u00e9 na\u00efve \u00dcber", "", " ".join(["w7"] * 700)]
+    assert {40, 41, 42, 44} <= set(sample_rows(texts))  # whitespace, non-ASCII and the longest are checked
+    preprocess = getattr(compiled_st, "preprocess", None) or compiled_st.tokenize
+    whole, why = tokenize_chunk(compiled_st, texts, preprocess)
+    assert whole is not None, why
+    want = preprocess(texts)
+    assert set(whole) == set(want)
+    for k, v in want.items():
+        assert torch.equal(whole[k], v) if isinstance(v, torch.Tensor) else whole[k] == v, k
+    suffixed = lambda ts: preprocess([t + " w3" for t in ts])  # noqa: E731 - a preprocessing that edits texts
+    whole, why = tokenize_chunk(compiled_st, texts, suffixed)
+    assert whole is None and "input_ids of text 0 differs" in why, why
+    encode = ThroughputEncode(compiled_st, token_budget=96)
+    list(encode._batches(texts, Buckets(), {"input_ids", "attention_mask", "token_type_ids"}))
+    assert encode.tokenized_by.startswith("the fast tokenizer's Rust backend"), encode.tokenized_by
+
+
 def test_chunks_of_texts_give_the_same_embeddings_in_order(compiled_st):
     from qfx.embeddings.st import ThroughputEncode
 

@@ -4,7 +4,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define QFX_ABI_VERSION 2
+#define QFX_ABI_VERSION 3
 #define QFX_API extern "C" __attribute__((visibility("default")))
 
 // Status codes returned by every entry point (mirrored in _library.py).

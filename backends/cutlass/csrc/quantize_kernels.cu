@@ -10,6 +10,7 @@
 
 #include "qfx_abi.h"
 #include "qfx_epilogue.cuh"
+#include "qfx_launch.cuh"
 
 namespace {
 
@@ -113,6 +114,7 @@ __global__ void quantize_rows_kernel(T const* __restrict__ x, long long k, int b
                                      int has_clip, float clip_lo, float clip_hi, int gelu,
                                      int8_t* __restrict__ q, float* __restrict__ scale,
                                      float* __restrict__ offset) {
+  pdl_wait();  // before any global access (qfx_launch.cuh)
   const long long row = blockIdx.x;
   T const* xr = x + row * k;
   int8_t* qr = q + row * k;
@@ -177,6 +179,7 @@ __global__ void quantize_rows_warp_kernel(T const* __restrict__ x, long long row
                                           int symmetric, int has_clip, float clip_lo,
                                           float clip_hi, int8_t* __restrict__ q,
                                           float* __restrict__ scale, float* __restrict__ offset) {
+  pdl_wait();  // before any global access (qfx_launch.cuh)
   // kWarps == 1: each warp of the block owns a row; kWarps > 1: the block's warps share one
   // row (long rows: fewer registers per lane, more loads in flight per row).
   constexpr int kN = Vec<T>::n;
@@ -238,8 +241,9 @@ bool launch_warp_rows(T const* x, long long rows, long long k, int bits, int sym
 #define QFX_WARP_CASE(W, V)                                                                       \
   if (vecs <= 32LL * (W) * (V)) {                                                                 \
     const unsigned blocks = (W) == 1 ? (rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock : rows; \
-    quantize_rows_warp_kernel<T, V, W, kGelu><<<blocks, 32 * ((W) == 1 ? kWarpRowsPerBlock : (W)), \
-        0, s>>>(x, rows, ki, bits, symmetric, has_clip, clip_lo, clip_hi, q, scale, offset);        \
+    launch_pdl(quantize_rows_warp_kernel<T, V, W, kGelu>, dim3(blocks),                           \
+               dim3(32 * ((W) == 1 ? kWarpRowsPerBlock : (W))), 0, s, x, rows, ki, bits, symmetric, \
+               has_clip, clip_lo, clip_hi, q, scale, offset);                                      \
     return true;                                                                                  \
   }
   QFX_WARP_CASE(1, 1)
@@ -264,8 +268,8 @@ void quantize_rows_any(T const* x, long long rows, long long k, int bits, int sy
   const bool warp = gelu ? launch_warp_rows<T, true>(x, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, q, scale, offset, s)
                          : launch_warp_rows<T, false>(x, rows, k, bits, symmetric, has_clip, clip_lo, clip_hi, q, scale, offset, s);
   if (!warp) {
-    quantize_rows_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
-        x, k, bits, symmetric, has_clip, clip_lo, clip_hi, gelu, q, scale, offset);
+    launch_pdl(quantize_rows_kernel<T>, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, s,
+               x, k, bits, symmetric, has_clip, clip_lo, clip_hi, gelu, q, scale, offset);
   }
 }
 }  // namespace
@@ -317,6 +321,7 @@ __global__ void add_ln_quantize_kernel(T const* __restrict__ a, T const* __restr
                                        int has_clip, float clip_lo, float clip_hi,
                                        T* __restrict__ y, int8_t* __restrict__ q,
                                        float* __restrict__ scale, float* __restrict__ offset) {
+  pdl_wait();  // before any global access (qfx_launch.cuh)
   constexpr int kN = Vec<T>::n;
   using Raw = typename Vec<T>::raw;
   const int lane = threadIdx.x % 32;
@@ -407,8 +412,8 @@ int launch_add_ln_quantize(T const* a, T const* b, T const* gamma, T const* beta
   const int ki = static_cast<int>(k);
 #define QFX_LN_CASE(V)                                                                             \
   if (vecs <= 32 * V) {                                                                            \
-    add_ln_quantize_kernel<T, V><<<grid, block, 0, s>>>(a, b, gamma, beta, eps, rows, ki, bits,    \
-        symmetric, has_clip, clip_lo, clip_hi, y, q, scale, offset);                               \
+    launch_pdl(add_ln_quantize_kernel<T, V>, grid, block, 0, s, a, b, gamma, beta, eps, rows, ki,  \
+               bits, symmetric, has_clip, clip_lo, clip_hi, y, q, scale, offset);                  \
     return cudaPeekAtLastError() == cudaSuccess ? QFX_OK : QFX_LAUNCH_FAILED;                      \
   }
   QFX_LN_CASE(1)

@@ -20,6 +20,7 @@
 #include "cutlass/util/packed_stride.hpp"
 
 #include "qfx_abi.h"
+#include "qfx_launch.cuh"
 #include "qfx_epilogue.cuh"
 
 namespace qfx::sm90 {
@@ -156,7 +157,8 @@ int run(typename G::Device::Arguments const& args, QfxGemmArgs const* p) {
   auto stream = static_cast<cudaStream_t>(p->stream);
   if (gemm.initialize(args, p->workspace, stream) != cutlass::Status::kSuccess)
     return QFX_INIT_FAILED;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return QFX_LAUNCH_FAILED;
+  // launched with PDL when it is on: the kernel waits for its predecessor (qfx_launch.cuh)
+  if (gemm.run(stream, nullptr, qfx_pdl_enabled() != 0) != cutlass::Status::kSuccess) return QFX_LAUNCH_FAILED;
   return cudaPeekAtLastError() == cudaSuccess ? QFX_OK : QFX_LAUNCH_FAILED;
 }
 

@@ -121,3 +121,9 @@ QFX_API int qfx_unpack_int4(void const* packed, void* out, long long bytes, int 
 }
 
 QFX_API int qfx_abi_version() { return QFX_ABI_VERSION; }
+
+// Programmatic dependent launch on or off for every launch after this call (qfx_launch.cuh).
+// Python turns it on for sm_90 devices; set before work is queued, not while a launch is in flight.
+static int g_pdl = 0;
+QFX_API void qfx_set_pdl(int on) { g_pdl = on != 0; }
+QFX_API int qfx_pdl_enabled() { return g_pdl; }
