@@ -101,9 +101,9 @@ def varlen_rows(b: int, s: int, h: int, d: int) -> list[dict]:
         print(f"varlen_attn: {e}")
     from qfx.backends.triton.varlen_attention import Tiles, choose, varlen_attention
 
-    for tiles in TRITON_TILES:
-        tiles = Tiles(*tiles)
-        variants[f"varlen_triton_{tiles!r}"] = lambda tiles=tiles: varlen_attention(qp, kp, vp, cu, s, d ** -0.5, tiles)
+    triton_tiles = {f"varlen_triton_{Tiles(*t)!r}": Tiles(*t) for t in TRITON_TILES}
+    for name, tiles in triton_tiles.items():
+        variants[name] = lambda tiles=tiles: varlen_attention(qp, kp, vp, cu, s, d ** -0.5, tiles)
     print(f"varlen {b}x{s}: CHOICES pick {choose(s)!r} (None: flash varlen)", flush=True)
     ref = F.scaled_dot_product_attention(q4.float(), k4.float(), v4.float(), attn_mask=bias.float())
     ref = ref.transpose(1, 2).reshape(b * s, h, d)[key_ok.flatten()]
@@ -117,7 +117,8 @@ def varlen_rows(b: int, s: int, h: int, d: int) -> list[dict]:
             ks = kernels_of(replay)
         except Exception as e:  # noqa: BLE001
             ms, err, ks = float("nan"), float("nan"), [f"{type(e).__name__}: {str(e)[:100]}"]
-        rows.append(dict(shape=[b, s, h, d], real_tokens=real, variant=name, ms=ms, max_err=err, kernels=ks))
+        tiles = list(triton_tiles[name]) if name in triton_tiles else None
+        rows.append(dict(shape=[b, s, h, d], real_tokens=real, variant=name, tiles=tiles, ms=ms, max_err=err, kernels=ks))
         print(f"varlen {b:4d}x{s:<4d} h{h} real {real / (b * s):.0%} {name:22s} {ms:8.4f} ms  err {err:.2e}  "
               f"{' | '.join(ks)[:120]}", flush=True)
     return rows
@@ -133,8 +134,9 @@ def write_choices(rows: list[dict], path: str) -> None:
     import time
 
     totals: dict[int, dict[str, float]] = {}
+    tiles_of = {r["variant"]: r["tiles"] for r in rows if r.get("tiles")}
     for r in rows:
-        if r["ms"] == r["ms"] and (r["variant"] == "varlen_flash" or r["variant"].startswith("varlen_triton_")):
+        if r["ms"] == r["ms"] and (r["variant"] == "varlen_flash" or r["variant"] in tiles_of):
             by = totals.setdefault(r["shape"][1], {})
             by[r["variant"]] = by.get(r["variant"], 0.0) + r["ms"]
     entries = []
@@ -143,7 +145,7 @@ def write_choices(rows: list[dict], path: str) -> None:
         short = {k: v for k, v in by.items() if k != "varlen_flash"}
         best = min(short, key=short.get) if short else None
         if best is not None and short[best] < MARGIN * flash:
-            m, n, w = (int(x) for x in best.removeprefix("varlen_triton_m").replace("n", " ").replace("w", " ").split())
+            m, n, w = tiles_of[best]
             entries.append({"max_seqlen": s, "kernel": "short", "block_m": m, "block_n": n, "warps": w,
                             "ms": round(short[best], 4), "flash_ms": round(flash, 4)})
         else:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import ctypes
 import io
 import json
 import pstats
@@ -154,15 +153,10 @@ class Variant:
             with flash_only():
                 yield
             return
-        from qfx.backends.cutlass._library import load
+        from qfx.backends.cutlass._library import plain_launches
 
-        lib = load()[0]
-        set_pdl = lib.fn("qfx_set_pdl", None, [ctypes.c_int])
-        set_pdl(0)
-        try:
+        with plain_launches():
             yield
-        finally:
-            set_pdl(int(lib.pdl[0]))
 
 
 def sweeps(name: str, hf, compiled: dict, args, notes: list) -> list[dict]:

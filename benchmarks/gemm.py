@@ -328,7 +328,7 @@ def main(argv=None):
                                "entries": entries}, f, indent=1)
 
             tune_block(args, device, save)
-            bg._TUNED[torch.cuda.current_device()] = bg.load_tuned(args.tuned_out)
+            bg._TUNED.replace(torch.cuda.current_device(), bg.load_tuned(args.tuned_out))
         rows = block_table(qc, args, device)
         if args.json:
             with open(args.json, "w") as f:

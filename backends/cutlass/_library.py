@@ -6,6 +6,7 @@ at ``$QFX_CUTLASS_LIB``.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Library", "load", "pdl", "erf_mismatch", "QfxGemmArgs", "STATUS", "DTYPE_CODES", "ABI_VERSION"]
+__all__ = ["Library", "load", "pdl", "plain_launches", "erf_mismatch", "QfxGemmArgs", "STATUS", "DTYPE_CODES", "ABI_VERSION"]
 
 ABI_VERSION = 3  # csrc/qfx_abi.h QFX_ABI_VERSION
 LIB_NAME = "libqfx_cutlass.so"
@@ -105,8 +106,13 @@ class Library:
             on, why = False, "off (needs sm_90: griddepcontrol)"
         else:
             on, why = True, "on (sm_90; QFX_PDL=0 turns it off)"
-        self.fn("qfx_set_pdl", None, [ctypes.c_int])(int(on))
+        self.set_pdl(on)
         return on, why
+
+    def set_pdl(self, on: bool) -> None:
+        """Launch qfx's kernels with PDL (``on``) or plainly from the next launch on; ``self.pdl`` keeps
+        the policy (:func:`plain_launches` switches it off for a while and back)."""
+        self.fn("qfx_set_pdl", None, [ctypes.c_int])(int(on))
 
     def has(self, symbol: str) -> bool:
         return hasattr(self.cdll, symbol)
@@ -148,6 +154,21 @@ def pdl() -> str:
     report's line; loads the library)."""
     lib, why = load()
     return lib.pdl[1] if lib is not None else f"off ({why})"
+
+
+@contextlib.contextmanager
+def plain_launches():
+    """Within: qfx's kernels launch without PDL (to measure it, or to check it changes no bit; CUDA graphs
+    captured within keep plain launches). A library without PDL: nothing to switch."""
+    lib, _ = load()
+    if lib is None or not lib.has("qfx_set_pdl"):
+        yield
+        return
+    lib.set_pdl(False)
+    try:
+        yield
+    finally:
+        lib.set_pdl(lib.pdl[0])
 
 
 def check(status: int, what: str) -> None:

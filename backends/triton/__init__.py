@@ -11,4 +11,30 @@ import importlib.util
 #: Triton is importable (it comes with CUDA builds of torch).
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-__all__ = ["HAS_TRITON"]
+__all__ = ["HAS_TRITON", "TunedTables"]
+
+
+class TunedTables:
+    """Measured kernel choices by the compute capability they were measured on (``files``: capability ->
+    JSON written by a benchmark's ``--tuned-out``), read with ``load`` once per CUDA device; ``default``
+    for the CPU (the interpreter) and for GPUs no file covers. Shared by the block GEMM's tiles and the
+    varlen attention's choice."""
+
+    def __init__(self, files: dict, load, default) -> None:
+        self.files, self.load, self.default = files, load, default
+        self._by_device: dict[int, object] = {}
+
+    def for_device(self, device):
+        if device is None or getattr(device, "type", "cpu") != "cuda":
+            return self.default
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._by_device:
+            path = self.files.get(torch.cuda.get_device_capability(index))
+            self._by_device[index] = self.load(path) if path is not None and path.exists() else self.default
+        return self._by_device[index]
+
+    def replace(self, index: int, table) -> None:
+        """Use ``table`` on CUDA device ``index`` from now on (a benchmark that has just measured it)."""
+        self._by_device[index] = table

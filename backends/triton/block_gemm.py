@@ -43,7 +43,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qfx import numerics
-from qfx.backends.triton import HAS_TRITON
+from qfx.backends.triton import HAS_TRITON, TunedTables
 
 __all__ = ["HAS_TRITON", "CONFIGS", "BlockConfig", "config_for", "load_tuned", "erf_form", "int_linear_blocks", "int_linear_blocks_quantize",
            "quantize_blocks", "can_implement", "register", "TritonBlockBackend", "BlockLinearLauncher",
@@ -81,7 +81,6 @@ MAX_BLOCK_K = 128
 TUNED_FILES = {(9, 0): Path(__file__).resolve().parent / "tuned_block_sm90.json"}
 #: the kernels whose tiles are tuned: the plain block linear and the FFN-in producer (GEMM + quantize)
 KINDS = ("linear", "quantize")
-_TUNED: dict[int, dict[tuple[str, int, int], list[BlockConfig]]] = {}  # by CUDA device index: read once per device
 
 
 def load_tuned(path: Path) -> dict[tuple[str, int, int], list[BlockConfig]]:
@@ -98,20 +97,14 @@ def load_tuned(path: Path) -> dict[tuple[str, int, int], list[BlockConfig]]:
     return {key: sorted(cfgs, key=lambda c: c.max_m) for key, cfgs in table.items()}
 
 
-def _tuned_for(device) -> dict[tuple[str, int, int], list[BlockConfig]]:
-    if device is None or getattr(device, "type", "cpu") != "cuda":
-        return {}
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _TUNED:
-        path = TUNED_FILES.get(torch.cuda.get_device_capability(index))
-        _TUNED[index] = load_tuned(path) if path is not None and path.exists() else {}
-    return _TUNED[index]
+#: the tuned tables, read once per device
+_TUNED = TunedTables(TUNED_FILES, load_tuned, {})
 
 
 def config_for(m: int, n: int | None = None, k: int | None = None, kind: str = "linear", device=None) -> BlockConfig:
     """The tile config for an ``[m, k] x [k, n]`` block GEMM of ``kind`` on ``device``: the tuned entry of
     that shape measured at the smallest M >= m (the largest measured M beyond), else :data:`CONFIGS` by M."""
-    tuned = _tuned_for(device).get((kind, n, k))
+    tuned = _TUNED.for_device(device).get((kind, n, k))
     if tuned:
         return next((c for c in tuned if m <= c.max_m), tuned[-1])
     return next(c for c in CONFIGS if m <= c.max_m)

@@ -9,7 +9,7 @@ Why a kernel of our own beside FlashAttention-2's varlen path: FA2 gives every s
 128-row query tile and one program per (sequence, head), so a BERT batch of sequences of 32-128
 tokens pays nearly what the padded batch pays (benchmarks/RESULTS.md, the pad sweep's profile:
 0.48-0.65 ms per forward against the padded cuDNN kernel's 0.55). Here the query tile is
-``BLOCK_M`` rows (32 or 64): a sequence of L tokens takes ceil(L / BLOCK_M) programs per head, each
+``BLOCK_M`` rows (64 in the measured tables): a sequence of L tokens takes ceil(L / BLOCK_M) programs per head, each
 of which reads its sequence's keys and values once, and the programs past a sequence's end exit on
 their first instruction. Which kernel runs which ``max_seqlen`` is data: a table per GPU
 (:data:`TUNED_FILES`) written by ``python benchmarks/attention.py --varlen --tuned-out``, which times
@@ -22,24 +22,26 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from qfx.backends.triton import HAS_TRITON
+from qfx.backends.triton import HAS_TRITON, TunedTables
 
 __all__ = ["HAS_TRITON", "Tiles", "CHOICES", "TUNED_FILES", "load_tuned", "choose", "flash_only", "can_run", "varlen_attention"]
 
 _KERNEL = None
 
 
-class Tiles(tuple):
-    """(BLOCK_M, BLOCK_N, num_warps) of one launch of the kernel."""
+class Tiles(NamedTuple):
+    """One launch of the kernel: query rows, key rows per step, warps."""
 
-    def __new__(cls, block_m: int, block_n: int, warps: int):
-        return super().__new__(cls, (block_m, block_n, warps))
+    block_m: int
+    block_n: int
+    warps: int
 
     def __repr__(self) -> str:
-        return f"m{self[0]}n{self[1]}w{self[2]}"
+        return f"m{self.block_m}n{self.block_n}w{self.warps}"
 
 
 #: (largest max_seqlen, tiles or None): the first row whose bound holds decides (None: FlashAttention's varlen
@@ -49,7 +51,6 @@ CHOICES: tuple[tuple[int, Tiles | None], ...] = ((128, Tiles(64, 64, 4)),)
 #: measured choices (data written by ``benchmarks/attention.py --varlen --tuned-out``), by the compute
 #: capability they were measured on
 TUNED_FILES = {(9, 0): Path(__file__).resolve().parent / "tuned_varlen_sm90.json"}
-_TUNED: dict[int, tuple[tuple[int, Tiles | None], ...]] = {}  # by CUDA device index: read once per device
 _FLASH_ONLY = [False]
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -70,21 +71,15 @@ def load_tuned(path: Path) -> tuple[tuple[int, Tiles | None], ...]:
     return tuple(sorted(rows, key=lambda r: r[0]))
 
 
-def _table(device) -> tuple[tuple[int, Tiles | None], ...]:
-    if device is None or getattr(device, "type", "cpu") != "cuda":
-        return CHOICES
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _TUNED:
-        path = TUNED_FILES.get(torch.cuda.get_device_capability(index))
-        _TUNED[index] = load_tuned(path) if path is not None and path.exists() else CHOICES
-    return _TUNED[index]
+#: the tuned tables, read once per device (CHOICES where none covers it)
+_TUNED = TunedTables(TUNED_FILES, load_tuned, CHOICES)
 
 
 def choose(max_seqlen: int, device=None) -> Tiles | None:
     """The tiles that run a call of this ``max_seqlen`` on ``device`` (None: FlashAttention's varlen kernel)."""
     if _FLASH_ONLY[0]:
         return None
-    return next((tiles for bound, tiles in _table(device) if max_seqlen <= bound), None)
+    return next((tiles for bound, tiles in _TUNED.for_device(device) if max_seqlen <= bound), None)
 
 
 @contextlib.contextmanager
@@ -121,7 +116,7 @@ def _kernel():
     return _KERNEL
 
 
-def _rows(x: torch.Tensor, heads: int, d: int) -> torch.Tensor:
+def _rows(x: torch.Tensor, d: int) -> torch.Tensor:
     """``x`` as [T, H, D] whose heads are contiguous within a row (any row stride: a slice of a
     fused q/k/v GEMM output is taken as it is)."""
     if x.stride(-1) != 1 or x.stride(-2) != d:
@@ -149,7 +144,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if batch > 65535:
         raise ValueError(f"cu_seqlens holds {batch} sequences; the kernel's grid takes at most 65535 per call")
     tiles = tiles or choose(max_seqlen, q.device) or Tiles(64, 64, 4)
-    q, k, v = (_rows(x, heads, d) for x in (q, k, v))
+    q, k, v = (_rows(x, d) for x in (q, k, v))
     out = torch.empty((t, heads, d), dtype=q.dtype, device=q.device)
     if t == 0 or batch == 0 or max_seqlen == 0:
         return out

@@ -387,10 +387,11 @@ class ThroughputEncode:
         st = self.st
         preprocess = getattr(st, "preprocess", None) or st.tokenize
         whole, why = tokenize_chunk(st, texts, preprocess)
-        self.tokenized_by = "the fast tokenizer's Rust backend (checked against the preprocessing)" if whole else \
-            f"the model's preprocessing ({why})"
         if whole is None:
+            self.tokenized_by = f"the model's preprocessing ({why})"
             whole = preprocess(texts)
+        else:
+            self.tokenized_by = "the fast tokenizer's Rust backend (checked against the preprocessing)"
         mask = whole.get("attention_mask")
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == len(texts)):
             lengths, sliceable = [len(ids) for ids in st.tokenizer(

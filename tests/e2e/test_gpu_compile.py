@@ -102,9 +102,9 @@ def test_gpu_programmatic_dependent_launch_changes_no_bit(remove_padding):
     """qfx's kernels launched with programmatic dependent launch (on for sm_90: each waits for the
     kernel before it, csrc/qfx_launch.cuh) give the same outputs bit for bit as plain launches,
     replayed from CUDA graphs and launched directly; the runtime report says which ran."""
-    import ctypes
+    import contextlib
 
-    from qfx.backends.cutlass._library import load
+    from qfx.backends.cutlass._library import load, plain_launches
 
     lib, why = load()
     if lib is None or not lib.has("qfx_set_pdl"):
@@ -113,11 +113,9 @@ def test_gpu_programmatic_dependent_launch_changes_no_bit(remove_padding):
     model = make("bert_cls", layers=2, hidden=64, heads=2)
     qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=qfx.QuantConfig(8, 8)).eval()
     x = _cuda(inputs(6, 48, seed=4))
-    set_pdl = lib.fn("qfx_set_pdl", None, [ctypes.c_int])
     outs = {}
-    try:
-        for on in (1, 0):
-            set_pdl(on)
+    for on in (1, 0):
+        with contextlib.nullcontext() if on else plain_launches():
             for graphs in (True, False):
                 cm = qfx.compile(qat, mode="int8", target=target.name, remove_padding=remove_padding, cuda_graphs=graphs)
                 with torch.no_grad():
@@ -125,8 +123,6 @@ def test_gpu_programmatic_dependent_launch_changes_no_bit(remove_padding):
                         logits = cm(**x).logits
                 torch.cuda.synchronize()
                 outs[on, graphs] = logits.clone()
-    finally:
-        set_pdl(int(lib.pdl[0]))
     for graphs in (True, False):
         assert torch.equal(outs[1, graphs], outs[0, graphs]), graphs
     assert f"programmatic dependent launch of qfx's CUDA kernels: {lib.pdl[1]}" in cm.runtime_report()

@@ -25,7 +25,7 @@ def test_tuned_entry_of_the_smallest_measured_m_at_or_above_and_the_largest_beyo
     table = bg.load_tuned(_write(tmp_path, [_entry("linear", 2304, 768, 8192, 128), _entry("linear", 2304, 768, 128, 64),
                                             _entry("linear", 2304, 768, 16384, 256, 64),
                                             _entry("quantize", 3072, 768, 16384, 32, warps=4, stages=4)]))
-    monkeypatch.setattr(bg, "_tuned_for", lambda device: table)
+    monkeypatch.setattr(bg._TUNED, "for_device", lambda device: table)
     pick = lambda m, *shape: bg.config_for(m, *shape, device="cuda")  # noqa: E731
     assert pick(1, 2304, 768).block_m == 64
     assert pick(128, 2304, 768).block_m == 64
@@ -41,7 +41,7 @@ def test_tuned_entry_of_the_smallest_measured_m_at_or_above_and_the_largest_beyo
 
 
 def test_no_tuned_table_off_the_gpu():
-    assert bg._tuned_for(None) == {} and bg.config_for(100, 2304, 768) == bg.CONFIGS[0]
+    assert bg._TUNED.for_device(None) == {} and bg.config_for(100, 2304, 768) == bg.CONFIGS[0]
 
 
 @pytest.mark.parametrize("bad", [dict(kind="gemm"), dict(block_m=96), dict(warps=6), dict(block_n=0)])
