@@ -4,10 +4,16 @@ The library (``backends/cutlass/libqfx_cutlass.so`` + its manifest) is configure
 CMake (CMakeLists.txt) from the kernel-config table backends/cutlass/configs.py. Without nvcc
 the package installs anyway and the "cutlass" backend reports itself unavailable.
 
+The build needs nvcc and runs only where an NVIDIA GPU is visible (``nvidia-smi -L`` lists one, or
+a ``/dev/nvidia<N>`` device exists): on a CPU-only machine it would take ~13 min on 2 cores (two archs) for
+kernels nothing there can run, so the install says so and skips it (``QFX_BUILD_NATIVE=1`` builds
+anyway, e.g. on a GPU-less build node for GPU machines that share the checkout).
+
 Environment:
-    QFX_CUDA_ARCHS   CUDA archs to build, default "80;86;89;90a"
-    QFX_SKIP_NATIVE  "1": do not build the native library
-    QFX_BUILD_JOBS   parallel compile jobs (default: all cores)
+    QFX_CUDA_ARCHS    CUDA archs to build, default "80;86;89;90a"
+    QFX_SKIP_NATIVE   "1": do not build the native library
+    QFX_BUILD_NATIVE  "1": build it even where no GPU is visible
+    QFX_BUILD_JOBS    parallel compile jobs (default: all cores)
 
 Under a plain ``pip install`` (which hides a build's output) qfx says up front how long the
 build takes and how to skip it, then shows its progress, on the terminal (``/dev/tty``, which
@@ -42,6 +48,19 @@ def _find_nvcc() -> str | None:
         if home and (Path(home) / "bin" / "nvcc").exists():
             return str(Path(home) / "bin" / "nvcc")
     return None
+
+
+def _gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU: ``nvidia-smi -L`` lists one, or a device node exists."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            listed = ""
+        if "GPU " in listed:
+            return True
+    return any(p.name[len("nvidia"):].isdigit() for p in Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _find_cmake() -> str:
@@ -80,7 +99,8 @@ def _say(msg: str) -> None:
 
 def _estimate_s(archs: str, jobs: str) -> tuple[float, str]:
     """Seconds the build will take: the last build's time when known, else a fit to measured
-    builds (84 s on 16 cores, ~5-6 min on 2, for the 4 default archs)."""
+    builds of ``80;90a`` (~90 s with 16 jobs on the H100 hosts, ~13 min with 2 on a 2-core CI
+    machine; ~12 core-minutes per arch), scaled by the number of archs."""
     last = BUILD_DIR / "build_time.txt"
     if last.exists():  # "181 s for QFX_CUDA_ARCHS=80;86;89;90a, 2 jobs"
         text = last.read_text()
@@ -90,7 +110,7 @@ def _estimate_s(archs: str, jobs: str) -> tuple[float, str]:
             except (ValueError, IndexError):
                 pass
     n_archs = max(len([a for a in archs.split(";") if a.strip()]), 1)
-    return (40 + 600 / max(int(jobs), 1)) * n_archs / 4, f"estimate for {jobs} jobs"
+    return (5 + 720 / max(int(jobs), 1)) * n_archs / 2, f"estimate for {jobs} jobs"
 
 
 #: a build step's progress as ninja ("[12/48] ...") or make ("[ 25%] ...") prints it
@@ -132,6 +152,13 @@ def build_native() -> None:
         return
     archs = os.environ.get("QFX_CUDA_ARCHS", DEFAULT_ARCHS)
     jobs = os.environ.get("QFX_BUILD_JOBS", str(os.cpu_count() or 1))
+    if os.environ.get("QFX_BUILD_NATIVE") != "1" and not _gpu_visible():
+        eta, _ = _estimate_s(archs, jobs)
+        _say(f"qfx: nvcc found but no NVIDIA GPU visible (nvidia-smi -L, /dev/nvidia*): not building the native "
+             f"CUTLASS library (about {eta / 60:.0f} min here) that nothing on this machine could run; the CPU "
+             "backends need no native code. To build it anyway (a build node for GPU machines): "
+             "QFX_BUILD_NATIVE=1 pip install -e .")
+        return
     cmake = _find_cmake()
     configure = [cmake, "-S", str(ROOT), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DPython3_EXECUTABLE={sys.executable}",

@@ -17,7 +17,10 @@ settings.register_profile("dev", max_examples=8, deadline=None, suppress_health_
 settings.load_profile(os.environ.get("QFX_HYPOTHESIS_PROFILE", "ci"))
 # the test folders (units/, passes/, kernels/, e2e/) share tests/models.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# up to 2 intra-op threads per test process; under pytest-xdist (the default, -n auto) the
+# workers share the cores instead of each oversubscribing them
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
 def pytest_collection_modifyitems(config, items):
