@@ -48,3 +48,31 @@ def test_no_tuned_table_off_the_gpu():
 def test_a_bad_tuned_entry_is_refused_by_name(tmp_path, bad):
     with pytest.raises(ValueError, match="entry 0 .*not a launchable block-kernel config"):
         bg.load_tuned(_write(tmp_path, [{**_entry("linear", 2304, 768, 128, 64), **bad}]))
+
+
+def test_tuned_tables_read_the_file_of_the_devices_capability_once_per_device(tmp_path, monkeypatch):
+    """TunedTables (backends/triton/__init__.py), the GPU side without a GPU: the table of the device's
+    compute capability, read once per device index; the default for a capability no file covers, for
+    a file that is missing and off the GPU; ``replace`` for a benchmark that has just measured one."""
+    import types
+
+    import torch
+
+    from qfx.backends.triton import TunedTables
+
+    path = _write(tmp_path, [_entry("linear", 2304, 768, 128, 64)])
+    reads = []
+    tables = TunedTables({(9, 0): path, (8, 6): tmp_path / "missing.json"},
+                         lambda p: reads.append(p) or bg.load_tuned(p), {})
+    caps = {0: (9, 0), 1: (8, 6), 2: (8, 9)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: caps[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gpu = lambda index: types.SimpleNamespace(type="cuda", index=index)  # noqa: E731
+    assert tables.for_device(gpu(0)) == bg.load_tuned(path)
+    assert tables.for_device(gpu(None)) is tables.for_device(gpu(0))  # the current device, read once
+    assert reads == [path]
+    assert tables.for_device(gpu(1)) == {} and tables.for_device(gpu(2)) == {}  # file missing / none for sm_89
+    assert tables.for_device(None) == {} and tables.for_device(torch.device("cpu")) == {}
+    tables.replace(2, {"measured": 1})
+    assert tables.for_device(gpu(2)) == {"measured": 1} and reads == [path]
+    assert all(bg.load_tuned(shipped) for shipped in bg.TUNED_FILES.values())  # the shipped tables load
