@@ -305,7 +305,8 @@ def test_quantize_kernel_is_bit_identical_to_numerics(dtype, bits, symmetric, cl
 def test_quantize_kernel_rounds_near_half_integer_quotients_like_true_division(bits, symmetric):
     """Codes of quotients within a few ulp of k + 1/2 (ties included, where rint rounds half to
     even) equal numerics.py's correctly rounded division, over millions of such elements: the
-    kernels must not replace the true division by a multiply with the reciprocal."""
+    kernels multiply by the reciprocal only where that cannot round to the other side of a
+    half-integer and divide everywhere else (quantize_kernels.cu, rounded_quotient)."""
     if not qc.available()[0] or not _library.load()[0].has("qfx_quantize_rows"):
         pytest.skip("native library without the quantize kernel")
     gen = torch.Generator().manual_seed(11 * bits + symmetric)
@@ -339,6 +340,33 @@ def test_quantize_kernel_with_gelu_equals_torch_gelu_then_quantize(dtype, bits, 
         got = qc.quantize(x, bits, symmetric, lo, hi, gelu=True)
         ref = numerics.quantize_activation(torch.nn.functional.gelu(x), bits, symmetric, clip)  # torch on the GPU
         assert all(torch.equal(a, b) for a, b in zip(got, ref)), (rows, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits, symmetric, clip", [(8, True, None), (4, False, None), (8, False, (-0.1, 6.0))])
+def test_quantize_kernel_with_gelu_matches_torch_for_every_16_bit_input(dtype, bits, symmetric, clip):
+    """Every finite fp16 / bf16 value goes through the fused GELU + quantize (the FFN
+    intermediate's kernel, K = 3072): codes, scales and offsets equal torch's gelu on the same GPU
+    then numerics.py's quantizer, so the kernel's erf agrees with torch's on every 16-bit input,
+    not only on random ones. Values are sorted by magnitude into rows, so each row's scale fits
+    its values and every code is informative."""
+    if not qc.available()[0] or not _library.load()[0].has("qfx_quantize_rows"):
+        pytest.skip("native library without the quantize kernel")
+    bits_all = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)
+    values = bits_all.view(dtype).float()
+    values = values[torch.isfinite(values)]
+    values = values[values.abs().argsort()]
+    k = 3072
+    pad = -values.numel() % k  # the largest values again, to fill the last row
+    values = torch.cat((values, values[values.numel() - pad:]))
+    gen = torch.Generator().manual_seed(bits + 2 * symmetric)
+    x = values.view(-1, k)[:, torch.randperm(k, generator=gen)].to(dtype).cuda()
+    lo, hi = clip if clip else (None, None)
+    got = qc.quantize(x, bits, symmetric, lo, hi, gelu=True)
+    ref = numerics.quantize_activation(torch.nn.functional.gelu(x), bits, symmetric, clip)  # torch on the GPU
+    for name, a, b in zip(("codes", "scale", "offset"), got, ref):
+        assert torch.equal(a, b), (name, int((a != b).sum()))
 
 
 @pytest.mark.gpu

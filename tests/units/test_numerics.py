@@ -149,3 +149,39 @@ def test_unsupported_bits_raise(bits):
 def test_group_size_must_divide_k():
     with pytest.raises(ValueError, match="group_size"):
         nx.quantize_weight(torch.ones(4, 10), 4, group_size=4)
+
+
+def _rounded_quotient_fast_path(num: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPU quantizer's division (backends/cutlass/csrc/quantize_kernels.cu, rounded_quotient),
+    in fp32 with torch's IEEE round-to-nearest ops: (rint of num * RN(1/scale), where that is
+    taken); the kernel takes the true division everywhere else."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    p = num * (torch.tensor(1.0, dtype=torch.float32) / s)
+    r = torch.round(p)  # half to even, as rintf
+    return r, (p.abs() <= 1024) & ((p - r).abs() <= 0.5 - 2.0**-10)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(8, True), (8, False), (4, True), (4, False)])
+def test_reciprocal_fast_path_of_the_kernels_rounds_like_true_division(bits, symmetric):
+    """Where the kernels skip the division (a multiply by the reciprocal, far enough from every
+    half-integer), the code equals rint of the correctly rounded quotient: random rows of any scale
+    and quotients within a few ulps of k + 1/2 (ties included), a million values per case."""
+    gen = torch.Generator().manual_seed(7 * bits + symmetric)
+    half = 2 ** (bits - 1)
+    for exponent in (-30, -8, 0, 6, 20):
+        x = torch.randn(4, 65536, generator=gen) * 2.0**exponent
+        x[:, 0] *= 4  # each row's range fixes a scale of its own
+        _, scale, offset = nx.quantize_activation(x, bits, symmetric)
+        for row in range(x.shape[0]):
+            s = float(scale[row])
+            zero = offset[row] - half * scale[row]
+            # quotients near k + 1/2: the boundaries a multiply could round to the wrong side of
+            k = torch.randint(-half, 2 * half, (65536,), generator=gen).float() + 0.5
+            near = (k * s).float()
+            near = torch.cat([near, torch.nextafter(near, torch.full_like(near, float("inf"))),
+                              torch.nextafter(near, torch.full_like(near, -float("inf")))])
+            num = torch.cat([x[row] if symmetric else x[row] - zero, near])
+            fast, taken = _rounded_quotient_fast_path(num, s)
+            exact = torch.round(num / torch.tensor(s, dtype=torch.float32))
+            assert taken[:65536].float().mean() > 0.99  # the common path for values of a row
+            assert torch.equal(fast[taken], exact[taken])
