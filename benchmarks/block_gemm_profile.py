@@ -8,6 +8,9 @@ block-scaled kernel's time goes beside the token-wise CUTLASS kernel on the same
 Variants (the rows of ``gemm.py --block 128``): ``tok`` (CUTLASS token-wise, asymmetric), ``blk``
 (Triton block-scaled, asymmetric: the offset term per block), ``blk_sym`` (no offset term).
 Each is called twice first (compile, tuned tile lookup), then once inside the range.
+``--config <name>`` runs ``tok`` on that row of backends/cutlass/configs.py instead of the dispatcher's
+choice (e.g. the short-K epilogue-tile candidates: ``--role qkv --m 16384 --config
+sm90_s8_pp_128x128x128_c2x1_e64x128``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ def main(argv=None):
     ap.add_argument("--h", type=int, default=768)
     ap.add_argument("--role", default="ffn_out")
     ap.add_argument("--m", type=int, default=8192)
+    ap.add_argument("--config", default=None, help="tok only: this CUTLASS config instead of the dispatcher's")
     args = ap.parse_args(argv)
+    if args.config and args.variant != "tok":
+        ap.error("--config names a CUTLASS token-wise config: use it with --variant tok")
 
     import qfx.backends.cutlass as qc
     from gemm import ROLES, _block_sets
@@ -33,7 +39,7 @@ def main(argv=None):
     if args.variant == "tok":
         def run():
             return qc.int_linear(s["a"], s["tok_scale"], s["tok_offset"], s["w"], 8, s["w_scale"], s["w_offset_sum"],
-                                 s["bias"], False, torch.float16)
+                                 s["bias"], False, torch.float16, config=args.config)
     else:
         def run():
             return bg.int_linear_blocks(s["a"], s["a_scale"], s["a_offset"], s["w"], 8, s["w_scale"],
@@ -46,7 +52,7 @@ def main(argv=None):
     torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
     print(f"{args.variant} h={args.h} {args.role} M={args.m} N={n} K={k}: "
-          f"tile {bg.config_for(args.m, n, k) if args.variant != 'tok' else 'cutlass dispatch'}")
+          f"tile {bg.config_for(args.m, n, k) if args.variant != 'tok' else args.config or 'cutlass dispatch'}")
 
 
 if __name__ == "__main__":

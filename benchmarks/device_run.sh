@@ -9,6 +9,11 @@
 #   tests          python -m pytest -m gpu tests -n 4 (the whole GPU suite; needs the pytest-xdist wheel in .whl/)
 #   tune           benchmarks/gemm.py --block 128 --tuned-out backends/triton/tuned_block_sm90.json (tiles per shape,
 #                  then the block GEMM table with them); later stages of the same call use the table
+#   tune-short-k   benchmarks/gemm.py over BERT's short-K roles (qkv, attn_out, ffn_in; M 16384 and 8192) with every
+#                  sm90 config built, merged into backends/cutlass/tuned_sm90.json (--tuned-merge: the other shapes
+#                  keep their choices); later stages of the same call use the table
+#   ncu-short-k    Nsight Compute on the qkv GEMM at M = 16384 (BERT-base 128 x 128), the default config and the
+#                  64 x 128 epilogue-tile candidate: what bounds the short-K roles
 #   block-e2e      issue 23 rows: BERT-base 128x128 and BERT-large 32x384, int8 / int8+blk128 / int4+blk128 vs the peers
 #   traffic        issue 24 rows: lengths uniform, padding sweep, batch-1 sweep, kernels per forward
 #   host           benchmarks/host_overhead.py (batch-1 host time of the call path)
@@ -39,6 +44,16 @@ for stage in "$@"; do
     tune) (cd benchmarks && timeout "$share" python gemm.py --block 128 --h 768 1024 --m 16384 8192 2048 128 \
             --tuned-out ../backends/triton/tuned_block_sm90.json) > "$OUT/gemm_block.log" 2>&1
           rc=$?; cp backends/triton/tuned_block_sm90.json "$OUT/" 2>/dev/null; (exit $rc) ;;
+    tune-short-k) (cd benchmarks && timeout "$share" python gemm.py --h 768 1024 --m 16384 8192 \
+                    --roles qkv attn_out ffn_in --json "$OUT/gemm_short_k.json" \
+                    --tuned-out ../backends/cutlass/tuned_sm90.json --tuned-merge) > "$OUT/gemm_short_k.log" 2>&1
+                  rc=$?; cp backends/cutlass/tuned_sm90.json "$OUT/" 2>/dev/null; (exit $rc) ;;
+    ncu-short-k) for cfg in "" sm90_s8_pp_128x128x128_c2x1_e64x128; do
+                   (cd benchmarks && timeout $(( share / 2 )) ncu --nvtx --nvtx-include "prof/" --section SpeedOfLight \
+                     --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+                     python block_gemm_profile.py --variant tok --role qkv --m 16384 ${cfg:+--config $cfg}) \
+                     > "$OUT/ncu_qkv${cfg:+_$cfg}.log" 2>&1
+                 done ;;
     block-e2e) (cd benchmarks && timeout "$share" python e2e.py --models bert-base,bert-large \
                  --modes int8,int8+blk128,int4+blk128 --shapes 128x128,32x384 --compile-shapes goal --no-direct --iters 20) \
                > "$OUT/e2e_block.log" 2>&1 ;;

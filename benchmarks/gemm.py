@@ -291,6 +291,26 @@ def block_table(qc, args, device):
     return rows
 
 
+def merge_tuned(path: str, measured: list[dict], device: str) -> list[dict]:
+    """The entries of the table at ``path`` with those of ``measured`` (same N, K and M bucket)
+    replaced and new ones added, in (N, K, bucket) order; prints each change. The table must come
+    from the same GPU model: choices measured on two chips do not mix in one table."""
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("device") != device:
+        raise SystemExit(f"--tuned-merge: {path} was tuned on {old.get('device')!r}, this is {device!r}; "
+                         "tune every shape again on this GPU (--tuned-out without --tuned-merge)")
+    table = {(e["n"], e["k"], e["m_bucket"]): e for e in old.get("entries", [])}
+    for e in measured:
+        key = (e["n"], e["k"], e["m_bucket"])
+        before = table.get(key)
+        if before is None or before["config"] != e["config"]:
+            was = "new" if before is None else f"{before['config']} ({before['us']} us)"
+            print(f"# tuned {key}: {was} -> {e['config']} ({e['us']} us)")
+        table[key] = e
+    return [table[k] for k in sorted(table)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--h", type=int, nargs="+", default=[768, 1024])
@@ -300,6 +320,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--tuned-out", default=None, help="write the autotuned choices here (with --block: the Triton "
                     "block kernels' tiles, backends/triton/tuned_block_sm90.json)")
+    ap.add_argument("--tuned-merge", action="store_true", help="with --tuned-out: update the measured (N, K, M bucket) "
+                    "entries of the existing table and keep the rest (a run over a subset of roles or M); the table "
+                    "must have been tuned on this GPU model")
     ap.add_argument("--block", type=int, default=None, help="the block-scaled table for this act_block instead")
     args = ap.parse_args(argv)
 
@@ -362,6 +385,8 @@ def main(argv=None):
     if args.tuned_out:
         entries = [{"n": r["n"], "k": r["k"], "m_bucket": m_bucket(r["m"]), "config": r["config"],
                     "us": round(r["us"]["qfx"], 2)} for r in rows]
+        if args.tuned_merge:
+            entries = merge_tuned(args.tuned_out, entries, torch.cuda.get_device_name())
         with open(args.tuned_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(),
                        "date": time.strftime("%Y-%m-%d", time.gmtime()),

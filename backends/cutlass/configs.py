@@ -56,6 +56,10 @@ class KernelConfig:
         splits: split-K factor (stream-K kernels only): K is cut into ``splits`` slices run by
             separate CTAs and reduced through the workspace; 1 lets CUTLASS's heuristic pick
             stream-K or data-parallel.
+        epi_tile: sm90 epilogue subtile (M, N) the output is stored in, one TMA store each;
+            None lets CUTLASS choose (64 x 32 for a ping-pong warpgroup's fp16 tile: 8 subtiles
+            of a 128 x 128 tile, each with its own barrier and store). Ping-pong takes M = 64,
+            cooperative M = 128 (CUTLASS's rule); N a multiple of 16 dividing the tile's.
     """
 
     name: str
@@ -70,6 +74,16 @@ class KernelConfig:
     m_range: tuple[int, int] = (0, M_MAX)
     why: str = ""
     splits: int = 1
+    epi_tile: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.epi_tile is not None:
+            m, n = self.epi_tile
+            want_m = {"pingpong": 64, "cooperative": 128}.get(self.schedule)
+            if self.arch != "sm90a" or m != want_m or n % 16 or self.tile[1] % n or self.tile[0] % m:
+                raise ValueError(f"config {self.name}: epi_tile {self.epi_tile} does not fit a {self.schedule} "
+                                 f"{self.tile} tile; sm90 ping-pong takes (64, N), cooperative (128, N), N a "
+                                 "multiple of 16 dividing the tile's N")
 
     @property
     def symbol(self) -> str:
@@ -88,13 +102,15 @@ class KernelConfig:
         return 8
 
 
-def _sm90(tile, cluster, schedule, m_range, why, scheduler="persistent", splits=1):
+def _sm90(tile, cluster, schedule, m_range, why, scheduler="persistent", splits=1, epi_tile=None):
     tag = {"cooperative": "co", "pingpong": "pp"}[schedule]
     name = f"sm90_s8_{tag}_{'x'.join(map(str, tile))}_c{cluster[0]}x{cluster[1]}"
+    if epi_tile is not None:
+        name += f"_e{epi_tile[0]}x{epi_tile[1]}"
     if scheduler == "streamk":
         name += "_sk" + (f"_split{splits}" if splits > 1 else "")
     return KernelConfig(name, "sm90a", "s8", tile, cluster, schedule, scheduler,
-                        m_range=m_range, why=why, splits=splits)
+                        m_range=m_range, why=why, splits=splits, epi_tile=epi_tile)
 
 
 def _sm80(operand, tile, warp, stages, m_range, why):
@@ -121,6 +137,16 @@ CONFIGS: tuple[KernelConfig, ...] = (
     _sm90((256, 128, 128), (1, 1, 1), "cooperative", (0, 0), "large M, narrow N: tuned choice only"),
     _sm90((128, 256, 128), (2, 1, 1), "cooperative", (0, 0),
           "large M, wide N: largest tile, highest arithmetic intensity: tuned choice only"),
+    # Short K (BERT's qkv / attn-out / FFN-in, K = 768-1024: 6-8 K blocks a tile) leaves each
+    # tile's epilogue a large share (issue 23: those roles at 37-50 % of INT8 peak, FFN-out with
+    # K = 3072 at 70 %). Fewer, larger epilogue subtiles mean fewer barriers and TMA stores per
+    # tile; candidates for the tuner (benchmarks/device_run.sh tune-short-k), not yet measured.
+    _sm90((128, 128, 128), (2, 1, 1), "pingpong", (0, 0), "large M, short K: 2 epilogue subtiles: tuned choice only",
+          epi_tile=(64, 128)),
+    _sm90((128, 128, 128), (1, 1, 1), "pingpong", (0, 0), "large M: 2 epilogue subtiles: tuned choice only",
+          epi_tile=(64, 128)),
+    _sm90((256, 128, 128), (1, 1, 1), "cooperative", (0, 0), "large M, narrow N: 2 epilogue subtiles: tuned choice only",
+          epi_tile=(128, 64)),
     _sm80("s4", (128, 256, 128), (64, 64, 128), 3, (2048, M_MAX), "INT4 mma m16n8k64, large tile"),
     _sm80("s4", (128, 128, 128), (64, 64, 128), 4, (0, 2048), "INT4 mma m16n8k64, small M"),
     _sm80("s8", (128, 256, 64), (64, 64, 64), 3, (2048, M_MAX), "INT8 mma m16n8k32, large tile"),

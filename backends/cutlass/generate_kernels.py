@@ -31,7 +31,7 @@ _SM90 = """\
 #include "sm90_gemm.cuh"
 using namespace cute;
 using Cfg = qfx::sm90::Config<Shape<_{t[0]}, _{t[1]}, _{t[2]}>, Shape<_{c[0]}, _{c[1]}, _{c[2]}>,
-                              qfx::sm90::{schedule}, {scheduler}>;
+                              qfx::sm90::{schedule}, {scheduler}, {epi_tile}>;
 QFX_API int qfx_{symbol}_s32(QfxGemmArgs const* p) {{ return Cfg::run_s32(p); }}
 QFX_API int qfx_{symbol}_dequant(QfxGemmArgs const* p) {{ return Cfg::run_dequant(p); }}
 QFX_API size_t qfx_{symbol}_workspace_s32(QfxGemmArgs const* p) {{ return Cfg::workspace_s32(p); }}
@@ -59,8 +59,10 @@ def source(cfg: KernelConfig) -> str:
         schedule = {"cooperative": "Cooperative", "pingpong": "Pingpong"}[cfg.schedule]
         scheduler = {"persistent": "void", "streamk": "cutlass::gemm::StreamKScheduler"}[
             cfg.scheduler]
+        epi_tile = ("cutlass::epilogue::collective::EpilogueTileAuto" if cfg.epi_tile is None
+                    else f"Shape<_{cfg.epi_tile[0]}, _{cfg.epi_tile[1]}>")
         return _SM90.format(why=cfg.why, t=cfg.tile, c=cfg.cluster, schedule=schedule,
-                            scheduler=scheduler, symbol=cfg.symbol)
+                            scheduler=scheduler, epi_tile=epi_tile, symbol=cfg.symbol)
     return _SM80.format(why=cfg.why, element=_ELEMENT[cfg.operand], t=cfg.tile, w=cfg.warp,
                         inst_k=_MMA_K[cfg.operand], stages=cfg.stages, symbol=cfg.symbol)
 

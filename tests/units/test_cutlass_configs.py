@@ -26,6 +26,17 @@ def test_split_rows_share_one_kernel():
     assert "StreamKScheduler" in generate_kernels.source(two)
 
 
+def test_epilogue_tile_is_data_and_checked():
+    ok = configs._sm90((128, 128, 128), (2, 1, 1), "pingpong", (0, 0), "", epi_tile=(64, 128))
+    assert ok.name.endswith("_e64x128") and "Shape<_64, _128>>;" in generate_kernels.source(ok)
+    auto = configs.by_name("sm90_s8_pp_128x128x128_c2x1")
+    assert auto.epi_tile is None and "EpilogueTileAuto" in generate_kernels.source(auto)
+    # CUTLASS's rule: a ping-pong warpgroup stores 64-row subtiles, a cooperative pair 128-row ones
+    for schedule, tile in (("pingpong", (128, 64)), ("cooperative", (64, 64)), ("pingpong", (64, 24))):
+        with pytest.raises(ValueError, match="epi_tile"):
+            configs._sm90((128, 128, 128), (1, 1, 1), schedule, (0, 0), "", epi_tile=tile)
+
+
 def test_every_sm90_m_has_a_default():
     sm90 = [c for c in configs.CONFIGS if c.arch == "sm90a"]
     for m in (0, 1, 511, 512, 2047, 8191, 8192, 1 << 20):
@@ -125,3 +136,28 @@ def test_gencode_flags_come_from_the_table(tmp_path):
     generate_kernels.generate(tmp_path, ["89", "90a"])
     text = (tmp_path / generate_kernels.CMAKE_FAMILIES).read_text()
     assert "set(QFX_FAMILIES sm90a;sm80)" in text and "code=sm_89" in text
+
+
+def _gemm_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gemm.py"
+    spec = importlib.util.spec_from_file_location("qfx_gemm_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tuned_merge_replaces_measured_shapes_and_keeps_the_rest(tmp_path):
+    gemm = _gemm_benchmark()
+    table = tmp_path / "tuned.json"
+    table.write_text(json.dumps({"device": "H100", "entries": [
+        {"n": 768, "k": 3072, "m_bucket": 16384, "config": "pp", "us": 56.0},
+        {"n": 2304, "k": 768, "m_bucket": 16384, "config": "pp", "us": 67.0}]}))
+    merged = gemm.merge_tuned(str(table), [{"n": 2304, "k": 768, "m_bucket": 16384, "config": "pp_e", "us": 60.0},
+                                           {"n": 2304, "k": 768, "m_bucket": 8192, "config": "co", "us": 30.0}], "H100")
+    assert [(e["n"], e["m_bucket"], e["config"]) for e in merged] == [
+        (768, 16384, "pp"), (2304, 8192, "co"), (2304, 16384, "pp_e")]
+    with pytest.raises(SystemExit, match="tuned on 'H100'.*without --tuned-merge"):
+        gemm.merge_tuned(str(table), [], "H200")

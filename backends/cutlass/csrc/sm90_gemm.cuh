@@ -105,12 +105,14 @@ struct IdentityTree {
 };
 
 // Scheduler: void = persistent tile scheduler; cutlass::gemm::StreamKScheduler = stream-K.
-template <class Tile, class Cluster, class Schedule, class Scheduler, class ElementD, class Fusion>
+// EpiTile: the epilogue subtile (one barrier and TMA store each), or EpilogueTileAuto.
+template <class Tile, class Cluster, class Schedule, class Scheduler, class ElementD, class Fusion,
+          class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 struct Gemm {
   static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
   using Epi = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, float, void, LayoutD, kAlignD,
+      EpiTile, ElementAcc, float, void, LayoutD, kAlignD,
       ElementD, LayoutD, kAlignD, typename Schedule::Epilogue, Fusion>::CollectiveOp;
   using Main = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementAB, LayoutA, kAlignAB,
@@ -162,11 +164,12 @@ int run(typename G::Device::Arguments const& args, QfxGemmArgs const* p) {
   return cudaPeekAtLastError() == cudaSuccess ? QFX_OK : QFX_LAUNCH_FAILED;
 }
 
-template <class Tile, class Cluster, class Schedule, class Scheduler = void>
+template <class Tile, class Cluster, class Schedule, class Scheduler = void,
+          class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 struct Config {
-  using S32 = Gemm<Tile, Cluster, Schedule, Scheduler, int32_t, typename IdentityTree<Tile>::Root>;
-  using Dequant =
-      Gemm<Tile, Cluster, Schedule, Scheduler, cutlass::half_t, typename DequantTree<Tile>::Root>;
+  using S32 = Gemm<Tile, Cluster, Schedule, Scheduler, int32_t, typename IdentityTree<Tile>::Root, EpiTile>;
+  using Dequant = Gemm<Tile, Cluster, Schedule, Scheduler, cutlass::half_t,
+                       typename DequantTree<Tile>::Root, EpiTile>;
 
   static int run_s32(QfxGemmArgs const* p) {
     return run<S32>(make_arguments<S32>(*p, {}), p);
