@@ -134,13 +134,21 @@ def bench_shape(qc, configs, h, role, m, device):
     sets = [(s,) for s in _make_sets(m, n, k, device)]
     ops = 2.0 * m * n * k
     row = {"h": h, "role": role, "m": m, "n": n, "k": k}
-    per_config = {}
+    per_config, failed = {}, {}
     for cfg in configs:
         fused, _ = _variants(qc, cfg)
-        per_config[cfg] = _time_graph(fused, sets)
+        try:
+            per_config[cfg] = _time_graph(fused, sets)
+        except RuntimeError as e:  # a config this shape cannot run (can_implement): a row says so, the rest go on
+            failed[cfg] = str(e).splitlines()[0][:200]
+            print(f"# {role} h={h} M={m}: {cfg} failed: {failed[cfg]}", flush=True)
+    if not per_config:
+        raise RuntimeError(f"{role} h={h} M={m}: no config ran ({failed})")
     best = min(per_config, key=per_config.get)
     row["config"] = best
     row["per_config_us"] = {c: t * 1e6 for c, t in per_config.items()}
+    if failed:
+        row["failed_configs"] = failed
     times = {"qfx": per_config[best], "unfused": _time_graph(_variants(qc, best)[1], sets),
              "s32": _time_graph(lambda s: qc.int_matmul(s["a"], s["w"], config=best), sets),
              "fp16": _time_graph(fp16_mm, sets)}
