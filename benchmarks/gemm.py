@@ -333,6 +333,8 @@ def main(argv=None):
                     "must have been tuned on this GPU model")
     ap.add_argument("--block", type=int, default=None, help="the block-scaled table for this act_block instead")
     args = ap.parse_args(argv)
+    if args.tuned_merge and (not args.tuned_out or args.block is not None):
+        ap.error("--tuned-merge updates the CUTLASS table named by --tuned-out (not the --block one): give --tuned-out")
 
     import qfx.backends.cutlass as qc
     from qfx.backends.cutlass import _library

@@ -6,14 +6,12 @@ the GPU present and checks the output against the same compile with the equivale
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import qfx
 from models import inputs, make
+from scripts import load_script
 from qfx.capture import capture
 from qfx.passes.annotate import annotate
 from qfx.targets import get_target
@@ -375,9 +373,7 @@ def test_bad_tune_input_is_refused_naming_tune(model, int4_graph):
 
 
 def test_benchmark_dry_run_prints_modelled_plans(model, capsys):
-    spec = importlib.util.spec_from_file_location("bench_autotune", Path(__file__).parents[2] / "benchmarks" / "autotune.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/autotune.py", "bench_autotune")
     rows = bench.modelled_rows(model, "sm_90", [(1, 16), (32, 64)], "int8")
     for r in rows:
         assert r["source"] == "modelled" and set(r["ms"]) == {"all-int8", "q3-only", "all-fp16", "autotuned"}

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from qfx.backends.cutlass import _validate, can_implement, family_for
 from qfx.backends.cutlass import configs, dispatch, generate_kernels
+from scripts import load_script
 
 
 def test_config_names_unique_and_fallback_listed():
@@ -138,19 +139,8 @@ def test_gencode_flags_come_from_the_table(tmp_path):
     assert "set(QFX_FAMILIES sm90a;sm80)" in text and "code=sm_89" in text
 
 
-def _gemm_benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gemm.py"
-    spec = importlib.util.spec_from_file_location("qfx_gemm_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tuned_merge_replaces_measured_shapes_and_keeps_the_rest(tmp_path):
-    gemm = _gemm_benchmark()
+    gemm = load_script("benchmarks/gemm.py", "qfx_gemm_benchmark")
     table = tmp_path / "tuned.json"
     table.write_text(json.dumps({"device": "H100", "entries": [
         {"n": 768, "k": 3072, "m_bucket": 16384, "config": "pp", "us": 56.0},

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import io
-import sys
 import zipfile
 from pathlib import Path
 
@@ -13,11 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-_PATH = Path(__file__).resolve().parents[2] / "examples" / "rotten_tomatoes.py"
-_spec = importlib.util.spec_from_file_location("rotten_tomatoes", _PATH)
-rt = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("rotten_tomatoes", rt)  # dataclasses look their module up there
-_spec.loader.exec_module(rt)
+from scripts import load_script
+
+rt = load_script("examples/rotten_tomatoes.py")  # registered in sys.modules: its dataclasses look it up there
 
 
 def _csv_bz2(rows, columns=("category", "text", "movie_name", "has_plot_and_reviews")) -> bytes:

@@ -1,16 +1,14 @@
 """examples/summarize_runs.py: runs of one seed merge; each student is compared with its own seed's teacher."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "examples" / "summarize_runs.py"
-_spec = importlib.util.spec_from_file_location("summarize_runs", _PATH)
-sr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sr)
+from scripts import load_script
+
+sr = load_script("examples/summarize_runs.py")
 
 
 def _run(tmp: Path, name: str, seed: int, models: dict) -> str:
