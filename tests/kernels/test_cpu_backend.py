@@ -188,6 +188,21 @@ def test_a_new_thread_count_gets_its_own_compiled_loops():
         torch.set_num_threads(before)
 
 
+def test_many_bias_widths_compile_each_loop_once():
+    """A model with many linear widths (CANINE: 27 linears over a dozen shapes) must not recompile
+    the epilogue per width: biases are Parameters, whose sizes Dynamo would take as static. With
+    a recompile limit of 1 and failure on hitting it, 10 widths run through one compiled loop."""
+    import torch._dynamo
+
+    a, sa, ca = numerics.quantize_activation(torch.randn(9, 32, generator=torch.Generator().manual_seed(3)), 8, False)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for n in range(17, 27):
+            w, s_w, ws, bias = _weights(n, 32, 8, None, n)
+            bias = torch.nn.Parameter(bias, requires_grad=False)  # as a model hands it over
+            got = kernels.int_linear(a, sa, ca, w, 8, s_w, ws, bias, False, torch.float32, 8)
+            assert torch.equal(got, ref_int_linear(a, sa, ca, w, 8, s_w, ws, bias, False, torch.float32, 8)), n
+
+
 def test_bound_launchers_give_the_ops_bits(monkeypatch):
     """qfx.runtime.cpu_binding.bind, the runtime's binder for "cpu": the lean graph calls the
     kernels without the dispatcher, and the output is unchanged bit for bit."""
