@@ -22,6 +22,8 @@
 #   encode         issue 24's encode() case: 8,192 Rotten Tomatoes snippets (needs $QFX_CORPUS: the csv.bz2, and
 #                  QFX_MINILM_DIR: an fp16 copy of the packaged MiniLM), ST fp32 / fp16 vs qfx int8
 #   varlen         benchmarks/attention.py --varlen (packed attention kernels vs the padded ones, per shape)
+# A library built by this call comes back xz-compressed in $OUT (~1.5 MB: carry it, unpacked in place, to skip the
+# next call's build), and the logs come back as one logs.tar.xz: the device returns at most 8 files from $OUT.
 set -u
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-560}))
 OUT=${OUT:-/tmp/qfx_out}; mkdir -p "$OUT"
@@ -30,6 +32,10 @@ log() { echo "$* at $(( $(date +%s) - T0 )) s" >> "$OUT/stages.log"; }
 { nvidia-smi --query-gpu=name,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   source benchmarks/device_setup.sh
+  if [ "${QFX_SKIP_NATIVE:-0}" != 1 ] && [ -f backends/cutlass/libqfx_cutlass.so ]; then  # built here: send it back
+    xz -T16 -c backends/cutlass/libqfx_cutlass.so > "$OUT/libqfx_cutlass.so.xz"
+    xz -c backends/cutlass/qfx_cutlass_manifest.json > "$OUT/qfx_cutlass_manifest.json.xz"
+  fi
   ls .whl/pytest_xdist*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/pytest_xdist*.whl .whl/execnet*.whl
 } > "$OUT/setup.log" 2>&1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -73,3 +79,6 @@ for stage in "$@"; do
   esac
   log "$stage rc $?"
 done
+# every log and table into one archive (the device returns at most 8 files), the library beside it
+(cd "$OUT" && ls | grep -v -e '\.xz$' > /tmp/qfx_logs.txt && tar -cJf logs.tar.xz -T /tmp/qfx_logs.txt \
+  && xargs rm -f < /tmp/qfx_logs.txt)
