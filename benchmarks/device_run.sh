@@ -22,6 +22,7 @@
 #   encode         issue 24's encode() case: 8,192 Rotten Tomatoes snippets (needs $QFX_CORPUS: the csv.bz2, and
 #                  QFX_MINILM_DIR: an fp16 copy of the packaged MiniLM), ST fp32 / fp16 vs qfx int8
 #   varlen         benchmarks/attention.py --varlen (packed attention kernels vs the padded ones, per shape)
+#   fp8-probe      benchmarks/fp8_int4_probe.py (are int4 codes exact on the FP8 tensor cores, per K and pattern?)
 # A library built by this call comes back xz-compressed in $OUT (~1.5 MB: carry it, unpacked in place, to skip the
 # next call's build), and the logs come back as one logs.tar.xz: the device returns at most 8 files from $OUT.
 set -u
@@ -75,6 +76,7 @@ for stage in "$@"; do
               --encode-corpus "${QFX_CORPUS:?}") \
             > "$OUT/e2e_encode.log" 2>&1 ;;
     varlen) (cd benchmarks && timeout "$share" python attention.py --varlen) > "$OUT/attention_varlen.log" 2>&1 ;;
+    fp8-probe) timeout "$share" python benchmarks/fp8_int4_probe.py > "$OUT/fp8_int4_probe.log" 2>&1 ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log"; continue ;;
   esac
   log "$stage rc $?"
