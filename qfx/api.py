@@ -230,9 +230,11 @@ def _resolve_config(model, mode: str, config: QuantConfig | None) -> tuple[Quant
         raise ValueError(f"mode={mode!r} does not match config.weight_bits={cfg.weight_bits}; use mode={mode_of(cfg)!r}")
     if cfg is None:
         return None, (), "float model (no quantization)"
+    scales = ("token-wise" if cfg.act_block is None else
+              f"block-scaled (one scale per token per {cfg.act_block} input channels)")
     warnings.warn(
         f"qfx.compile: {type(model).__name__} is a float model, so this is post-training quantization "
-        f"({cfg.tag}, dynamic token-wise activations, no calibration, no QAT); expect an accuracy drop "
+        f"({cfg.tag}, dynamic {scales} activations, no calibration, no QAT); expect an accuracy drop "
         "at 4 bits. Train with qfx.prepare_qat first for the paper's accuracy.",
         PostTrainingQuantizationWarning,
         stacklevel=3,

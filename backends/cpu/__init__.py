@@ -10,8 +10,10 @@ compare against; ``qfx.compile(..., backend="reference")``-style selection is th
 What runs (:mod:`qfx.backends.cpu.kernels`): exact int32 GEMMs through ``torch._int_mm``
 (int4 codes as int8), the fp32 epilogue in the reference's operation order and the token-wise
 quantizer compiled by Inductor (no fma, no reassociation: the same bits), GELU / LayerNorm by
-ATen as in the twin. So on the CPU the compiled model equals its QAT twin bit for bit, as the
-reference did, only faster.
+ATen as in the twin. Block-scaled linears (``QuantConfig(act_block=B)``, B a multiple of 8): one
+exact GEMM per activation block on weights prepared per block, then the reference's promotion
+(:func:`qfx.numerics.int_linear_blocks_epilogue`). So on the CPU the compiled model equals its QAT
+twin bit for bit, as the reference did, only faster.
 
 Example::
 
@@ -35,6 +37,13 @@ register_impl("int_matmul", NAME, kernels.int_matmul)
 register_impl("int_linear", NAME, kernels.int_linear)
 register_impl("add_layer_norm_quantize", NAME, kernels.add_layer_norm_quantize)
 register_impl("add_layer_norm_rotate_quantize", NAME, kernels.add_layer_norm_rotate_quantize)
+register_impl("quantize", NAME, kernels.quantize_blocks, blocks=True)
+register_impl("int_linear", NAME, kernels.int_linear_blocks, blocks=True)
+register_impl("add_layer_norm_quantize", NAME, kernels.add_layer_norm_quantize_blocks, blocks=True)
+
+#: block-scaled linears: blocks of at least this many codes (and a multiple of it), the int8 GEMM's
+#: K granularity (oneDNN / torch._int_mm); smaller blocks run on the reference backend
+MIN_ACT_BLOCK = 8
 
 
 class CpuBackend:
@@ -53,8 +62,9 @@ class CpuBackend:
         if work.a_bits not in (4, 8):
             return False, (f"{work.name}: weight-only (A{work.a_bits}, float activations) has no integer GEMM; "
                            "it runs on the reference backend")
-        if work.act_block is not None:
-            return False, f"{work.name}: block-scaled activations (act_block={work.act_block}) are not implemented on the CPU backend"
+        if work.act_block is not None and work.act_block % MIN_ACT_BLOCK:
+            return False, (f"{work.name}: act_block={work.act_block} is not a multiple of {MIN_ACT_BLOCK} (the int8 "
+                           "GEMM's K granularity); it runs on the reference backend")
         if work.k > numerics.max_exact_k(8, 8):
             return False, f"{work.name}: K={work.k} could overflow the int32 accumulator"
         return True, f"{kernels.GEMM} (exact int32 accumulation): {why}; epilogue and quantizer: {kernels.EPILOGUE}"

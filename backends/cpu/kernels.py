@@ -136,10 +136,10 @@ _PREPARED: dict[int, tuple[weakref.ref, int, tuple]] = {}
 
 
 def _prepared(w: torch.Tensor, w_bits: int, groups: int) -> tuple:
-    """The GEMM operand of each weight group (int4 codes unpacked to int8), made once per
-    weight tensor and version: later calls reuse it."""
+    """The GEMM operand of each weight group or activation block (``groups`` column slices, int4
+    codes unpacked to int8), made once per weight tensor and version: later calls reuse it."""
     hit = _PREPARED.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
+    if hit is not None and hit[0]() is w and hit[1] == w._version and len(hit[2]) == groups:
         return hit[2]
     codes = numerics.unpack_int4(w) if w_bits == 4 else w
     g = codes.shape[1] // groups
@@ -179,6 +179,42 @@ def int_linear(a, a_scale, a_offset, w, w_bits, w_scale, w_offset_sum, bias, gel
     if gelu:
         y = F.gelu(y)
     return y.to(out_dtype).reshape(*lead, y.shape[-1])
+
+
+def int_linear_blocks(a, a_scale, a_offset, w, w_bits, w_scale, w_block_sums, bias, gelu, out_dtype, a_bits, act_block):
+    """qfx::int_linear with ``act_block``: one exact GEMM per activation block (weights prepared
+    once per block), then :func:`qfx.numerics.int_linear_blocks_epilogue`, the reference's order."""
+    lead, k = a.shape[:-1], a.shape[-1]
+    blocks = k // act_block
+    if a_scale.shape[-1] != blocks or k % act_block:
+        raise ValueError(f"qfx::int_linear(act_block={act_block}): a_scale has {a_scale.shape[-1]} blocks, K={k}")
+    a2 = a.reshape(-1, k)
+    operands = _prepared(w, w_bits, blocks)
+    sums = (_accumulate(a2[:, j * act_block:(j + 1) * act_block], op) for j, op in enumerate(operands))
+    y = numerics.int_linear_blocks_epilogue(sums, a_scale.reshape(-1, blocks), a_offset.reshape(-1, blocks), w_scale,
+                                            w_block_sums, bias, step=_promote_block)
+    if gelu:
+        y = F.gelu(y)
+    return y.to(out_dtype).reshape(*lead, y.shape[-1])
+
+
+def _promote_block(*args):
+    """numerics.promote_block compiled (one pass over p and the block's sum instead of ATen's four)."""
+    return _run(numerics.promote_block, *args)
+
+
+def quantize_blocks(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block):
+    """qfx::quantize with ``act_block``: :func:`qfx.numerics.quantize_activation` per block, by ATen
+    (Inductor's loops for the per-block reductions ran ~10x slower than ATen's on MiniLM)."""
+    clip = None if clip_lo is None else (clip_lo, clip_hi)
+    return numerics.quantize_activation(x, bits, symmetric, clip, gelu, block=act_block)
+
+
+def add_layer_norm_quantize_blocks(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, act_block):
+    """qfx::add_layer_norm_quantize with ``act_block``: ATen's add and LayerNorm, block codes."""
+    s = a if b is None else a + b
+    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return (y, *quantize_blocks(y, bits, symmetric, clip_lo, clip_hi, False, act_block))
 
 
 def add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi):

@@ -77,6 +77,7 @@ Grouped weights need ``g % B == 0`` (each block lies in one weight group). It eq
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,8 @@ __all__ = [
     "int_matmul",
     "int_linear_epilogue",
     "int_linear_reference",
+    "int_linear_blocks_epilogue",
+    "promote_block",
     "int_linear_blocks_reference",
     "weight_offset_sum",
     "weight_block_sums",
@@ -406,36 +409,69 @@ def weight_block_sums(q_w: torch.Tensor, block: int) -> torch.Tensor:
     return q_w.reshape(n, k // block, block).to(torch.int32).sum(dim=-1).float()
 
 
+def promote_block(p: torch.Tensor, acc: torch.Tensor, a_scale_j: torch.Tensor, a_offset_j: torch.Tensor | None,
+                  w_block_sums_j: torch.Tensor, w_scale_j: torch.Tensor | None) -> torch.Tensor:
+    """One block's step of :func:`int_linear_blocks_epilogue`: ``p + (acc * S_a_j + c_a_j * bs_j) [* s_w_j]``.
+
+    ``p [M, N]`` fp32, ``acc [M, N]`` the block's exact sum (int32 or its fp32 value), ``a_scale_j,
+    a_offset_j [M, 1]`` (``a_offset_j`` None: symmetric), ``w_block_sums_j [1, N]``, ``w_scale_j
+    [1, N]`` the weight group's scale (None: row-wise weights, applied after the last block)."""
+    t = acc.float() * a_scale_j
+    if a_offset_j is not None:  # zeros (symmetric) leave t unchanged: t is never -0
+        t = t + a_offset_j * w_block_sums_j
+    if w_scale_j is not None:
+        t = t * w_scale_j
+    return p + t
+
+
+def int_linear_blocks_epilogue(
+    block_sums: Iterable[torch.Tensor], a_scale: torch.Tensor, a_offset: torch.Tensor | None,
+    w_scale: torch.Tensor, w_block_sums: torch.Tensor, bias: torch.Tensor | None, step: Callable = promote_block,
+) -> torch.Tensor:
+    """The block-scaled linear's fp32 promotion and epilogue, without its GELU and output cast:
+    ``p = sum_j (acc_j * S_a[:, j] + c_a[:, j] * bs[:, j]) [* s_w group of j]``, blocks in order from
+    ``p = 0`` (:func:`promote_block`), then ``p * s_w + bias`` (row-wise weights) or ``p + bias`` (grouped).
+
+    ``block_sums``: the exact ``a_j @ q_w_j.T`` of each block j in order, ``[M, N]`` int32 or its
+    exact fp32 value; ``a_scale, a_offset [M, J]`` (``a_offset`` None or zeros for symmetric codes),
+    ``w_scale [N, G]``, ``w_block_sums [N, J]``, ``bias [N]`` or None; ``step``: :func:`promote_block`
+    or a compiled copy of it (the CPU backend's). The one statement of this order:
+    :func:`int_linear_blocks_reference` and the CPU backend call it.
+    """
+    (m, blocks), n, groups = a_scale.shape, w_scale.shape[0], w_scale.shape[-1]
+    s_a, s_w = a_scale.float(), w_scale.float()
+    c_a = None if a_offset is None else a_offset.float()
+    p = torch.zeros(m, n, dtype=torch.float32, device=a_scale.device)
+    for j, acc in enumerate(block_sums):
+        p = step(p, acc, s_a[:, j:j + 1], None if c_a is None else c_a[:, j:j + 1],
+                 w_block_sums[:, j].float().reshape(1, n), s_w[:, j * groups // blocks].reshape(1, n) if groups > 1 else None)
+    y = p * s_w.reshape(1, n) if groups == 1 else p
+    if bias is not None:
+        y = y + bias.float().reshape(1, n)
+    return y
+
+
 def int_linear_blocks_reference(
     a: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor | None,  # the activation codes and parameters
     q_w: torch.Tensor, w_scale: torch.Tensor, w_block_sums: torch.Tensor,  # the weight's
     bias: torch.Tensor | None, gelu: bool = False, out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The block-scaled integer linear (module doc: the fp32 order every kernel follows).
+    """The block-scaled integer linear (module doc: the fp32 order every kernel follows): exact
+    int32 sums per block, then :func:`int_linear_blocks_epilogue`.
 
     Shapes: ``a [M, K]`` int8, ``a_scale, a_offset [M, J]`` (``a_offset`` None or zeros for
     symmetric codes), ``q_w [N, K]`` int8 (unpacked), ``w_scale [N, G]`` (G = 1 row-wise, else
     ``K // G`` a multiple of the block ``B = K // J``), ``w_block_sums [N, J]``
     (:func:`weight_block_sums`), ``bias [N]`` or None.
     """
-    (m, k), n, blocks = a.shape, q_w.shape[0], a_scale.shape[-1]
+    (m, k), blocks = a.shape, a_scale.shape[-1]
     groups = w_scale.shape[-1]
     if a_scale.shape != (m, blocks) or k % blocks or groups > blocks or blocks % groups:
         raise ValueError(f"int_linear_blocks_reference: a {tuple(a.shape)}, a_scale {tuple(a_scale.shape)} and "
                          f"w_scale {tuple(w_scale.shape)} do not describe K / blocks / weight groups")
     b = k // blocks
-    s_a, s_w = a_scale.float(), w_scale.float()
-    p = torch.zeros(m, n, dtype=torch.float32, device=a.device)
-    for j in range(blocks):
-        t = int_matmul(a[:, j * b:(j + 1) * b], q_w[:, j * b:(j + 1) * b]).float() * s_a[:, j:j + 1]
-        if a_offset is not None:  # zeros (symmetric) leave t unchanged: t is never -0
-            t = t + a_offset[:, j:j + 1].float() * w_block_sums[:, j].float().reshape(1, n)
-        if groups > 1:
-            t = t * s_w[:, j * groups // blocks].reshape(1, n)
-        p = p + t
-    y = p * s_w.reshape(1, n) if groups == 1 else p
-    if bias is not None:
-        y = y + bias.float().reshape(1, n)
+    sums = (int_matmul(a[:, j * b:(j + 1) * b], q_w[:, j * b:(j + 1) * b]) for j in range(blocks))
+    y = int_linear_blocks_epilogue(sums, a_scale, a_offset, w_scale, w_block_sums, bias)
     if gelu:
         y = torch.nn.functional.gelu(y)
     return y.to(out_dtype)

@@ -45,6 +45,9 @@ def _quant(node: Node) -> dict:
 def bind(gm: GraphModule, node: Node) -> Callable | None:
     """The launcher of ``node`` (an op planned on the CPU backend) as a bound method (what
     torch.fx can name in generated code), or None for other ops."""
+    blocks = arg(node, "act_block") if is_call(node, (INT_LINEAR, QUANTIZE, ADD_LAYER_NORM_QUANTIZE)) else None
+    if blocks is not None:  # block-scaled: the same kernels' block forms, the block fixed too
+        return _bind_blocks(gm, node, blocks)
     if is_call(node, INT_LINEAR):
         launcher = Launcher(kernels.int_linear, w=op_buffer(gm, node, "w"), w_bits=arg(node, "w_bits"),
                             w_scale=op_buffer(gm, node, "w_scale"), w_offset_sum=op_buffer(gm, node, "w_offset_sum"),
@@ -59,4 +62,18 @@ def bind(gm: GraphModule, node: Node) -> Callable | None:
                             block=arg(node, "block"), **_quant(node))
     else:
         return None
+    return launcher.__call__
+
+
+def _bind_blocks(gm: GraphModule, node: Node, act_block: int) -> Callable:
+    if is_call(node, INT_LINEAR):  # w_offset_sum holds the weight's block sums [N, K / B]
+        launcher = Launcher(kernels.int_linear_blocks, w=op_buffer(gm, node, "w"), w_bits=arg(node, "w_bits"),
+                            w_scale=op_buffer(gm, node, "w_scale"), w_block_sums=op_buffer(gm, node, "w_offset_sum"),
+                            bias=op_buffer(gm, node, "bias"), gelu=arg(node, "gelu"), out_dtype=arg(node, "out_dtype"),
+                            a_bits=arg(node, "a_bits"), act_block=act_block)
+    elif is_call(node, QUANTIZE):
+        launcher = Launcher(kernels.quantize_blocks, gelu=bool(arg(node, "gelu")), act_block=act_block, **_quant(node))
+    else:
+        launcher = Launcher(kernels.add_layer_norm_quantize_blocks, eps=arg(node, "eps"), act_block=act_block,
+                            **_quant(node))
     return launcher.__call__

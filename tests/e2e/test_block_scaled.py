@@ -2,8 +2,6 @@
 the report know the block, save / load keeps it, bad input gets clear errors."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,12 +12,8 @@ import qfx
 from qfx.schema import INT_LINEAR, QUANTIZE, arg, is_call
 
 
-#: the planner tells backends the block (LinearWork.act_block) so those without a block kernel refuse it
-_PLANNER_KNOWS_BLOCKS = "act_block" in {f.name for f in dataclasses.fields(qfx.backends.LinearWork)}
-
-
 def _compile_on_reference(qat, mode):
-    """The exact oracle (the CPU backend has no block-scaled kernel; the default plan is tested below)."""
+    """The exact oracle (float64 sums); the default CPU plan (the CPU backend) is compared with it below."""
     with qfx.backends.only("reference"):
         return qfx.compile(qat, mode=mode, target="cpu")
 
@@ -35,9 +29,10 @@ def test_compiled_block_scaled_model_is_its_qat_twin_bit_for_bit(bits, symmetric
     model = make("bert_cls", layers=1, seed=seed)
     cfg = qfx.QuantConfig(bits, bits, symmetric=symmetric, weight_group=block if grouped else "row", act_block=block)
     qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=cfg).eval()
-    compiled = _compile_on_reference(qat, f"int{bits}")
     x = inputs(3, 8, seed=seed + 1)
-    assert torch.equal(compiled(**x).logits, qat(**x).logits)
+    want = qat(**x).logits
+    assert torch.equal(_compile_on_reference(qat, f"int{bits}")(**x).logits, want)
+    assert torch.equal(qfx.compile(qat, mode=f"int{bits}", target="cpu")(**x).logits, want)  # the CPU backend
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +75,29 @@ def test_block_scaled_qat_state_does_not_load_into_a_token_wise_model(w4a4_block
         qat.load_state_dict(token.state_dict())
 
 
-@pytest.mark.xfail(not _PLANNER_KNOWS_BLOCKS, raises=RuntimeError, strict=True,
-                   reason="passes/plan.py does not pass act_block to the backends yet (LinearWork.act_block)")
-def test_default_cpu_plan_keeps_block_scaled_linears_off_the_cpu_backend_and_says_why(w4a4_blocks):
-    _, qat, _ = w4a4_blocks
+def test_default_cpu_plan_runs_block_scaled_linears_on_the_cpu_backend(w4a4_blocks):
+    _, qat, on_reference = w4a4_blocks
     compiled = qfx.compile(qat, mode="int4", target="cpu")
     x = inputs(2, 8, seed=7)
+    assert torch.equal(compiled(**x).logits, qat(**x).logits)
+    assert torch.equal(compiled(**x).logits, on_reference(**x).logits)
+    rows = compiled.report().quantized
+    available, why = qfx.backends.CpuBackend().available()
+    assert {r.backend for r in rows} == ({"cpu"} if available else {"reference"}), why
+    if available:  # bound launchers, not the dispatcher
+        assert compiled.launch_plan.bound and set(compiled.launch_plan.bound.values()) == {"cpu"}
+
+
+def test_a_block_below_the_cpu_gemm_granularity_runs_on_the_reference_and_says_why():
+    model = make("bert_cls", layers=1)
+    qat = qfx.prepare_qat(model, example_kwargs=inputs(2, 8), config=qfx.QuantConfig(8, 8, act_block=4)).eval()
+    compiled = qfx.compile(qat, mode="int8", target="cpu")
+    x = inputs(2, 8, seed=2)
     assert torch.equal(compiled(**x).logits, qat(**x).logits)
     rows = compiled.report().quantized
     assert {r.backend for r in rows} == {"reference"}
     if qfx.backends.CpuBackend().available()[0]:  # its refusal names the block, in the report
-        assert all("act_block=16" in r.note for r in rows), [r.note for r in rows]
+        assert all("act_block=4 is not a multiple of 8" in r.note for r in rows), [r.note for r in rows]
 
 
 @pytest.mark.parametrize("entry", ["prepare_qat", "compile"])

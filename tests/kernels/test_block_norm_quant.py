@@ -85,8 +85,10 @@ def test_the_block_form_of_the_op_on_the_reference_is_layer_norm_then_the_block_
     ln = torch.nn.functional.layer_norm(a + b, (64,), w, bias, 1e-12)
     assert torch.equal(y, ln) and s.shape == c.shape == (2, 5, 4)
     assert all(torch.equal(g, r) for g, r in zip((q, s, c), nx.quantize_activation(ln, 4, False, (-2.0, 3.0), block=16)))
+    on_cpu = torch.ops.qfx.add_layer_norm_quantize(a, b, w, bias, 1e-12, 4, False, -2.0, 3.0, "cpu", act_block=16)
+    assert all(torch.equal(g, r) for g, r in zip(on_cpu, (y, q, s, c)))  # the CPU backend's block form: the same bits
     with pytest.raises(RuntimeError, match="act_block=16"):  # a backend without the block form: an error, no token-wise run
-        torch.ops.qfx.add_layer_norm_quantize(a, b, w, bias, 1e-12, 4, False, None, None, "cpu", act_block=16)
+        torch.ops.qfx.add_layer_norm_quantize(a, b, w, bias, 1e-12, 4, False, None, None, "cutlass", act_block=16)
 
 
 @pytest.mark.parametrize("cfg", [qfx.QuantConfig(4, 4, symmetric=False, act_block=32), qfx.QuantConfig(8, 8, act_block=64)])

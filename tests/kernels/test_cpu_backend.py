@@ -66,6 +66,28 @@ def test_grouped_weights_equal_reference(group):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("m,n,k,block", [(1, 8, 32, 16), (5, 24, 64, 32), (17, 33, 128, 64), (130, 48, 384, 128)])
+@pytest.mark.parametrize("bits,symmetric,grouped", [(8, True, False), (8, False, False), (4, False, False), (4, True, True)])
+def test_block_scaled_int_linear_equals_reference(m, n, k, block, bits, symmetric, grouped):
+    """qfx::int_linear with act_block on the CPU backend: one exact GEMM per block (prepacked per
+    block), the reference's promotion order: the same bits, whole output, with and without GELU."""
+    from qfx.backends.reference import _int_linear_blocks as ref_int_linear_blocks
+
+    x = torch.randn(3, m, k, generator=torch.Generator().manual_seed(m + k)) * 3
+    a, sa, ca = numerics.quantize_activation(x, bits, symmetric, block=block)
+    group = 2 * block if grouped and k % (2 * block) == 0 else None
+    w, s_w, _, bias = _weights(n, k, bits, group, n + block)
+    bs = numerics.weight_block_sums(numerics.unpack_int4(w) if bits == 4 else w, block)
+    for b, gelu, out in ((bias, False, torch.float32), (None, True, torch.float16)):
+        got = kernels.int_linear_blocks(a, sa, ca, w, bits, s_w, bs, b, gelu, out, bits, block)
+        want = ref_int_linear_blocks(a, sa, ca, w, bits, s_w, bs, b, gelu, out, bits, block)
+        assert got.shape == (3, m, n) and got.dtype == out
+        assert torch.equal(got, want), (m, n, k, block, bits, symmetric, grouped, gelu)
+    wrong = 16 if block != 16 else 8  # scales of another block size
+    with pytest.raises(ValueError, match=f"act_block={wrong}\\): a_scale has {k // block} blocks"):
+        kernels.int_linear_blocks(a, sa, ca, w, bits, s_w, bs, None, False, torch.float32, bits, wrong)
+
+
 def test_int_matmul_is_exact_at_the_code_extremes():
     a = torch.full((19, 4096), -128, dtype=torch.int8)
     b = torch.full((9, 4096), -128, dtype=torch.int8)
@@ -156,7 +178,7 @@ def test_onednn_switched_off_is_refused(monkeypatch):
     assert path.isa is None and "mkldnn.enabled = False" in path.why
 
 
-def test_weight_only_and_block_scaled_linears_are_refused():
+def test_weight_only_and_small_blocks_are_refused_with_the_reason():
     from qfx.backends import LinearWork
 
     cpu = get_target("cpu")
@@ -164,6 +186,9 @@ def test_weight_only_and_block_scaled_linears_are_refused():
     ok, why = CpuBackend().can_implement(weight_only, cpu)
     assert not ok and "weight-only" in why
     assert CpuBackend().can_implement(LinearWork("l.qkv", 96, 32, 8, 8, True, None, False), cpu)[0]
+    assert CpuBackend().can_implement(LinearWork("l.qkv", 96, 32, 4, 4, True, None, False, act_block=16), cpu)[0]
+    ok, why = CpuBackend().can_implement(LinearWork("l.qkv", 96, 32, 4, 4, True, None, False, act_block=4), cpu)
+    assert not ok and "act_block=4 is not a multiple of 8" in why
 
 
 def test_only_rejects_unknown_names_and_backends_the_target_lacks():
