@@ -107,7 +107,7 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--group4", type=int, default=None, metavar="G",
                     help="weight quantization groups of G input channels for the W4A4 rows (QuantConfig(weight_group=G); "
                          "default: one scale per output row). The CUTLASS kernels take per-row scales only: evaluate "
-                         "with --target cpu (the exact reference backend)")
+                         "with --target cpu (exact on the CPU)")
     ap.add_argument("--gptq-init", type=int, default=0, metavar="N",
                     help="GPTQ-round the W4A4 rows' 4-bit weights on N unlabelled training texts first (qfx.train.gptq_init.gptq_init): "
                          "the PTQ row becomes GPTQ post-training, the QAT student starts from the GPTQ weights (default 0: off)")
