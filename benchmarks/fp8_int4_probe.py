@@ -27,6 +27,7 @@ sum then many +1 products (a small addend after a large accumulator), and the re
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -77,7 +78,9 @@ def compare(got: torch.Tensor, want: torch.Tensor) -> tuple[bool, float, float]:
     return bool((diff == 0).all()), float((diff != 0).double().mean()), float(diff.max())
 
 
-def _triton_dot(a8: torch.Tensor, w8: torch.Tensor, block_k: int, promote_each_dot: bool) -> torch.Tensor:
+@functools.cache
+def _dot_kernel():
+    """The probe's Triton kernel, defined once (Triton caches its builds per function object)."""
     import triton
     import triton.language as tl
 
@@ -97,11 +100,15 @@ def _triton_dot(a8: torch.Tensor, w8: torch.Tensor, block_k: int, promote_each_d
                 acc = tl.dot(a, w, acc, max_num_imprecise_acc=IMPRECISE)  # promoted after every IMPRECISE of K
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc)
 
+    return kernel
+
+
+def _triton_dot(a8: torch.Tensor, w8: torch.Tensor, block_k: int, promote_each_dot: bool) -> torch.Tensor:
     m, k = a8.shape
     n = w8.shape[0]
     out = torch.empty(m, n, dtype=torch.float32, device=a8.device)
-    kernel[(m // 64, n // 64)](a8, w8, out, n, k, BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k,
-                               IMPRECISE=block_k if promote_each_dot else 0, num_warps=4)
+    _dot_kernel()[(m // 64, n // 64)](a8, w8, out, n, k, BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k,
+                                      IMPRECISE=block_k if promote_each_dot else 0, num_warps=4)
     return out
 
 
@@ -125,7 +132,7 @@ def main() -> None:
         for name, (a, w) in patterns(args.m, args.m, k).items():
             want = exact_sums(a, w)
             a8, w8 = as_e4m3(a).cuda(), as_e4m3(w).cuda()
-            runs = [(f"triton, hardware accumulation", bk, lambda bk=bk: _triton_dot(a8, w8, bk, False))
+            runs = [("triton, hardware accumulation", bk, lambda bk=bk: _triton_dot(a8, w8, bk, False))
                     for bk in (32, 64, 128)]
             runs += [("triton, promoted after every dot (control)", 32, lambda: _triton_dot(a8, w8, 32, True))]
             runs += [(f"torch._scaled_mm, use_fast_accum={fast}", "-", lambda fast=fast: _scaled_mm(a8, w8, fast))

@@ -33,9 +33,14 @@ import torch.nn.functional as F
 
 from qfx import numerics
 from qfx.backends.cpu.isa import int8_path
+# the reference's: the add and LayerNorm by ATen (the twin's bits); block codes by ATen too (Inductor's loops for the
+# per-block reductions ran ~10x slower than ATen's on MiniLM), so the CPU backend registers these very functions
+from qfx.backends.reference import _add_layer_norm
+from qfx.backends.reference import _add_layer_norm_quantize_blocks as add_layer_norm_quantize_blocks
+from qfx.backends.reference import _quantize_blocks as quantize_blocks
 
 __all__ = ["EPILOGUE", "GEMM", "quantize", "int_matmul", "int_linear", "add_layer_norm_quantize",
-           "add_layer_norm_rotate_quantize"]
+           "add_layer_norm_rotate_quantize", "int_linear_blocks", "quantize_blocks", "add_layer_norm_quantize_blocks"]
 
 
 def _inductor_compiler() -> str | None:
@@ -203,29 +208,13 @@ def _promote_block(*args):
     return _run(numerics.promote_block, *args)
 
 
-def quantize_blocks(x, bits, symmetric, clip_lo, clip_hi, gelu, act_block):
-    """qfx::quantize with ``act_block``: :func:`qfx.numerics.quantize_activation` per block, by ATen
-    (Inductor's loops for the per-block reductions ran ~10x slower than ATen's on MiniLM)."""
-    clip = None if clip_lo is None else (clip_lo, clip_hi)
-    return numerics.quantize_activation(x, bits, symmetric, clip, gelu, block=act_block)
-
-
-def add_layer_norm_quantize_blocks(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi, act_block):
-    """qfx::add_layer_norm_quantize with ``act_block``: ATen's add and LayerNorm, block codes."""
-    s = a if b is None else a + b
-    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
-    return (y, *quantize_blocks(y, bits, symmetric, clip_lo, clip_hi, False, act_block))
-
-
 def add_layer_norm_quantize(a, b, weight, bias, eps, bits, symmetric, clip_lo, clip_hi):
     """qfx::add_layer_norm_quantize: the add and LayerNorm by ATen (the twin's bits), compiled quantizer."""
-    s = a if b is None else a + b
-    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    y = _add_layer_norm(a, b, weight, bias, eps)
     return (y, *quantize(y, bits, symmetric, clip_lo, clip_hi))
 
 
 def add_layer_norm_rotate_quantize(a, b, weight, bias, eps, signs, block, bits, symmetric, clip_lo, clip_hi):
     """qfx::add_layer_norm_rotate_quantize: as above, the codes of the rotated LayerNorm output."""
-    s = a if b is None else a + b
-    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    y = _add_layer_norm(a, b, weight, bias, eps)
     return (y, *quantize(numerics.rotate_blocks(y, signs, block), bits, symmetric, clip_lo, clip_hi))
